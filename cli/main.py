@@ -1,0 +1,213 @@
+"""The `tallzip` command: parses arguments, shows progress, prints. The work is in the library."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+import tallzip
+from tallzip import packing, taskvec
+from tallzip.errors import TallzipError
+from tallzip.formats.errors import FormatError
+from tallzip.inspect import summary, verify
+
+from .report import format_info, format_verify, human_bytes
+
+
+def _fail(message: str, code: int = 1):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def friendly_errors(func):
+    """One line and a non-zero exit for anything the user can fix; a traceback only with TALLZIP_DEBUG=1."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except (TallzipError, FormatError) as exc:
+            _fail(str(exc))
+        except OSError as exc:
+            _fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}")
+        except MemoryError:
+            _fail("out of memory")
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as exc:  # a bug: still one line, unless debugging
+            if os.environ.get("TALLZIP_DEBUG"):
+                raise
+            _fail(f"internal error: {type(exc).__name__}: {exc} (set TALLZIP_DEBUG=1 for a traceback)", 2)
+    return wrapper
+
+
+class Progress:
+    """Progress bars on a terminal; silent when stderr is not a TTY or output is JSON."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self._bar, self._label, self._done = None, None, 0
+
+    def __call__(self, label: str, done: int, total: int):
+        if not self.enabled:
+            return
+        if label != self._label:
+            self.close()
+            self._bar = click.progressbar(length=total, label=label, file=sys.stderr)
+            self._bar.__enter__()
+            self._label, self._done = label, 0
+        self._bar.update(done - self._done)
+        self._done = done
+        if done >= total:
+            self.close()
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar, self._label = None, None
+
+
+def _parse_lambdas(values) -> float | dict:
+    """`--lambda 0.3` for all tasks, `--lambda TASK=0.3` for one; later values win."""
+    out: dict[str, float] = {}
+    for value in values:
+        task, _, number = value.rpartition("=")
+        try:
+            out[task or "*"] = float(number)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is neither a number nor TASK=NUMBER", param_hint="--lambda")
+    if set(out) == {"*"}:
+        return out["*"]
+    return out or taskvec.DEFAULT_LAMBDA
+
+
+def _echo_json(obj):
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
+FORCE = click.option("--force", is_flag=True, help="overwrite the target if it exists")
+AS_JSON = click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(tallzip.__version__, prog_name="tallzip")
+def cli():
+    """One archive for a family of fine-tuned checkpoints: base + multi-task vector + one bit mask per task."""
+
+
+@cli.command()
+@click.argument("checkpoints_dir", type=click.Path(path_type=Path))
+@click.option("--base", type=click.Path(path_type=Path), help="the pretrained checkpoint (file or folder)")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="archive to write")
+@click.option("--lambda", "lambdas", multiple=True, metavar="[TASK=]L", help="mask lambda, for all or one task (default 0.4)")
+@click.option("--merge", type=click.Choice(packing.MERGE_METHODS), default="sum", show_default=True)
+@click.option("--density", type=float, default=0.2, show_default=True, help="TIES: share of each task vector kept")
+@click.option("--mtv-dtype", type=click.Choice(packing.MTV_DTYPES), default="float32", show_default=True)
+@click.option("--base-ref", is_flag=True, help="store only the base's hash; extract then needs --base")
+@click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True, help="zstandard level")
+@click.option("--allow-nonfinite", is_flag=True, help="pack tensors holding NaN or Inf")
+@DEVICE
+@FORCE
+@AS_JSON
+@friendly_errors
+def pack(checkpoints_dir, base, output, lambdas, merge, density, mtv_dtype, base_ref, level, allow_nonfinite,
+         device, force, as_json):
+    """Pack the fine-tuned checkpoints in CHECKPOINTS_DIR into one archive."""
+    progress = Progress(not as_json)
+    try:
+        tallzip.pack(checkpoints_dir, base, output, lambdas=_parse_lambdas(lambdas), merge=merge, density=density,
+                     mtv_dtype=mtv_dtype, base_ref=base_ref, device=device, force=force, level=level,
+                     allow_nonfinite=allow_nonfinite, progress=progress)
+    finally:
+        progress.close()
+    with tallzip.open(output) as archive:
+        info = summary(archive)
+    if as_json:
+        _echo_json(info)
+    else:
+        click.echo(f"wrote {output}: {human_bytes(info['archive_bytes'])}, {len(info['tasks'])} tasks, "
+                   f"{info['ratio_vs_tasks']:.2f}x smaller than the {len(info['tasks'])} inputs")
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--task", help="the task to rebuild")
+@click.option("--all", "all_tasks", is_flag=True, help="rebuild every task into the folder -o")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "pt"]), help="default: the task's input format")
+@click.option("--base", type=click.Path(path_type=Path), help="the base, for archives packed with --base-ref")
+@DEVICE
+@FORCE
+@friendly_errors
+def extract(archive, task, all_tasks, output, fmt, base, device, force):
+    """Rebuild one task's model (base + mask * mtv) as a checkpoint."""
+    if bool(task) == bool(all_tasks):
+        raise click.UsageError("give exactly one of --task NAME or --all")
+    with tallzip.open(archive, base=base) as arc:
+        if task:
+            path = arc.extract(task, output, fmt=fmt, force=force, device=device)
+            click.echo(f"wrote {path}")
+        else:
+            paths = arc.extract_all(output, fmt=fmt, force=force, device=device)
+            click.echo(f"wrote {len(paths)} tasks into {output}")
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@AS_JSON
+@friendly_errors
+def info(archive, as_json):
+    """Tasks, lambdas, mask densities and the size of every section."""
+    with tallzip.open(archive) as arc:
+        data = summary(arc)
+    _echo_json(data) if as_json else click.echo(format_info(data))
+
+
+@cli.command(name="verify")
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--against", type=click.Path(path_type=Path), help="folder of the original task checkpoints")
+@click.option("--base", type=click.Path(path_type=Path), help="the base, for archives packed with --base-ref")
+@AS_JSON
+@friendly_errors
+def verify_cmd(archive, against, base, as_json):
+    """Check every checksum; with --against, measure each rebuilt task's error."""
+    progress = Progress(not as_json)
+    try:
+        with tallzip.open(archive, base=base) as arc:
+            report = verify(arc, against, progress=progress)
+    finally:
+        progress.close()
+    _echo_json(report) if as_json else click.echo(format_verify(report))
+
+
+@cli.command()
+@click.option("--folder", type=click.Path(path_type=Path), default=Path("demo"), show_default=True)
+@click.option("--tasks", "n_tasks", type=click.IntRange(2, 64), default=8, show_default=True)
+@friendly_errors
+def demo(folder, n_tasks):
+    """Generate a small family of checkpoints, pack it, extract one task, verify, print the size table."""
+    from tallzip.demo import make_family
+    folder.mkdir(parents=True, exist_ok=True)
+    base, tasks_dir = make_family(folder, n_tasks, width=128, layers=4, patch=8, image=64, embed=64)
+    click.echo(f"generated {n_tasks} fine-tuned checkpoints in {tasks_dir} (base: {base})")
+    archive = folder / "family.tallz"
+    tallzip.pack(tasks_dir, base, archive, force=True)
+    with tallzip.open(archive) as arc:
+        first = arc.tasks[0]
+        out = arc.extract(first, folder / f"{first}.extracted.safetensors", force=True)
+        click.echo(f"extracted task {first!r} to {out}\n")
+        click.echo(format_info(summary(arc)))
+        click.echo("")
+        click.echo(format_verify(verify(arc, tasks_dir)))
+
+
+def main():
+    cli(prog_name="tallzip")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Checkpoint readers and writers: safetensors (single and sharded) and torch pickles.
+
+Readers are lazy: they list names, dtypes and shapes from headers and load one tensor at a time
+(memory-mapped), so a caller can stream a model without holding it whole.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import FormatError
+from .tensors import dtype_name
+
+SAFETENSORS_EXT = ".safetensors"
+TORCH_EXTS = (".pt", ".pth", ".bin")
+CHECKPOINT_EXTS = (SAFETENSORS_EXT,) + TORCH_EXTS
+SHARD_INDEX = "model.safetensors.index.json"
+MAX_EXTRA_FILE_BYTES = 16 * 1024 * 1024  # config.json, tokenizer files and the like travel with a task
+
+
+class Checkpoint:
+    """Common view of one checkpoint: ordered names, dtype names, shapes, lazy tensors."""
+
+    format = ""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.names: list[str] = []
+        self.dtypes: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.metadata: dict[str, str] | None = None
+        self.sharding: dict | None = None    # {"files": {file: [names]}, "metadata": {...}} when sharded
+        self.extra_files: dict[str, Path] = {}  # small side files of a folder checkpoint, by relative name
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the input files on disk."""
+        if self.sharding:
+            return sum((self.path / f).stat().st_size for f in self.sharding["files"])
+        return self.path.stat().st_size
+
+    def __contains__(self, name):
+        return name in self.dtypes
+
+
+def _read_safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) != 8:
+            raise FormatError(f"{path}: not a safetensors file (too short)")
+        size = int.from_bytes(prefix, "little")
+        if size > 100_000_000 or size > path.stat().st_size - 8:
+            raise FormatError(f"{path}: not a safetensors file (bad header size)")
+        try:
+            return json.loads(fh.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise FormatError(f"{path}: not a safetensors file (bad header)") from None
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    format = "safetensors"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        header = _read_safetensors_header(self.path)
+        self.metadata = header.pop("__metadata__", None)
+        for name, info in header.items():  # header order: the writer's own order
+            self.names.append(name)
+            self.dtypes[name] = info["dtype"]
+            self.shapes[name] = tuple(info["shape"])
+        try:
+            self._file = safe_open(str(self.path), framework="pt")
+        except Exception as exc:  # safetensors raises its own error types
+            raise FormatError(f"{self.path}: cannot open safetensors file ({exc})") from None
+
+    def get(self, name):
+        return self._file.get_tensor(name)
+
+
+class ShardedCheckpoint(Checkpoint):
+    format = "safetensors-sharded"
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        try:
+            index = json.loads((self.path / SHARD_INDEX).read_text())
+            weight_map = index["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise FormatError(f"{self.path / SHARD_INDEX}: not a valid shard index") from None
+        files: dict[str, list[str]] = OrderedDict()
+        for name, file in weight_map.items():
+            files.setdefault(file, []).append(name)
+        self._shards = {}
+        for file in files:
+            if Path(file).name != file:
+                raise FormatError(f"{self.path / SHARD_INDEX}: shard {file!r} is not a plain file name")
+            self._shards[file] = SafetensorsCheckpoint(self.path / file)
+        self._where = {}
+        for file, shard in self._shards.items():
+            for name in shard.names:
+                if weight_map.get(name) == file:
+                    self._where[name] = shard
+                    self.names.append(name)
+                    self.dtypes[name] = shard.dtypes[name]
+                    self.shapes[name] = shard.shapes[name]
+        missing = [n for n in weight_map if n not in self._where]
+        if missing:
+            raise FormatError(f"{self.path}: index names {missing[0]!r} but its shard does not hold it")
+        self.metadata = next(iter(self._shards.values())).metadata
+        self.sharding = {"files": {f: s.names for f, s in self._shards.items()},
+                         "metadata": index.get("metadata", {})}
+
+    def get(self, name):
+        return self._where[name].get(name)
+
+
+class TorchCheckpoint(Checkpoint):
+    """A torch.save'd state dict (or a pickled module, read by the restricted unpickler)."""
+
+    format = "pt"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        from .safe_pickle import load_state_dict  # heavy-ish and only needed for pickles
+        state, self.pickle_kind = load_state_dict(self.path)
+        self._tensors = state
+        for name, tensor in state.items():
+            self.names.append(name)
+            self.dtypes[name] = dtype_name(tensor.dtype)
+            self.shapes[name] = tuple(tensor.shape)
+
+    def get(self, name):
+        return self._tensors[name]
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in CHECKPOINT_EXTS)
+
+
+def _pick_in_folder(folder: Path) -> Path:
+    """The one checkpoint file of a task folder (the paper's release keeps `nonlinear_finetuned.pt` there)."""
+    files = _checkpoint_files(folder)
+    if len(files) > 1:
+        finetuned = [p for p in files if "finetuned" in p.stem and not p.stem.startswith("linear")]
+        files = finetuned if len(finetuned) == 1 else files
+    if len(files) != 1:
+        what = "no checkpoint file" if not files else f"{len(files)} checkpoint files ({', '.join(p.name for p in files)})"
+        raise FormatError(f"{folder}: holds {what}; a task folder needs exactly one, or a sharded index")
+    return files[0]
+
+
+def open_checkpoint(path) -> Checkpoint:
+    """A file (.safetensors, .pt/.pth/.bin) or a folder (sharded index, or one checkpoint file)."""
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if (path / SHARD_INDEX).exists():
+            ckpt = ShardedCheckpoint(path)
+        else:
+            ckpt = open_checkpoint(_pick_in_folder(path))
+        checkpoint_files = set(ckpt.sharding["files"]) if ckpt.sharding else {ckpt.path.name}
+        for p in sorted(path.iterdir()):
+            if (p.is_file() and p.name not in checkpoint_files and p.suffix not in CHECKPOINT_EXTS
+                    and p.name != SHARD_INDEX and p.stat().st_size <= MAX_EXTRA_FILE_BYTES):
+                ckpt.extra_files[p.name] = p
+        return ckpt
+    if path.suffix == SAFETENSORS_EXT:
+        return SafetensorsCheckpoint(path)
+    if path.suffix in TORCH_EXTS:
+        return TorchCheckpoint(path)
+    raise FormatError(f"{path}: unknown checkpoint type (expected {', '.join(CHECKPOINT_EXTS)} or a folder)")
+
+
+def discover_tasks(folder, exclude=()) -> dict[str, Path]:
+    """Task name -> checkpoint path: each checkpoint file (name = stem) or sub-folder (name = folder name)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FormatError(f"{folder}: not a folder of checkpoints")
+    excluded = {Path(p).resolve() for p in exclude}
+    tasks = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.resolve() in excluded or entry.name.startswith("."):
+            continue
+        if entry.is_file() and entry.suffix in CHECKPOINT_EXTS:
+            name = entry.stem
+        elif entry.is_dir() and ((entry / SHARD_INDEX).exists() or _checkpoint_files(entry)):
+            if any(p.resolve() in excluded for p in _checkpoint_files(entry)) and len(_checkpoint_files(entry)) == 1:
+                continue
+            name = entry.name
+        else:
+            continue
+        if name in tasks:
+            raise FormatError(f"{folder}: two checkpoints are named {name!r} ({tasks[name].name}, {entry.name})")
+        tasks[name] = entry
+    return tasks
+
+
+# --- writing, atomically -------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_output(target, *, force: bool = False, folder: bool = False):
+    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds.
+
+    An interrupted write leaves at most a hidden `.target.*.tmp` file, never a partial target.
+    """
+    target = Path(target)
+    if target.exists() and not force:
+        raise FormatError(f"{target}: already exists (use --force to overwrite)")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise FormatError(f"{parent}: no such folder")
+    prefix = f".{target.name}."
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if folder:
+            if target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            os.rename(tmp, target)
+        else:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if folder else tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_tensors(tensors: dict, path: Path, fmt: str, metadata: dict | None = None):
+    """Write one checkpoint file: 'safetensors' or 'pt' (a plain state dict)."""
+    if fmt == "safetensors":
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    elif fmt == "pt":
+        torch.save(OrderedDict(tensors), str(path))
+    else:
+        raise FormatError(f"unknown output format {fmt!r} (expected safetensors or pt)")
+
+
+def save_sharded(tensors: dict, folder: Path, sharding: dict, metadata: dict | None = None):
+    """Write the shards named in `sharding` and their index, as the input had them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for file, names in sharding["files"].items():
+        save_file({n: tensors[n].contiguous() for n in names}, str(folder / file), metadata=metadata)
+        weight_map.update({n: file for n in names})
+    index = {"metadata": sharding.get("metadata", {}), "weight_map": weight_map}
+    (folder / SHARD_INDEX).write_text(json.dumps(index, indent=2))

@@ -1,0 +1,31 @@
+"""Constants of the tallzip archive format (see SPEC.md)."""
+
+MAGIC = b"TALLZIP\x00"
+FORMAT_VERSION = 1
+# magic (8) | version u32 | flags u32 | manifest offset u64 | manifest length u64 | manifest sha256 (32) | reserved (8)
+HEADER_SIZE = 72
+HEADER_STRUCT = "<8sIIQQ32s8s"
+SECTION_ALIGNMENT = 64  # sections start on 64-byte boundaries so they can be memory-mapped as arrays
+
+# Hard limits checked before any allocation, so a hostile manifest cannot make the reader allocate wildly.
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+MAX_JSON_DEPTH = 16
+MAX_TENSOR_ELEMENTS = 1 << 40
+
+# Roles of a section in the archive.
+ROLE_BASE = "base"      # the pretrained tensor (masked tensors) or the one copy of an unchanged tensor
+ROLE_MTV = "mtv"        # the multi-task vector of a masked tensor
+ROLE_MASK = "mask"      # one task's TALL mask of a masked tensor
+ROLE_OWN = "own"        # a tensor stored as-is for one task (heads, integer buffers, tensors the base lacks)
+
+# Kinds of tensor, as the manifest's tensor table records them.
+KIND_MASKED = "masked"  # float, in the base and every task with the same shape: base + mtv + a mask per task
+KIND_SHARED = "shared"  # identical in the base and every task: stored once
+# Tensors that are neither live only in the tasks' own sections (ROLE_OWN).
+
+# Tensor dtypes by their safetensors names; the value is the itemsize in bytes.
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}

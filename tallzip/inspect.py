@@ -1,0 +1,145 @@
+"""What an archive holds (sizes, densities, bits per parameter) and whether it is intact and faithful."""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from . import taskvec
+from .archive import Archive
+from .errors import TallzipError
+from .family import Family
+from .formats.checkpoints import discover_tasks, open_checkpoint
+from .formats.constants import KIND_MASKED, ROLE_MASK, ROLE_MTV
+from .packing import _Merger
+
+
+def summary(archive: Archive) -> dict:
+    """Sizes of everything in the archive, per task and per section role, against the inputs."""
+    m = archive.manifest
+    masked_params = sum(math.prod(t["shape"]) for t in archive.tensors.values() if t["kind"] == KIND_MASKED)
+    all_params = sum(math.prod(t["shape"]) for t in archive.tensors.values())
+    roles: dict[str, dict] = {}
+    tasks = {t: {"lambda": archive.lambdas[t], "mask_bytes": 0, "mask_ones": 0, "mask_bits": 0, "own_bytes": 0}
+             for t in archive.tasks}
+    for s in m["sections"]:
+        r = roles.setdefault(s["role"], {"sections": 0, "bytes": 0, "elements": 0})
+        r["sections"] += 1
+        r["bytes"] += s["length"]
+        r["elements"] += math.prod(s["shape"])
+        if s["task"] is not None:
+            row = tasks[s["task"]]
+            if s["role"] == ROLE_MASK:
+                row["mask_bytes"] += s["length"]
+                row["mask_ones"] += s.get("ones", 0)
+                row["mask_bits"] += math.prod(s["shape"])
+            else:
+                row["own_bytes"] += s["length"]
+    for row in tasks.values():
+        row["density"] = row["mask_ones"] / row["mask_bits"] if row["mask_bits"] else 0.0
+        row["mask_bits_per_param"] = 8 * row["mask_bytes"] / row["mask_bits"] if row["mask_bits"] else 0.0
+    for role, r in roles.items():
+        r["bits_per_param"] = 8 * r["bytes"] / r["elements"] if r["elements"] else 0.0
+    size = os.path.getsize(archive.path)
+    inputs = sum(t["input_bytes"] for t in m["tasks"])
+    base_bytes = m["base"]["input_bytes"]
+    kinds: dict[str, int] = {}
+    for t in archive.tensors.values():
+        kinds[t["kind"]] = kinds.get(t["kind"], 0) + math.prod(t["shape"])
+    return {
+        "archive": str(archive.path), "archive_bytes": size, "tasks": tasks, "sections": roles,
+        "merge": m["merge"], "base_by_reference": m["base"].get("by_reference", False),
+        "parameters": {"base": all_params, "masked": masked_params, "by_kind": kinds},
+        "inputs": {"tasks_bytes": inputs, "base_bytes": base_bytes, "n_tasks": len(tasks)},
+        "ratio_vs_tasks": inputs / size if size else 0.0,
+        "ratio_vs_tasks_and_base": (inputs + base_bytes) / size if size else 0.0,
+    }
+
+
+class _ArchiveBase:
+    """The archive's base seen as a checkpoint, so a Family can be built around it for verification."""
+
+    format = "archive"
+
+    def __init__(self, archive: Archive):
+        self.archive = archive
+        self.names = archive.base_info["names"]
+        self.dtypes = {n: archive.tensors[n]["dtype"] for n in self.names}
+        self.shapes = {n: tuple(archive.tensors[n]["shape"]) for n in self.names}
+
+    def __contains__(self, name):
+        return name in self.dtypes
+
+    def get(self, name):
+        return self.archive.base_tensor(name)
+
+
+class _ErrorStats:
+    def __init__(self):
+        self.max_abs, self.diff_sq, self.ref_sq = 0.0, 0.0, 0.0
+
+    def add(self, got: torch.Tensor, ref: torch.Tensor):
+        diff = got.double() - ref.double()
+        if diff.numel():
+            self.max_abs = max(self.max_abs, float(diff.abs().max()))
+        self.diff_sq += float((diff * diff).sum())
+        self.ref_sq += float((ref.double() ** 2).sum())
+
+    def result(self):
+        return {"max_abs": self.max_abs, "rel_l2": math.sqrt(self.diff_sq / self.ref_sq) if self.ref_sq else 0.0}
+
+
+def verify(archive: Archive, against=None, progress=None) -> dict:
+    """Check every section's checksum and decoding; with `against` (the folder of original task
+    checkpoints) also rebuild every task and measure its error against the original and against the
+    exact formula base + m_t * mtv recomputed from the originals, and count mask bits that differ."""
+    entries = archive.manifest["sections"]
+    for i, entry in enumerate(entries):
+        archive.reader.read_bytes(entry)  # checksum: raises naming the section
+        if progress:
+            progress("checksums", i + 1, len(entries))
+    for i, (name, info) in enumerate(archive.tensors.items()):  # decode everything once
+        if info["kind"] == KIND_MASKED:
+            mtv = archive.mtv(name)
+            for task in archive.tasks:
+                archive.mask(task, name, mtv)
+    for task in archive.tasks:
+        for _ in archive.iter_task(task):
+            pass
+    report = {"archive": str(archive.path), "sections": len(entries), "ok": True}
+    if against is None:
+        return report
+
+    paths = discover_tasks(against)
+    missing = [t for t in archive.tasks if t not in paths]
+    if missing:
+        raise TallzipError(f"{against}: has no checkpoint for task {missing[0]!r}")
+    family = Family(_ArchiveBase(archive), {t: open_checkpoint(paths[t]) for t in archive.tasks})
+    merger = _Merger(family, archive.merge_info["method"], archive.merge_info.get("density", 0.2), "cpu", None)
+    lambdas = archive.lambdas
+    stats = {t: {"original": _ErrorStats(), "formula": _ErrorStats(), "mask_bits_differing": 0} for t in archive.tasks}
+    names = family.base.names
+    for i, name in enumerate(names):
+        base, originals = family.tensors(name)
+        if archive.tensors[name]["kind"] == KIND_MASKED:
+            exact_mtv = merger.mtv(base, originals)
+            stored_mtv = archive.mtv(name)
+        for task, original in zip(archive.tasks, originals):
+            if archive.tensors[name]["kind"] == KIND_MASKED:
+                mask = archive.mask(task, name, stored_mtv)
+                exact_mask = taskvec.tall_mask(base, original, exact_mtv, lambdas[task])
+                stats[task]["mask_bits_differing"] += int((mask != exact_mask).sum())
+                got = taskvec.rebuild(base, mask, stored_mtv).to(original.dtype)
+                formula = taskvec.rebuild(base, exact_mask, exact_mtv).to(original.dtype)
+            else:
+                got = archive.task_tensor(task, name)
+                formula = original
+            stats[task]["original"].add(got, original)
+            stats[task]["formula"].add(got, formula)
+        if progress:
+            progress("verifying", i + 1, len(names))
+    report["tasks"] = {t: {"vs_original": s["original"].result(), "vs_formula": s["formula"].result(),
+                           "mask_bits_differing": s["mask_bits_differing"]} for t, s in stats.items()}
+    return report
+
