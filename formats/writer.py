@@ -75,6 +75,7 @@ class ArchiveWriter:
         self._pool.shutdown()
         self._closed = True
         self._output.__exit__(None, None, None)
+        return manifest
 
     def abort(self, exc=None):
         if self._closed:

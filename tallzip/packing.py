@@ -229,8 +229,7 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
         }
         if isinstance(lambdas, LambdaSelector):
             manifest["lambda_scores"] = {t: {str(k): v for k, v in s.items()} for t, s in lambdas.scores.items()}
-        writer.finish(manifest)
-    return manifest
+        return writer.finish(manifest)
 
 
 def _pack_masked(writer, merger, name, base_t, task_ts, task_names, lam, mtv_dtype, device, codecs):

@@ -1,0 +1,73 @@
+"""Shared fixtures: small families of checkpoints written to disk, and the TALL formula in plain numpy."""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file as np_save_file
+
+
+def numpy_family(n_tasks=3, seed=0, shapes=None):
+    """base and task state dicts as numpy float32 arrays (plus heads and an int buffer per task)."""
+    rng = np.random.default_rng(seed)
+    shapes = shapes or {"enc.w": (16, 12), "enc.b": (16,), "blk.0.w": (7, 9), "frozen.emb": (5, 4)}
+    base = OrderedDict((n, rng.normal(0, 0.05, s).astype(np.float32)) for n, s in shapes.items())
+    tasks = OrderedDict()
+    for t in range(n_tasks):
+        sd = OrderedDict()
+        for n, x in base.items():
+            if n.startswith("frozen"):
+                sd[n] = x.copy()
+            else:
+                sd[n] = (x + rng.laplace(0, 0.01, x.shape) * rng.random(x.shape)).astype(np.float32)
+        sd["head.weight"] = rng.normal(0, 1, (3 + t, 12)).astype(np.float32)
+        sd["steps"] = np.array([100 + t], dtype=np.int64)
+        tasks[f"task{t}"] = sd
+    return base, tasks
+
+
+def write_family(folder: Path, base, tasks, fmt="safetensors"):
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks_dir = folder / "tasks"
+    tasks_dir.mkdir(exist_ok=True)
+    if fmt == "safetensors":
+        base_path = folder / "base.safetensors"
+        np_save_file(dict(base), str(base_path), metadata={"who": "base"})
+        for name, sd in tasks.items():
+            np_save_file(dict(sd), str(tasks_dir / f"{name}.safetensors"), metadata={"task": name})
+    else:
+        base_path = folder / "base.pt"
+        torch.save(OrderedDict((k, torch.from_numpy(v)) for k, v in base.items()), base_path)
+        for name, sd in tasks.items():
+            torch.save(OrderedDict((k, torch.from_numpy(v)) for k, v in sd.items()), tasks_dir / f"{name}.pt")
+    return base_path, tasks_dir
+
+
+def np_mtv(base, tasks, name):
+    """Sum of task vectors in task order, float32, as the authors' code adds them."""
+    total = None
+    for sd in tasks.values():
+        tau = sd[name].astype(np.float32) - base[name].astype(np.float32)
+        total = tau if total is None else (total + tau).astype(np.float32)
+    return total
+
+
+def np_mask(base, task, mtv, lam):
+    own = np.abs(base - task)
+    others = np.abs((base + mtv).astype(np.float32) - task)
+    return own > (others * np.float32(lam)).astype(np.float32)
+
+
+def np_rebuild(base, mask, mtv):
+    return np.where(mask, (base + mtv).astype(np.float32), base)
+
+
+@pytest.fixture
+def family(tmp_path):
+    base, tasks = numpy_family()
+    base_path, tasks_dir = write_family(tmp_path / "fam", base, tasks)
+    return base, tasks, base_path, tasks_dir
