@@ -31,6 +31,8 @@ def friendly_errors(func):
             return func(*args, **kwargs)
         except (TallzipError, FormatError) as exc:
             _fail(str(exc))
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
         except OSError as exc:
             _fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}")
         except MemoryError:
