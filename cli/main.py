@@ -13,9 +13,10 @@ import tallzip
 from tallzip import packing, taskvec
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import FormatError
-from tallzip.inspect import summary, verify
+from tallzip.inspect import agreement, summary, verify
+from tallzip import merging
 
-from .report import format_info, format_verify, human_bytes
+from .report import format_agreement, format_info, format_merge, format_verify, human_bytes, plot_agreement
 
 
 def _fail(message: str, code: int = 1):
@@ -160,13 +161,71 @@ def extract(archive, task, all_tasks, output, fmt, base, device, force):
 
 @cli.command()
 @click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--agreement", "show_agreement", is_flag=True,
+              help="how many tasks use each weight (0..N), per layer kind and in total")
+@click.option("--plot", type=click.Path(path_type=Path),
+              help="draw the agreement histogram into this image (.png, .pdf, .svg; needs tallzip[plot])")
 @AS_JSON
 @friendly_errors
-def info(archive, as_json):
+def info(archive, show_agreement, plot, as_json):
     """Tasks, lambdas, mask densities and the size of every section."""
-    with tallzip.open(archive) as arc:
-        data = summary(arc)
-    _echo_json(data) if as_json else click.echo(format_info(data))
+    progress = Progress(not as_json)
+    try:
+        with tallzip.open(archive) as arc:
+            data = summary(arc)
+            if show_agreement or plot:
+                data["agreement"] = agreement(arc, progress=progress)
+    finally:
+        progress.close()
+    if plot:
+        plot_agreement(data["agreement"], plot)
+    if as_json:
+        _echo_json(data)
+        return
+    click.echo(format_info(data))
+    if "agreement" in data:
+        click.echo("")
+        click.echo(format_agreement(data["agreement"]))
+    if plot:
+        click.echo(f"\nwrote {plot}")
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--base", type=click.Path(path_type=Path),
+              help="the pretrained checkpoint (a folder SOURCE needs it; an archive only if packed with --base-ref)")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="merged model to write (.safetensors, or .pt/.pth/.bin for a torch state dict)")
+@click.option("--method", type=click.Choice(merging.METHODS), required=True)
+@click.option("--alpha", type=float, help="scaling of the merged vector, in (0, 2] (default 0.3; 1.0 for ties and average)")
+@click.option("--k", type=int, help="consensus: keep the weights at least k tasks use (default 2)")
+@click.option("--lambda", "lambdas", multiple=True, metavar="[TASK=]L",
+              help="consensus from a folder: the masks' lambda, for all or one task (default 0.4)")
+@click.option("--density", type=float, help="ties / consensus-ties: share of each task vector kept (default 0.2)")
+@DEVICE
+@FORCE
+@AS_JSON
+@friendly_errors
+def merge(source, base, output, method, alpha, k, lambdas, density, device, force, as_json):
+    """Merge a family into one model: from a folder of checkpoints (with --base) or from an archive.
+
+    \b
+    task-arithmetic  base + alpha * sum of task vectors
+    ties             TIES-merging: trim to top density, elect sign, disjoint mean
+    consensus-ta     base + alpha * [tasks using a weight >= k] * sum of task vectors
+    consensus-ties   the same over the TIES merge with a disjoint sum
+    average          the mean of the fine-tuned weights (alpha 1)
+    An archive holds no task vectors: it serves task-arithmetic and consensus-ta (packed with
+    --merge sum) or consensus-ties (packed with --merge ties).
+    """
+    progress = Progress(not as_json)
+    try:
+        report = merging.merge_to_file(source, output, method=method, base=base, alpha=alpha, k=k,
+                                       lambdas=_parse_lambdas(lambdas) if lambdas else None, density=density,
+                                       device=device, force=force, progress=progress)
+    finally:
+        progress.close()
+    _echo_json(report.as_dict()) if as_json else click.echo(format_merge(report.as_dict()))
 
 
 @cli.command(name="verify")

@@ -57,3 +57,84 @@ def format_verify(report: dict) -> str:
               f"{r['vs_formula']['max_abs']:.3g}", f"{r['vs_formula']['rel_l2']:.3g}", r["mask_bits_differing"]]
              for t, r in report["tasks"].items()]))
     return "\n".join(out)
+
+
+def _names(names: list, limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def format_merge(report: dict) -> str:
+    settings = [f"alpha {report['alpha']:g}"]
+    if report["k"] is not None:
+        settings.append(f"k {report['k']}")
+    if report["density"] is not None:
+        settings.append(f"density {report['density']:g}")
+    if report["lambdas"]:
+        values = sorted(set(report["lambdas"].values()))
+        settings.append(f"lambda {values[0]:g}" if len(values) == 1 else
+                        "lambdas " + ", ".join(f"{t}={v:g}" for t, v in report["lambdas"].items()))
+    out = [f"wrote {report['output']}: {report['method']} of {len(report['tasks'])} tasks from the "
+           f"{report['source_kind']} {report['source']} ({', '.join(settings)})"]
+    if report["consensus_total"]:
+        share = report["consensus_kept"] / report["consensus_total"]
+        out.append(f"consensus kept {report['consensus_kept']:,} of {report['consensus_total']:,} weights "
+                   f"({share:.1%}): those that the masks of at least {report['k']} of the "
+                   f"{len(report['tasks'])} tasks use")
+    out.append(f"merged {len(report['merged'])} tensors")
+    if report["kept_base"]:
+        out.append(f"not mergeable, kept as in the base: {_names(report['kept_base'])}")
+    if report["task_only"]:
+        out.append(f"left out (only in the task checkpoints, not in the base): {_names(report['task_only'])}")
+    out.extend(f"note: {note}" for note in report["notes"])
+    return "\n".join(out)
+
+
+def format_agreement(data: dict) -> str:
+    n = data["n_tasks"]
+    kinds = list(data["kinds"])
+    total = data["total"]
+    out = [f"mask agreement: how many of the {n} tasks use each weight ({total['params']:,} masked weights; "
+           f"{data['unchanged_params']:,} that no task changes are not counted)"]
+    out.append("")
+    rows = []
+    for count in range(n + 1):
+        rows.append([count] + [f"{100 * data['kinds'][k]['histogram'][count] / data['kinds'][k]['params']:.2f}%"
+                               for k in kinds]
+                    + [f"{100 * total['histogram'][count] / total['params']:.2f}%" if total["params"] else "-"])
+    out.append(table(["tasks using it"] + kinds + ["total"], rows))
+    out.append("")
+    summary_rows = [[k, f"{r['params']:,}", f"{r['catastrophic']:.2%}", f"{r['selfish']:.2%}",
+                     f"{1 - r['catastrophic'] - r['selfish']:.2%}"]
+                    for k, r in [*data["kinds"].items(), ("total", total)] if r["params"]]
+    out.append(table(["layer kind", "weights", "catastrophic (0)", "selfish (1)", "shared by >= 2"], summary_rows))
+    out.append("")
+    out.append(f"layer kinds by name: {data['layer_kind_rule']}")
+    return "\n".join(out)
+
+
+def plot_agreement(data: dict, path) -> None:
+    """The histogram of mask agreement as an image: total share as bars, each layer kind as a line."""
+    from tallzip.errors import TallzipError
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global backend state
+    except ImportError:
+        raise TallzipError("--plot needs matplotlib: pip install 'tallzip[plot]'") from None
+    n = data["n_tasks"]
+    counts = list(range(n + 1))
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    total = data["total"]
+    if total["params"]:
+        ax.bar(counts, [100 * v / total["params"] for v in total["histogram"]], color="0.8", label="total")
+    for kind, row in data["kinds"].items():
+        ax.plot(counts, [100 * v / row["params"] for v in row["histogram"]], marker="o", markersize=3, label=kind)
+    ax.set_xticks(counts)
+    ax.set_xlabel("number of tasks whose TALL mask uses the weight")
+    ax.set_ylabel("share of weights (%)")
+    ax.set_title(f"Mask agreement over {n} tasks (0: catastrophic, 1: selfish)")
+    ax.legend()
+    try:
+        fig.savefig(path)
+    except ValueError as exc:  # an unknown image format
+        raise TallzipError(f"{path}: cannot draw the plot ({exc})") from None

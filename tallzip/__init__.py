@@ -8,5 +8,7 @@ __version__ = "0.1.0"
 from .errors import TallzipError  # noqa: E402
 from .packing import pack, select_lambdas  # noqa: E402
 from .archive import Archive, open  # noqa: E402,A001
+from .merging import merge  # noqa: E402
+from .inspect import agreement  # noqa: E402
 
-__all__ = ["pack", "open", "Archive", "select_lambdas", "TallzipError", "__version__"]
+__all__ = ["pack", "open", "Archive", "select_lambdas", "merge", "agreement", "TallzipError", "__version__"]

@@ -11,7 +11,7 @@ from .archive import Archive
 from .errors import TallzipError
 from .family import Family
 from .formats.checkpoints import discover_tasks, open_checkpoint
-from .formats.constants import KIND_MASKED, ROLE_MASK, ROLE_MTV
+from .formats.constants import FLOAT_DTYPES, KIND_MASKED, KIND_SHARED, ROLE_MASK, ROLE_MTV
 from .packing import _Merger
 
 
@@ -143,3 +143,66 @@ def verify(archive: Archive, against=None, progress=None) -> dict:
                            "mask_bits_differing": s["mask_bits_differing"]} for t, s in stats.items()}
     return report
 
+
+
+# --- mask agreement: how many tasks use each weight ----------------------------------------------
+
+LAYER_KINDS = ("attn", "mlp", "ln", "embedding", "other")
+LAYER_KIND_RULE = ("ln: the tensor's module name starts with 'ln' or contains 'norm'; attn: a part of the name "
+                   "contains 'attn' or 'attention'; mlp: a part contains 'mlp', 'ffn' or 'feed_forward', or is "
+                   "fc1, fc2, c_fc; embedding: a part contains 'embed', or is conv1 (a ViT's patch embedding), "
+                   "wte, wpe; other: the rest. The first rule that matches wins.")
+
+
+def layer_kind(name: str) -> str:
+    """The layer kind of a tensor by its name (LAYER_KIND_RULE): attn, mlp, ln, embedding or other."""
+    parts = name.lower().split(".")
+    module = parts[-2] if len(parts) > 1 else parts[0]  # 'ln_1' in 'resblocks.0.ln_1.weight'
+    if module.startswith("ln") or "norm" in module:
+        return "ln"
+    if any("attn" in p or "attention" in p for p in parts):
+        return "attn"
+    if any("mlp" in p or "ffn" in p or "feed_forward" in p or p in ("fc1", "fc2", "c_fc") for p in parts):
+        return "mlp"
+    if any("embed" in p or p in ("conv1", "wte", "wpe") for p in parts):
+        return "embedding"
+    return "other"
+
+
+def _agreement_row(histogram: torch.Tensor) -> dict:
+    params = int(histogram.sum())
+    share = (lambda c: float(histogram[c]) / params if params and c < len(histogram) else 0.0)
+    return {"params": params, "histogram": [int(v) for v in histogram],
+            "catastrophic": share(0), "selfish": share(1)}
+
+
+def agreement(archive: Archive, progress=None) -> dict:
+    """How many tasks use each weight, from the archive's TALL masks: a histogram over 0..N per layer kind
+    and in total, with the shares of 'catastrophic' weights (used by no task) and 'selfish' ones (by one).
+
+    Counts cover the masked tensors, the ones some task changes; tensors no task changes ('shared') have
+    no masks and are reported apart as `unchanged_params`.
+    """
+    n = len(archive.tasks)
+    by_kind = {kind: torch.zeros(n + 1, dtype=torch.int64) for kind in LAYER_KINDS}
+    unchanged = 0
+    names = list(archive.tensors)
+    for i, name in enumerate(names):
+        info = archive.tensors[name]
+        if info["kind"] == KIND_MASKED:
+            mtv = archive.mtv(name)
+            count = taskvec.mask_count([archive.mask(t, name, mtv) for t in archive.tasks])
+            by_kind[layer_kind(name)] += torch.bincount(count.reshape(-1).to(torch.int64), minlength=n + 1)
+        elif info["kind"] == KIND_SHARED and info["dtype"] in FLOAT_DTYPES:
+            unchanged += math.prod(info["shape"])
+        if progress:
+            progress("agreement", i + 1, len(names))
+    total = sum(by_kind.values())
+    return {
+        "archive": str(archive.path), "n_tasks": n, "tasks": archive.tasks, "lambdas": archive.lambdas,
+        "merge": archive.merge_info,
+        "kinds": {kind: _agreement_row(h) for kind, h in by_kind.items() if int(h.sum())},
+        "total": _agreement_row(total),
+        "unchanged_params": unchanged,
+        "layer_kind_rule": LAYER_KIND_RULE,
+    }

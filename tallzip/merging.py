@@ -1,0 +1,295 @@
+"""`merge`: one merged model from a family — task arithmetic, TIES, Consensus Merging, or the plain average.
+
+    tallzip.merge("finetuned/", base="base.safetensors", method="consensus-ta", k=2)  # -> state dict
+    tallzip.merge("family.tallz", method="consensus-ta")                               # no checkpoint needed
+
+From a folder of checkpoints every method is exact. From an archive only the methods built on the
+archive's own mtv are possible: the archive holds the base, the pack-time mtv and every task's TALL mask,
+which is all that task arithmetic and Consensus Merging need, but not the individual task vectors that
+TIES and the average need.
+
+The merge streams tensor by tensor (one tensor of every task at a time). TIES first finds each task's trim
+threshold over its WHOLE task vector, in a pass that holds one task vector at a time (packing's _Merger).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import taskvec
+from .archive import Archive
+from .errors import TallzipError
+from .family import Family
+from .formats.checkpoints import CHECKPOINT_EXTS, TORCH_EXTS, atomic_output, save_tensors
+from .formats.constants import FLOAT_DTYPES, KIND_MASKED, KIND_SHARED, ROLE_MTV
+from .packing import LambdaSelector, _Merger, _task_lambdas, resolve_device
+
+METHODS = ("task-arithmetic", "ties", "consensus-ta", "consensus-ties", "average")
+CONSENSUS_METHODS = ("consensus-ta", "consensus-ties")
+TIES_METHODS = ("ties", "consensus-ties")
+# Without a validation set to pick alpha on: 0.3 for the methods that add up whole task vectors (task
+# arithmetic's usual range for about 8 tasks, and consensus-ties adds by disjoint SUM); 1.0 for TIES,
+# whose disjoint mean is already on the scale of one task vector (the TIES paper's no-validation
+# setting), and for the average, where alpha 1 gives exactly the mean of the fine-tuned weights.
+DEFAULT_ALPHA = {"task-arithmetic": 0.3, "consensus-ta": 0.3, "consensus-ties": 0.3, "ties": 1.0, "average": 1.0}
+DEFAULT_K = 2
+MAX_ALPHA = 2.0
+# The mtv an archive was packed with (its manifest's `merge`) decides which methods it can serve.
+ARCHIVE_METHODS = {"sum": ("task-arithmetic", "consensus-ta"), "ties": ("consensus-ties",)}
+
+
+@dataclass
+class MergeReport:
+    """What a merge did: its settings, which tensors it merged, kept from the base, or left out."""
+    method: str
+    alpha: float
+    source: str
+    source_kind: str                     # "folder" or "archive"
+    tasks: list
+    k: int | None = None
+    density: float | None = None
+    lambdas: dict | None = None
+    merged: list = field(default_factory=list)      # base tensors merged
+    kept_base: list = field(default_factory=list)   # base tensors not mergeable (integer buffers...): the base's
+    task_only: list = field(default_factory=list)   # tensors only tasks have (heads): not in the output
+    consensus_kept: int = 0              # consensus: weights with count >= k ...
+    consensus_total: int = 0             # ... out of all merged weights
+    notes: list = field(default_factory=list)
+    output: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Options:
+    method: str
+    alpha: float
+    k: int | None
+    density: float | None
+    lambdas: object
+
+
+def _options(method, alpha, k, density, lambdas) -> _Options:
+    if method not in METHODS:
+        raise TallzipError(f"unknown merge method {method!r} (expected one of {', '.join(METHODS)})")
+    alpha = DEFAULT_ALPHA[method] if alpha is None else alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= MAX_ALPHA:
+        raise TallzipError(f"alpha must be a number in (0, {MAX_ALPHA:g}], got {alpha!r}")
+    if method in CONSENSUS_METHODS:
+        k = DEFAULT_K if k is None else k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise TallzipError(f"k must be a whole number >= 0 (tasks that must use a weight), got {k!r}")
+    else:
+        if k is not None:
+            raise TallzipError(f"k applies only to {' and '.join(CONSENSUS_METHODS)}, not {method}")
+        if lambdas is not None:
+            raise TallzipError(f"lambda (of the TALL masks) applies only to {' and '.join(CONSENSUS_METHODS)}, "
+                               f"not {method}")
+    if method in TIES_METHODS:
+        if density is not None and not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
+            raise TallzipError(f"density must be in (0, 1], got {density!r}")
+    elif density is not None:
+        raise TallzipError(f"density applies only to {' and '.join(TIES_METHODS)}, not {method}")
+    if isinstance(lambdas, LambdaSelector):
+        raise TallzipError("merge takes fixed lambdas (one number or {task: number}), not a lambda selector")
+    return _Options(method, float(alpha), k, density, lambdas)
+
+
+def merge(source, *, method: str, base=None, alpha: float | None = None, k: int | None = None,
+          lambdas=None, density: float | None = None, device: str = "auto",
+          progress=None) -> "OrderedDict[str, torch.Tensor]":
+    """The merged model's state dict (CPU tensors, the base's names, order and dtypes).
+
+    source: a folder of fine-tuned checkpoints (or {task: path}) with `base`, or an archive path / Archive.
+    method: task-arithmetic (base + alpha * sum tau), ties (top-`density` trim over each whole task
+    vector, elected sign, disjoint mean), consensus-ta / consensus-ties (base + alpha * [count >= k] * mtv,
+    count = how many tasks' TALL masks use a weight; mtv = sum, or TIES with disjoint sum), or average
+    (base + alpha * mean tau; alpha 1 is the mean of the fine-tuned weights).
+    alpha: in (0, 2]; default DEFAULT_ALPHA[method]. k: consensus only, default 2. lambdas: the TALL
+    masks' lambda when merging from a folder (one number or {task: number}, '*' for the rest; default
+    0.4); an archive uses the lambdas it was packed with. density: TIES share kept, default 0.2.
+    """
+    state, _ = merge_with_report(source, method=method, base=base, alpha=alpha, k=k, lambdas=lambdas,
+                                 density=density, device=device, progress=progress)
+    return state
+
+
+def merge_with_report(source, *, method: str, base=None, alpha=None, k=None, lambdas=None, density=None,
+                      device="auto", progress=None) -> tuple["OrderedDict[str, torch.Tensor]", MergeReport]:
+    """`merge`, also returning the MergeReport: settings, and which tensors were merged, kept or left out."""
+    state, report, _ = _run(source, _options(method, alpha, k, density, lambdas), base, device, progress)
+    return state, report
+
+
+def merge_to_file(source, output, *, method: str, base=None, alpha=None, k=None, lambdas=None, density=None,
+                  device="auto", force: bool = False, progress=None) -> MergeReport:
+    """Merge and write the model to `output`: safetensors, or a torch state dict for .pt/.pth/.bin.
+
+    The output keeps the base's tensor names, order, dtypes and (safetensors) metadata.
+    """
+    output = Path(output)
+    fmt = _output_format(output)
+    if output.exists() and not force:  # fail before the work, not after it
+        raise TallzipError(f"{output}: already exists (use --force to overwrite)")
+    options = _options(method, alpha, k, density, lambdas)
+    state, report, metadata = _run(source, options, base, device, progress)
+    with atomic_output(output, force=force) as tmp:
+        save_tensors(state, tmp, fmt, metadata if fmt == "safetensors" else None)
+    report.output = str(output)
+    return report
+
+
+def _output_format(output: Path) -> str:
+    if output.suffix == ".safetensors":
+        return "safetensors"
+    if output.suffix in TORCH_EXTS:
+        return "pt"
+    raise TallzipError(f"{output}: the output must end in .safetensors or one of {', '.join(TORCH_EXTS)}")
+
+
+def _run(source, options: _Options, base, device, progress):
+    device = resolve_device(device)
+    if isinstance(source, Archive):
+        return _from_archive(source, options, device, progress)
+    if isinstance(source, dict) or Path(source).is_dir():
+        family = Family.open(source, base)
+        return _from_family(family, str(source), options, device, progress)
+    if not Path(source).exists():
+        raise TallzipError(f"{source}: no such folder or archive")
+    if Path(source).suffix in CHECKPOINT_EXTS:
+        raise TallzipError(f"{source}: is one checkpoint; merge takes a folder of fine-tuned checkpoints "
+                           f"(with --base) or a tallzip archive")
+    with Archive(source, base=base) as archive:
+        return _from_archive(archive, options, device, progress)
+
+
+# --- from the checkpoints ------------------------------------------------------------------------
+
+def _from_family(family: Family, source: str, opt: _Options, device, progress):
+    method = opt.method
+    report = MergeReport(method, opt.alpha, source, "folder", family.names, k=opt.k)
+    merger = None
+    if method in TIES_METHODS:
+        density = taskvec.DEFAULT_TIES_DENSITY if opt.density is None else opt.density
+        report.density = density
+        merger = _Merger(family, "ties", density, device, progress)  # whole-vector thresholds, majority sign
+    elif method in CONSENSUS_METHODS:
+        merger = _Merger(family, "sum", taskvec.DEFAULT_TIES_DENSITY, device, progress)
+    if method in CONSENSUS_METHODS:
+        lambdas = taskvec.DEFAULT_LAMBDA if opt.lambdas is None else opt.lambdas
+        report.lambdas = _task_lambdas(lambdas, family.names)
+    report.task_only = sorted({n for t in family.names for n in family.own_names(t)})
+
+    state = OrderedDict()
+    names = family.base.names
+    for i, name in enumerate(names):
+        if not family.is_mergeable(name):
+            state[name] = family.base.get(name).clone()  # a copy: a .pt base may share storage between tensors
+            report.kept_base.append(name)
+        else:
+            base_t, task_ts = family.tensors(name)
+            base_d, tasks_d = base_t.to(device), [t.to(device) for t in task_ts]
+            if method == "task-arithmetic":
+                vector = taskvec.sum_task_vectors(base_d, tasks_d)
+            elif method == "average":
+                vector = taskvec.sum_task_vectors(base_d, tasks_d) / len(tasks_d)
+            elif method == "ties":
+                taus = [taskvec.task_vector(base_d, t) for t in tasks_d]
+                vector = taskvec.ties_merge(taus, merger.thresholds, merger.majority, reduce="mean")
+            else:  # consensus: the same mtv the masks were made with
+                mtv = merger.mtv(base_d, tasks_d)
+                masks = [taskvec.tall_mask(base_d, t, mtv, report.lambdas[task])
+                         for task, t in zip(family.names, tasks_d)]
+                vector = _consensus(mtv, masks, opt.k, report)
+            state[name] = taskvec.apply_vector(base_d, vector, opt.alpha).cpu()
+            report.merged.append(name)
+        if progress:
+            progress("merging", i + 1, len(names))
+    return state, report, family.base.metadata
+
+
+# --- from an archive -----------------------------------------------------------------------------
+
+def _from_archive(archive: Archive, opt: _Options, device, progress):
+    method = opt.method
+    packed = archive.merge_info.get("method")
+    supported = ARCHIVE_METHODS.get(packed, ())
+    if method not in supported:
+        if method in ("ties", "average"):
+            why = (f"{method} needs each task's own task vector, which an archive does not keep "
+                   f"(merge from the checkpoints folder with --base)")
+        else:
+            other = "--merge ties" if method == "consensus-ties" else "--merge sum (the default)"
+            why = f"{method} needs an archive packed with {other}, or the checkpoints folder with --base"
+        can = ", ".join(supported) or "none of the merge methods"
+        raise TallzipError(f"{archive.path.name}: its mtv was merged by {packed!r}, so it supports {can}; {why}")
+    if opt.lambdas is not None:
+        raise TallzipError(f"{archive.path.name}: its masks were made with the lambdas it was packed with "
+                           f"({_lambda_text(archive.lambdas)}); lambda applies only when merging from a folder")
+    if method in TIES_METHODS:
+        packed_density = archive.merge_info.get("density", taskvec.DEFAULT_TIES_DENSITY)
+        if opt.density is not None and opt.density != packed_density:
+            raise TallzipError(f"{archive.path.name}: its TIES mtv was trimmed at density {packed_density:g}, "
+                               f"not {opt.density:g}; merge from the checkpoints folder for another density")
+        density = packed_density
+    else:
+        density = None
+
+    tasks = archive.tasks
+    report = MergeReport(method, opt.alpha, str(archive.path), "archive", tasks, k=opt.k, density=density,
+                         lambdas=archive.lambdas if method in CONSENSUS_METHODS else None)
+    names = archive.base_info["names"]
+    report.task_only = sorted({n for t in tasks for n, _ in archive.task_entry(t)["tensors"]} - set(names))
+    low_precision = set()
+    state = OrderedDict()
+    for i, name in enumerate(names):
+        info = archive.tensors[name]
+        base_t = archive.base_tensor(name)
+        if info["kind"] != KIND_MASKED:
+            # 'shared' tensors are unchanged by every task, so every method gives back the base;
+            # 'per-task' ones are not mergeable (not float in every checkpoint)
+            state[name] = base_t.clone()
+            if info["kind"] == KIND_SHARED and info["dtype"] in FLOAT_DTYPES:
+                report.merged.append(name)
+                if method in CONSENSUS_METHODS:  # no task uses these weights: count 0, as the folder route finds
+                    report.consensus_total += base_t.numel()
+                    report.consensus_kept += base_t.numel() if opt.k == 0 else 0
+            else:
+                report.kept_base.append(name)
+        else:
+            mtv = archive.mtv(name)
+            stored_dtype = archive.reader.section(ROLE_MTV, name)["dtype"]
+            if stored_dtype not in ("F32", "F64"):
+                low_precision.add(stored_dtype)
+            if method in CONSENSUS_METHODS:
+                masks = [archive.mask(t, name, mtv) for t in tasks]  # decoded with the stored mtv as context
+                vector = _consensus(mtv.to(device), [m.to(device) for m in masks], opt.k, report)
+            else:
+                vector = mtv.to(device)
+            state[name] = taskvec.apply_vector(base_t.to(device), vector, opt.alpha).cpu()
+            report.merged.append(name)
+        if progress:
+            progress("merging", i + 1, len(names))
+    if low_precision:
+        report.notes.append(f"the archive stores the mtv as {'/'.join(sorted(low_precision))}: the merge adds that "
+                            f"rounded mtv (merging from the checkpoints folder uses the exact one)")
+    return state, report, archive.base_info.get("metadata")
+
+
+# --- shared pieces -------------------------------------------------------------------------------
+
+def _consensus(mtv: torch.Tensor, masks: list[torch.Tensor], k: int, report: MergeReport) -> torch.Tensor:
+    """m_cons * mtv, m_cons = (sum_t m_t) >= k, counting the kept weights into the report."""
+    keep = taskvec.consensus_mask(masks, k)
+    report.consensus_kept += int(keep.sum())
+    report.consensus_total += keep.numel()
+    return torch.where(keep, mtv, torch.zeros_like(mtv))
+
+
+def _lambda_text(lambdas: dict) -> str:
+    values = sorted(set(lambdas.values()))
+    return f"{values[0]:g}" if len(values) == 1 else ", ".join(f"{t}={v:g}" for t, v in lambdas.items())
