@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -14,11 +15,11 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import FormatError
-from .tensors import dtype_name
+from .constants import DTYPE_SIZES
+from .tensors import dtype_name, torch_dtype
 
 SAFETENSORS_EXT = ".safetensors"
 TORCH_EXTS = (".pt", ".pth", ".bin")
@@ -41,8 +42,13 @@ class Checkpoint:
         self.sharding: dict | None = None    # {"files": {file: [names]}, "metadata": {...}} when sharded
         self.extra_files: dict[str, Path] = {}  # small side files of a folder checkpoint, by relative name
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, *, pin_memory: bool = False) -> torch.Tensor:
+        """One tensor, read now; pin_memory=True puts it in page-locked memory (fast, asynchronous
+        copies to a GPU)."""
         raise NotImplementedError
+
+    def will_need(self, name: str):
+        """Hint that `name` is read soon, so the OS can start reading it in the background."""
 
     @property
     def nbytes(self) -> int:
@@ -55,7 +61,8 @@ class Checkpoint:
         return name in self.dtypes
 
 
-def _read_safetensors_header(path: Path) -> dict:
+def _read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """The header and the offset where tensor data starts."""
     with open(path, "rb") as fh:
         prefix = fh.read(8)
         if len(prefix) != 8:
@@ -64,29 +71,77 @@ def _read_safetensors_header(path: Path) -> dict:
         if size > 100_000_000 or size > path.stat().st_size - 8:
             raise FormatError(f"{path}: not a safetensors file (bad header size)")
         try:
-            return json.loads(fh.read(size))
+            header = json.loads(fh.read(size))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise FormatError(f"{path}: not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: not a safetensors file (bad header)")
+    return header, 8 + size
+
+
+def _tensor_span(path: Path, name, info, data_start: int, file_size: int) -> tuple[int, int]:
+    """Absolute byte range of one tensor, checked against its dtype, shape and the file's size."""
+    try:
+        begin, end = info["data_offsets"]
+        shape = info["shape"]
+        ok = (type(begin) is int and type(end) is int and 0 <= begin <= end
+              and data_start + end <= file_size and all(type(d) is int and d >= 0 for d in shape)
+              and isinstance(info["dtype"], str))
+        itemsize = DTYPE_SIZES.get(info["dtype"]) if ok else None
+        ok = ok and (itemsize is None or end - begin == math.prod(shape) * itemsize)
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise FormatError(f"{path}: not a safetensors file (bad entry for tensor {name!r})")
+    return data_start + begin, data_start + end
+
+
+def _pread_into(fd: int, buffer: memoryview, offset: int, path):
+    """Fill `buffer` from the file at `offset` (pread loops: one call may return less)."""
+    done = 0
+    while done < len(buffer):
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got == 0:
+            raise FormatError(f"{path}: truncated file")
+        done += got
 
 
 class SafetensorsCheckpoint(Checkpoint):
     format = "safetensors"
 
+    # Tensors are read with pread into fresh buffers rather than through a memory map: the process
+    # then holds only the tensors it is using (mapped file pages would count as its memory until
+    # unmapped), and reads release the GIL, so a reader thread can prefetch while others compute.
+
     def __init__(self, path: Path):
         super().__init__(path)
-        header = _read_safetensors_header(self.path)
+        header, data_start = _read_safetensors_header(self.path)
         self.metadata = header.pop("__metadata__", None)
+        file_size = self.path.stat().st_size
+        self._spans: dict[str, tuple[int, int]] = {}
         for name, info in header.items():  # header order: the writer's own order
+            self._spans[name] = _tensor_span(self.path, name, info, data_start, file_size)
             self.names.append(name)
             self.dtypes[name] = info["dtype"]
             self.shapes[name] = tuple(info["shape"])
-        try:
-            self._file = safe_open(str(self.path), framework="pt")
-        except Exception as exc:  # safetensors raises its own error types
-            raise FormatError(f"{self.path}: cannot open safetensors file ({exc})") from None
+        self._fd = os.open(self.path, os.O_RDONLY)
 
-    def get(self, name):
-        return self._file.get_tensor(name)
+    def get(self, name, *, pin_memory=False):
+        begin, end = self._spans[name]
+        tensor = torch.empty(self.shapes[name], dtype=torch_dtype(self.dtypes[name]), pin_memory=pin_memory)
+        if end > begin:
+            _pread_into(self._fd, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), begin, self.path)
+        return tensor
+
+    def will_need(self, name):
+        begin, end = self._spans[name]
+        if end > begin and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, begin, end - begin, os.POSIX_FADV_WILLNEED)
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class ShardedCheckpoint(Checkpoint):
@@ -122,8 +177,11 @@ class ShardedCheckpoint(Checkpoint):
         self.sharding = {"files": {f: s.names for f, s in self._shards.items()},
                          "metadata": index.get("metadata", {})}
 
-    def get(self, name):
-        return self._where[name].get(name)
+    def get(self, name, *, pin_memory=False):
+        return self._where[name].get(name, pin_memory=pin_memory)
+
+    def will_need(self, name):
+        self._where[name].will_need(name)
 
 
 class TorchCheckpoint(Checkpoint):
@@ -141,8 +199,9 @@ class TorchCheckpoint(Checkpoint):
             self.dtypes[name] = dtype_name(tensor.dtype)
             self.shapes[name] = tuple(tensor.shape)
 
-    def get(self, name):
-        return self._tensors[name]
+    def get(self, name, *, pin_memory=False):
+        tensor = self._tensors[name]
+        return tensor.pin_memory() if pin_memory else tensor
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:

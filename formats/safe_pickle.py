@@ -1,50 +1,55 @@
 """Read pickled PyTorch checkpoints without running code from the pickle.
 
-State dicts go through ``torch.load(weights_only=True)``. Checkpoints that pickle
-whole ``nn.Module`` objects (``torch.save(model)``) go through ``RestrictedUnpickler``,
-which imports nothing and calls only the validating helpers in ``_ALLOWED``:
+State dicts go through ``torch.load(weights_only=True)``. Checkpoints that pickle whole
+``nn.Module`` objects (``torch.save(model)``) go through ``RestrictedUnpickler``, which
+imports nothing and calls nothing outside ``_ALLOWED``. Each global a pickle names is:
 
-* allowed: tensor/parameter rebuild helpers from ``torch._utils`` / ``torch._tensor``
-  (replaced here by checked versions), torch storage types and dtypes, ``torch.Size``,
-  ``torch.device``, ``collections.OrderedDict``, ``builtins.set``/``frozenset``/``object``,
-  ``copyreg._reconstructor`` (stub classes only) and ``_codecs.encode`` (latin-1 only,
-  how protocol 2 pickles ``bytes``).
-* stubbed: any other global, unless refused below. It becomes an inert ``_Stub`` class
-  that NEWOBJ / ``copyreg._reconstructor`` may instantiate and BUILD may hand its state
-  to; nothing is imported. Module classes (``src.modeling.ImageEncoder``,
-  ``open_clip.model.CLIP``, ``torch.nn.modules.linear.Linear``) and functions kept only
-  as attribute values take this path. Calling a stub (REDUCE/INST) is refused, except
-  for the enum-like value types in ``_INERT_VALUE_TYPES`` called with plain literals
-  (``InterpolationMode('bicubic')`` sits in the transforms the task-vector
-  ``ImageEncoder`` keeps).
-* refused as soon as the pickle names them: other ``builtins`` (``eval``, ``getattr``...),
-  system/interpreter packages in ``_REFUSED_PACKAGES`` (``os``, ``posix``,
-  ``subprocess``...) and ``torch`` globals outside ``torch.nn``.
+* allowed: checked stand-ins for torch's tensor/parameter rebuild helpers
+  (``torch._utils._rebuild_tensor_v2/_v3``, ``_rebuild_parameter[_with_state]``,
+  ``torch._tensor._rebuild_from_type_v2``), ``copyreg._reconstructor`` (stub classes only),
+  ``_codecs.encode`` (latin-1 only: protocol 2's spelling of ``bytes``), the plain
+  constructors ``collections.OrderedDict``, ``builtins.set``/``frozenset``/``object``,
+  ``torch.Size``, ``torch.device``, and inert values: storage types (``torch.FloatStorage``,
+  ``torch.storage.UntypedStorage``...), dtypes, layouts and memory formats.
+* refused on sight: every other ``builtins`` name (``eval``, ``getattr``, ``__import__``),
+  anything from the system/interpreter packages in ``_REFUSED_PACKAGES`` (``os``, ``posix``,
+  ``subprocess``, ``numpy``...) and any ``torch`` global outside ``torch.nn``.
+* stubbed otherwise: an inert class per name, e.g. ``src.modeling.ImageEncoder``,
+  ``open_clip.model.CLIP``, ``torch.nn.modules.linear.Linear``, or a function kept as an
+  attribute value. NEWOBJ and ``copyreg._reconstructor`` may instantiate a stub and BUILD
+  hands it its state (the module's ``__dict__``). Calling a stub (REDUCE, INST with
+  arguments) is refused, except for the enum-like ``_INERT_VALUE_TYPES`` called with plain
+  literals: ``InterpolationMode('bicubic')`` sits in the torchvision transforms that the
+  task-vector ``ImageEncoder`` keeps as attributes.
 
-Containers: the torch zip format (storages mmapped, byteorder record honoured) and
-the legacy pre-1.6 non-zip format (storages read into memory). The even older tar
-format (torch < 0.4) is refused.
+Containers: the torch zip format (storages mmapped, ``byteorder`` record honoured) and the
+legacy pre-1.6 non-zip format (storages read into memory). The tar format of torch < 0.4
+is refused.
 """
 from __future__ import annotations
 
 import collections
+import io
 import os
 import pickle
 import sys
 import tarfile
+import warnings
 import zipfile
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
+
+from .errors import FormatError
 
 __all__ = ["load_state_dict", "read_restricted", "UnsafePickleError", "CheckpointFormatError"]
 
 
-class UnsafePickleError(ValueError):
+class UnsafePickleError(FormatError):
     """The pickle asked for a global or a call that is not allow-listed."""
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(FormatError):
     """The file is not a readable PyTorch checkpoint."""
 
 
@@ -76,7 +81,8 @@ class _StubMeta(type):
 
 
 class _Stub(metaclass=_StubMeta):
-    """Inert stand-in for an object of a class that was not imported; keeps what BUILD gives."""
+    """Inert stand-in for an object of a class that was not imported; keeps what BUILD gives.
+    Each stub class is named after the global it replaces."""
     qualified_name = "?"
 
     def __new__(cls, *args, **kwargs):  # NEWOBJ bypasses the metaclass, so this never refuses
@@ -91,16 +97,6 @@ class _Stub(metaclass=_StubMeta):
         return f"<stub {self.qualified_name}>"
 
 
-_stub_classes: dict[str, type] = {}
-
-
-def _stub_class(qualified_name: str) -> type:
-    if qualified_name not in _stub_classes:
-        _stub_classes[qualified_name] = _StubMeta(
-            "Stub", (_Stub,), {"qualified_name": qualified_name, "__slots__": ()})
-    return _stub_classes[qualified_name]
-
-
 class _StorageRef(NamedTuple):
     """What persistent_load returns for a storage: raw bytes plus their dtype."""
     untyped: torch.UntypedStorage
@@ -111,6 +107,25 @@ class _StorageType(NamedTuple):
     dtype: torch.dtype
 
 
+class _TensorRef(NamedTuple):
+    """A rebuilt tensor, wrapped (immutably) so that BUILD cannot reach Tensor.__setstate__."""
+    tensor: torch.Tensor
+
+
+class _TypeMarker(NamedTuple):
+    """Stands for torch.Tensor / Parameter where a pickle names a tensor's type; never called."""
+    name: str
+
+
+class _Allowed(NamedTuple):
+    """An allow-listed function. Being a tuple, pickle's BUILD cannot set attributes on it
+    (e.g. ``__defaults__``), so one file cannot weaken the checks for the next."""
+    function: Callable
+
+    def __call__(self, *args):
+        return self.function(*args)
+
+
 def _refuse(what: str):
     raise UnsafePickleError(what)
 
@@ -119,46 +134,53 @@ def _rebuild_tensor(storage, offset, size, stride, dtype=None, metadata=None):
     if not isinstance(storage, _StorageRef):
         _refuse(f"tensor rebuild got {type(storage).__name__} instead of a checkpoint storage")
     dtype = storage.dtype if dtype is None else dtype
-    ints = [offset, *size, *stride]
-    if not isinstance(dtype, torch.dtype) or not all(type(i) is int and i >= 0 for i in ints):
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and isinstance(dtype, torch.dtype)
+            and all(type(i) is int and i >= 0 for i in (offset, *size, *stride))):
         _refuse("tensor rebuild got a malformed dtype, offset, size or stride")
     item = torch.empty(0, dtype=dtype).element_size()
     last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else -1
     if len(size) != len(stride) or (last + 1) * item > storage.untyped.nbytes():
         raise CheckpointFormatError("tensor reaches past the end of its storage")
-    tensor = torch.empty(0, dtype=dtype).set_(storage.untyped, offset, tuple(size), tuple(stride))
+    tensor = torch.empty(0, dtype=dtype).set_(storage.untyped, offset, size, stride)
     if metadata and isinstance(metadata, dict):  # conj/neg bits of complex views
         torch._utils.set_tensor_metadata(tensor, {k: bool(v) for k, v in metadata.items()})
-    return tensor
+    return _TensorRef(tensor)
 
 
+@_Allowed
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks, metadata=None):
     return _rebuild_tensor(storage, offset, size, stride, metadata=metadata)  # hooks dropped
 
 
+@_Allowed
 def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
     return _rebuild_tensor(storage, offset, size, stride, dtype, metadata)
 
 
+@_Allowed
 def _rebuild_parameter(data, requires_grad, hooks, state=None):
-    if not isinstance(data, torch.Tensor):
+    if not isinstance(data, _TensorRef):
         _refuse("parameter rebuild got something other than a tensor")
     return data  # a plain tensor is all a state dict needs
 
 
+@_Allowed
 def _rebuild_from_type(func, new_type, args, state):
     # Tensor subclasses and tensors with attributes: keep the tensor, drop type and attributes.
-    if func not in (_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter) or not isinstance(args, tuple):
+    rebuilders = (_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter)
+    if not any(func is f for f in rebuilders) or not isinstance(args, tuple):
         _refuse("_rebuild_from_type_v2 wraps a function that is not a tensor rebuild")
     return func(*args)
 
 
+@_Allowed
 def _reconstructor(cls, base, state):
     if not (isinstance(cls, _StubMeta) and base is object and state is None):
-        _refuse(f"copyreg._reconstructor may only build stub objects, not {cls!r}")
+        _refuse(f"copyreg._reconstructor may only build stub objects, not {_brief(cls)}")
     return cls.__new__(cls)
 
 
+@_Allowed
 def _latin1_encode(text, encoding="latin1"):
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         _refuse("_codecs.encode is only allowed for protocol-2 bytes (latin-1)")
@@ -178,14 +200,14 @@ _ALLOWED = {
     ("torch", "Size"): torch.Size,
     ("torch", "device"): torch.device,
     ("torch.storage", "UntypedStorage"): _StorageType(torch.uint8),
-    # only ever passed to _rebuild_from_type as markers, so stubs are enough
-    ("torch", "Tensor"): _stub_class("torch.Tensor"),
-    ("torch._tensor", "Tensor"): _stub_class("torch._tensor.Tensor"),
-    ("torch.nn.parameter", "Parameter"): _stub_class("torch.nn.parameter.Parameter"),
+    ("torch", "Tensor"): _TypeMarker("torch.Tensor"),
+    ("torch._tensor", "Tensor"): _TypeMarker("torch.Tensor"),
+    ("torch.nn.parameter", "Parameter"): _TypeMarker("torch.nn.Parameter"),
 }
 for _name, _dtype in torch.storage._storage_type_to_dtype_map().items():
     _ALLOWED["torch", _name] = _StorageType(_dtype)  # legacy typed storages, e.g. torch.FloatStorage
-_ALLOWED.update({("torch", n): v for n, v in vars(torch).items() if isinstance(v, torch.dtype)})
+_ALLOWED.update({("torch", n): v for n, v in vars(torch).items()  # inert enum-like values
+                 if isinstance(v, (torch.dtype, torch.layout, torch.memory_format))})
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -198,6 +220,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, storage_for=None):
         super().__init__(file)
         self._storage_for = storage_for
+        self._stub_classes = {}  # per file: a pickle can set attributes on its stub classes
 
     def find_class(self, module, name):
         module = _MODULE_RENAMES.get(module, module)
@@ -207,19 +230,21 @@ class RestrictedUnpickler(pickle.Unpickler):
         package = module.split(".")[0]
         if package in _REFUSED_PACKAGES and not module.startswith("torch.nn."):
             raise UnsafePickleError(f"pickle wants global {qualified!r}, which is not allow-listed")
-        return _stub_class(qualified)
+        if qualified not in self._stub_classes:
+            self._stub_classes[qualified] = _StubMeta(qualified, (_Stub,), {"qualified_name": qualified})
+        return self._stub_classes[qualified]
 
     def persistent_load(self, saved_id):
         if not isinstance(saved_id, tuple) or not saved_id:
-            _refuse(f"unexpected persistent id {saved_id!r:.80}")
+            raise CheckpointFormatError(f"unexpected persistent id of type {type(saved_id).__name__}")
         kind = saved_id[0].decode("ascii") if isinstance(saved_id[0], bytes) else saved_id[0]
         if kind == "module" and len(saved_id) == 4 and isinstance(saved_id[1], _StubMeta):
             return saved_id[1]  # legacy format records module classes with their source; keep the stub
         if kind != "storage" or len(saved_id) < 5 or self._storage_for is None:
-            _refuse(f"unexpected persistent id of kind {kind!r:.40}")
+            raise CheckpointFormatError(f"unexpected persistent id of kind {_brief(kind)}")
         storage_type, key, _location, numel, *extra = saved_id[1:]  # location ignored: all CPU
         if not isinstance(storage_type, _StorageType) or type(numel) is not int or numel < 0:
-            _refuse("malformed storage record in pickle")
+            raise CheckpointFormatError("malformed storage record in pickle")
         return self._storage_for(storage_type.dtype, str(key), numel, extra)
 
 
@@ -227,11 +252,16 @@ def _storage_nbytes(dtype, numel):
     return numel * torch.empty(0, dtype=dtype).element_size()
 
 
+def _zip_records_stored(path):
+    """True if every zip record is uncompressed (how torch writes them), so offsets can be mmapped."""
+    with zipfile.ZipFile(path) as archive:
+        return all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist())
+
+
 def _read_zip(path):
-    reader = torch._C.PyTorchFileReader(path)
-    with zipfile.ZipFile(path) as archive:  # mmap needs records stored uncompressed, as torch writes them
-        mappable = all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist())
-    whole_file = torch.UntypedStorage.from_file(path, False, os.path.getsize(path)) if mappable else None
+    reader = torch._C.PyTorchFileReader(path)  # resolves the "<archive>/" prefix of record names
+    whole_file = (torch.UntypedStorage.from_file(path, False, os.path.getsize(path))
+                  if _zip_records_stored(path) else None)
     byteorder = reader.get_record("byteorder").decode() if reader.has_record("byteorder") else sys.byteorder
     loaded = {}
 
@@ -242,34 +272,41 @@ def _read_zip(path):
                 raise CheckpointFormatError(f"storage record {name} is missing or has the wrong size")
             if whole_file is not None:
                 start = reader.get_record_offset(name)
-                untyped = whole_file[start:start + nbytes]
+                untyped = whole_file[start:start + nbytes]  # a view into the private file mapping
+            elif nbytes:
+                untyped = torch.frombuffer(bytearray(reader.get_record(name)), dtype=torch.uint8).untyped_storage()
             else:
-                untyped = torch.UntypedStorage(nbytes)
-                untyped.copy_(torch.UntypedStorage.from_buffer(reader.get_record(name), dtype=torch.uint8))
+                untyped = torch.UntypedStorage(0)
+            if untyped.nbytes() != nbytes:
+                raise CheckpointFormatError(f"storage record {name} is truncated")
             if byteorder != sys.byteorder:
                 untyped.byteswap(dtype)
             loaded[key] = untyped
         return _StorageRef(loaded[key], dtype)
 
-    import io
     return RestrictedUnpickler(io.BytesIO(reader.get_record("data.pkl")), storage_for).load()
 
 
 def _read_legacy(file, file_size):
     """Pre-1.6 format: magic, protocol, sys_info, object pickle, storage keys, raw storages."""
-    unpickle = lambda storage_for=None: RestrictedUnpickler(file, storage_for).load()  # noqa: E731
+    def unpickle(storage_for=None):
+        return RestrictedUnpickler(file, storage_for).load()
+
     if unpickle() != _LEGACY_MAGIC:
         raise CheckpointFormatError("not a PyTorch checkpoint (neither zip nor legacy format)")
     unpickle()  # protocol version
     if not unpickle().get("little_endian", True):
         raise CheckpointFormatError("big-endian legacy checkpoints are not supported")
-    roots = {}
+    roots = {}  # key -> (storage filled after the object pickle, dtype)
+    budget = [file_size]  # storages cannot hold more bytes than the file: refuse giant allocations
 
     def storage_for(dtype, key, numel, extra):
-        nbytes = _storage_nbytes(dtype, numel)
-        if nbytes > file_size:
-            raise CheckpointFormatError("storage larger than the file")
-        roots.setdefault(key, (torch.UntypedStorage(nbytes), dtype))
+        if key not in roots:
+            nbytes = _storage_nbytes(dtype, numel)
+            budget[0] -= nbytes
+            if budget[0] < 0:
+                raise CheckpointFormatError("storages add up to more than the file size")
+            roots[key] = (torch.UntypedStorage(nbytes), dtype)
         if extra and extra[0] is not None:  # view_metadata = (view_key, offset, size) in elements
             _view_key, offset, size = extra[0]
             item = _storage_nbytes(dtype, 1)
@@ -287,6 +324,9 @@ def read_restricted(path):
     """Unpickle ``path`` with RestrictedUnpickler; returns the object tree (stubs for modules)."""
     if zipfile.is_zipfile(path):
         return _read_zip(path)
+    with open(path, "rb") as file:
+        if file.read(4) == b"PK\x03\x04":
+            raise CheckpointFormatError("damaged zip archive (truncated download?)")
     if tarfile.is_tarfile(path):
         raise CheckpointFormatError("tar-format checkpoints (torch < 0.4) are not supported")
     with open(path, "rb") as file:
@@ -295,6 +335,13 @@ def read_restricted(path):
 
 def _is_module_stub(obj):
     return isinstance(obj, _Stub) and isinstance(obj.state, dict) and "_parameters" in obj.state
+
+
+def _plain_tensor(value, name):
+    tensor = value.tensor if isinstance(value, _TensorRef) else value
+    if not isinstance(tensor, torch.Tensor):
+        raise CheckpointFormatError(f"{_brief(name)} is a {type(value).__name__}, not a tensor")
+    return tensor.detach()  # Parameters become plain tensors, as in module.state_dict()
 
 
 def _module_state_dict(root):
@@ -310,12 +357,9 @@ def _module_state_dict(root):
         non_persistent = state.get("_non_persistent_buffers_set") or ()
         entries = list((state.get("_parameters") or {}).items())
         entries += [(n, b) for n, b in (state.get("_buffers") or {}).items() if n not in non_persistent]
-        for name, tensor in entries:
-            if tensor is None:
-                continue
-            if not isinstance(tensor, torch.Tensor):
-                raise CheckpointFormatError(f"{prefix}{name} is a {type(tensor).__name__}, not a tensor")
-            out[prefix + str(name)] = tensor.detach()
+        for name, value in entries:
+            if value is not None:
+                out[f"{prefix}{name}"] = _plain_tensor(value, f"{prefix}{name}")
         for name, child in (state.get("_modules") or {}).items():
             if child is None:
                 continue
@@ -333,17 +377,22 @@ def _as_state_dict(obj):
     if _is_module_stub(obj):
         return _module_state_dict(obj), "module"
     if not isinstance(obj, dict):
-        what = obj.qualified_name if isinstance(obj, _Stub) else type(obj).__name__
-        raise CheckpointFormatError(f"expected a state dict or an nn.Module, found {what}")
-    for name, value in obj.items():
-        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
-            raise CheckpointFormatError(f"state dict entry {name!r:.80} is not a named tensor")
-    return {name: tensor.detach() for name, tensor in obj.items()}, "state_dict"
+        raise CheckpointFormatError(f"expected a state dict or an nn.Module, found {type(obj).__name__}")
+    if not all(isinstance(name, str) for name in obj):
+        raise CheckpointFormatError("state dict has non-string keys")
+    return {name: _plain_tensor(value, name) for name, value in obj.items()}, "state_dict"
 
 
-def _one_line(error):
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+def _brief(value, limit=80):
+    """repr() on one line and short, for messages that quote data from the file."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _one_line(error, with_type=True):
+    lines = str(error).strip().splitlines()
+    text = lines[0][:300] if lines else ""
+    return f"{type(error).__name__}: {text}" if with_type else text
 
 
 def load_state_dict(path) -> tuple[dict[str, torch.Tensor], str]:
@@ -356,15 +405,18 @@ def load_state_dict(path) -> tuple[dict[str, torch.Tensor], str]:
     if not os.path.isfile(path):
         raise CheckpointFormatError(f"{path}: no such file")
     try:
-        return _as_state_dict(torch.load(
-            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)))
+        mmap = zipfile.is_zipfile(path) and _zip_records_stored(path)
+        with warnings.catch_warnings():  # its pickle-protocol chatter is noise when we fall back anyway
+            warnings.simplefilter("ignore", UserWarning)
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return _as_state_dict(loaded)
     except Exception:  # e.g. pickled modules, which weights_only refuses: try the restricted reader
         pass
     try:
         return _as_state_dict(read_restricted(path))
     except UnsafePickleError as error:
-        raise UnsafePickleError(f"{path}: refused: {error}") from None
+        raise UnsafePickleError(f"{path}: refused: {_one_line(error, with_type=False)}") from None
     except CheckpointFormatError as error:
-        raise CheckpointFormatError(f"{path}: {error}") from None
+        raise CheckpointFormatError(f"{path}: {_one_line(error, with_type=False)}") from None
     except Exception as error:  # pickle/zip internals: report in one line, no traceback chain
         raise CheckpointFormatError(f"{path}: cannot read checkpoint: {_one_line(error)}") from None

@@ -10,6 +10,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
+from tallzip.formats import safe_pickle
 from tallzip.formats.safe_pickle import CheckpointFormatError, UnsafePickleError, load_state_dict
 
 
@@ -53,6 +54,23 @@ def test_state_dict_wrapper_legacy_and_recompressed(tmp_path):
         state, kind = load_state_dict(tmp_path / name)
         assert kind == "state_dict"
         assert_same_state_dict(state, expected)
+
+
+@pytest.mark.parametrize("container", ["zip", "legacy", "deflated"])
+def test_state_dict_beside_foreign_objects_uses_restricted_reader(tmp_path, container):
+    # weights_only refuses the Namespace, so this goes through the restricted reader
+    import argparse
+    expected = sample_state_dict()
+    checkpoint = {"state_dict": expected, "args": argparse.Namespace(lr=0.1, model="ViT-B-32")}
+    torch.save(checkpoint, tmp_path / "ckpt.pt", _use_new_zipfile_serialization=container != "legacy")
+    if container == "deflated":
+        rezip_deflated(tmp_path / "ckpt.pt", tmp_path / "ckpt2.pt")
+        os.replace(tmp_path / "ckpt2.pt", tmp_path / "ckpt.pt")
+    with pytest.raises(Exception):
+        torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    state, kind = load_state_dict(tmp_path / "ckpt.pt")
+    assert kind == "state_dict"
+    assert_same_state_dict(state, expected)
 
 
 # ---- (2) whole pickled nn.Modules ------------------------------------------------------------
@@ -149,6 +167,24 @@ def test_pickled_open_clip_model_with_transforms(tmp_path):
     assert_same_state_dict(state, expected)
 
 
+def test_big_endian_records_are_swapped(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))  # all float32
+    expected = model.state_dict()
+    torch.save(model, tmp_path / "little.pt")
+    # rewrite as a big-endian machine would have saved it
+    with zipfile.ZipFile(tmp_path / "little.pt") as old, zipfile.ZipFile(tmp_path / "big.pt", "w") as new:
+        for info in old.infolist():
+            data = old.read(info.filename)
+            if info.filename.endswith("/byteorder"):
+                data = b"big"
+            elif "/data/" in info.filename:
+                data = b"".join(data[i:i + 4][::-1] for i in range(0, len(data), 4))
+            new.writestr(info.filename, data)
+    state, kind = load_state_dict(tmp_path / "big.pt")
+    assert kind == "module"
+    assert_same_state_dict(state, expected)
+
+
 # ---- (3) and (4) malicious pickles -----------------------------------------------------------
 
 class RunsShellCommand:
@@ -236,6 +272,17 @@ def test_inert_value_types_only_take_literals(tmp_path):
     payload = b"ctorchvision.transforms.functional\nInterpolationMode\n(]tR."
     (tmp_path / "p.pkl").write_bytes(payload)
     assert_refused(tmp_path / "p.pkl", "InterpolationMode")
+
+
+def test_build_cannot_tamper_with_allowed_functions(tmp_path):
+    # BUILD with slot state does setattr(obj, name, value): on a plain function that would
+    # change its __defaults__ for every later load in the process.
+    payload = b"ctorch._utils\n_rebuild_tensor_v2\n(N}(V__defaults__\n(I7\ntutb."
+    (tmp_path / "tamper.pkl").write_bytes(payload)
+    with pytest.raises(CheckpointFormatError):
+        load_state_dict(tmp_path / "tamper.pkl")
+    assert safe_pickle._rebuild_tensor_v2.function.__defaults__ == (None,)
+    test_state_dict_roundtrip(tmp_path)
 
 
 # ---- (5) damaged and foreign files -----------------------------------------------------------
