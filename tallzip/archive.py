@@ -39,6 +39,7 @@ class Archive:
             raise CorruptArchiveError(f"{self.path}: damaged archive (manifest lacks tasks, tensors or base)") from None
         self._base_ckpt = None
         self._dtypes: dict = {}
+        self._context_cache = None
         if self.base_info.get("by_reference"):
             if base is not None:
                 self.attach_base(base)
@@ -98,8 +99,16 @@ class Archive:
     def mask(self, task: str, name: str, mtv: torch.Tensor | None = None) -> torch.Tensor:
         if mtv is None:
             mtv = self.mtv(name)
-        context = {"mtv": mtv.to(torch.float32).reshape(-1).cpu().numpy()}
-        return self._read_tensor(self._section(ROLE_MASK, name, task), context)
+        return self._read_tensor(self._section(ROLE_MASK, name, task), self._mask_context(name, mtv))
+
+    def _mask_context(self, name: str, mtv: torch.Tensor) -> dict:
+        """The decoded mtv as the mask codecs' side information; kept while the same mtv is asked about,
+        so decoding all tasks' masks of one tensor derives the context once."""
+        cached = self._context_cache
+        if cached is None or cached[0] != name or cached[1] is not mtv:
+            context = {"mtv": mtv.to(torch.float32).reshape(-1).cpu().numpy(), "shape": tuple(mtv.shape)}
+            self._context_cache = cached = (name, mtv, context)
+        return cached[2]
 
     # --- rebuilding tasks -------------------------------------------------------------------
     def task_tensor(self, task: str, name: str, device="cpu") -> torch.Tensor:
