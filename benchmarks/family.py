@@ -451,16 +451,16 @@ def build_family(
     base = None
     if info is None:
         log(f"pretraining base ({config.pretrain_steps} steps) into {root}")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         base = pretrain_base(config, torch_device, log)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         info = {
             "format": 1,
             "family_version": FAMILY_VERSION,
             "config_hash": config.digest(),
             "config": config.to_dict(),
             "parameters": count_parameters(base),
-            "base": {"file": "base.safetensors", "train_seconds": round(seconds, 2)},
+            "base": {"file": "base.safetensors", "train_seconds": round(seconds, 2), "train_cpu_seconds": round(cpu_seconds, 2)},
             "heads": {"file": "heads.safetensors", "sha256": None},
             "task_order": [task.name for task in TASKS],
             "tasks": {},
@@ -482,7 +482,7 @@ def build_family(
             base.load_state_dict(load_file(str(root / info["base"]["file"])))
             base.eval()
         for task in missing:
-            log(f"fine-tuning {task}")
+            log(f"fine-tuning {task} ({config.finetune_steps} steps)")
             entry = _train_task(TASKS_BY_NAME[task], base, config, torch_device, root, heads)
             info["tasks"][task] = entry
             info["heads"]["sha256"] = _save_tensors(heads, heads_path)
@@ -508,7 +508,7 @@ def _train_task(
     task: TaskSpec, base: VisionTransformer, config: FamilyConfig, device: torch.device, root: Path, heads: dict
 ) -> dict:
     """Fit the task's head on base features, fine-tune, save; return the family.json entry."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     splits = {
         "train": build_split(task, "train", config.seed, config.train_size),
         "val": build_split(task, "val", config.seed, config.val_size),
@@ -521,7 +521,7 @@ def _train_task(
         encode(base, train_images), train_labels, task.num_classes, config.probe_l2, config.probe_iterations
     )
     model = finetune(base, weight, bias, tensors["train"], config, task.name)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
 
     def accuracy(encoder, split):
         images, labels = tensors[split]
@@ -540,6 +540,7 @@ def _train_task(
         "splits": {name: len(split.labels) for name, split in splits.items()},
         "fingerprints": {name: split_fingerprint(splits[name]) for name in ("val", "test")},
         "train_seconds": round(seconds, 2),
+        "train_cpu_seconds": round(cpu_seconds, 2),
         "accuracy": {
             "base": {split: accuracy(base, split) for split in ("val", "test")},
             "finetuned": {split: accuracy(model, split) for split in ("val", "test")},

@@ -1,6 +1,7 @@
 """The `tallzip` command: parses arguments, shows progress, prints. The work is in the library."""
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -19,6 +20,9 @@ from tallzip import merging
 from .report import format_agreement, format_info, format_merge, format_verify, human_bytes, plot_agreement
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
 def _fail(message: str, code: int = 1):
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -35,7 +39,10 @@ def friendly_errors(func):
         except click.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code)
         except OSError as exc:
-            _fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}")
+            # A full disk (or quota, or file size limit) while writing: the library has already
+            # removed its temporary file, and the target was never touched.
+            cleaned = " (nothing was written there)" if exc.errno in _WRITE_ERRNOS else ""
+            _fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}{cleaned}")
         except MemoryError:
             _fail("out of memory")
         except KeyboardInterrupt:
@@ -91,6 +98,20 @@ def _echo_json(obj):
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+class CodecChoice(click.Choice):
+    """A codec for one kind of section; a registered codec meant for the other kind says so."""
+
+    def __init__(self, allowed, kind: str, other_option: str):
+        super().__init__(allowed)
+        self.kind, self.other_option = kind, other_option
+
+    def convert(self, value, param, ctx):
+        if value not in self.choices and value in (*packing.FLOAT_CODECS, *packing.MASK_CODECS):
+            self.fail(f"{value!r} is not a codec for {self.kind} (it belongs to {self.other_option}); "
+                      f"choose from {', '.join(self.choices)}", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
 FORCE = click.option("--force", is_flag=True, help="overwrite the target if it exists")
 AS_JSON = click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
@@ -110,6 +131,12 @@ def cli():
 @click.option("--merge", type=click.Choice(packing.MERGE_METHODS), default="sum", show_default=True)
 @click.option("--density", type=float, default=0.2, show_default=True, help="TIES: share of each task vector kept")
 @click.option("--mtv-dtype", type=click.Choice(packing.MTV_DTYPES), default="float32", show_default=True)
+@click.option("--float-codec", type=CodecChoice(packing.FLOAT_CODECS, "floats", "--mask-codec"),
+              default=packing.DEFAULT_CODECS["float"], show_default=True,
+              help="codec of the base, the mtv and a task's own float tensors (planes+ans: smallest, slower)")
+@click.option("--mask-codec", type=CodecChoice(packing.MASK_CODECS, "masks", "--float-codec"),
+              default=packing.DEFAULT_CODECS["mask"], show_default=True,
+              help="codec of the masks (bits-ctx: entropy-coded with the mtv as context)")
 @click.option("--base-ref", is_flag=True, help="store only the base's hash; extract then needs --base")
 @click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True, help="zstandard level")
 @click.option("--allow-nonfinite", is_flag=True, help="pack tensors holding NaN or Inf")
@@ -117,13 +144,14 @@ def cli():
 @FORCE
 @AS_JSON
 @friendly_errors
-def pack(checkpoints_dir, base, output, lambdas, merge, density, mtv_dtype, base_ref, level, allow_nonfinite,
-         device, force, as_json):
+def pack(checkpoints_dir, base, output, lambdas, merge, density, mtv_dtype, float_codec, mask_codec, base_ref, level,
+         allow_nonfinite, device, force, as_json):
     """Pack the fine-tuned checkpoints in CHECKPOINTS_DIR into one archive."""
     progress = Progress(not as_json)
     try:
         tallzip.pack(checkpoints_dir, base, output, lambdas=_parse_lambdas(lambdas), merge=merge, density=density,
                      mtv_dtype=mtv_dtype, base_ref=base_ref, device=device, force=force, level=level,
+                     codecs={"float": float_codec, "mask": mask_codec},
                      allow_nonfinite=allow_nonfinite, progress=progress)
     finally:
         progress.close()

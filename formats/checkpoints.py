@@ -6,12 +6,16 @@ Readers are lazy: they list names, dtypes and shapes from headers and load one t
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -233,8 +237,12 @@ def open_checkpoint(path) -> Checkpoint:
         checkpoint_files = set(ckpt.sharding["files"]) if ckpt.sharding else {ckpt.path.name}
         for p in sorted(path.iterdir()):
             if (p.is_file() and p.name not in checkpoint_files and p.suffix not in CHECKPOINT_EXTS
-                    and p.name != SHARD_INDEX and p.stat().st_size <= MAX_EXTRA_FILE_BYTES):
+                    and p.name != SHARD_INDEX and not p.name.startswith(".")
+                    and p.stat().st_size <= MAX_EXTRA_FILE_BYTES):
                 ckpt.extra_files[p.name] = p
+        head = release_head(path)
+        if head is not None and head.stat().st_size <= MAX_EXTRA_FILE_BYTES:
+            ckpt.extra_files[head.name] = head  # kept as bytes, never unpickled
         return ckpt
     if path.suffix == SAFETENSORS_EXT:
         return SafetensorsCheckpoint(path)
@@ -243,8 +251,24 @@ def open_checkpoint(path) -> Checkpoint:
     raise FormatError(f"{path}: unknown checkpoint type (expected {', '.join(CHECKPOINT_EXTS)} or a folder)")
 
 
+def release_head(task_folder: Path) -> Path | None:
+    """The classification head that the authors' releases keep beside a task folder.
+
+    Both the task-vector release (`{model}/{Dataset}/finetuned.pt`, `{model}/head_{Dataset}.pt`) and
+    the TALL-mask release (`{model}/{Dataset}Val/nonlinear_finetuned.pt`, `{model}/head_{Dataset}Val.pt`)
+    do so; the head then travels with its task as a side file."""
+    for ext in TORCH_EXTS:
+        head = task_folder.parent / f"head_{task_folder.name}{ext}"
+        if head.is_file():
+            return head
+    return None
+
+
 def discover_tasks(folder, exclude=()) -> dict[str, Path]:
-    """Task name -> checkpoint path: each checkpoint file (name = stem) or sub-folder (name = folder name)."""
+    """Task name -> checkpoint path: each checkpoint file (name = stem) or sub-folder (name = folder name).
+
+    A `head_{X}.pt` beside a task folder `{X}/` is that task's classification head (the released
+    layouts), not a task of its own."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FormatError(f"{folder}: not a folder of checkpoints")
@@ -252,6 +276,9 @@ def discover_tasks(folder, exclude=()) -> dict[str, Path]:
     tasks = {}
     for entry in sorted(folder.iterdir()):
         if entry.resolve() in excluded or entry.name.startswith("."):
+            continue
+        task_folder = folder / entry.stem[len("head_"):]
+        if entry.stem.startswith("head_") and task_folder.is_dir() and release_head(task_folder) == entry:
             continue
         if entry.is_file() and entry.suffix in CHECKPOINT_EXTS:
             name = entry.stem
@@ -269,11 +296,58 @@ def discover_tasks(folder, exclude=()) -> dict[str, Path]:
 
 # --- writing, atomically -------------------------------------------------------------------------
 
+# Errors that mean the output could not be written (full disk, quota, file size limit, read-only
+# file system); they name the target, since the failing write was to a temporary file beside it.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(parent: Path, target_name: str) -> list[Path]:
+    """Delete what killed writers of `target_name` left in `parent`; returns what was deleted.
+
+    Temporaries are named `.{target}.{pid}.{random}.tmp` and their writer holds an flock on them
+    while it runs, so one is stale only if its pid is gone and nobody holds the lock (the pid check
+    alone could be fooled by a pid namespace or a reused pid, the lock alone by the instant between
+    creating the file and locking it)."""
+    prefix, removed = f".{target_name}.", []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        parts = entry.name[len(prefix):].split(".") if entry.name.startswith(prefix) else []
+        if len(parts) != 3 or parts[2] != "tmp" or not parts[0].isdigit() or _process_alive(int(parts[0])):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(entry.path, ignore_errors=True) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:  # locked: its writer is alive after all
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output(target, *, force: bool = False, folder: bool = False):
     """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds.
 
-    An interrupted write leaves at most a hidden `.target.*.tmp` file, never a partial target.
+    An interrupted write leaves at most a hidden `.target.PID.*.tmp` file, never a partial target,
+    and the next write to the same target removes such leftovers of writers that are gone.
     """
     target = Path(target)
     if target.exists() and not force:
@@ -281,36 +355,166 @@ def atomic_output(target, *, force: bool = False, folder: bool = False):
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise FormatError(f"{parent}: no such folder")
-    prefix = f".{target.name}."
+    remove_stale_temporaries(parent, target.name)
+    prefix = f".{target.name}.{os.getpid()}."
     if folder:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+        lock_fd = os.open(tmp, os.O_RDONLY)
     else:
-        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=parent)
-        os.close(fd)
+        lock_fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=parent)
         tmp = Path(name)
     try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # held until we are done: tells others we are alive
         yield tmp
         if folder:
             if target.exists():
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
             os.rename(tmp, target)
         else:
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
+            os.fsync(lock_fd)
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True) if folder else tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS and not exc.filename:
+            exc.filename = str(target)
+        raise
+    finally:
+        os.close(lock_fd)
+
+
+def _save_safetensors(tensors: dict, path: Path, metadata: dict | None):
+    """safetensors' save_file, with a failed write (full disk...) raised as the OSError it is:
+    the library reports it as a SafetensorError that only mentions 'os error N' in its text."""
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    except Exception as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if found:
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code)) from None
         raise
 
 
 def save_tensors(tensors: dict, path: Path, fmt: str, metadata: dict | None = None):
     """Write one checkpoint file: 'safetensors' or 'pt' (a plain state dict)."""
     if fmt == "safetensors":
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+        _save_safetensors(tensors, path, metadata)
     elif fmt == "pt":
-        torch.save(OrderedDict(tensors), str(path))
+        # Through a Python file: torch then fails with the OSError of a failed write as the context
+        # of its RuntimeError (writing to a path, it only says "unexpected pos").
+        with open(path, "wb") as fh:
+            try:
+                torch.save(OrderedDict(tensors), fh)
+            except RuntimeError as exc:
+                if isinstance(exc.__context__, OSError):
+                    raise exc.__context__ from None
+                raise
     else:
         raise FormatError(f"unknown output format {fmt!r} (expected safetensors or pt)")
+
+
+class SafetensorsStream:
+    """Write one safetensors file tensor by tensor, each as soon as it is ready.
+
+    The header is laid out first from (name, dtype name, shape) specs, so every tensor has a known
+    place; write() hands its bytes to a background thread that pwrites them there. Memory is what
+    the caller holds plus a bounded number of writes in flight, and producing the next tensor
+    overlaps writing this one. Header entries keep the specs' order; the data is laid out widest
+    dtype first so that every tensor is aligned for readers that map the file.
+    """
+
+    _MAX_IN_FLIGHT = 128 << 20  # bytes handed to the writing thread and not yet written
+
+    def __init__(self, path, specs, metadata: dict | None = None):
+        self.path = Path(path)
+        self._specs = {}
+        header = {"__metadata__": dict(metadata)} if metadata else {}
+        order = sorted(range(len(specs)), key=lambda i: -DTYPE_SIZES.get(specs[i][1], 1))  # stable
+        spans, position = {}, 0
+        for i in order:
+            name, dtype, shape = specs[i]
+            if dtype not in DTYPE_SIZES:
+                raise FormatError(f"{self.path}: cannot write tensor {name!r} of dtype {dtype!r} as safetensors")
+            size = math.prod(shape) * DTYPE_SIZES[dtype]
+            spans[name] = (position, position + size)
+            position += size
+        for name, dtype, shape in specs:
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": list(spans[name])}
+            self._specs[name] = (dtype, tuple(shape), spans[name][0])
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as the format's writers do
+        self._data_start = 8 + len(blob)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tallzip-save")
+        self._in_flight: deque = deque()
+        self._in_flight_bytes = 0
+        self._written: set = set()
+        os.ftruncate(self._fd, self._data_start + position)
+        self._pwrite(len(blob).to_bytes(8, "little") + blob, 0)
+
+    def _pwrite(self, data, offset):
+        view = memoryview(data).cast("B")
+        while len(view):
+            done = os.pwrite(self._fd, view, offset)
+            view, offset = view[done:], offset + done
+
+    def write(self, name: str, tensor: torch.Tensor):
+        if name not in self._specs or name in self._written:
+            raise FormatError(f"{self.path}: tensor {name!r} is not expected here (unknown, or written twice)")
+        dtype, shape, offset = self._specs[name]
+        if dtype_name(tensor.dtype) != dtype or tuple(tensor.shape) != shape:
+            raise FormatError(f"{self.path}: tensor {name!r} is {dtype_name(tensor.dtype)} {list(tensor.shape)}, "
+                              f"expected {dtype} {list(shape)}")
+        self._written.add(name)
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if not flat.numel():
+            return
+        data = flat.view(torch.uint8).numpy()  # kept alive by the job until written
+        self._in_flight.append((self._pool.submit(self._pwrite, data, self._data_start + offset), data.nbytes))
+        self._in_flight_bytes += data.nbytes
+        while self._in_flight and self._in_flight_bytes > self._MAX_IN_FLIGHT:
+            self._wait_oldest()
+
+    def _wait_oldest(self):
+        future, size = self._in_flight.popleft()
+        self._in_flight_bytes -= size
+        future.result()
+
+    def close(self):
+        """Wait for every write; the file is complete only if every spec'd tensor was written."""
+        if self._fd is None:
+            return
+        try:
+            while self._in_flight:
+                self._wait_oldest()
+            missing = [name for name in self._specs if name not in self._written]
+            if missing:
+                raise FormatError(f"{self.path}: tensor {missing[0]!r} was never written")
+        finally:
+            self._release()
+
+    def abort(self):
+        """Stop without completing the file (the caller removes it)."""
+        if self._fd is None:
+            return
+        for future, _ in self._in_flight:
+            future.cancel()
+        self._release()
+
+    def _release(self):
+        self._pool.shutdown(wait=True)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
 
 
 def save_sharded(tensors: dict, folder: Path, sharding: dict, metadata: dict | None = None):
@@ -318,7 +522,7 @@ def save_sharded(tensors: dict, folder: Path, sharding: dict, metadata: dict | N
     folder.mkdir(parents=True, exist_ok=True)
     weight_map = {}
     for file, names in sharding["files"].items():
-        save_file({n: tensors[n].contiguous() for n in names}, str(folder / file), metadata=metadata)
+        _save_safetensors({n: tensors[n] for n in names}, folder / file, metadata)
         weight_map.update({n: file for n in names})
     index = {"metadata": sharding.get("metadata", {}), "weight_map": weight_map}
     (folder / SHARD_INDEX).write_text(json.dumps(index, indent=2))

@@ -53,6 +53,11 @@ def zstd_compress(data, level: int = 3, threads: int = 0) -> bytes:
 
 def zstd_decompress(data, expected_size: int) -> bytes:
     try:
+        # decompress() allocates what the frame header declares and ignores max_output_size then:
+        # a 32 KB frame that declares 1 GB would get 1 GB before any size check.
+        declared = zstandard.frame_content_size(data)
+        if declared not in (-1, expected_size):
+            raise CodecError(f"zstandard: frame declares {declared} bytes, expected {expected_size}")
         out = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected_size)
     except zstandard.ZstdError as exc:
         raise CodecError(f"zstandard: {exc}") from None

@@ -5,24 +5,51 @@ Rebuilding a task reads the base, the mtv, that task's masks and its own tensors
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import taskvec
 from .errors import TallzipError, UnknownTaskError
 from .family import tensors_digest
-from .formats.checkpoints import atomic_output, open_checkpoint, save_sharded, save_tensors
+from .bits import unpack_bits
+from .formats.checkpoints import SafetensorsStream, atomic_output, open_checkpoint, save_sharded, save_tensors
 from .formats.constants import KIND_MASKED, KIND_SHARED, ROLE_BASE, ROLE_MASK, ROLE_MTV, ROLE_OWN
 from .formats.errors import CorruptArchiveError
 from .formats.reader import ArchiveReader
 from .formats.tensors import from_bits, torch_dtype
+from .formats.writer import available_cpus
 from .packing import KIND_PER_TASK, ROLE_FILE, resolve_device
 
 
 def open(path, *, base=None) -> "Archive":  # noqa: A001 - mirrors the builtin on purpose
     return Archive(path, base=base)
+
+
+_INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def rebuild_from_bits(base: torch.Tensor, bits: np.ndarray, mtv: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """taskvec.rebuild(base, mask, mtv) with the mask given bit-packed; computed on `device`, where
+    the packed mask is unpacked (an eighth of the bytes of a bool mask cross to a GPU)."""
+    count = base.numel()
+    if device.type == "cpu":
+        mask = torch.from_numpy(np.unpackbits(bits, count=count, bitorder="little").view(bool)).view(base.shape)
+        base_c = taskvec.as_compute(base)
+        out = torch.add(base_c, mtv)  # base + mtv; the unmasked entries then take the base's bits back:
+        # where(mask, out, base) done on the bits, base ^ (mask * (out ^ base)), which vectorizes on
+        # a CPU (torch.where branches per element there and runs several times slower).
+        view = _INT_VIEWS[out.element_size()]
+        out_bits, base_bits = out.view(view), base_c.view(view)
+        out_bits.bitwise_xor_(base_bits).mul_(mask).bitwise_xor_(base_bits)
+        return out.to(base.dtype)
+    packed = torch.empty(bits.shape, dtype=torch.uint8, pin_memory=True)
+    packed.numpy()[:] = bits
+    mask = unpack_bits(packed.to(device, non_blocking=True), count).view(base.shape)
+    return taskvec.rebuild(base.to(device, non_blocking=True), mask, mtv.to(device, non_blocking=True))
 
 
 class Archive:
@@ -110,25 +137,40 @@ class Archive:
             self._context_cache = cached = (name, mtv, context)
         return cached[2]
 
+    def mask_bits(self, task: str, name: str, mtv: torch.Tensor | None = None) -> np.ndarray:
+        """The task's mask of `name` bit-packed (uint8, little bit order): what a GPU unpacks."""
+        if mtv is None:
+            mtv = self.mtv(name)
+        return self.reader.read_mask_bits(self._section(ROLE_MASK, name, task), self._mask_context(name, mtv))
+
     # --- rebuilding tasks -------------------------------------------------------------------
     def task_tensor(self, task: str, name: str, device="cpu") -> torch.Tensor:
         """One tensor of a rebuilt task, in the task's dtype."""
+        return self._assemble(self._task_parts(task, name), resolve_device(device))
+
+    def _task_parts(self, task: str, name: str):
+        """What one tensor of a task is made of, read and decoded on the CPU (thread-safe: the
+        reader uses pread, and decoding releases the GIL)."""
         entry = self.task_entry(task)
         dtype = self._task_dtypes(task).get(name)
         if dtype is None:
             raise UnknownTaskError(f"task {task!r} has no tensor {name!r}")
         info = self.tensors.get(name)
         if info is None or info["kind"] == KIND_PER_TASK:
-            tensor = self._read_tensor(self._section(ROLE_OWN, name, entry["name"]))
-        elif info["kind"] == KIND_SHARED:
-            tensor = self.base_tensor(name)
-        elif info["kind"] == KIND_MASKED:
+            return dtype, self._read_tensor(self._section(ROLE_OWN, name, entry["name"])), None
+        if info["kind"] == KIND_SHARED:
+            return dtype, self.base_tensor(name), None
+        if info["kind"] == KIND_MASKED:
             mtv = self.mtv(name)
-            mask = self.mask(task, name, mtv)
-            return taskvec.rebuild(self.base_tensor(name).to(device), mask.to(device),
-                                   mtv.to(device)).to(torch_dtype(dtype))
-        else:
-            raise CorruptArchiveError(f"{self.path}: damaged archive (tensor {name!r} of unknown kind)")
+            return dtype, self.base_tensor(name), (mtv, self.mask_bits(task, name, mtv))
+        raise CorruptArchiveError(f"{self.path}: damaged archive (tensor {name!r} of unknown kind)")
+
+    @staticmethod
+    def _assemble(parts, device: torch.device) -> torch.Tensor:
+        dtype, tensor, masked = parts
+        if masked is not None:
+            mtv, bits = masked
+            tensor = rebuild_from_bits(tensor, bits, mtv, device)
         return tensor.to(device=device, dtype=torch_dtype(dtype))
 
     def _task_dtypes(self, task: str) -> dict:
@@ -136,15 +178,37 @@ class Archive:
             self._dtypes[task] = dict(self.task_entry(task)["tensors"])
         return self._dtypes[task]
 
+    def _task_shape(self, task: str, name: str) -> list:
+        info = self.tensors.get(name)
+        if info is not None and info["kind"] != KIND_PER_TASK:
+            return info["shape"]
+        return self._section(ROLE_OWN, name, task)["shape"]
+
     def iter_task(self, task: str, device="cpu"):
-        """Yield (name, tensor) of one rebuilt task, in its original order."""
+        """Yield (name, tensor) of one rebuilt task, in its original order.
+
+        Worker threads read and decode the next few tensors while the caller uses this one."""
         device = resolve_device(device)
-        for name, _ in self.task_entry(task)["tensors"]:
-            yield name, self.task_tensor(task, name, device)
+        names = [name for name, _ in self.task_entry(task)["tensors"]]
+        workers = available_cpus()
+        ahead = workers + 1  # tensors being decoded at once: bounds memory, keeps every worker busy
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tallzip-decode") as pool:
+            pending = deque(pool.submit(self._task_parts, task, name) for name in names[:ahead])
+            for i, name in enumerate(names):
+                parts = pending.popleft().result()
+                if i + ahead < len(names):
+                    pending.append(pool.submit(self._task_parts, task, names[i + ahead]))
+                yield name, self._assemble(parts, device)
 
     def load(self, task: str, device="cpu") -> "OrderedDict[str, torch.Tensor]":
         """The task's rebuilt state dict: base + mask * mtv, its own tensors as they were."""
         return OrderedDict(self.iter_task(task, device))
+
+    def resident(self, device="auto", tasks=None):
+        """Keep the base, the mtv and every task's bit-packed mask on `device`, for serving many
+        tasks from one process: `switch(task)` then rewrites the weights in place (see Resident)."""
+        from .resident import Resident
+        return Resident(self, device, tasks)
 
     def extract(self, task: str, output, *, fmt: str | None = None, force: bool = False, device="cpu") -> Path:
         """Write one task as a checkpoint at `output`, in its input format unless `fmt` says otherwise.
@@ -152,9 +216,19 @@ class Archive:
         A task that came as a folder (sharded, or with config files beside it) is written as a folder.
         """
         entry = self.task_entry(task)
-        state = OrderedDict((n, t.cpu()) for n, t in self.iter_task(task, device))
         output = Path(output)
         fmt = fmt or ("pt" if entry["format"] == "pt" else "safetensors")
+        if fmt not in ("safetensors", "pt"):
+            raise TallzipError(f"unknown output format {fmt!r} (expected safetensors or pt)")
+        if entry["layout"] != "folder" and fmt == "safetensors":
+            # Streamed: each tensor is written while the next ones are decoded; one in memory at a time.
+            specs = [(name, dtype, self._task_shape(task, name)) for name, dtype in entry["tensors"]]
+            with atomic_output(output, force=force) as tmp:
+                with SafetensorsStream(tmp, specs, entry.get("metadata")) as stream:
+                    for name, tensor in self.iter_task(task, device):
+                        stream.write(name, tensor)
+            return output
+        state = OrderedDict((n, t.cpu()) for n, t in self.iter_task(task, device))
         if entry["layout"] == "folder":
             with atomic_output(output, force=force, folder=True) as tmp:
                 if entry.get("sharding") and fmt == "safetensors":
@@ -175,12 +249,58 @@ class Archive:
         """Every task into `folder` (created atomically), each named as its input was."""
         paths = []
         with atomic_output(folder, force=force, folder=True) as tmp:
+            files = {}
             for task in self.tasks:
                 entry = self.task_entry(task)
                 name = task if entry["layout"] == "folder" else task + (".pt" if (fmt or entry["format"]) == "pt" else ".safetensors")
-                self.extract(task, tmp / name, fmt=fmt, device=device)
+                if entry["layout"] != "folder" and name.endswith(".safetensors"):
+                    files[task] = tmp / name  # written together below
+                else:
+                    self.extract(task, tmp / name, fmt=fmt, device=device)
                 paths.append(Path(folder) / name)
+            if files:
+                self._extract_together(files, resolve_device(device))
         return paths
+
+    def _extract_together(self, files: dict, device: torch.device):
+        """Write several tasks as safetensors files at once, tensor by tensor, so that each base
+        and mtv section is read and decoded once for all of them rather than once per task."""
+        tasks = list(files)
+        specs = {t: [(n, d, self._task_shape(t, n)) for n, d in self.task_entry(t)["tensors"]] for t in tasks}
+        streams = {}
+        try:
+            for t in tasks:
+                streams[t] = SafetensorsStream(files[t], specs[t], self.task_entry(t).get("metadata"))
+            names = list(dict.fromkeys(spec[0] for t in tasks for spec in specs[t]))
+            ahead = available_cpus() + 1
+            with ThreadPoolExecutor(max_workers=available_cpus(), thread_name_prefix="tallzip-decode") as pool:
+                pending = deque(pool.submit(self._parts_for_tasks, tasks, n) for n in names[:ahead])
+                for i, name in enumerate(names):
+                    parts = pending.popleft().result()
+                    if i + ahead < len(names):
+                        pending.append(pool.submit(self._parts_for_tasks, tasks, names[i + ahead]))
+                    for task, part in parts.items():
+                        streams[task].write(name, self._assemble(part, device))
+            for stream in streams.values():
+                stream.close()
+        except BaseException:
+            for stream in streams.values():
+                stream.abort()
+            raise
+
+    def _parts_for_tasks(self, tasks: list, name: str) -> dict:
+        """_task_parts of one tensor for every task that has it, with its base and mtv decoded once."""
+        info = self.tensors.get(name)
+        having = [t for t in tasks if name in self._task_dtypes(t)]
+        if info is None or info["kind"] == KIND_PER_TASK:
+            return {t: self._task_parts(t, name) for t in having}
+        base = self.base_tensor(name)
+        if info["kind"] == KIND_SHARED:
+            return {t: (self._task_dtypes(t)[name], base, None) for t in having}
+        mtv = self.mtv(name)
+        context = self._mask_context(name, mtv)  # one context for all tasks: the codec reuses what it derives
+        return {t: (self._task_dtypes(t)[name], base,
+                    (mtv, self.reader.read_mask_bits(self._section(ROLE_MASK, name, t), context))) for t in having}
 
     def close(self):
         self.reader.close()

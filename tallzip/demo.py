@@ -46,7 +46,15 @@ def vit_shapes(width=64, layers=2, patch=8, image=32, embed=32) -> "OrderedDict[
     return s
 
 
-def make_base(shapes, *, frozen_width=0, seed=0) -> "OrderedDict[str, torch.Tensor]":
+# The text side of the paper's released ViT-B/32 image-encoder checkpoints, which no task changes:
+# with VIT_B32's 87,849,216 visual parameters, 113,448,705 in all (22.6% frozen), as those files hold.
+CLIP_TEXT_FROZEN = dict(frozen_width=512, frozen_vocab=49408, frozen_context=77)
+
+
+def make_base(shapes, *, frozen_width=0, frozen_vocab=None, frozen_context=0, seed=0) -> "OrderedDict[str, torch.Tensor]":
+    """Base tensors for `shapes`, plus frozen ones when frozen_width > 0: a token embedding of
+    frozen_vocab (default 4 x frozen_width) rows and a logit scale; with frozen_context > 0 also a
+    text positional embedding, final LayerNorm and text projection, named as in a CLIP state dict."""
     gen = torch.Generator().manual_seed(seed)
     base = OrderedDict()
     for name, shape in shapes.items():
@@ -55,8 +63,13 @@ def make_base(shapes, *, frozen_width=0, seed=0) -> "OrderedDict[str, torch.Tens
         else:
             base[name] = 0.02 * torch.randn(shape, generator=gen)
     if frozen_width:
-        base["token_embedding.weight"] = 0.02 * torch.randn((4 * frozen_width, frozen_width), generator=gen)
+        base["token_embedding.weight"] = 0.02 * torch.randn((frozen_vocab or 4 * frozen_width, frozen_width), generator=gen)
         base["logit_scale"] = torch.tensor(4.6052)
+        if frozen_context:
+            base["positional_embedding"] = 0.01 * torch.randn((frozen_context, frozen_width), generator=gen)
+            base["ln_final.weight"] = 1.0 + 0.02 * torch.randn((frozen_width,), generator=gen)
+            base["ln_final.bias"] = 0.02 * torch.randn((frozen_width,), generator=gen)
+            base["text_projection"] = frozen_width ** -0.5 * torch.randn((frozen_width, frozen_width), generator=gen)
     return base
 
 
