@@ -35,7 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 FAST_CODECS = {"float": "zstd", "mask": "bits+zstd", "other": "zstd"}
-QUICK_SHAPE = dict(width=128, layers=4, patch=8, image=64, embed=64)
+QUICK_SHAPE = dict(width=256, layers=4, patch=16, image=128, embed=128)
 
 
 # --- machine state ---------------------------------------------------------------------------
@@ -299,6 +299,68 @@ def masks_agree(cpu_archive: Path, gpu_archive: Path) -> dict:
         return {"mask_sections_identical": same_bytes, "mask_bits_differing": differing}
 
 
+def measure_stages(base: Path, task_paths: list, n: int = 8, blocks: int = 2) -> dict:
+    """CPU seconds of each stage of pack and extract, on one thread, for the tensors of the first
+    `blocks` transformer blocks, scaled to a whole checkpoint: what the ratios above are made of."""
+    import hashlib
+    import numpy as np
+    import torch
+    from tallzip import packing
+    from tallzip.family import Family
+    from tallzip.formats import codecs
+    from tallzip.formats.tensors import to_bits
+    family = Family.open({p.stem: p for p in task_paths[:n]}, base)
+    names = [name for name in family.base.names
+             if any(f"resblocks.{i}." in name for i in range(blocks)) and family.is_mergeable(name)]
+    data = [family.tensors(name) for name in names]
+    params = sum(b.numel() for b, _ in data)
+    whole = sum(math.prod(family.base.shapes[name]) for name in family.base.names)
+    scale = whole / params
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    stages = {"tasks": n, "scaled_from_params": params, "params": whole}
+    try:
+        merger = packing._Merger(family, "sum", 0.2, torch.device("cpu"), None)
+        start = time.thread_time()
+        made = [packing.masked_tensor(merger, b, ts, [0.4] * n, torch.device("cpu")) for b, ts in data]
+        stages[f"mtv + {n} masks + bit-packing (s)"] = (time.thread_time() - start) * scale
+        raw = [to_bits(b) for b, _ in data]
+        nbytes = sum(a.nbytes for a in raw)
+        for codec in ("zstd", "planes+zstd", "planes+ans"):
+            if codec not in codecs.names():
+                continue
+            start = time.thread_time()
+            encoded = [codecs.encode(codec, a, level=3) for a in raw]
+            mid = time.thread_time()
+            for (data_, params_), a in zip(encoded, raw):
+                codecs.decode(codec, data_, dtype=a.dtype, count=a.size, params=params_)
+            end = time.thread_time()
+            stages[f"{codec} float (MB/s encode, decode, ratio)"] = (
+                nbytes / (mid - start) / 1e6, nbytes / (end - mid) / 1e6, sum(len(d) for d, _ in encoded) / nbytes)
+        for codec in ("bits+zstd", "bits-ctx"):
+            if codec not in codecs.names():
+                continue
+            enc = dec = 0.0
+            size = 0
+            for (mtv, packed, _), (b, _) in zip(made, data):
+                context = {"mtv": mtv.reshape(-1).numpy(), "shape": tuple(mtv.shape)}
+                mask = np.unpackbits(packed[0], count=b.numel(), bitorder="little").view(bool)
+                start = time.thread_time()
+                payload, params_ = codecs.encode(codec, mask, level=3, context=context)
+                mid = time.thread_time()
+                codecs.decode(codec, payload, dtype=bool, count=mask.size, params=params_,
+                              context={"mtv": mtv.reshape(-1).numpy(), "shape": tuple(mtv.shape)})
+                enc, dec, size = enc + mid - start, dec + time.thread_time() - mid, size + len(payload)
+            stages[f"{codec} one mask (s encode, s decode, bits/param)"] = (enc * scale, dec * scale, 8 * size / params)
+        blob = b"".join(a.tobytes() for a in raw)
+        start = time.thread_time()
+        hashlib.sha256(blob).hexdigest()
+        stages["sha256 (MB/s)"] = len(blob) / (time.thread_time() - start) / 1e6
+    finally:
+        torch.set_num_threads(before)
+    return stages
+
+
 # --- report ------------------------------------------------------------------------------------
 
 def fmt_ratio(num, den):
@@ -353,6 +415,14 @@ def report(results: dict):
         print(f"resident switch ({s['device']}, N={s['n']}, {s['threads']} CPU threads): median {s['switch_ms_median']:.2f} ms, "
               f"min {s['switch_ms_min']:.2f} ms; build {s['build_s']:.1f} s; holds {s['resident_bytes'] / 1e9:.2f} GB; "
               f"state_dict equals load(): {s['equals_load']}")
+    if results.get("stages"):
+        st = results["stages"]
+        print(f"\nCPU cost of each stage, one thread, for {st['params']:,} parameters "
+              f"(measured on {st['scaled_from_params']:,} and scaled):")
+        for key, value in st.items():
+            if key not in ("tasks", "scaled_from_params", "params"):
+                shown = ", ".join(f"{v:.3g}" for v in value) if isinstance(value, tuple) else f"{value:.3g}"
+                print(f"  {key}: {shown}")
     if results.get("agreement"):
         print(f"CPU vs GPU masks: {results['agreement']}")
     if results.get("notes"):
@@ -373,6 +443,7 @@ def main(argv=None):
                         help="also pack the largest family under this address-space limit (0: skip)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "tallzip-speed")
     parser.add_argument("--keep", action="store_true", help="keep the generated family for the next run")
+    parser.add_argument("--stages", action="store_true", help="also time each stage alone (CPU seconds)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -440,6 +511,8 @@ def main(argv=None):
             a, b = work / f"family-{n}-cpu.tallz", work / f"family-{n}-cuda.tallz"
             if a.is_file() and b.is_file():
                 results["agreement"] = masks_agree(a, b)
+        if args.stages:
+            results["stages"] = measure_stages(base, task_paths, n=min(8, len(task_paths)))
         if not gpu:
             results["notes"].append("no CUDA device here: the GPU figures (pack, extract, load and switch with "
                                     "--device cuda, CPU/GPU mask agreement) were not measured")

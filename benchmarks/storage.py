@@ -31,9 +31,11 @@ masks (coded by that row's codecs), except in the "shared tensors once" row (tal
 `shared`: base only). Bits per parameter are per parameter of the whole model (113.4M), so
 base + mtv + N x mask (+ heads and overhead) = the total. The ratio is against the N fp32 task files.
 
-Normalized accuracy is the real-data accuracy benchmark's (benchmarks/results/accuracy.json, TALL
-masks at the same N with the mtv in float32 or bfloat16; every other option is lossless and cannot
-change it); the generated family has no accuracy of its own.
+Normalized accuracy is the real-data accuracy benchmark's, for TALL masks at the same N with the mtv
+in float32 or bfloat16 (every other option is lossless and cannot change it); the generated family
+has no accuracy of its own. It is read from benchmarks/results/accuracy.json: any JSON object there
+holding "n_tasks" (int), "mtv_dtype" ("float32" or "bfloat16") and "normalized_accuracy" (a
+fraction), with "tall" in its "method" or in the keys leading to it.
 
 The same table is printed for the real small family (a ViT trained on real images, see
 benchmarks/family.py) when benchmarks/.cache holds one (or --real-dir names one); it is read,
@@ -146,8 +148,9 @@ def real_family(real_dir: Path | None) -> tuple[Path, Path, dict[str, Path], str
         order = [t for t in info.get("task_order", info["tasks"]) if t in info["tasks"]]
         paths = {t: root / info["tasks"][t]["file"] for t in order}
         if all(p.is_file() for p in paths.values()):
-            params = info.get("parameters")
-            return root, root / info["base"]["file"], paths, f"{len(paths)} tasks, {params} parameters"
+            return root, root / info["base"]["file"], paths, (
+                f"{len(paths)} tasks, {info.get('parameters')} parameters, benchmarks.family config "
+                f"{info.get('config_hash')}")
     return None
 
 
@@ -166,6 +169,7 @@ class Sizes:
         self.zero_mtv = {(d, c): 0 for d in MTV_DTYPES for c in FLOAT_CODECS}
         self.zero_mask = dict.fromkeys(MASK_CODECS, 0)  # one task's
         self.params = {"all": 0, "masked": 0, "shared": 0}
+        self.seconds = 0.0  # measuring took
 
 
 def _encode_keys(value):
@@ -280,6 +284,7 @@ def measure(base_path: Path, task_paths: dict, task_counts, lam: float, log) -> 
                 for codec, size in _float_sizes(tensor).items():
                     sizes.own[n][codec] += size
     pool.shutdown()
+    sizes.seconds = time.perf_counter() - start
     return sizes
 
 
@@ -361,7 +366,7 @@ def table_rows(sizes: Sizes, n: int, input_bytes: int, overhead: int, accuracy: 
     rows = []
     for layout in LAYOUTS:
         parts = section_bytes(sizes, layout, n)
-        total = sum(parts.values()) + overhead
+        total = sum(parts.values()) + (0 if layout is PAPER else overhead)  # the paper's: payload only
         covered = sizes.params["masked"] + (0 if layout.shared_once else sizes.params["shared"])  # by mtv and masks
         acc = accuracy.get((n, layout.mtv_dtype))
         rows.append([
@@ -394,10 +399,17 @@ def report(title, sizes: Sizes, task_counts, input_bytes: dict, overheads: dict,
         out(format_table(HEADERS, table_rows(sizes, n, input_bytes[n], overheads[n], accuracy)))
 
 
+def packed_line(checks) -> str:
+    return "Real packs of 'all together', sections as computed to the byte: " + "; ".join(
+        f"N={n} {c['archive_bytes']:,} bytes in {c['pack_seconds']:.0f} s" for n, c in checks.items()) + \
+        f" ({available_cpus()} CPUs)"
+
+
 def layouts_legend() -> str:
     return "\n".join([
         "Rows: paper layout = fp32 base + fp32 mtv + 1 bit/param masks (numpy packbits) over the whole",
-        "  state dict, unchanged tensors included, as the authors' code stores them (computed, not packed).",
+        "  state dict, unchanged tensors included, as the authors' code stores them (computed, not packed;",
+        "  payload only, no container). The other rows include tallzip's header, manifest and padding.",
         "  Each following row changes one thing of it: floats (base, mtv, heads) coded planes+zstd or",
         "  planes+ans; masks bits+zstd (generic) or bits-ctx (|mtv| context); mtv stored as bfloat16 (masks",
         "  from the fp32 mtv); base by reference (not stored); shared tensors once (unchanged tensors: base",
@@ -488,9 +500,7 @@ def main(argv=None) -> int:
     report(f"GENERATED family ({shape} visual tower + frozen CLIP text-side tensors; task vectors modelled, "
            "not trained)", sizes, task_counts, inputs, {n: c["overhead"] for n, c in checks.items()}, accuracy, out)
     out("")
-    out("Real packs of 'all together': " + "; ".join(
-        f"N={n} {c['archive_bytes']:,} bytes in {c['pack_seconds']:.0f} s" for n, c in checks.items())
-        + f" ({available_cpus()} CPUs)")
+    out(packed_line(checks))
 
     real = None if args.no_real else real_family(args.real_dir)
     out("")
@@ -503,8 +513,11 @@ def main(argv=None) -> int:
         real_inputs = {n: sum(p.stat().st_size for p in list(real_tasks.values())[:n]) for n in counts}
         report(f"REAL family ({root}: {description}; trained on real images)", real_sizes, counts, real_inputs,
                {n: c["overhead"] for n, c in real_checks.items()}, accuracy, out)
+        out("")
+        out(packed_line(real_checks))
     out("")
-    out(f"({time.perf_counter() - started:.0f} s in all)")
+    out(f"({time.perf_counter() - started:.0f} s in all; measuring the generated family took {sizes.seconds:.0f} s "
+        "on its first run, when its sizes were stored for reuse)")
 
     if args.clean:
         shutil.rmtree(args.work_dir / f"vitb32-{args.layers}layers", ignore_errors=True)

@@ -301,6 +301,18 @@ def discover_tasks(folder, exclude=()) -> dict[str, Path]:
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for other threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -365,6 +377,8 @@ def atomic_output(target, *, force: bool = False, folder: bool = False):
         tmp = Path(name)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)  # held until we are done: tells others we are alive
+        # mkstemp/mkdtemp make owner-only files; the result should get the permissions any new file gets
+        os.fchmod(lock_fd, (0o777 if folder else 0o666) & ~_umask())
         yield tmp
         if folder:
             if target.exists():

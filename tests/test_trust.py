@@ -362,6 +362,20 @@ def test_stale_temporaries_are_removed_only_when_their_writer_is_gone(tmp_path):
     assert remove_stale_temporaries(tmp_path, target.name) == [locked]  # its lock is released now
 
 
+def test_outputs_get_the_permissions_of_any_new_file(tmp_path):
+    """Not the owner-only mode of a temporary file: others can read an archive if the umask says so."""
+    before = os.umask(0o027)
+    try:
+        with atomic_output(tmp_path / "f.tallz") as tmp:
+            tmp.write_bytes(b"x")
+        with atomic_output(tmp_path / "all", folder=True) as tmp:
+            (tmp / "a").write_bytes(b"x")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "f.tallz").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "all").stat().st_mode & 0o777 == 0o750
+
+
 # --- NaN / Inf --------------------------------------------------------------------------------------------
 
 def cli_run(*args):
