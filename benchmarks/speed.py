@@ -9,7 +9,7 @@ taken in one run on this machine:
 - peak memory (RSS) of pack for several N: it should stay flat;
 - with a GPU: the same with --device cuda, and CPU and GPU masks compared bit for bit.
 
-Every timed pack runs in a fresh subprocess (its peak RSS is its own). Page cache: "cold" runs
+Every timed pack runs in a fresh subprocess (its peak RSS, VmHWM, is its own). Page cache: "cold" runs
 first evict the files involved with posix_fadvise(DONTNEED) (fincore shows how much stayed
 cached); "warm" runs read them once first. Both sides of every ratio run in the same state.
 
@@ -97,10 +97,14 @@ def fsync_path(path):
         os.close(fd)
 
 
-def rss_kib() -> int:
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status, in KiB: VmRSS (now), VmHWM (peak of this process image).
+
+    VmHWM rather than getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child
+    started from a big parent would report the parent's peak."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -139,7 +143,7 @@ def child_pack(spec: dict) -> dict:
     import tallzip
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    before = rss_kib()
+    before = status_kib("VmRSS")
     if spec.get("address_limit_gib"):
         with open("/proc/self/status") as fh:
             vm = next(int(line.split()[1]) for line in fh if line.startswith("VmSize:"))
@@ -152,7 +156,7 @@ def child_pack(spec: dict) -> dict:
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
-    return {"seconds": seconds, "cpu_s": cpu, "peak_rss_kib": after.ru_maxrss, "rss_before_kib": before}
+    return {"seconds": seconds, "cpu_s": cpu, "peak_rss_kib": status_kib("VmHWM"), "rss_before_kib": before}
 
 
 def run_pack(tasks: dict, base: Path, output: Path, device: str, codecs: dict | None, **extra) -> dict:

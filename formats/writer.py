@@ -24,6 +24,14 @@ from .constants import FORMAT_VERSION, HEADER_SIZE, HEADER_STRUCT, MAGIC, SECTIO
 # bound them by bytes per worker (memory) and by count, while keeping every worker busy.
 _PENDING_BYTES_PER_WORKER = 32 << 20
 _MAX_PENDING = 64
+# A context codec keeps the mtv and what it derives from it (bits-ctx: ~5x the mtv's bytes) alive
+# while any mask of that tensor waits: charged once per context in flight.
+_CONTEXT_COST = 6
+
+
+def _context_bytes(codec, context) -> int:
+    mtv = context.get("mtv") if isinstance(context, dict) else None
+    return 0 if codec == "bits+zstd" or mtv is None else _CONTEXT_COST * getattr(mtv, "nbytes", 0)
 
 
 def available_cpus() -> int:
@@ -67,6 +75,7 @@ class ArchiveWriter:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tallzip-write")
         self._pending: deque = deque()
         self._pending_bytes = 0
+        self._contexts: dict[int, list] = {}  # id(context) -> [sections waiting on it, bytes charged, context]
         self._closed = False
 
     def add(self, array, *, role: str, tensor: str | None, task: str | None, dtype: str, shape,
@@ -75,7 +84,7 @@ class ArchiveWriter:
 
         `array` must not change until the section is written (finish() or later add() calls)."""
         future = self._pool.submit(_encode, codec, array, self.level, context)
-        return self._queue(future, array.nbytes, role=role, tensor=tensor, task=task, dtype=dtype,
+        return self._queue(future, array.nbytes, context, role=role, tensor=tensor, task=task, dtype=dtype,
                            shape=shape, codec=codec, **extra)
 
     def add_packed_mask(self, packed, *, count: int, tensor: str | None, task: str | None, shape,
@@ -84,14 +93,21 @@ class ArchiveWriter:
         if packed.dtype != np.uint8 or packed.size != (count + 7) // 8:
             raise ValueError(f"packed mask: expected {(count + 7) // 8} uint8 bytes, got {packed.size} x {packed.dtype}")
         future = self._pool.submit(_encode_packed_mask, codec, packed, count, self.level, context)
-        return self._queue(future, packed.nbytes, role="mask", tensor=tensor, task=task, dtype="BOOL",
+        return self._queue(future, packed.nbytes, context, role="mask", tensor=tensor, task=task, dtype="BOOL",
                            shape=shape, codec=codec, **extra)
 
-    def _queue(self, future, nbytes, *, role, tensor, task, dtype, shape, codec, **extra) -> dict:
+    def _queue(self, future, nbytes, context, *, role, tensor, task, dtype, shape, codec, **extra) -> dict:
         entry = {"role": role, "tensor": tensor, "task": task, "dtype": dtype, "shape": list(shape),
                  "codec": codec, **extra}
         written = self._io.submit(self._write, entry, future)
-        self._pending.append((written, future, nbytes))
+        key = None
+        if _context_bytes(codec, context):
+            key = id(context)
+            if key not in self._contexts:
+                self._contexts[key] = [0, _context_bytes(codec, context), context]  # held: its id stays unique
+                self._pending_bytes += self._contexts[key][1]
+            self._contexts[key][0] += 1
+        self._pending.append((written, future, nbytes, key))
         self._pending_bytes += nbytes
         self.sections.append(entry)
         budget = _PENDING_BYTES_PER_WORKER * self.workers
@@ -100,8 +116,12 @@ class ArchiveWriter:
         return entry
 
     def _wait_oldest(self):
-        written, _, nbytes = self._pending.popleft()
+        written, _, nbytes, key = self._pending.popleft()
         self._pending_bytes -= nbytes
+        if key is not None:
+            self._contexts[key][0] -= 1
+            if not self._contexts[key][0]:
+                self._pending_bytes -= self._contexts.pop(key)[1]
         written.result()  # raises what encoding or writing raised
 
     def _write(self, entry, future):  # on the writing thread, one section at a time, in order
@@ -144,7 +164,7 @@ class ArchiveWriter:
         if self._closed:
             return
         self._closed = True
-        for written, future, _ in self._pending:
+        for written, future, _, _ in self._pending:
             written.cancel()
             future.cancel()
         self._io.shutdown(wait=True)

@@ -19,7 +19,7 @@ branch per element), the integer multiply and XOR vectorize.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -86,9 +86,14 @@ class Resident:
             self._plus[dtype] = torch.zeros(group.size, dtype=dtype, device=device)  # the XOR, on a CPU
             for task in self.tasks:
                 self._bits[task][dtype] = torch.zeros(group.size // 8, dtype=torch.uint8, device=device)
-        # Decoding (the costly part) runs on worker threads, one tensor per job, in order.
-        with ThreadPoolExecutor(max_workers=available_cpus(), thread_name_prefix="tallzip-resident") as pool:
-            for name, (base, mtv, bits) in zip(masked, pool.map(self._decode_masked, masked)):
+        # Decoding (the costly part) runs on worker threads, a few tensors ahead, one per job.
+        workers = available_cpus()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tallzip-resident") as pool:
+            pending = deque(pool.submit(self._decode_masked, name) for name in masked[:workers + 1])
+            for i, name in enumerate(masked):
+                base, mtv, bits = pending.popleft().result()
+                if i + workers + 1 < len(masked):
+                    pending.append(pool.submit(self._decode_masked, masked[i + workers + 1]))
                 group = self._groups[torch_dtype(archive.tensors[name]["dtype"])]
                 offset, count, _ = group.spans[name]
                 base_d = base.to(device).reshape(-1)
