@@ -19,8 +19,10 @@ Usage:  python -m benchmarks.accuracy                  (default: 8 tasks, ~15 mi
         python -m benchmarks.accuracy --tasks 20
         python -m benchmarks.accuracy --tasks 30 --preset gpu --device cuda   (the larger setting)
 
-Writes benchmarks/results/accuracy.json, accuracy.png (storage vs normalized accuracy),
-agreement.png (how many tasks' masks use each weight) and the table into benchmarks/RESULTS.md.
+Writes benchmarks/results/accuracy.json (one entry per number of tasks), accuracy.png (storage vs
+normalized accuracy) and agreement.png (how many tasks' masks use each weight) -- for a setting other
+than the default, accuracy-<N>tasks.png and agreement-<N>tasks.png -- and the table into
+benchmarks/RESULTS.md (its own subsection per number of tasks).
 """
 from __future__ import annotations
 
@@ -465,7 +467,8 @@ def update_results_md(path: Path, n_tasks: int, block: str) -> None:
     """Replace (or add) this setting's subsection of the "Accuracy (issue 4)" section; leave the rest as is."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     intro = ("Command: `python -m benchmarks.accuracy [--tasks 8|14|20]` (see benchmarks/accuracy.py). "
-             "Plots: benchmarks/results/accuracy.png, benchmarks/results/agreement.png; "
+             "Plots: benchmarks/results/accuracy.png and agreement.png (default, 8 tasks), "
+             "accuracy-<N>tasks.png and agreement-<N>tasks.png (--tasks N); "
              "all numbers: benchmarks/results/accuracy.json.\n")
     start = text.find(SECTION_TITLE)
     if start < 0:
@@ -526,14 +529,21 @@ def run(n_tasks: int, *, preset: str = "cpu", device: str = "cpu", work_dir: Pat
     return bench, timings
 
 
+def plot_names(n_tasks: int) -> tuple[str, str]:
+    """The default setting's plots are accuracy.png and agreement.png; other settings' carry their N."""
+    suffix = "" if n_tasks == DEFAULT_TASKS else f"-{n_tasks}tasks"
+    return f"accuracy{suffix}.png", f"agreement{suffix}.png"
+
+
 def write_outputs(bench: Bench, timings: dict, command: str, results_dir: Path, results_md: Path | None) -> str:
     from tallzip.cli.report import plot_agreement
 
     results_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(bench)
     write_json(results_json(bench, command, timings), results_dir / "accuracy.json")
-    plot_storage_accuracy(bench, results_dir / "accuracy.png")
-    plot_agreement(bench.extra["agreement"], results_dir / "agreement.png")
+    accuracy_png, agreement_png = plot_names(len(bench.tasks))
+    plot_storage_accuracy(bench, results_dir / accuracy_png)
+    plot_agreement(bench.extra["agreement"], results_dir / agreement_png)
     if results_md is not None:
         update_results_md(results_md, len(bench.tasks), markdown_block(bench, command, timings, table))
     return table
@@ -566,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"consensus TA k=2, archive vs folder: max abs difference "
           f"{bench.extra['consensus_archive_vs_folder_max_abs_diff']:.3g}")
     print("elapsed: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + "; " + clean_cache_note(bench, timings))
-    print(f"wrote {args.results_dir}/accuracy.json, accuracy.png, agreement.png"
+    print(f"wrote {args.results_dir}/accuracy.json, " + ", ".join(plot_names(args.tasks))
           + ("" if args.no_results_md else f" and the {args.tasks}-task table into {RESULTS_MD}"))
     return 0
 
