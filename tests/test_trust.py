@@ -290,7 +290,12 @@ def kill_at_random_points(forks, args, target: Path, kills: int, seed: int) -> d
     seen = {"killed": 0, "finished first": 0, "left a temporary": 0}
     for _ in range(kills):
         pid, _ = forks.start(*args)
-        time.sleep(rng.uniform(0.05, 0.8) * duration)  # a run may be quicker than the timed one
+        # Kill while the write is under way: once its temporary exists, after a random share of the
+        # run. Timing from the start alone was flaky on a loaded machine (runs finished first).
+        deadline = time.perf_counter() + 5 * duration + 5
+        while not stray_files(target.parent, target.name) and time.perf_counter() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.3) * duration)
         os.kill(pid, signal.SIGKILL)
         status = forks.wait(pid)
         if os.WIFSIGNALED(status):
