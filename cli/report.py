@@ -56,6 +56,10 @@ def format_verify(report: dict) -> str:
             [[t, f"{r['vs_original']['max_abs']:.3g}", f"{r['vs_original']['rel_l2']:.3g}",
               f"{r['vs_formula']['max_abs']:.3g}", f"{r['vs_formula']['rel_l2']:.3g}", r["mask_bits_differing"]]
              for t, r in report["tasks"].items()]))
+        rounded = [d for d in report.get("mtv_dtypes", []) if d not in ("F32", "F64")]
+        if rounded:
+            out.append(f"(the mtv is stored as {'/'.join(rounded)}: 'vs formula' is that rounding; "
+                       "pack with --mtv-dtype float32 for an exact archive)")
     return "\n".join(out)
 
 

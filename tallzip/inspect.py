@@ -107,7 +107,8 @@ def verify(archive: Archive, against=None, progress=None) -> dict:
     for task in archive.tasks:
         for _ in archive.iter_task(task):
             pass
-    report = {"archive": str(archive.path), "sections": len(entries), "ok": True}
+    report = {"archive": str(archive.path), "sections": len(entries), "ok": True,
+              "mtv_dtypes": sorted({e["dtype"] for e in entries if e["role"] == ROLE_MTV})}
     if against is None:
         return report
 

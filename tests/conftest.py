@@ -66,6 +66,21 @@ def np_rebuild(base, mask, mtv):
     return np.where(mask, (base + mtv).astype(np.float32), base)
 
 
+# What `pack` stores the mtv as unless told otherwise (the README's documented default).
+DEFAULT_MTV_DTYPE = "bfloat16"
+
+
+def np_round_mtv(mtv, dtype=DEFAULT_MTV_DTYPE):
+    """The float32 mtv as the archive holds it: rounded to `dtype` (nearest, ties to even), widened back."""
+    if dtype == "float32":
+        return mtv
+    if dtype == "float16":
+        return mtv.astype(np.float16).astype(np.float32)
+    bits = mtv.view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).astype(np.uint32).view(np.float32)
+
+
+
 @pytest.fixture
 def family(tmp_path):
     base, tasks = numpy_family()

@@ -16,18 +16,19 @@ from tallzip.inspect import summary, verify
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import CorruptArchiveError, FormatError, UnsupportedVersionError
 
-from conftest import np_mask, np_mtv, np_rebuild, numpy_family, write_family
+from conftest import DEFAULT_MTV_DTYPE, np_mask, np_mtv, np_rebuild, np_round_mtv, numpy_family, write_family
 
 
 def _np(t):
     return t.numpy() if isinstance(t, torch.Tensor) else t
 
 
-def test_extract_matches_numpy_formula_bit_for_bit(family, tmp_path):
+@pytest.mark.parametrize("mtv_dtype", [None, "float32"])  # the default (bfloat16 mtv) and the lossless archive
+def test_extract_matches_numpy_formula_bit_for_bit(family, tmp_path, mtv_dtype):
     base, tasks, base_path, tasks_dir = family
     lambdas = {"task0": 0.2, "task1": 0.4, "task2": 0.6}
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, lambdas=lambdas)
+    tallzip.pack(tasks_dir, base_path, out, lambdas=lambdas, **({"mtv_dtype": mtv_dtype} if mtv_dtype else {}))
     archive = tallzip.open(out)
     assert archive.tasks == list(tasks)
     for task, sd in tasks.items():
@@ -35,7 +36,8 @@ def test_extract_matches_numpy_formula_bit_for_bit(family, tmp_path):
         assert set(got) == set(sd)  # (order: see the .pt round trip; safetensors keeps its own)
         for name in ("enc.w", "enc.b", "blk.0.w"):
             mtv = np_mtv(base, tasks, name)
-            expected = np_rebuild(base[name], np_mask(base[name], sd[name], mtv, lambdas[task]), mtv)
+            expected = np_rebuild(base[name], np_mask(base[name], sd[name], mtv, lambdas[task]),
+                                  np_round_mtv(mtv, mtv_dtype or DEFAULT_MTV_DTYPE))
             assert np.array_equal(_np(got[name]), expected), (task, name)
         # unchanged, head and integer tensors come back exactly
         for name in ("frozen.emb", "head.weight", "steps"):
@@ -98,7 +100,7 @@ def _np_ties(base, tasks, names, density):
 def test_ties_mtv_matches_numpy(family, tmp_path):
     base, tasks, base_path, tasks_dir = family
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, merge="ties", density=0.2)
+    tallzip.pack(tasks_dir, base_path, out, merge="ties", density=0.2, mtv_dtype="float32")  # the mtv as computed
     archive = tallzip.open(out)
     names = ["enc.w", "enc.b", "blk.0.w", "frozen.emb"]  # ranked over the whole vector, unchanged tensors included
     expected = _np_ties(base, tasks, names, 0.2)
@@ -126,7 +128,7 @@ def test_formats_round_trip_with_metadata(tmp_path, fmt):
         assert list(got) == list(tasks["task1"])  # order kept
         got = {k: v.numpy() for k, v in got.items()}
     mtv = np_mtv(base, tasks, "enc.w")
-    assert np.array_equal(got["enc.w"], np_rebuild(base["enc.w"], np_mask(base["enc.w"], tasks["task1"]["enc.w"], mtv, 0.4), mtv))
+    assert np.array_equal(got["enc.w"], np_rebuild(base["enc.w"], np_mask(base["enc.w"], tasks["task1"]["enc.w"], mtv, 0.4), np_round_mtv(mtv)))
     assert np.array_equal(got["head.weight"], tasks["task1"]["head.weight"])
 
 
@@ -182,7 +184,7 @@ def test_lambda_selection_api_picks_best_score(family, tmp_path):
     def evaluate(task, state):
         # score = -distance of the rebuilt enc.w to the numpy rebuild at the wanted lambda
         mtv = np_mtv(base, tasks, "enc.w")
-        target = np_rebuild(base["enc.w"], np_mask(base["enc.w"], tasks[task]["enc.w"], mtv, wanted[task]), mtv)
+        target = np_rebuild(base["enc.w"], np_mask(base["enc.w"], tasks[task]["enc.w"], mtv, wanted[task]), np_round_mtv(mtv))
         calls.append(task)
         return -float(np.abs(state["enc.w"].numpy() - target).sum())
 
@@ -199,8 +201,8 @@ def test_bfloat16_mtv_masks_from_full_precision(family, tmp_path):
     archive = tallzip.open(out)
     name = "enc.w"
     mtv = np_mtv(base, tasks, name)
-    bits = mtv.view(np.uint32).astype(np.uint64)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).astype(np.uint32).view(np.float32)  # to bf16, nearest-even
+    rounded = np_round_mtv(mtv, "bfloat16")
+    assert not np.array_equal(rounded, mtv)  # the rounding is visible in this family
     assert np.array_equal(archive.mtv(name).numpy(), rounded)
     mask = np_mask(base[name], tasks["task2"][name], mtv, 0.4)  # from the fp32 mtv
     assert np.array_equal(archive.load("task2")[name].numpy(), np_rebuild(base[name], mask, rounded))
@@ -215,7 +217,7 @@ def test_base_by_reference(family, tmp_path):
         tallzip.open(out).load("task0")
     got = tallzip.open(out, base=base_path).load("task0")
     mtv = np_mtv(base, tasks, "enc.b")
-    assert np.array_equal(got["enc.b"].numpy(), np_rebuild(base["enc.b"], np_mask(base["enc.b"], tasks["task0"]["enc.b"], mtv, 0.4), mtv))
+    assert np.array_equal(got["enc.b"].numpy(), np_rebuild(base["enc.b"], np_mask(base["enc.b"], tasks["task0"]["enc.b"], mtv, 0.4), np_round_mtv(mtv)))
     other = dict(base, **{"enc.b": base["enc.b"] + 1})
     np_save_file(other, str(tmp_path / "other.safetensors"))
     with pytest.raises(TallzipError, match="sha256"):
@@ -223,14 +225,29 @@ def test_base_by_reference(family, tmp_path):
 
 
 def test_verify_against_originals(family, tmp_path):
-    _, _, base_path, tasks_dir = family
+    base, tasks, base_path, tasks_dir = family
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out)
+    tallzip.pack(tasks_dir, base_path, out, mtv_dtype="float32")
     report = verify(tallzip.open(out), tasks_dir)
+    assert report["mtv_dtypes"] == ["F32"]
     for row in report["tasks"].values():
         assert row["vs_formula"] == {"max_abs": 0.0, "rel_l2": 0.0}
         assert row["mask_bits_differing"] == 0
         assert row["vs_original"]["max_abs"] > 0  # masks are lossy by design
+
+
+def test_verify_reports_the_bfloat16_rounding_of_the_default(family, tmp_path):
+    base, tasks, base_path, tasks_dir = family
+    out = tmp_path / "f.tallz"
+    tallzip.pack(tasks_dir, base_path, out)
+    report = verify(tallzip.open(out), tasks_dir)
+    assert report["mtv_dtypes"] == ["BF16"]
+    # the largest error against the exact formula is the rounding of the mtv, as numpy computes it
+    rounding = max(float(np.max(np.abs(np_round_mtv(np_mtv(base, tasks, n), "bfloat16") - np_mtv(base, tasks, n))))
+                   for n in ("enc.w", "enc.b", "blk.0.w"))
+    for row in report["tasks"].values():
+        assert row["mask_bits_differing"] == 0  # masks come from the float32 mtv all the same
+        assert 0 < row["vs_formula"]["max_abs"] <= rounding * 1.01
 
 
 # --- bad input ----------------------------------------------------------------------------------

@@ -243,7 +243,9 @@ def archives(family, tmp_path_factory):
     for merge in ("sum", "ties"):
         paths[merge] = folder / f"{merge}.tallz"
         tallzip.pack(family["tasks_dir"], family["base_path"], paths[merge], lambdas=LAMBDAS, merge=merge,
-                     device="cpu")
+                     mtv_dtype="float32", device="cpu")  # the mtv exactly as the folder route computes it
+    paths["default"] = folder / "default.tallz"
+    tallzip.pack(family["tasks_dir"], family["base_path"], paths["default"], lambdas=LAMBDAS, device="cpu")
     return paths
 
 
@@ -265,6 +267,24 @@ def test_archive_gives_the_same_tensors_as_the_folder(family, archives, method, 
     for name in from_folder:
         assert from_archive[name].dtype == from_folder[name].dtype
         assert torch.equal(from_archive[name], from_folder[name]), name
+
+
+def test_archive_with_a_bfloat16_mtv_merges_within_its_rounding(family, archives):
+    """The default archive stores the mtv as bfloat16: merging from it moves each weight by at most
+    alpha * |mtv| * 2^-8 (bfloat16 keeps 8 significant bits) from the folder route's weight."""
+    from_folder = tallzip.merge(family["tasks_dir"], base=family["base_path"], method="consensus-ta", alpha=0.7, k=2,
+                        lambdas=LAMBDAS, device="cpu")
+    from_archive = tallzip.merge(archives["default"], method="consensus-ta", alpha=0.7, k=2, device="cpu")
+    moved = False
+    for name, want in from_folder.items():
+        if not want.is_floating_point():
+            continue
+        got, want, base = from_archive[name].numpy(), want.numpy(), family["base"][name]
+        step = np.abs(want.astype(np.float64) - base)  # alpha * |kept mtv|, up to the output's own rounding
+        ulp = np.spacing(np.abs(want)).astype(np.float64)
+        assert np.all(np.abs(got.astype(np.float64) - want) <= step * 2.0 ** -8 + 2 * ulp), name
+        moved |= not np.array_equal(got, want)
+    assert moved  # the rounding is really there
 
 
 @pytest.mark.parametrize("method, packed, words", [

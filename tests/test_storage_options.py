@@ -20,7 +20,7 @@ from tallzip.cli.main import cli
 from tallzip.errors import TallzipError
 from tallzip.packing import FLOAT_CODECS, MASK_CODECS
 
-from conftest import np_mask, np_mtv, np_rebuild, numpy_family, write_family
+from conftest import DEFAULT_MTV_DTYPE, np_mask, np_mtv, np_rebuild, np_round_mtv, numpy_family, write_family
 
 # enc.w is big enough for the context and ANS codecs to code rather than fall back to plain bits
 SHAPES = {"enc.w": (128, 96), "enc.b": (128,), "blk.0.w": (37, 29), "frozen.emb": (40, 16)}
@@ -50,23 +50,13 @@ def assert_same_bits(got, expected, what=""):
     assert np.array_equal(bits(got), bits(expected)), what
 
 
-def to_bfloat16(x):
-    """float32 -> bfloat16 (round to nearest, ties to even) -> float32, on the bits."""
-    u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16).astype(np.uint32).view(np.float32)
-
-
-ROUNDING = {"float32": lambda x: x, "bfloat16": to_bfloat16,
-            "float16": lambda x: x.astype(np.float16).astype(np.float32)}
-
-
-def expected_task(base, tasks, task, mtv_dtype="float32"):
+def expected_task(base, tasks, task, mtv_dtype=DEFAULT_MTV_DTYPE):
     """The task as the archive must rebuild it: masks from the fp32 mtv, the stored (rounded) mtv added."""
     out = {}
     for name, value in tasks[task].items():
         if name in MASKED:
             mtv = np_mtv(base, tasks, name)
-            out[name] = np_rebuild(base[name], np_mask(base[name], value, mtv, LAM), ROUNDING[mtv_dtype](mtv))
+            out[name] = np_rebuild(base[name], np_mask(base[name], value, mtv, LAM), np_round_mtv(mtv, mtv_dtype))
         else:  # the shared tensor is the base's; the head and the int buffer are the task's own
             out[name] = value
     return out
@@ -78,7 +68,7 @@ def extract_all(archive_path, folder, base=None):
     return {p.stem: np_load_file(str(p)) for p in folder.iterdir()}
 
 
-def check_extracted(extracted, base, tasks, mtv_dtype="float32"):
+def check_extracted(extracted, base, tasks, mtv_dtype=DEFAULT_MTV_DTYPE):
     assert set(extracted) == set(tasks)
     for task, got in extracted.items():
         expected = expected_task(base, tasks, task, mtv_dtype)
@@ -98,7 +88,7 @@ def section_codecs(archive_path):
 def test_float_codecs_are_lossless(fam, tmp_path, float_codec):
     base, tasks, base_path, tasks_dir = fam
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, lambdas=LAM, codecs={"float": float_codec})
+    tallzip.pack(tasks_dir, base_path, out, lambdas=LAM, mtv_dtype="float32", codecs={"float": float_codec})
     coded = section_codecs(out)
     assert {c for (role, _, _), (c, _) in coded.items() if role in ("base", "mtv")} == {float_codec}
     with tallzip.open(out) as archive:
@@ -106,7 +96,7 @@ def test_float_codecs_are_lossless(fam, tmp_path, float_codec):
             assert_same_bits(archive.base_tensor(name).numpy(), base[name], name)
         for name in MASKED:
             assert_same_bits(archive.mtv(name).numpy(), np_mtv(base, tasks, name), name)
-    check_extracted(extract_all(out, tmp_path / "x"), base, tasks)
+    check_extracted(extract_all(out, tmp_path / "x"), base, tasks, "float32")
 
 
 def test_planes_ans_codes_the_exponent_plane_with_ans(fam, tmp_path):
@@ -147,7 +137,7 @@ def test_reduced_precision_mtv(fam, tmp_path, mtv_dtype, mask_codec):
     with tallzip.open(out) as archive:
         for name in MASKED:
             assert archive.tensors[name]["kind"] == "masked"
-            assert_same_bits(archive.mtv(name).numpy(), ROUNDING[mtv_dtype](np_mtv(base, tasks, name)), name)
+            assert_same_bits(archive.mtv(name).numpy(), np_round_mtv(np_mtv(base, tasks, name), mtv_dtype), name)
     check_extracted(extract_all(out, tmp_path / "x"), base, tasks, mtv_dtype)
 
 
