@@ -138,12 +138,16 @@ def damage(data: bytes, manifest: dict, kind: str, rng: np.random.Generator) -> 
     return bytes(out)
 
 
-def run_damage(archive: Path, cases: int, seed: int, workdir: Path) -> tuple[Counter, list]:
-    """Counter of (kind, outcome) over `cases` damaged copies, and the crashes (kind, repr)."""
-    data = archive.read_bytes()
+def reference(archive: Path) -> tuple[bytes, dict, dict]:
+    """The intact archive's bytes, its manifest and every task's tensors, to damage and compare with."""
     with tallzip.open(archive) as opened:
         manifest = opened.manifest
-    expected = load_all(archive)
+    return archive.read_bytes(), manifest, load_all(archive)
+
+
+def run_damage(archive: Path, cases: int, seed: int, workdir: Path) -> tuple[Counter, list]:
+    """Counter of (kind, outcome) over `cases` damaged copies, and the crashes (kind, repr)."""
+    data, manifest, expected = reference(archive)
     rng = np.random.default_rng(seed)
     counts, crashes = Counter(), []
     target = workdir / "damaged.tallz"
@@ -204,10 +208,7 @@ def hostile_edit(manifest: dict, rng: np.random.Generator) -> dict:
 
 
 def run_hostile(archive: Path, cases: int, seed: int, workdir: Path) -> tuple[Counter, list]:
-    data = archive.read_bytes()
-    with tallzip.open(archive) as opened:
-        manifest = opened.manifest
-    expected = load_all(archive)
+    data, manifest, expected = reference(archive)
     rng = np.random.default_rng(seed)
     counts, crashes = Counter(), []
     workdir = workdir / "hostile"

@@ -490,7 +490,10 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     accuracy = accuracy_lookup()
     out(f"lambda {args.lam:g} for every task; zstandard level {LEVEL}; "
-        + (f"normalized accuracy from {ACCURACY_JSON.relative_to(HERE.parent)}" if accuracy else
+        + (f"normalized accuracy from {ACCURACY_JSON.relative_to(HERE.parent)}: the accuracy benchmark's real "
+           "family at the same N, TALL masks with the sum mtv (float32 or bfloat16 as the row stores it), "
+           "lambda chosen per task on validation; the codecs are lossless, so every row with the same mtv "
+           "precision rebuilds the same models" if accuracy else
            "no accuracy results found (benchmarks/results/accuracy.json)"))
     out(layouts_legend())
 
