@@ -31,7 +31,7 @@ ROLE_FILE = "file"
 MERGE_METHODS = ("sum", "ties")
 MTV_DTYPES = ("float32", "bfloat16", "float16")
 # bfloat16 by measurement: on the real-data benchmark (8, 14 and 20 tasks) the rebuilt tasks were exactly as
-# accurate with a bfloat16 mtv as with float32, for 22-27% fewer archive bytes (benchmarks/RESULTS.md).
+# accurate with a bfloat16 mtv as with float32, for 20-25% fewer archive bytes (benchmarks/RESULTS.md).
 DEFAULT_MTV_DTYPE = "bfloat16"
 # Measured in benchmarks/codecs.py: byte planes beat plain zstandard by ~10% on float weights at
 # zstd's speed; masks coded with |mtv| as context take ~18% fewer bits than bit-packing + zstd.
