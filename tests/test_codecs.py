@@ -75,10 +75,21 @@ def test_planes_codecs_accept_big_endian_input(codec):
     assert np.array_equal(out, array.astype(np.uint32))
 
 
-def test_sign_rotation_is_a_bijection():
+def test_byte_planes_split_and_join_are_inverse():
     for dtype in (np.uint16, np.uint32, np.uint64):
-        values = np.random.default_rng(3).integers(0, np.iinfo(dtype).max, 1000, dtype=dtype, endpoint=True)
-        assert np.array_equal(codecs._rotate_sign_to_msb(codecs._rotate_sign_to_lsb(values)), values)
+        info = np.iinfo(dtype)
+        values = np.random.default_rng(3).integers(0, info.max, 1000, dtype=dtype, endpoint=True)
+        values[:3] = [0, info.max, 1 << (info.bits - 1)]  # the sign bit alone
+        planes = codecs._split_planes(values)
+        assert planes.shape == (values.dtype.itemsize, values.size)
+        assert np.array_equal(codecs._join_planes(planes, values.dtype), values)
+
+
+def test_top_byte_plane_of_float32_is_the_exponent():
+    values = float_bits(np.random.default_rng(4), 1000)
+    planes = codecs._split_planes(values)
+    assert np.array_equal(planes[3], ((values >> 23) & 0xFF).astype(np.uint8))  # sign moved to plane 0's bit 0
+    assert np.array_equal(planes[0] & 1, (values >> 31).astype(np.uint8))
 
 
 MASK_CONTEXTS = {
