@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from tallzip.demo import VIT_B32, vit_shapes
 from tallzip.formats import codecs
 
 CACHE_ROOT = Path(__file__).resolve().parent / ".cache"
@@ -49,19 +50,9 @@ CACHE_ROOT = Path(__file__).resolve().parent / ".cache"
 
 # --- families ---------------------------------------------------------------------------------
 
-SYNTHETIC_BLOCK = {  # name -> shape, one ViT-B/32 transformer block (width 768)
-    "attn.in_proj_weight": (2304, 768),
-    "attn.in_proj_bias": (2304,),
-    "attn.out_proj.weight": (768, 768),
-    "attn.out_proj.bias": (768,),
-    "ln_1.weight": (768,),
-    "ln_1.bias": (768,),
-    "mlp.c_fc.weight": (3072, 768),
-    "mlp.c_fc.bias": (3072,),
-    "mlp.c_proj.weight": (768, 3072),
-    "mlp.c_proj.bias": (768,),
-    "ln_2.weight": (768,),
-    "ln_2.bias": (768,),
+_BLOCK_0 = "visual.transformer.resblocks.0."
+SYNTHETIC_BLOCK = {  # name -> shape, one ViT-B/32 transformer block (width 768), as tallzip.demo shapes it
+    name.removeprefix(_BLOCK_0): shape for name, shape in vit_shapes(**VIT_B32).items() if name.startswith(_BLOCK_0)
 }
 
 
