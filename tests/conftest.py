@@ -80,6 +80,13 @@ def np_round_mtv(mtv, dtype=DEFAULT_MTV_DTYPE):
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).astype(np.uint32).view(np.float32)
 
 
+def np_rebuilt(base, tasks, task, name, lam, mtv_dtype=DEFAULT_MTV_DTYPE):
+    """One masked tensor of `task` as the archive must rebuild it: the mask from the float32 mtv,
+    the stored (rounded) mtv added."""
+    mtv = np_mtv(base, tasks, name)
+    return np_rebuild(base[name], np_mask(base[name], tasks[task][name], mtv, lam), np_round_mtv(mtv, mtv_dtype))
+
+
 
 @pytest.fixture
 def family(tmp_path):

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file as np_load_file
 
 from tallzip.cli.main import cli
 
-from conftest import np_mask, np_mtv, np_rebuild, np_round_mtv, numpy_family, write_family
+from conftest import np_rebuilt
 
 
 def run(*args):
@@ -42,8 +42,7 @@ def test_pack_info_extract_verify(family, tmp_path):
     code, output = run("extract", out, "--task", "task2", "-o", tmp_path / "t2.safetensors")
     assert code == 0, output
     got = np_load_file(str(tmp_path / "t2.safetensors"))
-    mtv = np_mtv(base, tasks, "blk.0.w")
-    expected = np_rebuild(base["blk.0.w"], np_mask(base["blk.0.w"], tasks["task2"]["blk.0.w"], mtv, 0.5), np_round_mtv(mtv))
+    expected = np_rebuilt(base, tasks, "task2", "blk.0.w", 0.5)
     assert np.array_equal(got["blk.0.w"], expected)
     code, output = run("extract", out, "--all", "-o", tmp_path / "all")
     assert code == 0 and sorted(p.name for p in (tmp_path / "all").iterdir()) == [f"task{i}.safetensors" for i in range(3)]

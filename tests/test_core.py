@@ -16,7 +16,7 @@ from tallzip.inspect import summary, verify
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import CorruptArchiveError, FormatError, UnsupportedVersionError
 
-from conftest import DEFAULT_MTV_DTYPE, np_mask, np_mtv, np_rebuild, np_round_mtv, numpy_family, write_family
+from conftest import DEFAULT_MTV_DTYPE, np_mask, np_mtv, np_rebuild, np_rebuilt, np_round_mtv, numpy_family, write_family
 
 
 def _np(t):
@@ -35,9 +35,7 @@ def test_extract_matches_numpy_formula_bit_for_bit(family, tmp_path, mtv_dtype):
         got = archive.load(task)
         assert set(got) == set(sd)  # (order: see the .pt round trip; safetensors keeps its own)
         for name in ("enc.w", "enc.b", "blk.0.w"):
-            mtv = np_mtv(base, tasks, name)
-            expected = np_rebuild(base[name], np_mask(base[name], sd[name], mtv, lambdas[task]),
-                                  np_round_mtv(mtv, mtv_dtype or DEFAULT_MTV_DTYPE))
+            expected = np_rebuilt(base, tasks, task, name, lambdas[task], mtv_dtype or DEFAULT_MTV_DTYPE)
             assert np.array_equal(_np(got[name]), expected), (task, name)
         # unchanged, head and integer tensors come back exactly
         for name in ("frozen.emb", "head.weight", "steps"):
@@ -127,8 +125,7 @@ def test_formats_round_trip_with_metadata(tmp_path, fmt):
         got = torch.load(target, weights_only=True)
         assert list(got) == list(tasks["task1"])  # order kept
         got = {k: v.numpy() for k, v in got.items()}
-    mtv = np_mtv(base, tasks, "enc.w")
-    assert np.array_equal(got["enc.w"], np_rebuild(base["enc.w"], np_mask(base["enc.w"], tasks["task1"]["enc.w"], mtv, 0.4), np_round_mtv(mtv)))
+    assert np.array_equal(got["enc.w"], np_rebuilt(base, tasks, "task1", "enc.w", 0.4))
     assert np.array_equal(got["head.weight"], tasks["task1"]["head.weight"])
 
 
@@ -183,8 +180,7 @@ def test_lambda_selection_api_picks_best_score(family, tmp_path):
 
     def evaluate(task, state):
         # score = -distance of the rebuilt enc.w to the numpy rebuild at the wanted lambda
-        mtv = np_mtv(base, tasks, "enc.w")
-        target = np_rebuild(base["enc.w"], np_mask(base["enc.w"], tasks[task]["enc.w"], mtv, wanted[task]), np_round_mtv(mtv))
+        target = np_rebuilt(base, tasks, task, "enc.w", wanted[task])
         calls.append(task)
         return -float(np.abs(state["enc.w"].numpy() - target).sum())
 
@@ -216,8 +212,7 @@ def test_base_by_reference(family, tmp_path):
     with pytest.raises(TallzipError, match="--base"):
         tallzip.open(out).load("task0")
     got = tallzip.open(out, base=base_path).load("task0")
-    mtv = np_mtv(base, tasks, "enc.b")
-    assert np.array_equal(got["enc.b"].numpy(), np_rebuild(base["enc.b"], np_mask(base["enc.b"], tasks["task0"]["enc.b"], mtv, 0.4), np_round_mtv(mtv)))
+    assert np.array_equal(got["enc.b"].numpy(), np_rebuilt(base, tasks, "task0", "enc.b", 0.4))
     other = dict(base, **{"enc.b": base["enc.b"] + 1})
     np_save_file(other, str(tmp_path / "other.safetensors"))
     with pytest.raises(TallzipError, match="sha256"):

@@ -20,7 +20,7 @@ from tallzip.cli.main import cli
 from tallzip.errors import TallzipError
 from tallzip.packing import FLOAT_CODECS, MASK_CODECS
 
-from conftest import DEFAULT_MTV_DTYPE, np_mask, np_mtv, np_rebuild, np_round_mtv, numpy_family, write_family
+from conftest import DEFAULT_MTV_DTYPE, np_mask, np_mtv, np_rebuilt, np_round_mtv, numpy_family, write_family
 
 # enc.w is big enough for the context and ANS codecs to code rather than fall back to plain bits
 SHAPES = {"enc.w": (128, 96), "enc.b": (128,), "blk.0.w": (37, 29), "frozen.emb": (40, 16)}
@@ -55,8 +55,7 @@ def expected_task(base, tasks, task, mtv_dtype=DEFAULT_MTV_DTYPE):
     out = {}
     for name, value in tasks[task].items():
         if name in MASKED:
-            mtv = np_mtv(base, tasks, name)
-            out[name] = np_rebuild(base[name], np_mask(base[name], value, mtv, LAM), np_round_mtv(mtv, mtv_dtype))
+            out[name] = np_rebuilt(base, tasks, task, name, LAM, mtv_dtype)
         else:  # the shared tensor is the base's; the head and the int buffer are the task's own
             out[name] = value
     return out

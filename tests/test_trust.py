@@ -37,7 +37,7 @@ from tallzip.formats.checkpoints import atomic_output, remove_stale_temporaries
 from tallzip.formats.constants import HEADER_SIZE, HEADER_STRUCT
 from tallzip.formats.errors import FormatError
 
-from conftest import np_mask, np_mtv, np_rebuild, np_round_mtv, numpy_family, write_family
+from conftest import np_rebuilt, numpy_family, write_family
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside tests/
 from benchmarks import fuzz  # noqa: E402
@@ -54,8 +54,7 @@ def expected_models(base_path: Path, tasks_dir: Path, lam=0.4) -> dict:
         out[task] = {}
         for name, value in state.items():
             if name in base and np.issubdtype(value.dtype, np.floating):
-                mtv = np_mtv(base, tasks, name)
-                out[task][name] = np_rebuild(base[name], np_mask(base[name], value, mtv, lam), np_round_mtv(mtv))
+                out[task][name] = np_rebuilt(base, tasks, task, name, lam)
             else:
                 out[task][name] = value
     return out
@@ -426,8 +425,7 @@ def test_nonfinite_refused_naming_the_tensor_unless_allowed(tmp_path, where, nam
             for task, state in tasks.items():
                 for tensor in ["enc.w", "blk.0.w", "frozen.emb", "head.weight"]:
                     if tensor in base:
-                        mtv = np_mtv(base, tasks, tensor)
-                        want = np_rebuild(base[tensor], np_mask(base[tensor], state[tensor], mtv, 0.4), np_round_mtv(mtv))
+                        want = np_rebuilt(base, tasks, task, tensor, 0.4)
                     else:
                         want = state[tensor]
                     assert np.array_equal(got[task][tensor].numpy(), want, equal_nan=True), (task, tensor)
