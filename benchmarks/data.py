@@ -115,35 +115,37 @@ def _rng(seed: int, *keys: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-@lru_cache(maxsize=None)
-def mnist_pools(seed: int) -> dict[str, np.ndarray]:
-    """Disjoint per-class train/val/test index pools into mnist_5k."""
-    _, labels = load_mnist_5k()
-    rng = _rng(seed, "mnist-pools")
+def _per_class_pools(labels: np.ndarray, rng: np.random.Generator, sizes) -> dict[str, np.ndarray]:
+    """Disjoint train/val/test index pools: each class's members shuffled and cut into consecutive
+    runs of sizes(number of members) = (train, val, test) elements."""
     pools = {split: [] for split in SPLITS}
     for digit in range(10):
         members = rng.permutation(np.flatnonzero(labels == digit))
         start = 0
-        for split, count in zip(SPLITS, MNIST_PER_CLASS):
+        for split, count in zip(SPLITS, sizes(len(members))):
             pools[split].append(members[start : start + count])
             start += count
     return {split: np.sort(np.concatenate(parts)) for split, parts in pools.items()}
 
 
 @lru_cache(maxsize=None)
+def mnist_pools(seed: int) -> dict[str, np.ndarray]:
+    """Disjoint per-class train/val/test index pools into mnist_5k."""
+    _, labels = load_mnist_5k()
+    return _per_class_pools(labels, _rng(seed, "mnist-pools"), lambda _: MNIST_PER_CLASS)
+
+
+def _digits_split_sizes(members: int) -> tuple[int, int, int]:
+    n_train = int(round(DIGITS_FRACTIONS[0] * members))
+    n_val = int(round(DIGITS_FRACTIONS[1] * members))
+    return n_train, n_val, members - n_train - n_val
+
+
+@lru_cache(maxsize=None)
 def digits_pools(seed: int) -> dict[str, np.ndarray]:
     """Disjoint per-class train/val/test index pools into the 8x8 digits."""
     _, labels = load_digits_8x8()
-    rng = _rng(seed, "digits-pools")
-    pools = {split: [] for split in SPLITS}
-    for digit in range(10):
-        members = rng.permutation(np.flatnonzero(labels == digit))
-        n_train = int(round(DIGITS_FRACTIONS[0] * len(members)))
-        n_val = int(round(DIGITS_FRACTIONS[1] * len(members)))
-        pools["train"].append(members[:n_train])
-        pools["val"].append(members[n_train : n_train + n_val])
-        pools["test"].append(members[n_train + n_val :])
-    return {split: np.sort(np.concatenate(parts)) for split, parts in pools.items()}
+    return _per_class_pools(labels, _rng(seed, "digits-pools"), _digits_split_sizes)
 
 
 @lru_cache(maxsize=None)
