@@ -36,6 +36,11 @@ def torch_dtype(name: str) -> torch.dtype:
         raise FormatError(f"unsupported tensor dtype {name!r}") from None
 
 
+def torch_bits_dtype(itemsize: int) -> torch.dtype:
+    """The torch integer dtype of `itemsize` bytes, to view any tensor's elements as their bits."""
+    return _BITS_VIEW[itemsize][0]
+
+
 def bits_dtype(name: str) -> np.dtype:
     """The numpy unsigned dtype that carries a tensor dtype's bits."""
     return np.dtype(_BITS_VIEW[torch_dtype(name).itemsize][1])

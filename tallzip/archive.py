@@ -20,16 +20,13 @@ from .formats.checkpoints import SafetensorsStream, atomic_output, open_checkpoi
 from .formats.constants import KIND_MASKED, KIND_SHARED, ROLE_BASE, ROLE_MASK, ROLE_MTV, ROLE_OWN
 from .formats.errors import CorruptArchiveError
 from .formats.reader import ArchiveReader
-from .formats.tensors import from_bits, torch_dtype
+from .formats.tensors import from_bits, torch_bits_dtype, torch_dtype
 from .formats.writer import available_cpus
 from .packing import KIND_PER_TASK, ROLE_FILE, resolve_device
 
 
 def open(path, *, base=None) -> "Archive":  # noqa: A001 - mirrors the builtin on purpose
     return Archive(path, base=base)
-
-
-_INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def rebuild_from_bits(base: torch.Tensor, bits: np.ndarray, mtv: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -42,7 +39,7 @@ def rebuild_from_bits(base: torch.Tensor, bits: np.ndarray, mtv: torch.Tensor, d
         out = torch.add(base_c, mtv)  # base + mtv; the unmasked entries then take the base's bits back:
         # where(mask, out, base) done on the bits, base ^ (mask * (out ^ base)), which vectorizes on
         # a CPU (torch.where branches per element there and runs several times slower).
-        view = _INT_VIEWS[out.element_size()]
+        view = torch_bits_dtype(out.element_size())
         out_bits, base_bits = out.view(view), base_c.view(view)
         out_bits.bitwise_xor_(base_bits).mul_(mask).bitwise_xor_(base_bits)
         return out.to(base.dtype)

@@ -28,13 +28,12 @@ from . import taskvec
 from .bits import unpack_bits
 from .errors import TallzipError
 from .formats.constants import KIND_MASKED, KIND_SHARED, ROLE_MASK
-from .formats.tensors import torch_dtype
+from .formats.tensors import torch_bits_dtype, torch_dtype
 from .formats.writer import available_cpus
 from .packing import resolve_device
 
 _ALIGN = 64  # elements: every tensor starts on a whole byte of mask bits and an aligned address
 _CPU_SLICE = 1 << 20  # elements per step of a switch on a CPU (a multiple of 8)
-_BITS_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class _Group:
@@ -107,7 +106,7 @@ class Resident:
         for dtype in self._groups:
             self._live[dtype] = self._base[dtype].clone()
             if device.type == "cpu":
-                bits = _BITS_VIEW[dtype.itemsize]
+                bits = torch_bits_dtype(dtype.itemsize)
                 self._plus[dtype].view(bits).bitwise_xor_(self._base[dtype].view(bits))
         for name, info in archive.tensors.items():
             if info["kind"] == KIND_SHARED:
@@ -137,7 +136,7 @@ class Resident:
             if self.device.type != "cpu":  # one pass over everything
                 torch.where(unpack_bits(bits, group.size), plus, base, out=live)
                 continue
-            view = _BITS_VIEW[dtype.itemsize]
+            view = torch_bits_dtype(dtype.itemsize)
             base_i, flip_i, live_i = base.view(view), plus.view(view), live.view(view)
             for start in range(0, group.size, _CPU_SLICE):  # slices keep the unpacked mask in cache
                 stop = min(group.size, start + _CPU_SLICE)
