@@ -64,6 +64,7 @@ from tallzip.demo import CLIP_TEXT_FROZEN, VIT_B32, make_base, make_task, vit_sh
 from tallzip.family import Family
 from tallzip.formats import codecs
 from tallzip.formats.checkpoints import save_tensors
+from tallzip.packing import DEFAULT_CODECS, DEFAULT_MTV_DTYPE
 from tallzip.formats.tensors import to_bits
 from tallzip.formats.writer import available_cpus
 
@@ -99,9 +100,10 @@ LAYOUTS = (
     Layout("mtv bfloat16", mtv_dtype="bfloat16"),
     Layout("base by reference", base_ref=True),
     Layout("shared tensors once", shared_once=True),
-    Layout("defaults, mtv float32 (lossless)", float_codec="planes+zstd", mask_codec="bits-ctx", shared_once=True),
-    Layout("tallzip defaults", float_codec="planes+zstd", mask_codec="bits-ctx", mtv_dtype="bfloat16",
+    Layout("defaults, mtv float32 (lossless)", float_codec=DEFAULT_CODECS["float"], mask_codec=DEFAULT_CODECS["mask"],
            shared_once=True),
+    Layout("tallzip defaults", float_codec=DEFAULT_CODECS["float"], mask_codec=DEFAULT_CODECS["mask"],
+           mtv_dtype=DEFAULT_MTV_DTYPE, shared_once=True),  # what `tallzip pack` does unless told otherwise
     Layout("all lossless", float_codec="planes+ans", mask_codec="bits-ctx", shared_once=True),
     Layout("all but base by reference", float_codec="planes+ans", mask_codec="bits-ctx", mtv_dtype="bfloat16",
            shared_once=True),
