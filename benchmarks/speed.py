@@ -1,21 +1,20 @@
-"""Speed and scale of tallzip on a generated ViT-B/32-shaped family (issues 2 and 5), as ratios
-taken in one run on this machine:
+"""Speed and scale of tallzip (issues 2, 5 and 12), as ratios taken in one run on this machine, on two
+generated families: ViT-B/32-shaped (tallzip.demo, fp32 safetensors files) and LLM-shaped
+(benchmarks.llm_family: Hugging Face sharded bf16 folders with a 32000-row embedding).
 
-- archive bytes against the N task checkpoints (and against N + base);
-- pack time against the time to simply read all N + 1 input files once;
-- extract of one task to a file against loading and saving its original checkpoint;
-- load of one task into memory against reading its original checkpoint into memory;
-- switching a resident family (Archive.resident) from one task to another;
-- peak memory (RSS) of pack for several N: it should stay flat;
-- with a GPU: the same with --device cuda, and CPU and GPU masks compared bit for bit.
+For every family size, every command runs on a cold page cache (files evicted with
+posix_fadvise(DONTNEED) first) in a fresh process, `--repeat` times, median shown:
+- pack against simply reading all N + 1 inputs once;
+- extract of one task against safetensors' own load_file + save_file (+ fsync) of its original;
+- load of one task into memory against reading every tensor of its original into memory;
+- verify (every checksum and decode) and merge (consensus-ta from the archive);
+- the peak RSS (VmHWM) of each command above the interpreter, and its mean CPUs used (CPU s / wall s).
+Then the resident switch time and a pack under an address-space limit (ViT family).
 
-Every timed pack runs in a fresh subprocess (its peak RSS, VmHWM, is its own). Page cache: "cold" runs
-first evict the files involved with posix_fadvise(DONTNEED) (fincore shows how much stayed
-cached); "warm" runs read them once first. Both sides of every ratio run in the same state.
-
-    python -m benchmarks.speed                    # N = 8 and 20, ViT-B/32 shapes (87.8M params each)
-    python -m benchmarks.speed --quick            # small shapes, N = 2 and 4: seconds
-    python -m benchmarks.speed --codecs fast      # zstd / bits+zstd instead of the default codecs
+    python -m benchmarks.speed                          # ViT N = 2 8 20, LLM (small) N = 2 8
+    python -m benchmarks.speed --quick                  # small ViT shapes, N = 2 and 4: seconds
+    python -m benchmarks.speed --family llm --llm-preset 1b --llm-tasks 8 --repeat 1
+    python -m benchmarks.speed --codecs fast            # zstd / bits+zstd instead of the default codecs
 """
 from __future__ import annotations
 
@@ -136,11 +135,79 @@ def ensure_family(cache: Path, n_tasks: int, quick: bool) -> tuple[Path, list[Pa
     return base, tasks, info
 
 
-# --- the pack child: a fresh process, so its peak RSS is its own ------------------------------
+# --- children: each command in a fresh process, so its peak RSS and CPU time are its own -------
 
-def child_pack(spec: dict) -> dict:
-    import torch
+def _supports(fn, name: str) -> bool:
+    import inspect
+    return name in inspect.signature(fn).parameters
+
+
+def _op_pack(spec):
     import tallzip
+    extra = {"memory": spec["memory"]} if spec.get("memory") and _supports(tallzip.pack, "memory") else {}
+    tallzip.pack(spec["tasks"], spec["base"], spec["output"], force=True, device=spec["device"],
+                 codecs=spec.get("codecs"), **extra)
+
+
+def _op_extract(spec):
+    import tallzip
+    with tallzip.open(spec["archive"]) as arc:
+        arc.extract(spec["task"], spec["output"], force=True, device=spec["device"])
+
+
+def _op_load(spec):
+    import tallzip
+    with tallzip.open(spec["archive"]) as arc:
+        state = arc.load(spec["task"], device=spec["device"])
+        spec["loaded_bytes"] = sum(t.numel() * t.element_size() for t in state.values())
+
+
+def _op_verify(spec):
+    import tallzip
+    from tallzip.inspect import verify
+    with tallzip.open(spec["archive"]) as arc:
+        verify(arc)
+
+
+def _op_merge(spec):
+    from tallzip import merging
+    merging.merge_to_file(spec["archive"], spec["output"], method="consensus-ta", force=True, device=spec["device"])
+
+
+def _original_files(path: Path) -> list[Path]:
+    """The tensor files of one checkpoint: the file itself, or a sharded folder's shards."""
+    path = Path(path)
+    return sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+
+
+def _op_load_original(spec):
+    from tallzip.formats.checkpoints import open_checkpoint
+    ckpt = open_checkpoint(spec["original"])
+    state = {name: ckpt.get(name) for name in ckpt.names}
+    spec["loaded_bytes"] = sum(t.numel() * t.element_size() for t in state.values())
+
+
+def _op_load_save_original(spec):
+    """What extract is compared with: safetensors' own load_file + save_file of every file of the
+    original, then fsync (the extract also syncs its output before renaming it into place)."""
+    from safetensors.torch import load_file, save_file
+    out = Path(spec["output"])
+    out.mkdir(parents=True, exist_ok=True)
+    for path in _original_files(spec["original"]):
+        state = load_file(str(path))
+        save_file(state, str(out / path.name), metadata={"format": "pt"})
+        fsync_path(out / path.name)
+        del state
+
+
+CHILD_OPS = {"pack": _op_pack, "extract": _op_extract, "load": _op_load, "verify": _op_verify, "merge": _op_merge,
+             "load_original": _op_load_original, "load_save_original": _op_load_save_original}
+
+
+def child_run(spec: dict) -> dict:
+    import importlib
+    import torch
+    importlib.import_module("tallzip")  # its imports count in 'before', not in the command
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     before = status_kib("VmRSS")
@@ -151,22 +218,27 @@ def child_pack(spec: dict) -> dict:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
-    tallzip.pack(spec["tasks"], spec["base"], spec["output"], force=True, device=spec["device"],
-                 codecs=spec.get("codecs"))
+    CHILD_OPS[spec.get("op", "pack")](spec)
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
-    return {"seconds": seconds, "cpu_s": cpu, "peak_rss_kib": status_kib("VmHWM"), "rss_before_kib": before}
+    return {"seconds": seconds, "cpu_s": cpu, "cpus_used": cpu / seconds if seconds else 0.0,
+            "peak_rss_kib": status_kib("VmHWM"), "rss_before_kib": before}
 
 
-def run_pack(tasks: dict, base: Path, output: Path, device: str, codecs: dict | None, **extra) -> dict:
-    spec = {"tasks": {k: str(v) for k, v in tasks.items()}, "base": str(base), "output": str(output),
-            "device": device, "codecs": codecs, **extra}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--child", json.dumps(spec)],
+def run_child(op: str, **spec) -> dict:
+    spec = {k: (str(v) if isinstance(v, Path) else v) for k, v in spec.items()}
+    if "tasks" in spec:
+        spec["tasks"] = {k: str(v) for k, v in spec["tasks"].items()}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--child", json.dumps({"op": op, **spec})],
                           cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_pack(tasks: dict, base: Path, output: Path, device: str, codecs: dict | None, **extra) -> dict:
+    return run_child("pack", tasks=tasks, base=base, output=output, device=device, codecs=codecs, **extra)
 
 
 # --- measurements ------------------------------------------------------------------------------
@@ -177,81 +249,109 @@ def timed(fn):
     return time.perf_counter() - start, result
 
 
-def load_original(path: Path):
-    """Every tensor of a checkpoint read into process memory (pread into fresh tensors)."""
-    from tallzip.formats.checkpoints import open_checkpoint
-    ckpt = open_checkpoint(path)
-    return {name: ckpt.get(name) for name in ckpt.names}
+def all_files(paths) -> list[Path]:
+    """Every file of these checkpoints (a sharded folder counts all its files)."""
+    out = []
+    for path in map(Path, paths):
+        out.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
+    return out
 
 
-def load_and_save_original(path: Path, output: Path):
-    """What the extract is compared with: safetensors' own load_file + save_file, then fsync (the
-    extract also syncs its output before renaming it into place)."""
-    from safetensors.torch import load_file, save_file
-    state = load_file(str(path))
-    save_file(state, str(output), metadata={"task": path.stem})
-    fsync_path(output)
+def _median_run(repeat: int, prepare, run) -> dict:
+    """Run `repeat` times (prepare first each time); the median seconds' run, with the largest peak RSS."""
+    runs = []
+    for _ in range(repeat):
+        prepare()
+        runs.append(run())
+    good = [r for r in runs if "error" in r] or sorted(runs, key=lambda r: r["seconds"])
+    if "error" in good[0]:
+        return good[0]
+    chosen = dict(good[len(good) // 2])
+    chosen["peak_rss_kib"] = max(r["peak_rss_kib"] for r in runs)
+    chosen["all_seconds"] = [r["seconds"] for r in runs]
+    return chosen
 
 
-def measure_family(n: int, base: Path, task_paths: list, work: Path, device: str, codecs, states) -> dict:
-    import tallzip
-    tasks = {p.stem: p for p in task_paths[:n]}
-    inputs = [base, *tasks.values()]
-    archive = work / f"family-{n}-{device}.tallz"
-    result = {"n": n, "device": device, "input_bytes": sum(p.stat().st_size for p in tasks.values()),
-              "base_bytes": base.stat().st_size, "states": {}}
-    for state in states:
-        row = {}
-        if state == "cold":
-            evict(inputs)
-            row["cached_before_read"] = cached_fraction(inputs)
-            row["read_s"] = read_all(inputs)
-            evict(inputs + [archive])
-            row["cached_before_pack"] = cached_fraction(inputs)
-        else:
-            read_all(inputs)
-            row["read_s"] = read_all(inputs)
-            row["cached_before_pack"] = cached_fraction(inputs)
-        row["loadavg"] = loadavg()
-        row["pack"] = run_pack(tasks, base, archive, device, codecs)
-        result["states"][state] = row
-        print(f"  N={n} {device} {state}: read {row['read_s']:.2f} s, pack "
-              f"{row['pack'].get('seconds', float('nan')):.2f} s {row['pack'].get('error', '')}", flush=True)
+def measure_commands(family: str, n: int, base: Path, task_paths: list, work: Path, device: str, codecs,
+                     repeat: int, memory: str | None) -> dict:
+    """Every command on a cold cache, each in its own process, median of `repeat`: pack against
+    reading the inputs, extract against load+save of the original, load against reading the original,
+    verify and merge; peak RSS and mean CPUs used of each."""
+    tasks = {Path(p).name.split(".")[0]: p for p in task_paths[:n]}
+    inputs = all_files([base, *tasks.values()])
+    archive = work / f"{family}-{n}.tallz"
+    task, original = next(iter(tasks.items()))
+    out_extract = work / (f"{task}.out" if Path(original).is_dir() else f"{task}.safetensors")
+    out_saved, out_merged = work / "resaved", work / "merged.safetensors"
+    row = {"family": family, "n": n, "device": device, "input_bytes": sum(p.stat().st_size for p in all_files(tasks.values())),
+           "base_bytes": sum(p.stat().st_size for p in all_files([base])), "loadavg": loadavg()}
+
+    def cold(*extra):
+        def prepare():
+            for leftover in (out_extract, out_saved, out_merged):
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            evict(inputs + [archive] + list(extra))
+        return prepare
+
+    reads = []
+    for _ in range(repeat):
+        evict(inputs)
+        reads.append(read_all(inputs))
+    row["read_s"] = statistics.median(reads)
+    row["cached_before_pack"] = (evict(inputs), cached_fraction(inputs))[1]
+    common = dict(device=device, memory=memory)
+    row["pack"] = _median_run(repeat, cold(), lambda: run_child("pack", tasks=tasks, base=base, output=archive,
+                                                                 codecs=codecs, **common))
+    print(f"  {family} N={n}: read {row['read_s']:.2f} s, pack {row['pack'].get('seconds', float('nan')):.2f} s "
+          f"{row['pack'].get('error', '')}", flush=True)
     if not archive.is_file():
-        return result
-    result["archive_bytes"] = archive.stat().st_size
+        return row
+    row["archive_bytes"] = archive.stat().st_size
+    orig_files = all_files([original])
+    jobs = {
+        "extract": lambda: run_child("extract", archive=archive, task=task, output=out_extract, **common),
+        "load_save_original": lambda: run_child("load_save_original", original=original, output=out_saved),
+        "load": lambda: run_child("load", archive=archive, task=task, **common),
+        "load_original": lambda: run_child("load_original", original=original),
+        "verify": lambda: run_child("verify", archive=archive, **common),
+        "merge": lambda: run_child("merge", archive=archive, output=out_merged, **common),
+    }
+    for name, job in jobs.items():
+        row[name] = _median_run(repeat, cold(*orig_files), job)
+    cold()()
+    return row
 
-    # extract / load one task, against its original checkpoint, in each cache state
-    task = next(iter(tasks))
-    original = tasks[task]
-    out_extract, out_saved = work / "extracted.safetensors", work / "resaved.safetensors"
-    with tallzip.open(archive) as arc:
-        for state in states:
-            row = result["states"][state]
-            def prepare():
-                if state == "cold":
-                    evict([archive, original, out_extract, out_saved])
-                else:
-                    read_all([archive, original])
-            prepare()
-            row["extract_s"], _ = timed(lambda: arc.extract(task, out_extract, force=True, device=device))
-            prepare()
-            row["load_save_original_s"], _ = timed(lambda: load_and_save_original(original, out_saved))
-            prepare()
-            row["load_s"], state_dict = timed(lambda: arc.load(task, device=device))
-            del state_dict
-            prepare()
-            row["load_original_s"], state_dict = timed(lambda: load_original(original))
-            if device != "cpu":
-                import torch
-                start = time.perf_counter()
-                state_dict = {k: v.to(device) for k, v in state_dict.items()}
-                torch.cuda.synchronize()
-                row["load_original_s"] += time.perf_counter() - start
-            del state_dict
-    for path in (out_extract, out_saved):
-        path.unlink(missing_ok=True)
-    return result
+
+def report_commands(rows: list, cpus: int):
+    if not rows:
+        return
+    print()
+    print("every command on a cold cache, each in a fresh process (median of the runs; peak RSS above the interpreter,")
+    print(f"the largest of the runs; CPUs = CPU seconds / wall seconds, {cpus} here)")
+    head = (f"  {'family':>6} {'N':>3} {'inputs':>8} {'archive':>8} {'ratio':>6} | {'read':>6} {'pack':>7} {'/read':>6} | "
+            f"{'extract':>7} {'ld+sv':>6} {'ratio':>6} | {'load':>6} {'ld orig':>7} {'ratio':>6} | {'verify':>6} {'merge':>6}")
+    print(head)
+    for r in rows:
+        if "archive_bytes" not in r:
+            print(f"  {r['family']:>6} {r['n']:>3} pack failed: {r['pack'].get('error')}")
+            continue
+        g = lambda k: r[k].get("seconds", float("nan"))
+        print(f"  {r['family']:>6} {r['n']:>3} {r['input_bytes'] / 1e9:>7.2f}G {r['archive_bytes'] / 1e9:>7.3f}G "
+              f"{r['input_bytes'] / r['archive_bytes']:>5.2f}x | {r['read_s']:>5.2f}s {g('pack'):>6.2f}s "
+              f"{fmt_ratio(g('pack'), r['read_s']):>6} | {g('extract'):>6.2f}s {g('load_save_original'):>5.2f}s "
+              f"{fmt_ratio(g('extract'), g('load_save_original')):>6} | {g('load'):>5.2f}s {g('load_original'):>6.2f}s "
+              f"{fmt_ratio(g('load'), g('load_original')):>6} | {g('verify'):>5.2f}s {g('merge'):>5.2f}s")
+    print()
+    ops = ("pack", "extract", "load", "verify", "merge", "load_save_original", "load_original")
+    print("  peak RSS above the interpreter (GiB) / mean CPUs used")
+    print(f"  {'family':>6} {'N':>3} " + " ".join(f"{op[:13]:>13}" for op in ops))
+    for r in rows:
+        cells = []
+        for op in ops:
+            c = r.get(op) or {}
+            cells.append(f"{(c['peak_rss_kib'] - c['rss_before_kib']) / 2**20:>6.2f} / {c['cpus_used']:.1f}"
+                         if "peak_rss_kib" in c else f"{'-':>13}")
+        print(f"  {r['family']:>6} {r['n']:>3} " + " ".join(f"{cell:>13}" for cell in cells))
 
 
 def measure_switch(archive_path: Path, device: str, threads: int | None = None) -> dict:
@@ -284,23 +384,6 @@ def measure_switch(archive_path: Path, device: str, threads: int | None = None) 
                     "equals_load": exact, "threads": torch.get_num_threads()}
     finally:
         torch.set_num_threads(before)
-
-
-def masks_agree(cpu_archive: Path, gpu_archive: Path) -> dict:
-    """Mask sections of a CPU pack and a GPU pack: same compressed bytes means same bits (the
-    codec is deterministic and sees the same mtv); also decodes and compares every mask."""
-    import torch
-    import tallzip
-    with tallzip.open(cpu_archive) as a, tallzip.open(gpu_archive) as b:
-        sections = lambda arc: {(s["tensor"], s["task"]): s["sha256"] for s in arc.manifest["sections"] if s["role"] == "mask"}
-        same_bytes = sections(a) == sections(b)
-        differing = 0
-        for name, info in a.tensors.items():
-            if info["kind"] == "masked":
-                mtv_a, mtv_b = a.mtv(name), b.mtv(name)
-                for task in a.tasks:
-                    differing += int((a.mask(task, name, mtv_a) != b.mask(task, name, mtv_b)).sum())
-        return {"mask_sections_identical": same_bytes, "mask_bits_differing": differing}
 
 
 def measure_stages(base: Path, task_paths: list, n: int = 8, blocks: int = 2) -> dict:
@@ -372,49 +455,10 @@ def fmt_ratio(num, den):
 
 
 def report(results: dict):
-    print()
-    print("archive size (issue 2)")
-    print(f"  {'N':>3} {'device':>6} {'archive':>10} {'N tasks':>10} {'N + base':>10} {'tasks/archive':>14} {'(tasks+base)/archive':>21}")
-    for r in results["families"]:
-        if "archive_bytes" in r:
-            a = r["archive_bytes"]
-            print(f"  {r['n']:>3} {r['device']:>6} {a / 1e9:>9.3f}G {r['input_bytes'] / 1e9:>9.2f}G "
-                  f"{(r['input_bytes'] + r['base_bytes']) / 1e9:>9.2f}G {r['input_bytes'] / a:>13.2f}x "
-                  f"{(r['input_bytes'] + r['base_bytes']) / a:>20.2f}x")
-    print()
-    print("time ratios (target: pack <= 1.5x read on a CPU, 1.1x on a GPU; extract <= 1x; load < 1x);")
-    print("pack CPU = CPU seconds the pack process used (all threads), / CPUs = the least wall time it allows here")
-    print(f"  {'N':>3} {'device':>6} {'cache':>5} {'read all':>9} {'pack':>8} {'pack/read':>10} {'pack CPU':>9} "
-          f"{'/ CPUs':>7} {'extract':>8} "
-          f"{'load+save orig':>15} {'ratio':>7} {'load':>7} {'load orig':>10} {'ratio':>7} {'cached':>7} {'loadavg':>14}")
-    for r in results["families"]:
-        for state, row in r["states"].items():
-            pack = row["pack"].get("seconds")
-            cached = row.get("cached_before_pack")
-            cpu = row["pack"].get("cpu_s")
-            print(f"  {r['n']:>3} {r['device']:>6} {state:>5} {row['read_s']:>8.2f}s "
-                  f"{pack if pack else float('nan'):>7.2f}s {fmt_ratio(pack, row['read_s']):>10} "
-                  f"{cpu if cpu else float('nan'):>8.1f}s {cpu / results['cpus'] if cpu else float('nan'):>6.1f}s "
-                  f"{row.get('extract_s', float('nan')):>7.2f}s {row.get('load_save_original_s', float('nan')):>14.2f}s "
-                  f"{fmt_ratio(row.get('extract_s'), row.get('load_save_original_s')):>7} "
-                  f"{row.get('load_s', float('nan')):>6.2f}s {row.get('load_original_s', float('nan')):>9.2f}s "
-                  f"{fmt_ratio(row.get('load_s'), row.get('load_original_s')):>7} "
-                  f"{'?' if cached is None else f'{100 * cached:.0f}%':>7} {row['loadavg']:>14}")
-    print()
-    print("peak memory of pack (RSS of the pack process; 'before' = after imports, before packing)")
-    print(f"  {'N':>3} {'device':>6} {'cache':>5} {'peak RSS':>10} {'before':>10} {'peak - before':>14} {'inputs':>9}")
-    for r in results["families"] + results.get("rss_only", []):
-        for state, row in r["states"].items():
-            p = row["pack"]
-            if "peak_rss_kib" in p:
-                print(f"  {r['n']:>3} {r['device']:>6} {state:>5} {p['peak_rss_kib'] / 2**20:>9.2f}G "
-                      f"{p['rss_before_kib'] / 2**20:>9.2f}G {(p['peak_rss_kib'] - p['rss_before_kib']) / 2**20:>13.2f}G "
-                      f"{(r['input_bytes'] + r['base_bytes']) / 2**30:>8.2f}G")
     for row in results.get("address_limited", []):
-        print(f"  N={row['n']} under a {row['limit_gib']} GiB address-space limit beyond the interpreter's own "
+        print(f"\nN={row['n']} ViT pack under a {row['limit_gib']} GiB address-space limit beyond the interpreter's own "
               f"(inputs {row['inputs_gib']:.2f} GiB): "
               + (f"packed in {row['pack']['seconds']:.1f} s" if "seconds" in row["pack"] else f"FAILED: {row['pack']['error']}"))
-    print()
     for s in results.get("switch", []):
         print(f"resident switch ({s['device']}, N={s['n']}, {s['threads']} CPU threads): median {s['switch_ms_median']:.2f} ms, "
               f"min {s['switch_ms_min']:.2f} ms; build {s['build_s']:.1f} s; holds {s['resident_bytes'] / 1e9:.2f} GB; "
@@ -427,32 +471,50 @@ def report(results: dict):
             if key not in ("tasks", "scaled_from_params", "params"):
                 shown = ", ".join(f"{v:.3g}" for v in value) if isinstance(value, tuple) else f"{value:.3g}"
                 print(f"  {key}: {shown}")
-    if results.get("agreement"):
-        print(f"CPU vs GPU masks: {results['agreement']}")
-    if results.get("notes"):
-        print()
-        for note in results["notes"]:
-            print(f"note: {note}")
+    for note in results.get("notes", []):
+        print(f"note: {note}")
+
+
+def ensure_llm_family(cache: Path, n_tasks: int, preset: str, dtype: str) -> tuple[Path, list[Path]]:
+    """Generate (once) an LLM-shaped family of Hugging Face sharded folders (benchmarks.llm_family)."""
+    folder = cache / f"llm-{preset}-{dtype}"
+    marker = folder / "complete.json"
+    info = json.loads(marker.read_text()) if marker.is_file() else {}
+    if info.get("tasks", 0) < n_tasks:
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"generating {n_tasks} LLM-shaped ({preset}, {dtype}) checkpoints in {folder} ...", flush=True)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "benchmarks.llm_family", str(folder), "--preset", preset,
+                        "--tasks", str(n_tasks), "--dtype", dtype], cwd=REPO, check=True)
+        marker.write_text(json.dumps({"tasks": n_tasks, "seconds": time.perf_counter() - start}))
+    from benchmarks.llm_family import family_paths
+    base, tasks = family_paths(folder)
+    return base, tasks[:n_tasks]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes, N = 2 and 4")
-    parser.add_argument("--tasks", type=int, nargs="+", help="family sizes to time (default 8 20; quick: 2 4)")
-    parser.add_argument("--rss", type=int, nargs="+", help="family sizes whose pack RSS is shown (default 2 8 20)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: also the CPU figures)")
+    parser.add_argument("--quick", action="store_true", help="small shapes, N = 2 and 4, ViT family only")
+    parser.add_argument("--family", nargs="+", choices=["vit", "llm"], default=["vit", "llm"])
+    parser.add_argument("--tasks", type=int, nargs="+", help="ViT family sizes (default 2 8 20; quick: 2 4)")
+    parser.add_argument("--llm-tasks", type=int, nargs="+", default=[2, 8], help="LLM family sizes")
+    parser.add_argument("--llm-preset", default="small", help="benchmarks.llm_family preset (small: 0.8 GB, 1b: 2.2 GB)")
+    parser.add_argument("--llm-dtype", default="bf16")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each command (the median is shown)")
+    parser.add_argument("--memory", help="memory budget passed to every command (e.g. 1G), where supported")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--codecs", choices=["default", "fast"], default="default")
-    parser.add_argument("--states", nargs="+", choices=["cold", "warm"], default=["cold", "warm"])
     parser.add_argument("--address-limit", type=float, default=3.0, metavar="GIB",
-                        help="also pack the largest family under this address-space limit (0: skip)")
+                        help="also pack the largest ViT family under this address-space limit (0: skip)")
+    parser.add_argument("--no-switch", action="store_true", help="skip the resident switch timing")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "tallzip-speed")
-    parser.add_argument("--keep", action="store_true", help="keep the generated family for the next run")
+    parser.add_argument("--keep", action="store_true", help="keep the generated families for the next run")
     parser.add_argument("--stages", action="store_true", help="also time each stage alone (CPU seconds)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child_pack(json.loads(args.child))))
+        print(json.dumps(child_run(json.loads(args.child))))
         return
 
     import torch
@@ -461,72 +523,68 @@ def main(argv=None):
     from tallzip.formats.writer import available_cpus
     from tallzip.packing import DEFAULT_CODECS, resolve_device
 
-    print("$ python -m benchmarks.speed " + " ".join(sys.argv[1:] if argv is None else argv))
-    sizes = args.tasks or ([2, 4] if args.quick else [8, 20])
-    rss_sizes = args.rss or ([2, 4] if args.quick else [2, 8, 20])
+    command = "python -m benchmarks.speed " + " ".join(sys.argv[1:] if argv is None else argv)
+    print("$ " + command)
+    sizes = args.tasks or ([2, 4] if args.quick else [2, 8, 20])
+    families = ["vit"] if args.quick else args.family
     codecs = FAST_CODECS if args.codecs == "fast" else None
     try:
-        gpu = resolve_device(args.device).type == "cuda"
+        device = resolve_device(args.device).type
     except tallzip.TallzipError as exc:
         sys.exit(f"error: {exc}")
-    devices = ["cpu", "cuda"] if gpu and args.device == "auto" else (["cuda"] if gpu else ["cpu"])
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     print(f"machine: {platform.machine()}, {available_cpus()} CPUs, {mem / 2**30:.1f} GiB RAM, torch {torch.__version__}, "
           f"CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}; load average {loadavg()}")
-    print(f"codecs: {codecs or DEFAULT_CODECS}; tallzip {tallzip.__version__}")
-
+    print(f"codecs: {codecs or DEFAULT_CODECS}; tallzip {tallzip.__version__}; memory budget {args.memory or 'default'}")
     args.cache.mkdir(parents=True, exist_ok=True)
-    base, task_paths, info = ensure_family(args.cache, max(sizes + rss_sizes), args.quick)
-    params = sum(math.prod(s) for s in vit_shapes(**(QUICK_SHAPE if args.quick else VIT_B32)).values())
-    print(f"family: {len(task_paths)} tasks + base, {params:,} vision parameters per checkpoint, "
-          f"{base.stat().st_size / 1e6:.0f} MB per file, in {base.parent}")
     work = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache))
-    results = {"families": [], "rss_only": [], "switch": [], "address_limited": [], "notes": [],
-               "cpus": available_cpus(), "command": "python -m benchmarks.speed " + " ".join(sys.argv[1:] if argv is None else argv)}
+    results = {"rows": [], "switch": [], "address_limited": [], "notes": [], "cpus": available_cpus(), "command": command}
+    generated = []
     try:
-        for device in devices:
+        if "vit" in families:
+            base, task_paths, _ = ensure_family(args.cache, max(sizes), args.quick)
+            generated.append(base.parent)
+            params = sum(math.prod(s) for s in vit_shapes(**(QUICK_SHAPE if args.quick else VIT_B32)).values())
+            print(f"ViT family: {len(task_paths)} tasks + base, {params:,} vision parameters per checkpoint, "
+                  f"{base.stat().st_size / 1e6:.0f} MB per file, in {base.parent}")
             for n in sizes:
-                results["families"].append(measure_family(n, base, task_paths, work, device, codecs, args.states))
-            for n in rss_sizes:
-                if n not in sizes and device == "cpu":
-                    tasks = {p.stem: p for p in task_paths[:n]}
-                    read_all([base, *tasks.values()])
-                    pack = run_pack(tasks, base, work / f"rss-{n}.tallz", device, codecs)
-                    results["rss_only"].append({"n": n, "device": device, "states": {"warm": {"pack": pack}},
-                                                "input_bytes": sum(p.stat().st_size for p in tasks.values()),
-                                                "base_bytes": base.stat().st_size})
-                    (work / f"rss-{n}.tallz").unlink(missing_ok=True)
-            largest = max(sizes)
-            archive = work / f"family-{largest}-{device}.tallz"
-            if archive.is_file():
-                results["switch"].append({"n": largest, "device": device, **measure_switch(archive, device)})
-                if device == "cpu":
-                    results["switch"].append({"n": largest, "device": device, **measure_switch(archive, device, threads=1)})
-        if args.address_limit and "cpu" in devices:
-            n = max(sizes + rss_sizes)
-            tasks = {p.stem: p for p in task_paths[:n]}
-            pack = run_pack(tasks, base, work / "limited.tallz", "cpu", codecs, address_limit_gib=args.address_limit)
-            results["address_limited"].append({
-                "n": n, "limit_gib": args.address_limit, "pack": pack,
-                "inputs_gib": sum(p.stat().st_size for p in [base, *tasks.values()]) / 2**30})
-            (work / "limited.tallz").unlink(missing_ok=True)
-        if "cuda" in devices and "cpu" in devices:
-            n = max(sizes)
-            a, b = work / f"family-{n}-cpu.tallz", work / f"family-{n}-cuda.tallz"
-            if a.is_file() and b.is_file():
-                results["agreement"] = masks_agree(a, b)
-        if args.stages:
-            results["stages"] = measure_stages(base, task_paths, n=min(8, len(task_paths)))
-        if not gpu:
-            results["notes"].append("no CUDA device here: the GPU figures (pack, extract, load and switch with "
-                                    "--device cuda, CPU/GPU mask agreement) were not measured")
+                results["rows"].append(measure_commands("vit", n, base, task_paths, work, device, codecs,
+                                                        args.repeat, args.memory))
+            if not args.no_switch:
+                archive = work / f"switch-{max(sizes)}.tallz"
+                run_pack({p.stem: p for p in task_paths[:max(sizes)]}, base, archive, device, codecs)
+                if archive.is_file():
+                    results["switch"].append({"n": max(sizes), "device": device, **measure_switch(archive, device)})
+                    archive.unlink()
+            if args.address_limit:
+                n = max(sizes)
+                pack = run_pack({p.stem: p for p in task_paths[:n]}, base, work / "limited.tallz", "cpu", codecs,
+                                address_limit_gib=args.address_limit)
+                results["address_limited"].append({
+                    "n": n, "limit_gib": args.address_limit, "pack": pack,
+                    "inputs_gib": sum(p.stat().st_size for p in [base, *task_paths[:n]]) / 2**30})
+                (work / "limited.tallz").unlink(missing_ok=True)
+            if args.stages:
+                results["stages"] = measure_stages(base, task_paths, n=min(8, len(task_paths)))
+        if "llm" in families:
+            base, task_paths = ensure_llm_family(args.cache, max(args.llm_tasks), args.llm_preset, args.llm_dtype)
+            generated.append(base.parent)
+            print(f"LLM family ({args.llm_preset}, {args.llm_dtype}): {len(task_paths)} tasks + base, "
+                  f"{sum(p.stat().st_size for p in all_files([base])) / 1e9:.2f} GB per checkpoint, in {base.parent}")
+            for n in args.llm_tasks:
+                results["rows"].append(measure_commands(f"llm-{args.llm_preset}", n, base, task_paths, work, device,
+                                                        codecs, args.repeat, args.memory))
+        if device != "cuda":
+            results["notes"].append("no CUDA device here: the GPU figures were not measured")
+        report_commands(results["rows"], results["cpus"])
         report(results)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2, default=str))
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if not args.keep:
-            shutil.rmtree(base.parent, ignore_errors=True)
+            for folder in generated:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
