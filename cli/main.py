@@ -178,7 +178,7 @@ def pack(checkpoints_dir, base, output, lambdas, merge, density, mtv_dtype, floa
 @DEVICE
 @click.option("--force", is_flag=True,
               help="replace files of the same names as those written; nothing else in a folder is touched")
-@AS_JSON
+@click.option("--json", "as_json", is_flag=True, help="print what was written (paths, bytes, seconds) as JSON")
 @friendly_errors
 def extract(archive, task, all_tasks, output, fmt, base, device, force, as_json):
     """Rebuild one task's model (base + mask * mtv) as a checkpoint, or every task into a folder.

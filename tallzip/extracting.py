@@ -201,6 +201,10 @@ def _stream(archive, task: str, files: dict, metadata, device, tick):
     streams, where = [], {}
     try:
         for path, names in files.items():
+            unknown = [n for n in names if n not in dtypes]
+            if unknown:
+                raise CorruptArchiveError(f"{archive.path}: damaged archive (shard {path.name} of task {task!r} "
+                                          f"names tensor {unknown[0]!r}, which the task lacks)")
             stream = SafetensorsStream(path, [(n, dtypes[n], archive._task_shape(task, n)) for n in names], metadata)
             streams.append(stream)
             where.update(dict.fromkeys(names, stream))
