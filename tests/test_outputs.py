@@ -328,3 +328,18 @@ def test_extract_reports_progress_and_json(packed, tmp_path):
     assert report["tasks"] == ["task0", "task1", "task2"] and report["seconds"] >= 0
     code, output = run("extract", archive, "--task", "task0", "-o", tmp_path / "t0.pt", "--json")
     assert json.loads(output)["files"] == [{"path": str(tmp_path / "t0.pt"), "bytes": (tmp_path / "t0.pt").stat().st_size}]
+
+
+def test_a_killed_extract_into_an_existing_folder_is_swept_by_the_next(packed, tmp_path):
+    """A staging folder left inside the target by a killed writer goes; the user's files stay."""
+    _, _, archive = packed
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "all"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    stale = out / f".all.{dead.pid}.abc123.tmp"
+    stale.mkdir()
+    (stale / "task0.safetensors").write_bytes(b"partial")
+    assert run("extract", archive, "--all", "-o", out)[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "task0.safetensors", "task1.safetensors", "task2"]
