@@ -169,23 +169,51 @@ def pack(checkpoints_dir, base, output, lambdas, merge, density, mtv_dtype, floa
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.option("--task", help="the task to rebuild")
 @click.option("--all", "all_tasks", is_flag=True, help="rebuild every task into the folder -o")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "pt"]), help="default: the task's input format")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="file (.safetensors, .pt, .pth, .bin) or folder (any other name) to write")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "pt"]),
+              help="format of the model file(s) in a folder (default: the task's input format); "
+                   "for a file -o the extension decides, and --format must agree")
 @click.option("--base", type=click.Path(path_type=Path), help="the base, for archives packed with --base-ref")
 @DEVICE
-@FORCE
+@click.option("--force", is_flag=True,
+              help="replace files of the same names as those written; nothing else in a folder is touched")
+@click.option("--json", "as_json", is_flag=True, help="print what was written (paths, bytes, seconds) as JSON")
 @friendly_errors
-def extract(archive, task, all_tasks, output, fmt, base, device, force):
-    """Rebuild one task's model (base + mask * mtv) as a checkpoint."""
+def extract(archive, task, all_tasks, output, fmt, base, device, force, as_json):
+    """Rebuild one task's model (base + mask * mtv) as a checkpoint, or every task into a folder.
+
+    \b
+    -o NAME.safetensors    one safetensors file of all the task's tensors
+    -o NAME.pt|.pth|.bin   one torch state dict (torch.load(..., weights_only=True) reads it)
+    -o FOLDER              any other name: the task as it came, its shards and
+                           model.safetensors.index.json, its side files (config.json, a
+                           release's head_X.pt) or its one checkpoint file under its input's name
+    --all -o FOLDER        each task as it came: TASK.safetensors / TASK.pt, or a sub-folder TASK/
+
+    Side files and sharding come back only in a folder; a file target gets every tensor in one
+    unsharded file. An existing folder is a fine target: only the files written go into it, and
+    one already there of the same name is an error unless --force, which replaces just those
+    files. Nothing is in place until everything is written: a failure leaves the target as it was.
+    """
     if bool(task) == bool(all_tasks):
         raise click.UsageError("give exactly one of --task NAME or --all")
-    with tallzip.open(archive, base=base) as arc:
-        if task:
-            path = arc.extract(task, output, fmt=fmt, force=force, device=device)
-            click.echo(f"wrote {path}")
-        else:
-            paths = arc.extract_all(output, fmt=fmt, force=force, device=device)
-            click.echo(f"wrote {len(paths)} tasks into {output}")
+    progress = Progress(not as_json)
+    try:
+        with tallzip.open(archive, base=base) as arc:
+            if task:
+                report = arc.extract_with_report(task, output, fmt=fmt, force=force, device=device, progress=progress)
+            else:
+                report = arc.extract_all_with_report(output, fmt=fmt, force=force, device=device, progress=progress)
+    finally:
+        progress.close()
+    if as_json:
+        _echo_json(report.as_dict())
+    elif task:
+        click.echo(f"wrote {report.output} ({human_bytes(report.bytes)}, {report.seconds:.1f} s)")
+    else:
+        click.echo(f"wrote {len(report.tasks)} tasks into {report.output} ({human_bytes(report.bytes)}, "
+                   f"{report.seconds:.1f} s)")
 
 
 @cli.command()
@@ -277,18 +305,25 @@ def verify_cmd(archive, against, base, as_json):
 @cli.command()
 @click.option("--folder", type=click.Path(path_type=Path), default=Path("demo"), show_default=True)
 @click.option("--tasks", "n_tasks", type=click.IntRange(2, 64), default=8, show_default=True)
+@click.option("--force", is_flag=True,
+              help="write into a non-empty folder, replacing only the demo's own files there")
 @friendly_errors
-def demo(folder, n_tasks):
-    """Generate a small family of checkpoints, pack it, extract one task, verify, print the size table."""
-    from tallzip.demo import make_family
+def demo(folder, n_tasks, force):
+    """Generate a small family of checkpoints, pack it, extract one task, verify, print the size table.
+
+    It writes FOLDER/base.safetensors, FOLDER/finetuned/taskNN.safetensors, FOLDER/family.tallz and
+    FOLDER/task00.extracted.safetensors; a non-empty FOLDER needs --force.
+    """
+    from tallzip.demo import check_demo_folder, demo_files, make_family
+    archive, extracted = folder / "family.tallz", folder / "task00.extracted.safetensors"
+    check_demo_folder(folder, [*demo_files(n_tasks), archive.name, extracted.name], force=force)
     folder.mkdir(parents=True, exist_ok=True)
     base, tasks_dir = make_family(folder, n_tasks, width=128, layers=4, patch=8, image=64, embed=64)
     click.echo(f"generated {n_tasks} fine-tuned checkpoints in {tasks_dir} (base: {base})")
-    archive = folder / "family.tallz"
     tallzip.pack(tasks_dir, base, archive, force=True)
     with tallzip.open(archive) as arc:
         first = arc.tasks[0]
-        out = arc.extract(first, folder / f"{first}.extracted.safetensors", force=True)
+        out = arc.extract(first, extracted, force=True)
         click.echo(f"extracted task {first!r} to {out}\n")
         click.echo(format_info(summary(arc)))
         click.echo("")

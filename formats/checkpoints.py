@@ -11,7 +11,6 @@ import fcntl
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from collections import OrderedDict, deque
@@ -19,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .errors import FormatError
 from .constants import DTYPE_SIZES
@@ -296,11 +294,6 @@ def discover_tasks(folder, exclude=()) -> dict[str, Path]:
 
 # --- writing, atomically -------------------------------------------------------------------------
 
-# Errors that mean the output could not be written (full disk, quota, file size limit, read-only
-# file system); they name the target, since the failing write was to a temporary file beside it.
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
-
-
 def _umask() -> int:
     """The process's umask, read without setting it (os.umask would change it for other threads)."""
     try:
@@ -311,6 +304,11 @@ def _umask() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0o022
+
+
+def new_file_mode() -> int:
+    """The mode any new file gets here (0666 less the umask): what every output gets."""
+    return 0o666 & ~_umask()
 
 
 def _process_alive(pid: int) -> bool:
@@ -354,59 +352,203 @@ def remove_stale_temporaries(parent: Path, target_name: str) -> list[Path]:
     return removed
 
 
-@contextlib.contextmanager
-def atomic_output(target, *, force: bool = False, folder: bool = False):
-    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds.
+def _name_the_target(exc: BaseException, tmp: Path | None, target: Path):
+    """Make an error about the hidden temporary (or a file inside it) name the user's target instead."""
+    if isinstance(exc, OSError):
+        for attr in ("filename", "filename2"):
+            name = getattr(exc, attr)
+            if tmp is not None and isinstance(name, str) and (name == str(tmp) or name.startswith(f"{tmp}{os.sep}")):
+                setattr(exc, attr, str(target) + name[len(str(tmp)):])
+        if not exc.filename:
+            exc.filename = str(target)
+    elif tmp is not None and isinstance(exc, FormatError) and exc.args and isinstance(exc.args[0], str):
+        exc.args = (exc.args[0].replace(str(tmp), str(target)),) + exc.args[1:]
 
-    An interrupted write leaves at most a hidden `.target.PID.*.tmp` file, never a partial target,
-    and the next write to the same target removes such leftovers of writers that are gone.
+
+def _check_target(target: Path, *, force: bool, folder: bool, files):
+    """Refuse, before any work, a target that this write must not or cannot replace."""
+    if not folder:
+        if target.is_dir():
+            raise FormatError(f"{target}: is a folder (a file is written there)")
+        if os.path.lexists(target) and not force:
+            raise FormatError(f"{target}: already exists (use --force to overwrite)")
+        return
+    if os.path.lexists(target) and not target.is_dir():
+        raise FormatError(f"{target}: exists and is not a folder (a folder is written there)")
+    if not target.is_dir():
+        return
+    for rel in files or ():
+        dest = target / rel
+        _check_in_folder(target, dest, force)
+
+
+def _check_in_folder(target: Path, dest: Path, force: bool):
+    """`dest`, a file to be written inside the existing folder `target`, may be (re)placed."""
+    for folder in reversed([p for p in dest.parents if target in p.parents]):
+        if os.path.lexists(folder) and not folder.is_dir():
+            raise FormatError(f"{folder}: exists and is not a folder (a folder is written there)")
+    if dest.is_dir():
+        raise FormatError(f"{dest}: is a folder (a file is written there)")
+    if os.path.lexists(dest) and not force:
+        raise FormatError(f"{dest}: already exists (use --force to replace it)")
+
+
+@contextlib.contextmanager
+def atomic_output(target, *, force: bool = False, folder: bool = False, files=None):
+    """Yield a temporary path for `target`; put it in place only if the block succeeds.
+
+    A file is written beside the target and renamed onto it. A folder is built in a temporary
+    folder: renamed into place if the target does not exist; else only the files the block wrote
+    are moved into the existing folder (nothing else there is touched), replacing same-named files
+    only with `force`. `files` (relative paths) lets a clash be refused before the work starts.
+    A failure leaves the target as it was; an interrupted write leaves at most a hidden
+    `.target.PID.*.tmp` (beside the target, or inside an existing target folder), which the next
+    write to the same target removes once its writer is gone. Errors name the target, never the
+    temporary.
     """
     target = Path(target)
-    if target.exists() and not force:
-        raise FormatError(f"{target}: already exists (use --force to overwrite)")
+    _check_target(target, force=force, folder=folder, files=files)
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise FormatError(f"{parent}: no such folder")
+    into_existing = folder and target.is_dir()
+    where = target if into_existing else parent
     remove_stale_temporaries(parent, target.name)
+    if into_existing:
+        remove_stale_temporaries(target, target.name)
     prefix = f".{target.name}.{os.getpid()}."
-    if folder:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
-        lock_fd = os.open(tmp, os.O_RDONLY)
-    else:
-        lock_fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=parent)
-        tmp = Path(name)
+    try:
+        if folder:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=where))
+            lock_fd = os.open(tmp, os.O_RDONLY)
+        else:
+            lock_fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=where)
+            tmp = Path(name)
+    except OSError as exc:  # read-only, no permission...: say so about the target
+        exc.filename = str(target)
+        raise
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)  # held until we are done: tells others we are alive
         # mkstemp/mkdtemp make owner-only files; the result should get the permissions any new file gets
         os.fchmod(lock_fd, (0o777 if folder else 0o666) & ~_umask())
         yield tmp
-        if folder:
-            if target.exists():
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-            os.rename(tmp, target)
-        else:
+        if not folder:
             os.fsync(lock_fd)
             os.replace(tmp, target)
+        elif into_existing or not _rename_folder(tmp, target):
+            _move_into(tmp, target, force=force, prefix=prefix)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True) if folder else tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS and not exc.filename:
-            exc.filename = str(target)
+        _name_the_target(exc, tmp, target)
         raise
     finally:
+        shutil.rmtree(tmp, ignore_errors=True) if folder else tmp.unlink(missing_ok=True)
         os.close(lock_fd)
 
 
-def _save_safetensors(tensors: dict, path: Path, metadata: dict | None):
-    """safetensors' save_file, with a failed write (full disk...) raised as the OSError it is:
-    the library reports it as a SafetensorError that only mentions 'os error N' in its text."""
+def _rename_folder(tmp: Path, target: Path) -> bool:
+    """Rename the built folder onto a target that did not exist; False if one appeared meanwhile."""
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-    except Exception as exc:
-        found = re.search(r"os error (\d+)", str(exc))
-        if found:
-            code = int(found.group(1))
-            raise OSError(code, os.strerror(code)) from None
+        os.rename(tmp, target)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+            return False
         raise
+
+
+def _written_files(root: Path) -> list[Path]:
+    """Every file under `root`, relative to it, in a stable order."""
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        files.extend(Path(folder, n).relative_to(root) for n in sorted(names))
+    return files
+
+
+def _move_into(tmp: Path, target: Path, *, force: bool, prefix: str):
+    """Move the files built in `tmp` into the existing folder `target`, each by one rename.
+
+    A file already there is replaced only with `force`, and is kept (hard-linked) aside until every
+    file is in, so that a failure half way puts every replaced file back and removes the new ones:
+    the folder ends as it began, or with all of the new files."""
+    backups = None
+    moved: list[tuple[Path, Path | None]] = []
+    made: list[Path] = []
+    try:
+        for i, rel in enumerate(_written_files(tmp)):
+            dest = target / rel
+            _check_in_folder(target, dest, force)  # again: the folder may have changed while we worked
+            for folder in reversed([p for p in dest.parents if target in p.parents]):
+                if not folder.exists():
+                    folder.mkdir()
+                    made.append(folder)
+            backup = None
+            if os.path.lexists(dest):
+                if backups is None:
+                    backups = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=target))
+                backup = backups / str(i)
+                _keep_aside(dest, backup)
+                os.replace(tmp / rel, dest)
+            else:
+                _rename_no_replace(tmp / rel, dest)
+            moved.append((dest, backup))
+    except BaseException:
+        for dest, backup in reversed(moved):
+            try:
+                os.replace(backup, dest) if backup else os.unlink(dest)
+            except OSError:
+                pass
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    finally:
+        if backups is not None:
+            shutil.rmtree(backups, ignore_errors=True)
+
+
+# A file system without hard links says so with one of these.
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
+
+
+def _keep_aside(dest: Path, backup: Path):
+    """Keep the file about to be replaced at `backup`: a hard link, so `dest` never goes missing."""
+    try:
+        os.link(dest, backup, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        shutil.copy2(dest, backup, follow_symlinks=False)
+
+
+def _rename_no_replace(src: Path, dest: Path):
+    """Rename, failing if `dest` appeared since it was checked (a hard link cannot replace a file)."""
+    try:
+        os.link(src, dest)
+    except FileExistsError:
+        raise FormatError(f"{dest}: already exists (use --force to replace it)") from None
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        os.rename(src, dest)  # a file system without hard links: checked just before
+        return
+    os.unlink(src)
+
+
+def _save_safetensors(tensors: dict, path: Path, metadata: dict | None):
+    """Write a safetensors file into `path` itself (safetensors' save_file writes a temporary file
+    of mode 0600 and renames it over the path: the output would lose its mode and its inode, which
+    atomic_output has locked), in the tensors' own order."""
+    specs = [(name, dtype_name(t.dtype), tuple(t.shape)) for name, t in tensors.items()]
+    with SafetensorsStream(path, specs, metadata) as stream:
+        for name, tensor in tensors.items():
+            stream.write(name, tensor)
+
+
+def _plain_state_dict(tensors: dict) -> dict:
+    """A plain dict (what any torch.load(weights_only=True) reads) of tensors that own their storage:
+    torch.save writes a view's whole storage."""
+    return {name: t if t.untyped_storage().nbytes() == t.nbytes else t.clone() for name, t in tensors.items()}
 
 
 def save_tensors(tensors: dict, path: Path, fmt: str, metadata: dict | None = None):
@@ -418,7 +560,7 @@ def save_tensors(tensors: dict, path: Path, fmt: str, metadata: dict | None = No
         # of its RuntimeError (writing to a path, it only says "unexpected pos").
         with open(path, "wb") as fh:
             try:
-                torch.save(OrderedDict(tensors), fh)
+                torch.save(_plain_state_dict(tensors), fh)
             except RuntimeError as exc:
                 if isinstance(exc.__context__, OSError):
                     raise exc.__context__ from None
@@ -458,7 +600,7 @@ class SafetensorsStream:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as the format's writers do
         self._data_start = 8 + len(blob)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # less the umask
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tallzip-save")
         self._in_flight: deque = deque()
         self._in_flight_bytes = 0
@@ -534,9 +676,13 @@ class SafetensorsStream:
 def save_sharded(tensors: dict, folder: Path, sharding: dict, metadata: dict | None = None):
     """Write the shards named in `sharding` and their index, as the input had them."""
     folder.mkdir(parents=True, exist_ok=True)
-    weight_map = {}
     for file, names in sharding["files"].items():
         _save_safetensors({n: tensors[n] for n in names}, folder / file, metadata)
-        weight_map.update({n: file for n in names})
+    write_shard_index(folder, sharding)
+
+
+def write_shard_index(folder: Path, sharding: dict):
+    """The `model.safetensors.index.json` of the shards in `sharding` (its metadata kept)."""
+    weight_map = {n: file for file, names in sharding["files"].items() for n in names}
     index = {"metadata": sharding.get("metadata", {}), "weight_map": weight_map}
     (folder / SHARD_INDEX).write_text(json.dumps(index, indent=2))

@@ -16,13 +16,13 @@ from . import taskvec
 from .errors import TallzipError, UnknownTaskError
 from .family import tensors_digest
 from .bits import unpack_bits
-from .formats.checkpoints import SafetensorsStream, atomic_output, open_checkpoint, save_sharded, save_tensors
+from .formats.checkpoints import SafetensorsStream, open_checkpoint
 from .formats.constants import KIND_MASKED, KIND_SHARED, ROLE_BASE, ROLE_MASK, ROLE_MTV, ROLE_OWN
 from .formats.errors import CorruptArchiveError
 from .formats.reader import ArchiveReader
 from .formats.tensors import from_bits, torch_bits_dtype, torch_dtype
 from .formats.writer import available_cpus
-from .packing import KIND_PER_TASK, ROLE_FILE, resolve_device
+from .packing import KIND_PER_TASK, resolve_device
 
 
 def open(path, *, base=None) -> "Archive":  # noqa: A001 - mirrors the builtin on purpose
@@ -207,59 +207,30 @@ class Archive:
         from .resident import Resident
         return Resident(self, device, tasks)
 
-    def extract(self, task: str, output, *, fmt: str | None = None, force: bool = False, device="cpu") -> Path:
-        """Write one task as a checkpoint at `output`, in its input format unless `fmt` says otherwise.
+    def extract(self, task: str, output, *, fmt: str | None = None, force: bool = False, device="cpu",
+                progress=None) -> Path:
+        """Write one task at `output`: `.safetensors` or `.pt`/`.pth`/`.bin` make one file in that
+        format (`fmt` must agree); any other name is a folder holding the task as it came (shards,
+        side files), its model file in `fmt` (default: the task's input format). See extracting.py."""
+        return self.extract_with_report(task, output, fmt=fmt, force=force, device=device, progress=progress).output
 
-        A task that came as a folder (sharded, or with config files beside it) is written as a folder.
-        """
-        entry = self.task_entry(task)
-        output = Path(output)
-        fmt = fmt or ("pt" if entry["format"] == "pt" else "safetensors")
-        if fmt not in ("safetensors", "pt"):
-            raise TallzipError(f"unknown output format {fmt!r} (expected safetensors or pt)")
-        if entry["layout"] != "folder" and fmt == "safetensors":
-            # Streamed: each tensor is written while the next ones are decoded; one in memory at a time.
-            specs = [(name, dtype, self._task_shape(task, name)) for name, dtype in entry["tensors"]]
-            with atomic_output(output, force=force) as tmp:
-                with SafetensorsStream(tmp, specs, entry.get("metadata")) as stream:
-                    for name, tensor in self.iter_task(task, device):
-                        stream.write(name, tensor)
-            return output
-        state = OrderedDict((n, t.cpu()) for n, t in self.iter_task(task, device))
-        if entry["layout"] == "folder":
-            with atomic_output(output, force=force, folder=True) as tmp:
-                if entry.get("sharding") and fmt == "safetensors":
-                    save_sharded(state, tmp, entry["sharding"], entry.get("metadata"))
-                else:
-                    name = Path(entry.get("file_name") or "model.safetensors")
-                    name = name.with_suffix(".safetensors" if fmt == "safetensors" else name.suffix if name.suffix != ".safetensors" else ".pt")
-                    save_tensors(state, tmp / name.name, fmt, entry.get("metadata"))
-                for fname in entry.get("files", []):
-                    data = self._read_tensor(self._section(ROLE_FILE, fname, task))
-                    (tmp / fname).write_bytes(data.numpy().tobytes())
-        else:
-            with atomic_output(output, force=force) as tmp:
-                save_tensors(state, tmp, fmt, entry.get("metadata") if fmt == "safetensors" else None)
-        return output
+    def extract_with_report(self, task: str, output, *, fmt=None, force=False, device="cpu", progress=None):
+        """`extract`, returning the ExtractReport: every file written, bytes, seconds."""
+        from . import extracting
+        return extracting.extract_task(self, task, output, fmt=fmt, force=force, device=device, progress=progress)
 
-    def extract_all(self, folder, *, fmt: str | None = None, force: bool = False, device="cpu") -> list[Path]:
-        """Every task into `folder` (created atomically), each named as its input was."""
-        paths = []
-        with atomic_output(folder, force=force, folder=True) as tmp:
-            files = {}
-            for task in self.tasks:
-                entry = self.task_entry(task)
-                name = task if entry["layout"] == "folder" else task + (".pt" if (fmt or entry["format"]) == "pt" else ".safetensors")
-                if entry["layout"] != "folder" and name.endswith(".safetensors"):
-                    files[task] = tmp / name  # written together below
-                else:
-                    self.extract(task, tmp / name, fmt=fmt, device=device)
-                paths.append(Path(folder) / name)
-            if files:
-                self._extract_together(files, resolve_device(device))
-        return paths
+    def extract_all(self, folder, *, fmt: str | None = None, force: bool = False, device="cpu",
+                    progress=None) -> list[Path]:
+        """Every task into `folder`, each named as its input was; returns each task's path. An
+        existing folder keeps every file this does not write; `force` replaces same-named ones."""
+        return self.extract_all_with_report(folder, fmt=fmt, force=force, device=device, progress=progress).paths
 
-    def _extract_together(self, files: dict, device: torch.device):
+    def extract_all_with_report(self, folder, *, fmt=None, force=False, device="cpu", progress=None):
+        """`extract_all`, returning the ExtractReport."""
+        from . import extracting
+        return extracting.extract_all(self, folder, fmt=fmt, force=force, device=device, progress=progress)
+
+    def _extract_together(self, files: dict, device: torch.device, tick=None):
         """Write several tasks as safetensors files at once, tensor by tensor, so that each base
         and mtv section is read and decoded once for all of them rather than once per task."""
         tasks = list(files)
@@ -278,6 +249,8 @@ class Archive:
                         pending.append(pool.submit(self._parts_for_tasks, tasks, names[i + ahead]))
                     for task, part in parts.items():
                         streams[task].write(name, self._assemble(part, device))
+                    if tick:
+                        tick(len(parts))
             for stream in streams.values():
                 stream.close()
         except BaseException:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import TallzipError
 from .formats.checkpoints import save_tensors
 
 VIT_B32 = dict(width=768, layers=12, patch=32, image=224, embed=512)
@@ -109,3 +110,32 @@ def make_family(folder, n_tasks=6, *, fmt="safetensors", seed=0, frozen_width=32
         save_tensors(task, tasks_dir / f"task{i:02d}{ext}", fmt,
                      {"task": f"task{i:02d}"} if fmt == "safetensors" else None)
     return base_path, tasks_dir
+
+
+def demo_files(n_tasks: int, fmt="safetensors") -> list[str]:
+    """What make_family writes under its folder, relative to it (the demo adds its archive and one extract)."""
+    ext = ".safetensors" if fmt == "safetensors" else ".pt"
+    return [f"base{ext}", *(f"finetuned/task{i:02d}{ext}" for i in range(n_tasks))]
+
+
+def check_demo_folder(folder, outputs, *, force: bool):
+    """Refuse a folder the demo would write into that holds anything but the demo's own outputs
+    `outputs` (relative paths): without `force`, any non-empty folder; with it, a folder whose
+    finetuned/ holds other files too (pack would take them for tasks). Nothing is deleted."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise TallzipError(f"{folder}: exists and is not a folder")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not force:
+        raise TallzipError(f"{folder}: already exists and is not empty (use --force to replace "
+                           "the demo's own files there; nothing else is touched)")
+    for rel in outputs:
+        if (folder / rel).is_dir():
+            raise TallzipError(f"{folder / rel}: is a folder, where the demo writes a file")
+    ours = {Path(rel).name for rel in outputs if Path(rel).parent.name == "finetuned"}
+    tasks_dir = folder / "finetuned"
+    others = sorted(p.name for p in tasks_dir.iterdir() if p.name not in ours) if tasks_dir.is_dir() else []
+    if others:
+        raise TallzipError(f"{tasks_dir}: holds {others[0]}, which the demo does not write (it would pack it as "
+                           "a task); give another --folder")
