@@ -190,6 +190,13 @@ class RayEngine(Engine):
         self.max_retries, self.runtime_env = max_retries, runtime_env
         self._started_ray = False
         self._task = None
+        self._workers = None
+
+    @property
+    def workers(self) -> int:
+        """Jobs the cluster runs at once (its CPUs over cpus_per_job); asking connects to the cluster."""
+        self._start()
+        return self._workers
 
     def _start(self):
         if self._task is not None:
@@ -208,7 +215,7 @@ class RayEngine(Engine):
                                    f" ({_one_line(exc)})") from None
             self._started_ray = True
         cpus = ray.cluster_resources().get("CPU", 1)
-        self.workers = max(1, int(cpus // self.cpus_per_job))
+        self._workers = max(1, int(cpus // self.cpus_per_job))
         self._task = ray.remote(run_job)
         self._task_options = dict(max_retries=self.max_retries, retry_exceptions=False, num_cpus=self.cpus_per_job)
 
