@@ -273,9 +273,14 @@ def _checkpoint_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in CHECKPOINT_EXTS)
 
 
+_HF_SAME_MODEL = {"model.safetensors", "pytorch_model.bin"}
+
+
 def _pick_in_folder(folder: Path) -> Path:
     """The one checkpoint file of a task folder (the paper's release keeps `nonlinear_finetuned.pt` there)."""
     files = _checkpoint_files(folder)
+    if {p.name for p in files} == _HF_SAME_MODEL:
+        return folder / "model.safetensors"  # Hugging Face keeps one model in both spellings
     if len(files) > 1:
         finetuned = [p for p in files if "finetuned" in p.stem and not p.stem.startswith("linear")]
         files = finetuned if len(finetuned) == 1 else files

@@ -46,7 +46,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .errors import FormatError
-from .torch_zip import CheckpointFormatError, TorchZip
+from .torch_zip import CheckpointFormatError, TorchZip, is_zip
 
 __all__ = ["load_state_dict", "read_restricted", "read_lazy", "TensorSpec", "UnsafePickleError",
            "CheckpointFormatError"]
@@ -357,7 +357,7 @@ def read_lazy(path):
     (compressed records, the other byte order, the legacy container, a pickle the restricted
     reader does not take). A damaged zip is refused here (DamagedZipError, naming the file)."""
     path = os.fspath(path)
-    if not zipfile.is_zipfile(path):
+    if not is_zip(path):
         return None
     container = TorchZip(path)
     members = container.members
@@ -475,7 +475,7 @@ def load_state_dict(path) -> tuple[dict[str, torch.Tensor], str]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointFormatError(f"{path}: no such file")
-    if zipfile.is_zipfile(path):
+    if is_zip(path):
         verify_zip(path)  # torch checks no CRC: a damaged record would load as a wrong tensor
     try:
         mmap = zipfile.is_zipfile(path) and _zip_records_stored(path)

@@ -38,6 +38,14 @@ class DamagedZipError(CheckpointFormatError):
     """A zip checkpoint whose directory, headers or member bytes are not what the zip says."""
 
 
+def is_zip(path) -> bool:
+    """True for a zip, including one so damaged that zipfile's own test raises."""
+    try:
+        return zipfile.is_zipfile(path)
+    except Exception:
+        return True
+
+
 class Member(NamedTuple):
     name: str              # the record's name without the archive's folder: "data.pkl", "data/0"
     data_offset: int       # where the member's (stored or compressed) bytes start in the file
@@ -72,16 +80,17 @@ class TorchZip:
         with open(self.path, "rb") as fh:
             try:
                 end_record = zipfile._EndRecData(fh)  # zipfile's own end-of-directory reader
-            except (OSError, AttributeError):
+            except AttributeError:
                 end_record = None
+            except Exception as error:
+                raise self._damaged(f"{type(error).__name__}: {error}") from None
             if end_record and end_record[zipfile._ECD_SIZE] > min(MAX_CENTRAL_DIRECTORY, file_size):
                 raise self._damaged(f"central directory of {end_record[zipfile._ECD_SIZE]} bytes")
             try:
                 with zipfile.ZipFile(fh) as archive:
                     infos, directory_start = archive.infolist(), archive.start_dir
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError,
-                    UnicodeDecodeError, struct.error) as error:
-                raise self._damaged(f"{error}") from None
+            except Exception as error:  # zipfile meets garbage with BadZipFile, NotImplementedError...
+                raise self._damaged(f"{type(error).__name__}: {error}") from None
         if not infos:
             raise self._damaged("no records")
         if len(infos) > MAX_MEMBERS:
