@@ -3,6 +3,7 @@ checked, Hugging Face sharded folders with tied embeddings, offsets past 2 GiB, 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import subprocess
@@ -170,7 +171,7 @@ def test_damaged_pt_is_refused_naming_the_file(tmp_path, record, read):
         ckpt = open_checkpoint(path)
         for name in ckpt.names:
             if read == "read_range":
-                ckpt.read_range(name, 0, min(3, torch.tensor(ckpt.shapes[name]).prod().item()))
+                ckpt.read_range(name, 0, min(3, math.prod(ckpt.shapes[name])))
             else:
                 ckpt.get(name)
     message = str(caught.value)
@@ -433,3 +434,39 @@ def test_folder_with_the_same_model_as_safetensors_and_bin_reads_the_safetensors
     save_file(tensors, str(folder / "other.safetensors"))
     with pytest.raises(FormatError, match="3 checkpoint files"):
         open_checkpoint(folder)
+
+
+# ---- the generated LLM-shaped family (benchmarks/llm_family.py) -------------------------------------
+
+TINY_LLM = dict(vocab=300, hidden=64, layers=2, mlp=160, heads=4, kv_heads=2, attention=True, tie=True)
+
+
+def test_generated_llm_family_is_a_hugging_face_family_with_realistic_masks(tmp_path):
+    from benchmarks.llm_family import generate
+    from conftest import np_mask, np_mtv
+    result = generate(tmp_path / "fam", TINY_LLM, 8, "bf16", shard_bytes=40_000, threads=2, log=None)
+    again = generate(tmp_path / "again", TINY_LLM, 8, "bf16", shard_bytes=40_000, threads=1, log=None)
+    base = open_checkpoint(result["base"])
+    tasks = [open_checkpoint(p) for p in result["tasks"]]
+    shards = sorted(p.name for p in result["base"].glob("*.safetensors"))
+    n = len(shards)
+    assert n > 1 and shards == [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    index = json.loads((result["base"] / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(math.prod(s) * 2 for s in base.shapes.values())
+    assert "lm_head.weight" not in base and json.loads(
+        base.extra_files["config.json"].read_text())["tie_word_embeddings"] is True
+    assert set(base.extra_files) == {"config.json", "tokenizer.json"}
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert base.shapes[name] == (160, 64) and base.dtypes[name] == "BF16"
+    # the same bytes whatever the thread count
+    for folder, other in zip([result["base"], *result["tasks"]], [again["base"], *again["tasks"]]):
+        for shard in shards:
+            assert (folder / shard).read_bytes() == (other / shard).read_bytes()
+    # masks as a fine-tune family's: a fifth to two fifths of the weights per task at N = 8
+    b = base.get(name).float().numpy()
+    by_task = {t: {name: ckpt.get(name).float().numpy()} for t, ckpt in enumerate(tasks)}
+    mtv = np_mtv({name: b}, by_task, name)
+    densities = [np_mask(b, by_task[t][name], mtv, 0.4).mean() for t in by_task]
+    assert 0.15 < min(densities) and max(densities) < 0.45, densities
+    with pytest.raises(SystemExit, match="not empty"):
+        generate(tmp_path / "fam", TINY_LLM, 1, "bf16", log=None)
