@@ -163,13 +163,7 @@ class TorchZip:
         """Read a whole stored member into `buffer`, checking its CRC on the way (one read, no second pass)."""
         if len(buffer) != member.size:
             raise ValueError("buffer size differs from the member's")
-        crc, done = 0, 0
-        while done < member.size:
-            piece = buffer[done:done + READ_CHUNK]
-            self.pread_into(piece, member.data_offset + done)
-            crc = crc32(piece, crc)
-            done += len(piece)
-        self._check_crc(member, crc)
+        self._check_stored(member, buffer)
 
     def verify(self, member: Member):
         """Check one member's CRC, once: a streamed read in READ_CHUNK pieces (memory stays small)."""
@@ -181,25 +175,29 @@ class TorchZip:
             if member.name in self._verified:
                 return
             if member.stored:
-                buffer = memoryview(bytearray(min(READ_CHUNK, member.size)))
-                crc, done = 0, 0
-                while done < member.size:
-                    piece = buffer[:min(READ_CHUNK, member.size - done)]
-                    self.pread_into(piece, member.data_offset + done)
-                    crc = crc32(piece, crc)
-                    done += len(piece)
-                self._check_crc(member, crc)
-            else:
-                with open(self.path, "rb") as fh, zipfile.ZipFile(fh) as archive:
-                    try:
-                        with archive.open(member.info) as stream:
-                            while stream.read(READ_CHUNK):
-                                pass  # zipfile raises BadZipFile at the end on a CRC mismatch
-                    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
-                        raise self._damaged(f"record {member.name!r}: {error}") from None
+                self._check_stored(member, None)
+                return
+            with open(self.path, "rb") as fh, zipfile.ZipFile(fh) as archive:
+                try:
+                    with archive.open(member.info) as stream:
+                        while stream.read(READ_CHUNK):
+                            pass  # zipfile raises BadZipFile at the end on a CRC mismatch
+                except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+                    raise self._damaged(f"record {member.name!r}: {error}") from None
             self._verified.add(member.name)
 
-    def mark_verified(self, member: Member):
+    def _check_stored(self, member: Member, into: memoryview | None):
+        """CRC of a stored member, read piece by piece into `into` (kept) or a scratch buffer."""
+        scratch = memoryview(bytearray(min(READ_CHUNK, member.size))) if into is None else None
+        crc, done = 0, 0
+        while done < member.size:
+            length = min(READ_CHUNK, member.size - done)
+            piece = scratch[:length] if into is None else into[done:done + length]
+            self.pread_into(piece, member.data_offset + done)
+            crc = crc32(piece, crc)
+            done += length
+        if crc & 0xFFFFFFFF != member.crc:
+            raise self._damaged(f"record {member.name!r} fails its CRC check")
         self._verified.add(member.name)
 
     def is_verified(self, member: Member) -> bool:
@@ -208,11 +206,6 @@ class TorchZip:
     def verify_all(self):
         for member in self.members.values():
             self.verify(member)
-
-    def _check_crc(self, member: Member, crc: int):
-        if crc & 0xFFFFFFFF != member.crc:
-            raise self._damaged(f"record {member.name!r} fails its CRC check")
-        self._verified.add(member.name)
 
     def pread_into(self, buffer: memoryview, offset: int):
         """Fill `buffer` from the file at `offset`, in pieces (one pread returns at most ~2 GiB on
