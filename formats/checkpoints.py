@@ -1,7 +1,9 @@
 """Checkpoint readers and writers: safetensors (single and sharded) and torch pickles.
 
-Readers are lazy: they list names, dtypes and shapes from headers and load one tensor at a time
-(memory-mapped), so a caller can stream a model without holding it whole.
+Readers are lazy: they list names, dtypes and shapes from headers and read one tensor, or one
+range of a tensor's elements, at a time (pread into fresh buffers), so a caller can stream a model
+without holding it whole. Torch zip checkpoints are read by offset too (formats/torch_lazy.py),
+their records CRC-checked before use.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ SAFETENSORS_EXT = ".safetensors"
 TORCH_EXTS = (".pt", ".pth", ".bin")
 CHECKPOINT_EXTS = (SAFETENSORS_EXT,) + TORCH_EXTS
 SHARD_INDEX = "model.safetensors.index.json"
-MAX_EXTRA_FILE_BYTES = 16 * 1024 * 1024  # config.json, tokenizer files and the like travel with a task
+# config.json, tokenizer files and the like travel with a task (Gemma's tokenizer.json is 17-33 MB)
+MAX_EXTRA_FILE_BYTES = 64 * 1024 * 1024
 
 
 class Checkpoint:
@@ -43,11 +46,30 @@ class Checkpoint:
         self.metadata: dict[str, str] | None = None
         self.sharding: dict | None = None    # {"files": {file: [names]}, "metadata": {...}} when sharded
         self.extra_files: dict[str, Path] = {}  # small side files of a folder checkpoint, by relative name
+        # name -> the earlier name holding the very same tensor (a .pt that saved one tensor, e.g.
+        # tied embeddings, under two names); Hugging Face safetensors instead leave the tied name out.
+        self.tied: dict[str, str] = {}
 
     def get(self, name: str, *, pin_memory: bool = False) -> torch.Tensor:
         """One tensor, read now; pin_memory=True puts it in page-locked memory (fast, asynchronous
         copies to a GPU)."""
         raise NotImplementedError
+
+    def read_range(self, name: str, start: int, count: int) -> torch.Tensor:
+        """`count` elements of the flattened tensor from element `start` on, as a new 1-D tensor
+        (what get(name).reshape(-1)[start:start + count] holds). Readers that can read a range by
+        offset override this; this fallback reads the tensor whole."""
+        self._check_range(name, start, count)
+        return self.get(name).reshape(-1)[start:start + count].clone()
+
+    def _check_range(self, name: str, start: int, count: int) -> int:
+        """The tensor's element count, after checking that [start, start + count) lies inside it."""
+        numel = math.prod(self.shapes[name])
+        if not (type(start) is int and type(count) is int and 0 <= start and 0 <= count
+                and start + count <= numel):
+            raise ValueError(f"{self.path}: range [{start}, {start}+{count}) is outside tensor {name!r} "
+                             f"of {numel} elements")
+        return numel
 
     def will_need(self, name: str):
         """Hint that `name` is read soon, so the OS can start reading it in the background."""
@@ -187,32 +209,76 @@ class ShardedCheckpoint(Checkpoint):
 
 
 class TorchCheckpoint(Checkpoint):
-    """A torch.save'd state dict (or a pickled module, read by the restricted unpickler)."""
+    """A torch.save'd state dict (or a pickled module, read by the restricted unpickler).
+
+    Zip checkpoints with stored records (what torch.save writes) are read lazily, by offset, each
+    record's CRC checked before use; others (re-zipped with compression, legacy pre-1.6 files,
+    pickles only torch's own loader takes) are loaded whole, after a CRC check of every record."""
 
     format = "pt"
 
     def __init__(self, path: Path):
         super().__init__(path)
-        from .safe_pickle import load_state_dict  # heavy-ish and only needed for pickles
-        state, self.pickle_kind = load_state_dict(self.path)
-        self._tensors = state
-        for name, tensor in state.items():
+        from .safe_pickle import load_state_dict, read_lazy  # heavy-ish and only needed for pickles
+        from .torch_lazy import LazyTorchFile, aliases
+        lazy = read_lazy(self.path)
+        self._lazy, self._tensors = None, None
+        if lazy is not None:
+            specs, self.pickle_kind, container = lazy
+            self._lazy = LazyTorchFile(container, specs)
+            entries = ((name, spec.dtype, spec.shape) for name, spec in specs.items())
+            self.tied = aliases(specs)
+        else:
+            self._tensors, self.pickle_kind = load_state_dict(self.path)
+            entries = ((name, t.dtype, t.shape) for name, t in self._tensors.items())
+            self.tied = _eager_aliases(self._tensors)
+        for name, dtype, shape in entries:
             self.names.append(name)
-            self.dtypes[name] = dtype_name(tensor.dtype)
-            self.shapes[name] = tuple(tensor.shape)
+            self.dtypes[name] = dtype_name(dtype)
+            self.shapes[name] = tuple(shape)
 
     def get(self, name, *, pin_memory=False):
+        if self._lazy is not None:
+            return self._lazy.get(name, pin_memory=pin_memory)
         tensor = self._tensors[name]
         return tensor.pin_memory() if pin_memory else tensor
+
+    def read_range(self, name, start, count):
+        self._check_range(name, start, count)
+        if self._lazy is not None:
+            return self._lazy.read_range(name, start, count)
+        return self._tensors[name].reshape(-1)[start:start + count].clone()
+
+    def will_need(self, name):
+        if self._lazy is not None:
+            self._lazy.will_need(name)
+
+
+def _eager_aliases(tensors: dict) -> dict[str, str]:
+    """name -> first name that is the very same tensor (same memory, shape, strides and dtype)."""
+    first, tied = {}, {}
+    for name, tensor in tensors.items():
+        if tensor.numel() == 0:
+            continue
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        tied[name] = first.setdefault(key, name)
+        if tied[name] == name:
+            del tied[name]
+    return tied
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in CHECKPOINT_EXTS)
 
 
+_HF_SAME_MODEL = {"model.safetensors", "pytorch_model.bin"}
+
+
 def _pick_in_folder(folder: Path) -> Path:
     """The one checkpoint file of a task folder (the paper's release keeps `nonlinear_finetuned.pt` there)."""
     files = _checkpoint_files(folder)
+    if {p.name for p in files} == _HF_SAME_MODEL:
+        return folder / "model.safetensors"  # Hugging Face keeps one model in both spellings
     if len(files) > 1:
         finetuned = [p for p in files if "finetuned" in p.stem and not p.stem.startswith("linear")]
         files = finetuned if len(finetuned) == 1 else files

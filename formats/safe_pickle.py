@@ -24,7 +24,12 @@ imports nothing and calls nothing outside ``_ALLOWED``. Each global a pickle nam
 
 Containers: the torch zip format (storages mmapped, ``byteorder`` record honoured) and the
 legacy pre-1.6 non-zip format (storages read into memory). The tar format of torch < 0.4
-is refused.
+is refused. A zip's bounds and the CRC of every record are checked (formats/torch_zip.py)
+before torch or this reader sees its bytes.
+
+``read_lazy`` runs the same unpickler without reading any storage: each tensor comes back as a
+``TensorSpec`` (storage record, element offset, shape, stride, dtype) that formats/torch_lazy.py
+reads by offset, whole or by element ranges.
 """
 from __future__ import annotations
 
@@ -41,16 +46,14 @@ from typing import Callable, NamedTuple
 import torch
 
 from .errors import FormatError
+from .torch_zip import CheckpointFormatError, TorchZip, is_zip
 
-__all__ = ["load_state_dict", "read_restricted", "UnsafePickleError", "CheckpointFormatError"]
+__all__ = ["load_state_dict", "read_restricted", "read_lazy", "TensorSpec", "UnsafePickleError",
+           "CheckpointFormatError"]
 
 
 class UnsafePickleError(FormatError):
     """The pickle asked for a global or a call that is not allow-listed."""
-
-
-class CheckpointFormatError(FormatError):
-    """The file is not a readable PyTorch checkpoint."""
 
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
@@ -103,6 +106,29 @@ class _StorageRef(NamedTuple):
     dtype: torch.dtype
 
 
+class _LazyStorage(NamedTuple):
+    """What persistent_load returns for a storage that is not read: its record key and size."""
+    key: str
+    nbytes: int
+    dtype: torch.dtype
+
+
+class TensorSpec(NamedTuple):
+    """A tensor of a zip checkpoint, not read: storage record key, element offset, shape, stride, dtype."""
+    key: str
+    offset: int
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+
+    def detach(self):  # as _plain_tensor does to tensors
+        return self
+
+
+class _NeedsEagerRead(Exception):
+    """The lazy reader met something only a real tensor can carry (conj/neg bits)."""
+
+
 class _StorageType(NamedTuple):
     dtype: torch.dtype
 
@@ -131,7 +157,7 @@ def _refuse(what: str):
 
 
 def _rebuild_tensor(storage, offset, size, stride, dtype=None, metadata=None):
-    if not isinstance(storage, _StorageRef):
+    if not isinstance(storage, (_StorageRef, _LazyStorage)):
         _refuse(f"tensor rebuild got {type(storage).__name__} instead of a checkpoint storage")
     dtype = storage.dtype if dtype is None else dtype
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and isinstance(dtype, torch.dtype)
@@ -139,8 +165,13 @@ def _rebuild_tensor(storage, offset, size, stride, dtype=None, metadata=None):
         _refuse("tensor rebuild got a malformed dtype, offset, size or stride")
     item = torch.empty(0, dtype=dtype).element_size()
     last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else -1
-    if len(size) != len(stride) or (last + 1) * item > storage.untyped.nbytes():
+    storage_bytes = storage.nbytes if isinstance(storage, _LazyStorage) else storage.untyped.nbytes()
+    if len(size) != len(stride) or (last + 1) * item > storage_bytes:
         raise CheckpointFormatError("tensor reaches past the end of its storage")
+    if isinstance(storage, _LazyStorage):
+        if metadata and isinstance(metadata, dict) and any(metadata.values()):
+            raise _NeedsEagerRead()
+        return _TensorRef(TensorSpec(storage.key, offset, size, stride, dtype))
     tensor = torch.empty(0, dtype=dtype).set_(storage.untyped, offset, size, stride)
     if metadata and isinstance(metadata, dict):  # conj/neg bits of complex views
         torch._utils.set_tensor_metadata(tensor, {k: bool(v) for k, v in metadata.items()})
@@ -320,6 +351,46 @@ def _read_legacy(file, file_size):
     return result
 
 
+def read_lazy(path):
+    """(specs by name, kind, open TorchZip) for a zip checkpoint whose records are all stored, as
+    torch writes them, read without reading any storage; None where only the eager reader can
+    (compressed records, the other byte order, the legacy container, a pickle the restricted
+    reader does not take). A damaged zip is refused here (DamagedZipError, naming the file)."""
+    path = os.fspath(path)
+    if not is_zip(path):
+        return None
+    container = TorchZip(path)
+    members = container.members
+    if not container.all_stored or "data.pkl" not in members:
+        return None
+    byteorder = container.read("byteorder").decode("ascii", "replace") if "byteorder" in members else sys.byteorder
+    if byteorder != sys.byteorder:
+        return None
+
+    def storage_for(dtype, key, numel, extra):
+        member, nbytes = members.get(f"data/{key}"), _storage_nbytes(dtype, numel)
+        if member is None or member.size != nbytes:
+            raise CheckpointFormatError(f"storage record data/{key} is missing or has the wrong size")
+        return _LazyStorage(key, nbytes, dtype)
+
+    pickled = container.read("data.pkl")  # CRC-checked
+    try:
+        specs, kind = _as_state_dict(RestrictedUnpickler(io.BytesIO(pickled), storage_for).load())
+    except Exception:  # the eager reader gives the final word, and its own message
+        container.close()
+        return None
+    return specs, kind, container
+
+
+def verify_zip(path):
+    """Refuse a zip checkpoint whose bounds or any record's CRC are wrong (one streamed read)."""
+    container = TorchZip(path)
+    try:
+        container.verify_all()
+    finally:
+        container.close()
+
+
 def read_restricted(path):
     """Unpickle ``path`` with RestrictedUnpickler; returns the object tree (stubs for modules)."""
     if zipfile.is_zipfile(path):
@@ -339,7 +410,7 @@ def _is_module_stub(obj):
 
 def _plain_tensor(value, name):
     tensor = value.tensor if isinstance(value, _TensorRef) else value
-    if not isinstance(tensor, torch.Tensor):
+    if not isinstance(tensor, (torch.Tensor, TensorSpec)):
         raise CheckpointFormatError(f"{_brief(name)} is a {type(value).__name__}, not a tensor")
     return tensor.detach()  # Parameters become plain tensors, as in module.state_dict()
 
@@ -404,6 +475,8 @@ def load_state_dict(path) -> tuple[dict[str, torch.Tensor], str]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointFormatError(f"{path}: no such file")
+    if is_zip(path):
+        verify_zip(path)  # torch checks no CRC: a damaged record would load as a wrong tensor
     try:
         mmap = zipfile.is_zipfile(path) and _zip_records_stored(path)
         with warnings.catch_warnings():  # its pickle-protocol chatter is noise when we fall back anyway
