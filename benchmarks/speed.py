@@ -477,19 +477,17 @@ def report(results: dict):
 
 def ensure_llm_family(cache: Path, n_tasks: int, preset: str, dtype: str) -> tuple[Path, list[Path]]:
     """Generate (once) an LLM-shaped family of Hugging Face sharded folders (benchmarks.llm_family)."""
+    from benchmarks.llm_family import generate
     folder = cache / f"llm-{preset}-{dtype}"
-    marker = folder / "complete.json"
+    marker = cache / f"llm-{preset}-{dtype}.json"
     info = json.loads(marker.read_text()) if marker.is_file() else {}
     if info.get("tasks", 0) < n_tasks:
         shutil.rmtree(folder, ignore_errors=True)
         print(f"generating {n_tasks} LLM-shaped ({preset}, {dtype}) checkpoints in {folder} ...", flush=True)
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "benchmarks.llm_family", str(folder), "--preset", preset,
-                        "--tasks", str(n_tasks), "--dtype", dtype], cwd=REPO, check=True)
-        marker.write_text(json.dumps({"tasks": n_tasks, "seconds": time.perf_counter() - start}))
-    from benchmarks.llm_family import family_paths
-    base, tasks = family_paths(folder)
-    return base, tasks[:n_tasks]
+        made = generate(folder, preset, n_tasks, dtype, log=None)
+        marker.write_text(json.dumps({"tasks": n_tasks, "seconds": made["seconds"]}))
+    tasks = sorted(p for p in (folder / "tasks").iterdir() if p.is_dir())
+    return folder / "base", tasks[:n_tasks]
 
 
 def main(argv=None):
@@ -585,6 +583,7 @@ def main(argv=None):
         if not args.keep:
             for folder in generated:
                 shutil.rmtree(folder, ignore_errors=True)
+                Path(f"{folder}.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
