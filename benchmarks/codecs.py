@@ -43,7 +43,7 @@ import numpy as np
 import zstandard
 
 from tallzip.demo import VIT_B32, vit_shapes
-from tallzip.formats import codecs
+from tallzip.formats import codecs, float_codecs, mask_codecs
 
 CACHE_ROOT = Path(__file__).resolve().parent / ".cache"
 
@@ -209,14 +209,14 @@ def zipnn_codec():
 
 def one_frame_planes(values, level):
     """Size of the alternative layout: all byte planes in ONE zstd frame (for comparison only)."""
-    planes = codecs._split_planes(values)
+    planes = float_codecs.split_planes(values)
     return len(zstandard.ZstdCompressor(level=level).compress(planes.tobytes()))
 
 
 def plane_entropy_bytes(values):
     """Order-0 entropy of each byte plane (sign rotated), summed: the bound for planes+ans."""
     total = 0.0
-    for plane in codecs._split_planes(values):
+    for plane in float_codecs.split_planes(values):
         counts = np.bincount(plane, minlength=256)
         p = counts[counts > 0] / plane.size
         total += -(p * np.log2(p)).sum() * plane.size / 8
@@ -276,8 +276,8 @@ def mask_context_groups(mask, context, params):
     """The group id of every element as bits-ctx grouped it (for the conditional-entropy row)."""
     if params.get("mode") != "ctx":
         return np.zeros(mask.size, dtype=np.int64)
-    grouping = codecs._mtv_grouping(context, mask.size, params["feature"], "bench")
-    return grouping.groups.astype(np.int64) // (codecs._FINE_GROUPS // params["groups"])
+    grouping = mask_codecs.mtv_grouping(context, mask.size, params["feature"], "bench")
+    return grouping.groups.astype(np.int64) // (mask_codecs.FINE_GROUPS // params["groups"])
 
 
 def code_mask(tally, per_task, t, label, codec, mask, level, context=None):
@@ -294,7 +294,7 @@ def measure_masks(tensor_masks, mtv, mtv_bf16_f32, tally, per_task, level, choic
     flat_masks = [m.reshape(-1) for m in tensor_masks]
     count = mtv.size
     context = {"mtv": mtv}
-    _, build_s = timed(lambda: [codecs._mtv_grouping(context, count, f, "bench") for f in codecs._features_for(mtv.shape)])
+    _, build_s = timed(lambda: [mask_codecs.mtv_grouping(context, count, f, "bench") for f in mask_codecs.features_for(mtv.shape)])
     timings["context build"] += build_s
     context_bf16 = {"mtv": mtv_bf16_f32}
     buckets16 = quantile_buckets(mtv, 16)
@@ -408,7 +408,7 @@ def full_size_throughput(args, zipnn):
     print(f"\n=== THROUGHPUT on one full-size tensor ({name} {theta_0.shape}, {args.tasks} tasks), one core;"
           f" seconds scaled to a ViT-B/32 vision tower ({VIT_B32_PARAMS:,} params)")
     context = {"mtv": mtv}
-    _, build_s = timed(lambda: [codecs._mtv_grouping(context, count, f, "bench") for f in codecs._features_for(mtv.shape)])
+    _, build_s = timed(lambda: [mask_codecs.mtv_grouping(context, count, f, "bench") for f in mask_codecs.features_for(mtv.shape)])
     print(f"  bits-ctx context build (once per tensor, all tasks share it): {count / build_s / 1e6:6.0f} M params/s"
           f" -> {VIT_B32_PARAMS / count * build_s:5.2f} s per model")
     print(f"  {'mask codec':22s} {'bits/param':>10s} {'enc Mbit/s':>10s} {'dec Mbit/s':>10s} {'enc s/task':>10s} {'dec s/task':>10s}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tallzip.formats import codecs
+from tallzip.formats import codecs, float_codecs, mask_codecs
 from tallzip.formats.codecs import CodecError
 
 ARRAY_CODECS = ("raw", "zstd", "planes+zstd", "planes+ans")
@@ -80,14 +80,14 @@ def test_byte_planes_split_and_join_are_inverse():
         info = np.iinfo(dtype)
         values = np.random.default_rng(3).integers(0, info.max, 1000, dtype=dtype, endpoint=True)
         values[:3] = [0, info.max, 1 << (info.bits - 1)]  # the sign bit alone
-        planes = codecs._split_planes(values)
+        planes = float_codecs.split_planes(values)
         assert planes.shape == (values.dtype.itemsize, values.size)
-        assert np.array_equal(codecs._join_planes(planes, values.dtype), values)
+        assert np.array_equal(float_codecs.join_planes(planes, values.dtype), values)
 
 
 def test_top_byte_plane_of_float32_is_the_exponent():
     values = float_bits(np.random.default_rng(4), 1000)
-    planes = codecs._split_planes(values)
+    planes = float_codecs.split_planes(values)
     assert np.array_equal(planes[3], ((values >> 23) & 0xFF).astype(np.uint8))  # sign moved to plane 0's bit 0
     assert np.array_equal(planes[0] & 1, (values >> 31).astype(np.uint8))
 
@@ -175,7 +175,7 @@ def test_planes_ans_beats_plain_zstd_on_weights():
 
 def test_context_groups_ignore_the_sign_and_are_identical_for_equal_values():
     mtv = np.array([1.0, -1.0, 2.0, -2.0, 0.0, -0.0] * 50, dtype=np.float32)
-    groups = codecs._mtv_grouping({"mtv": mtv}, mtv.size, "abs", "test").groups
+    groups = mask_codecs.mtv_grouping({"mtv": mtv}, mtv.size, "abs", "test").groups
     assert groups[0] == groups[1] and groups[2] == groups[3] and groups[4] == groups[5]
 
 
