@@ -43,21 +43,21 @@ def split_planes(array):
 
 
 def join_planes(planes, dtype):
-    """Inverse of split_planes. Built with shifts on whole elements rather than a byte transpose,
-    and the sign rotated back in place: ~2x faster, and decoding the base bounds extract's speed."""
+    """Inverse of split_planes: the bytes interleaved by strided copies, then the sign rotated
+    back from bit 0 to the top. ~1.4x faster on float32 than building elements with shifts
+    (benchmarks/chunk_codecs.py), and decoding the base bounds extract's speed."""
     itemsize = dtype.itemsize
     if itemsize == 1:
         return planes.reshape(-1).view(dtype)
     utype = np.dtype(f"<u{itemsize}")
-    values = planes[itemsize - 1].astype(utype)
-    for plane in planes[itemsize - 2::-1]:
-        values <<= utype.type(8)
-        values |= plane
-    sign = values & utype.type(1)
-    values >>= utype.type(1)
-    sign <<= utype.type(itemsize * 8 - 1)
-    values |= sign
-    return values.view(dtype.newbyteorder("<")).astype(dtype, copy=False)
+    interleaved = np.empty((planes.shape[1], itemsize), dtype=np.uint8)
+    for i in range(itemsize):
+        interleaved[:, i] = planes[i]
+    values = interleaved.view(utype).reshape(-1)
+    rotated = values >> utype.type(1)
+    values <<= utype.type(itemsize * 8 - 1)
+    rotated |= values
+    return rotated.view(dtype.newbyteorder("<")).astype(dtype, copy=False)
 
 
 def _little_endian_bytes(array):
