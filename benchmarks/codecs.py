@@ -24,7 +24,8 @@ For each family it prints bits per parameter and ratio (raw / coded) of the base
 the mtv rounded to bfloat16 under zstd, planes+zstd (one frame per byte plane, and one frame of all
 planes), planes+ans and zipnn (when installed); for the masks (lambda = --lam): the binary entropy of
 each task's density, conditional entropies given mtv contexts, bits+zstd, |mtv|-sorted bits + zstd,
-bits-ctx (the shippable context codec), bits-ctx with the bf16 mtv as context, and bits-ctx-prior
+bits-ctx (format v1's context codec), bits-ctx with the bf16 mtv as context, bits-lvl (format v2's,
+here each tensor one chunk; benchmarks/chunk_codecs.py measures it by chunk) and bits-ctx-prior
 (also conditions on earlier tasks' masks: breaks random access, measured only); a storage total; and
 speeds on one full-size ViT-B/32 tensor. Every coded section is decoded and compared bit for bit.
 """
@@ -264,6 +265,7 @@ MASK_ROWS = (
     "|mtv|-sorted bits + zstd",
     "bits-ctx",
     "bits-ctx, bf16 mtv context",
+    "bits-lvl (format v2)",
     "bits-ctx-prior (no random access)",
 )
 
@@ -297,6 +299,7 @@ def measure_masks(tensor_masks, mtv, mtv_bf16_f32, tally, per_task, level, choic
     _, build_s = timed(lambda: [mask_codecs.mtv_grouping(context, count, f, "bench") for f in mask_codecs.features_for(mtv.shape)])
     timings["context build"] += build_s
     context_bf16 = {"mtv": mtv_bf16_f32}
+    context_lvl = {"mtv": mtv, "shape": mtv.shape}  # the whole tensor as one chunk
     buckets16 = quantile_buckets(mtv, 16)
     order = np.argsort(np.abs(mtv.reshape(-1)), kind="stable")
     prior_count = np.zeros(count, dtype=np.int64)
@@ -316,6 +319,7 @@ def measure_masks(tensor_masks, mtv, mtv_bf16_f32, tally, per_task, level, choic
         for table in (tally, per_task[t]):
             table.add("H(m | bits-ctx groups)", conditional_entropy_bits(mask, groups) / 8, count)
         code_mask(tally, per_task, t, "bits-ctx, bf16 mtv context", "bits-ctx", mask, level, context_bf16)
+        code_mask(tally, per_task, t, "bits-lvl (format v2)", "bits-lvl", mask, level, context_lvl)
         prior_context = {"mtv": mtv, "prior_masks": flat_masks[:t], "_bits_ctx_cache": context["_bits_ctx_cache"]}
         code_mask(tally, per_task, t, "bits-ctx-prior (no random access)", "bits-ctx-prior", mask, level, prior_context)
         prior_count += mask
@@ -323,7 +327,7 @@ def measure_masks(tensor_masks, mtv, mtv_bf16_f32, tally, per_task, level, choic
 
 def print_mask_tables(tally, per_task, densities, choices, show_tasks):
     print("\n  masks, bits per parameter per task (all masked tensors together)")
-    header = f"    {'task':>4s} {'density':>7s} " + " ".join(f"{c:>8s}" for c in ("H(p)", "H|mtv16", "H|groups", "bits+zstd", "sorted+z", "bits-ctx", "ctx bf16", "prior"))
+    header = f"    {'task':>4s} {'density':>7s} " + " ".join(f"{c:>8s}" for c in ("H(p)", "H|mtv16", "H|groups", "bits+zstd", "sorted+z", "bits-ctx", "ctx bf16", "bits-lvl", "prior"))
     if show_tasks:
         print(header)
         for t, table in enumerate(per_task):
@@ -413,7 +417,8 @@ def full_size_throughput(args, zipnn):
           f" -> {VIT_B32_PARAMS / count * build_s:5.2f} s per model")
     print(f"  {'mask codec':22s} {'bits/param':>10s} {'enc Mbit/s':>10s} {'dec Mbit/s':>10s} {'enc s/task':>10s} {'dec s/task':>10s}")
     for label, codec, level, ctx in (("bits+zstd L1", "bits+zstd", 1, None), (f"bits+zstd L{args.levels[-1]}", "bits+zstd", args.levels[-1], None),
-                                     ("bits-ctx", "bits-ctx", args.levels[-1], context)):
+                                     ("bits-ctx", "bits-ctx", args.levels[-1], context),
+                                     ("bits-lvl", "bits-lvl", args.levels[-1], {"mtv": mtv})):
         coded, enc_s, dec_s = 0, 0.0, 0.0
         for mask in masks:
             (data, params), seconds = timed(codecs.encode, codec, mask, level=level, context=ctx)

@@ -80,7 +80,9 @@ def level_buckets(levels, rows):
         return np.zeros(0, dtype=np.uint8)
     by_row = levels.reshape(rows, -1)
     middle = by_row.shape[1] // 2
-    relative = by_row - np.partition(by_row, middle, axis=1)[:, middle:middle + 1]
+    median = np.partition(by_row, middle, axis=1)[:, middle:middle + 1]
+    relative = by_row.astype(np.int16)  # levels < 4096: the differences fit, at half the memory traffic
+    relative -= median.astype(np.int16)
     relative >>= _BUCKET_SHIFT  # arithmetic shift: floor division
     relative += _CENTER
     np.clip(relative, 0, BUCKETS - 1, out=relative)
