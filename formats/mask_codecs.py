@@ -36,6 +36,8 @@ quantile groups of "abs" x the number of earlier tasks whose mask is set at that
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .codecs import CodecError, PayloadReader, decoder_errors_as_codec_errors, register, require
@@ -95,21 +97,23 @@ def features_for(shape):
 
 
 def mtv_grouping(context, count, feature, what):
-    """The fine grouping by one feature, cached in the context dict (all tasks of a tensor share it)."""
+    """The fine grouping by one feature, cached in the context dict (all tasks of a tensor share it;
+    a lock in the dict makes concurrent encoders wait for one build instead of each building it)."""
     mtv, shape = context_mtv_and_shape(context, count, what)
     require(feature in features_for(shape), what, f"feature {feature!r} is not available for shape {shape}")
-    cache = context.get("_bits_ctx_cache")
-    if not isinstance(cache, dict) or cache.get("mtv") is not mtv or cache.get("shape") != shape:
-        cache = context["_bits_ctx_cache"] = {"mtv": mtv, "shape": shape}
-    if feature not in cache:
-        if "levels" not in cache:
-            cache["levels"] = _mtv_levels(mtv)
-        if feature == "abs":
-            fine = _fine_groups(cache["levels"], _LEVELS)
-        else:
-            fine = _fine_groups(_row_relative_levels(cache["levels"], shape[0]), 2 * _LEVELS)
-        cache[feature] = Grouping(fine, FINE_GROUPS)
-    return cache[feature]
+    with context.setdefault("_bits_ctx_lock", threading.Lock()):  # setdefault is atomic: one lock per dict
+        cache = context.get("_bits_ctx_cache")
+        if not isinstance(cache, dict) or cache.get("mtv") is not mtv or cache.get("shape") != shape:
+            cache = context["_bits_ctx_cache"] = {"mtv": mtv, "shape": shape}
+        if feature not in cache:
+            if "levels" not in cache:
+                cache["levels"] = _mtv_levels(mtv)
+            if feature == "abs":
+                fine = _fine_groups(cache["levels"], _LEVELS)
+            else:
+                fine = _fine_groups(_row_relative_levels(cache["levels"], shape[0]), 2 * _LEVELS)
+            cache[feature] = Grouping(fine, FINE_GROUPS)
+        return cache[feature]
 
 
 def _bits_ctx_encode(array, *, level, threads, context, **_):

@@ -356,3 +356,31 @@ def test_archive_with_new_codecs_extracts_the_same_tensors(tmp_path, mtv_dtype):
         for name in expected:
             assert expected[name].dtype == got[name].dtype
             assert torch.equal(expected[name].reshape(-1).view(torch.uint8), got[name].reshape(-1).view(torch.uint8)), (task, name)
+
+
+def test_bits_ctx_threads_sharing_a_context_build_each_grouping_once(monkeypatch):
+    import threading
+    import time
+
+    rng = np.random.default_rng(14)
+    mask, mtv = mask_depending_on_mtv(rng, (128, 256))
+    calls = []
+    real = mask_codecs._fine_groups
+    def slow_build(*args):  # slow enough that all four threads ask for the grouping while it is built
+        calls.append(1)
+        time.sleep(0.2)
+        return real(*args)
+
+    monkeypatch.setattr(mask_codecs, "_fine_groups", slow_build)
+    context, results, start = {"mtv": mtv}, [None] * 4, threading.Barrier(4)
+
+    def encode(i):
+        start.wait()
+        results[i] = codecs.encode("bits-ctx", mask, context=context)
+
+    threads = [threading.Thread(target=encode, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 2 and all(r == results[0] for r in results)  # one grouping per feature ("abs", "row")

@@ -3,6 +3,7 @@ and no silently wrong mask from a wrong context, damaged payload or damaged para
 from __future__ import annotations
 
 import threading
+import time
 import zlib
 
 import numpy as np
@@ -157,10 +158,19 @@ def test_one_grouping_per_context_dict_across_threads(monkeypatch):
     mtv, mask = tall_like(rng, (256, 512))
     calls = []
     real = mask_levels.level_buckets
-    monkeypatch.setattr(mask_levels, "level_buckets", lambda *a: calls.append(1) or real(*a))
-    context, results = {"mtv": mtv.reshape(-1), "shape": mtv.shape}, [None] * 4
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, codecs.encode("bits-lvl", mask, context=context)))
-               for i in range(4)]
+    def slow_build(*args):  # slow enough that all four threads ask for the grouping while it is built
+        calls.append(1)
+        time.sleep(0.2)
+        return real(*args)
+
+    monkeypatch.setattr(mask_levels, "level_buckets", slow_build)
+    context, results, start = {"mtv": mtv.reshape(-1), "shape": mtv.shape}, [None] * 4, threading.Barrier(4)
+
+    def encode(i):
+        start.wait()
+        results[i] = codecs.encode("bits-lvl", mask, context=context)
+
+    threads = [threading.Thread(target=encode, args=(i,)) for i in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
