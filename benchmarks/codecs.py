@@ -24,7 +24,8 @@ For each family it prints bits per parameter and ratio (raw / coded) of the base
 the mtv rounded to bfloat16 under zstd, planes+zstd (one frame per byte plane, and one frame of all
 planes), planes+ans and zipnn (when installed); for the masks (lambda = --lam): the binary entropy of
 each task's density, conditional entropies given mtv contexts, bits+zstd, |mtv|-sorted bits + zstd,
-bits-ctx (the shippable context codec), bits-ctx with the bf16 mtv as context, and bits-ctx-prior
+bits-ctx (format v1's context codec), bits-ctx with the bf16 mtv as context, bits-lvl (format v2's,
+here each tensor one chunk; benchmarks/chunk_codecs.py measures it by chunk) and bits-ctx-prior
 (also conditions on earlier tasks' masks: breaks random access, measured only); a storage total; and
 speeds on one full-size ViT-B/32 tensor. Every coded section is decoded and compared bit for bit.
 """
@@ -43,7 +44,7 @@ import numpy as np
 import zstandard
 
 from tallzip.demo import VIT_B32, vit_shapes
-from tallzip.formats import codecs
+from tallzip.formats import codecs, float_codecs, mask_codecs
 
 CACHE_ROOT = Path(__file__).resolve().parent / ".cache"
 
@@ -209,14 +210,14 @@ def zipnn_codec():
 
 def one_frame_planes(values, level):
     """Size of the alternative layout: all byte planes in ONE zstd frame (for comparison only)."""
-    planes = codecs._split_planes(values)
+    planes = float_codecs.split_planes(values)
     return len(zstandard.ZstdCompressor(level=level).compress(planes.tobytes()))
 
 
 def plane_entropy_bytes(values):
     """Order-0 entropy of each byte plane (sign rotated), summed: the bound for planes+ans."""
     total = 0.0
-    for plane in codecs._split_planes(values):
+    for plane in float_codecs.split_planes(values):
         counts = np.bincount(plane, minlength=256)
         p = counts[counts > 0] / plane.size
         total += -(p * np.log2(p)).sum() * plane.size / 8
@@ -264,6 +265,7 @@ MASK_ROWS = (
     "|mtv|-sorted bits + zstd",
     "bits-ctx",
     "bits-ctx, bf16 mtv context",
+    "bits-lvl (format v2)",
     "bits-ctx-prior (no random access)",
 )
 
@@ -276,8 +278,8 @@ def mask_context_groups(mask, context, params):
     """The group id of every element as bits-ctx grouped it (for the conditional-entropy row)."""
     if params.get("mode") != "ctx":
         return np.zeros(mask.size, dtype=np.int64)
-    grouping = codecs._mtv_grouping(context, mask.size, params["feature"], "bench")
-    return grouping.groups.astype(np.int64) // (codecs._FINE_GROUPS // params["groups"])
+    grouping = mask_codecs.mtv_grouping(context, mask.size, params["feature"], "bench")
+    return grouping.groups.astype(np.int64) // (mask_codecs.FINE_GROUPS // params["groups"])
 
 
 def code_mask(tally, per_task, t, label, codec, mask, level, context=None):
@@ -294,9 +296,10 @@ def measure_masks(tensor_masks, mtv, mtv_bf16_f32, tally, per_task, level, choic
     flat_masks = [m.reshape(-1) for m in tensor_masks]
     count = mtv.size
     context = {"mtv": mtv}
-    _, build_s = timed(lambda: [codecs._mtv_grouping(context, count, f, "bench") for f in codecs._features_for(mtv.shape)])
+    _, build_s = timed(lambda: [mask_codecs.mtv_grouping(context, count, f, "bench") for f in mask_codecs.features_for(mtv.shape)])
     timings["context build"] += build_s
     context_bf16 = {"mtv": mtv_bf16_f32}
+    context_lvl = {"mtv": mtv, "shape": mtv.shape}  # the whole tensor as one chunk
     buckets16 = quantile_buckets(mtv, 16)
     order = np.argsort(np.abs(mtv.reshape(-1)), kind="stable")
     prior_count = np.zeros(count, dtype=np.int64)
@@ -316,6 +319,7 @@ def measure_masks(tensor_masks, mtv, mtv_bf16_f32, tally, per_task, level, choic
         for table in (tally, per_task[t]):
             table.add("H(m | bits-ctx groups)", conditional_entropy_bits(mask, groups) / 8, count)
         code_mask(tally, per_task, t, "bits-ctx, bf16 mtv context", "bits-ctx", mask, level, context_bf16)
+        code_mask(tally, per_task, t, "bits-lvl (format v2)", "bits-lvl", mask, level, context_lvl)
         prior_context = {"mtv": mtv, "prior_masks": flat_masks[:t], "_bits_ctx_cache": context["_bits_ctx_cache"]}
         code_mask(tally, per_task, t, "bits-ctx-prior (no random access)", "bits-ctx-prior", mask, level, prior_context)
         prior_count += mask
@@ -323,7 +327,7 @@ def measure_masks(tensor_masks, mtv, mtv_bf16_f32, tally, per_task, level, choic
 
 def print_mask_tables(tally, per_task, densities, choices, show_tasks):
     print("\n  masks, bits per parameter per task (all masked tensors together)")
-    header = f"    {'task':>4s} {'density':>7s} " + " ".join(f"{c:>8s}" for c in ("H(p)", "H|mtv16", "H|groups", "bits+zstd", "sorted+z", "bits-ctx", "ctx bf16", "prior"))
+    header = f"    {'task':>4s} {'density':>7s} " + " ".join(f"{c:>8s}" for c in ("H(p)", "H|mtv16", "H|groups", "bits+zstd", "sorted+z", "bits-ctx", "ctx bf16", "bits-lvl", "prior"))
     if show_tasks:
         print(header)
         for t, table in enumerate(per_task):
@@ -408,12 +412,13 @@ def full_size_throughput(args, zipnn):
     print(f"\n=== THROUGHPUT on one full-size tensor ({name} {theta_0.shape}, {args.tasks} tasks), one core;"
           f" seconds scaled to a ViT-B/32 vision tower ({VIT_B32_PARAMS:,} params)")
     context = {"mtv": mtv}
-    _, build_s = timed(lambda: [codecs._mtv_grouping(context, count, f, "bench") for f in codecs._features_for(mtv.shape)])
+    _, build_s = timed(lambda: [mask_codecs.mtv_grouping(context, count, f, "bench") for f in mask_codecs.features_for(mtv.shape)])
     print(f"  bits-ctx context build (once per tensor, all tasks share it): {count / build_s / 1e6:6.0f} M params/s"
           f" -> {VIT_B32_PARAMS / count * build_s:5.2f} s per model")
     print(f"  {'mask codec':22s} {'bits/param':>10s} {'enc Mbit/s':>10s} {'dec Mbit/s':>10s} {'enc s/task':>10s} {'dec s/task':>10s}")
     for label, codec, level, ctx in (("bits+zstd L1", "bits+zstd", 1, None), (f"bits+zstd L{args.levels[-1]}", "bits+zstd", args.levels[-1], None),
-                                     ("bits-ctx", "bits-ctx", args.levels[-1], context)):
+                                     ("bits-ctx", "bits-ctx", args.levels[-1], context),
+                                     ("bits-lvl", "bits-lvl", args.levels[-1], {"mtv": mtv})):
         coded, enc_s, dec_s = 0, 0.0, 0.0
         for mask in masks:
             (data, params), seconds = timed(codecs.encode, codec, mask, level=level, context=ctx)

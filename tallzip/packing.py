@@ -38,7 +38,7 @@ DEFAULT_MTV_DTYPE = "bfloat16"
 DEFAULT_CODECS = {"float": "planes+zstd", "mask": "bits-ctx", "other": "zstd"}
 # Mask codecs code one bit per element. bits-ctx-prior also needs the earlier tasks' masks to
 # decode (no random access), so it is for measuring only and pack does not offer it.
-MASK_CODECS = ("bits+zstd", "bits-ctx")
+MASK_CODECS = ("bits+zstd", "bits-ctx", "bits-lvl")
 FLOAT_CODECS = tuple(c for c in codec_names() if c not in MASK_CODECS and c != "bits-ctx-prior")
 MASK_RULE = "mask = |base - task| > lambda * |(base + mtv) - task|, float32"
 

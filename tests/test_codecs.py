@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tallzip.formats import codecs
+from tallzip.formats import codecs, float_codecs, mask_codecs
 from tallzip.formats.codecs import CodecError
 
 ARRAY_CODECS = ("raw", "zstd", "planes+zstd", "planes+ans")
@@ -80,14 +80,14 @@ def test_byte_planes_split_and_join_are_inverse():
         info = np.iinfo(dtype)
         values = np.random.default_rng(3).integers(0, info.max, 1000, dtype=dtype, endpoint=True)
         values[:3] = [0, info.max, 1 << (info.bits - 1)]  # the sign bit alone
-        planes = codecs._split_planes(values)
+        planes = float_codecs.split_planes(values)
         assert planes.shape == (values.dtype.itemsize, values.size)
-        assert np.array_equal(codecs._join_planes(planes, values.dtype), values)
+        assert np.array_equal(float_codecs.join_planes(planes, values.dtype), values)
 
 
 def test_top_byte_plane_of_float32_is_the_exponent():
     values = float_bits(np.random.default_rng(4), 1000)
-    planes = codecs._split_planes(values)
+    planes = float_codecs.split_planes(values)
     assert np.array_equal(planes[3], ((values >> 23) & 0xFF).astype(np.uint8))  # sign moved to plane 0's bit 0
     assert np.array_equal(planes[0] & 1, (values >> 31).astype(np.uint8))
 
@@ -175,7 +175,7 @@ def test_planes_ans_beats_plain_zstd_on_weights():
 
 def test_context_groups_ignore_the_sign_and_are_identical_for_equal_values():
     mtv = np.array([1.0, -1.0, 2.0, -2.0, 0.0, -0.0] * 50, dtype=np.float32)
-    groups = codecs._mtv_grouping({"mtv": mtv}, mtv.size, "abs", "test").groups
+    groups = mask_codecs.mtv_grouping({"mtv": mtv}, mtv.size, "abs", "test").groups
     assert groups[0] == groups[1] and groups[2] == groups[3] and groups[4] == groups[5]
 
 
@@ -356,3 +356,31 @@ def test_archive_with_new_codecs_extracts_the_same_tensors(tmp_path, mtv_dtype):
         for name in expected:
             assert expected[name].dtype == got[name].dtype
             assert torch.equal(expected[name].reshape(-1).view(torch.uint8), got[name].reshape(-1).view(torch.uint8)), (task, name)
+
+
+def test_bits_ctx_threads_sharing_a_context_build_each_grouping_once(monkeypatch):
+    import threading
+    import time
+
+    rng = np.random.default_rng(14)
+    mask, mtv = mask_depending_on_mtv(rng, (128, 256))
+    calls = []
+    real = mask_codecs._fine_groups
+    def slow_build(*args):  # slow enough that all four threads ask for the grouping while it is built
+        calls.append(1)
+        time.sleep(0.2)
+        return real(*args)
+
+    monkeypatch.setattr(mask_codecs, "_fine_groups", slow_build)
+    context, results, start = {"mtv": mtv}, [None] * 4, threading.Barrier(4)
+
+    def encode(i):
+        start.wait()
+        results[i] = codecs.encode("bits-ctx", mask, context=context)
+
+    threads = [threading.Thread(target=encode, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 2 and all(r == results[0] for r in results)  # one grouping per feature ("abs", "row")
