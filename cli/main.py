@@ -47,6 +47,10 @@ def _usage_error_line(exc: click.ClickException) -> str:
     return message
 
 
+# click >= 8.2 raises this for a group called without a command; older clicks print the help themselves
+_NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class TallzipGroup(click.Group):
     """The click group whose errors, click's own included, all come out as one `error: ...` line with
     the documented exit code (click alone prints a `Usage:` block and `Error: ...`)."""
@@ -56,6 +60,9 @@ class TallzipGroup(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NoArgsIsHelp as exc:  # bare `tallzip`: the help itself, as click shows it (exit 2)
+            click.echo(exc.format_message(), err=True)
+            sys.exit(EXIT_USAGE)
         except click.ClickException as exc:
             _fail(_usage_error_line(exc), EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
         except click.Abort:
