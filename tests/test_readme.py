@@ -269,6 +269,7 @@ def tallzip_run(args, cwd, monkeypatch):
     return CliRunner().invoke(cli, args)
 
 
+@pytest.mark.slow  # ~7 s of CPU: the demo family, then pack, extract twice, info, verify
 def test_readme_demo_and_use_commands_run(tmp_path, monkeypatch):
     """The README's first command's `tallzip demo` (at its smallest: 2 tasks), then its "Use" block's
     commands on the folder and archive the demo made, placeholders filled in."""
