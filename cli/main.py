@@ -5,6 +5,7 @@ import errno
 import functools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -23,9 +24,51 @@ from .report import format_agreement, format_info, format_merge, format_verify, 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-def _fail(message: str, code: int = 1):
+# The exit codes, one scheme for every command (shown in `tallzip --help` and the README).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_CODES_HELP = f"""Exit codes: {EXIT_OK} done (verify: every check passed); {EXIT_FAILED} refused or failed (bad or
+damaged input, a target that exists, a verify verdict "differs"); {EXIT_USAGE} usage (unknown command or option,
+missing or invalid argument); {EXIT_INTERRUPTED} interrupted. Errors are one line on stderr, starting with
+"error: "."""
+
+
+def _fail(message: str, code: int = EXIT_FAILED):
+    message = re.sub(r"\s*\n\s*", " ", str(message).strip())  # one line, whatever the message held
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def _usage_error_line(exc: click.ClickException) -> str:
+    """Click's usage errors on one line, in tallzip's style: the message, then where help is."""
+    message = exc.format_message().strip()
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        message += ("" if message.endswith((".", "?", "!")) else ".") + f" Try '{ctx.command_path} --help'."
+    return message
+
+
+# click >= 8.2 raises this for a group called without a command; older clicks print the help themselves
+_NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class TallzipGroup(click.Group):
+    """The click group whose errors, click's own included, all come out as one `error: ...` line with
+    the documented exit code (click alone prints a `Usage:` block and `Error: ...`)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NoArgsIsHelp as exc:  # bare `tallzip`: the help itself, as click shows it (exit 2)
+            click.echo(exc.format_message(), err=True)
+            sys.exit(EXIT_USAGE)
+        except click.ClickException as exc:
+            _fail(_usage_error_line(exc), EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
+        except click.Abort:
+            _fail("interrupted", EXIT_INTERRUPTED)
+        # `--help` and `--version` come back as their exit code; a command's return value is no code.
+        sys.exit(result if isinstance(result, int) else EXIT_OK)
 
 
 def friendly_errors(func):
@@ -36,8 +79,8 @@ def friendly_errors(func):
             return func(*args, **kwargs)
         except (TallzipError, FormatError) as exc:
             _fail(str(exc))
-        except click.ClickException as exc:
-            _fail(exc.format_message(), exc.exit_code)
+        except click.ClickException:
+            raise  # a usage error from a command's body: TallzipGroup prints it like click's own
         except OSError as exc:
             # A full disk (or quota, or file size limit) while writing: the library has already
             # removed its temporary file, and the target was never touched.
@@ -46,11 +89,11 @@ def friendly_errors(func):
         except MemoryError:
             _fail("out of memory")
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            _fail("interrupted", EXIT_INTERRUPTED)
         except Exception as exc:  # a bug: still one line, unless debugging
             if os.environ.get("TALLZIP_DEBUG"):
                 raise
-            _fail(f"internal error: {type(exc).__name__}: {exc} (set TALLZIP_DEBUG=1 for a traceback)", 2)
+            _fail(f"internal error: {type(exc).__name__}: {exc} (set TALLZIP_DEBUG=1 for a traceback)")
     return wrapper
 
 
@@ -112,12 +155,22 @@ class CodecChoice(click.Choice):
         return super().convert(value, param, ctx)
 
 
+def _base_for_folder_source(ctx, param, base):
+    """merge: a folder of checkpoints has no base of its own, so --base is required with one (a usage
+    error, exit 2, as for pack); an archive holds its base."""
+    source = ctx.params.get("source")
+    if base is None and source is not None and Path(source).is_dir():
+        raise click.UsageError(f"Missing option '--base': {source} is a folder of checkpoints, and merging "
+                               f"them needs the pretrained checkpoint they were fine-tuned from.", ctx)
+    return base
+
+
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
 FORCE = click.option("--force", is_flag=True, help="overwrite the target if it exists")
 AS_JSON = click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("tallzip", cls=TallzipGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(tallzip.__version__, prog_name="tallzip")
 def cli():
     """One archive for a family of fine-tuned checkpoints: base + multi-task vector + one bit mask per task."""
@@ -125,7 +178,7 @@ def cli():
 
 @cli.command()
 @click.argument("checkpoints_dir", type=click.Path(path_type=Path))
-@click.option("--base", type=click.Path(path_type=Path), help="the pretrained checkpoint (file or folder)")
+@click.option("--base", type=click.Path(path_type=Path), required=True, help="the pretrained checkpoint (file or folder)")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="archive to write")
 @click.option("--lambda", "lambdas", multiple=True, metavar="[TASK=]L", help="mask lambda, for all or one task (default 0.4)")
 @click.option("--merge", type=click.Choice(packing.MERGE_METHODS), default="sum", show_default=True)
@@ -249,8 +302,9 @@ def info(archive, show_agreement, plot, as_json):
 
 @cli.command()
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--base", type=click.Path(path_type=Path),
-              help="the pretrained checkpoint (a folder SOURCE needs it; an archive only if packed with --base-ref)")
+@click.option("--base", type=click.Path(path_type=Path), callback=_base_for_folder_source,
+              help="the pretrained checkpoint  [required when SOURCE is a folder; for an archive only if "
+                   "packed with --base-ref]")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="merged model to write (.safetensors, or .pt/.pth/.bin for a torch state dict)")
 @click.option("--method", type=click.Choice(merging.METHODS), required=True)

@@ -52,6 +52,9 @@ def rebuild_from_bits(base: torch.Tensor, bits: np.ndarray, mtv: torch.Tensor, d
 class Archive:
     def __init__(self, path, *, base=None):
         self.path = Path(path)
+        if not self.path.is_file():  # say which path and what was expected, not the OS's bare "Is a directory"
+            what = "is a folder" if self.path.is_dir() else "not a regular file" if self.path.exists() else "no such file"
+            raise TallzipError(f"{self.path}: {what}, expected a .tallz archive file")
         self.reader = ArchiveReader(self.path)
         m = self.reader.manifest
         try:

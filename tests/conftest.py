@@ -11,6 +11,16 @@ import torch
 from safetensors.numpy import save_file as np_save_file
 
 
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests that need open_clip, so that CI's second step (.ci/run) can run just those
+    with `-m open_clip`: a test module that imports it at the top
+    (`open_clip = pytest.importorskip("open_clip")`), or a test with open_clip in its name."""
+    for item in items:
+        module_global = getattr(getattr(item, "module", None), "open_clip", None)
+        if "open_clip" in item.name or getattr(module_global, "__name__", None) == "open_clip":
+            item.add_marker(pytest.mark.open_clip)
+
+
 def numpy_family(n_tasks=3, seed=0, shapes=None):
     """base and task state dicts as numpy float32 arrays (plus heads and an int buffer per task)."""
     rng = np.random.default_rng(seed)
