@@ -163,8 +163,8 @@ def test_extract_reads_only_its_own_sections(family, tmp_path, monkeypatch):
     tallzip.pack(tasks_dir, base_path, out)
     archive = tallzip.open(out)
     seen = []
-    original = archive.reader.read_bytes
-    monkeypatch.setattr(archive.reader, "read_bytes", lambda e: seen.append(e) or original(e))
+    original = archive.reader.read_chunk_bytes
+    monkeypatch.setattr(archive.reader, "read_chunk_bytes", lambda e, c: seen.append(e) or original(e, c))
     archive.load("task1")
     assert seen and all(s["task"] in (None, "task1") for s in seen)
     assert {s["role"] for s in seen} == {"base", "mtv", "mask", "own"}
