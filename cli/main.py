@@ -115,6 +115,8 @@ class CodecChoice(click.Choice):
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
 FORCE = click.option("--force", is_flag=True, help="overwrite the target if it exists")
 AS_JSON = click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+MEMORY = click.option("--memory", default="1.5G", show_default=True,
+                      help="budget for the chunks worked on at once (e.g. 256M, 4G)")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,19 +143,23 @@ def cli():
 @click.option("--base-ref", is_flag=True, help="store only the base's hash; extract then needs --base")
 @click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True, help="zstandard level")
 @click.option("--allow-nonfinite", is_flag=True, help="pack tensors holding NaN or Inf")
+@click.option("--chunk-elements", type=int, default=None,
+              help="elements per chunk the archive is cut into (default 4194304 = 2^22)")
+@MEMORY
 @DEVICE
 @FORCE
 @AS_JSON
 @friendly_errors
 def pack(checkpoints_dir, base, output, lambdas, merge, density, mtv_dtype, float_codec, mask_codec, base_ref, level,
-         allow_nonfinite, device, force, as_json):
+         allow_nonfinite, chunk_elements, memory, device, force, as_json):
     """Pack the fine-tuned checkpoints in CHECKPOINTS_DIR into one archive."""
     progress = Progress(not as_json)
     try:
         tallzip.pack(checkpoints_dir, base, output, lambdas=_parse_lambdas(lambdas), merge=merge, density=density,
                      mtv_dtype=mtv_dtype, base_ref=base_ref, device=device, force=force, level=level,
                      codecs={"float": float_codec, "mask": mask_codec},
-                     allow_nonfinite=allow_nonfinite, progress=progress)
+                     allow_nonfinite=allow_nonfinite, progress=progress, memory=memory,
+                     chunk_elements=chunk_elements)
     finally:
         progress.close()
     with tallzip.open(output) as archive:
@@ -172,14 +178,15 @@ def pack(checkpoints_dir, base, output, lambdas, merge, density, mtv_dtype, floa
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "pt"]), help="default: the task's input format")
 @click.option("--base", type=click.Path(path_type=Path), help="the base, for archives packed with --base-ref")
+@MEMORY
 @DEVICE
 @FORCE
 @friendly_errors
-def extract(archive, task, all_tasks, output, fmt, base, device, force):
+def extract(archive, task, all_tasks, output, fmt, base, memory, device, force):
     """Rebuild one task's model (base + mask * mtv) as a checkpoint."""
     if bool(task) == bool(all_tasks):
         raise click.UsageError("give exactly one of --task NAME or --all")
-    with tallzip.open(archive, base=base) as arc:
+    with tallzip.open(archive, base=base, memory=memory) as arc:
         if task:
             path = arc.extract(task, output, fmt=fmt, force=force, device=device)
             click.echo(f"wrote {path}")

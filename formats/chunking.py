@@ -20,6 +20,13 @@ def chunk_step(shape, chunk_elements: int) -> int:
     return chunk_elements
 
 
+def chunk_count(shape, chunk_elements: int) -> int:
+    """len(chunk_plan(...)), without building it (a reader checks a manifest's chunk lists with it)."""
+    count = math.prod(shape)
+    step = chunk_step(shape, chunk_elements)
+    return 1 if count <= step else -(-count // step)
+
+
 def chunk_plan(shape, chunk_elements: int) -> list[tuple[int, int]]:
     """[(start, count)] over the flattened tensor (C order). A tensor of at most chunk_elements
     elements, a 0-d tensor and an empty one are one chunk ((0, 0) for an empty tensor)."""

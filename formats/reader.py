@@ -19,7 +19,7 @@ import blake3
 import numpy as np
 
 from . import codecs
-from .chunking import chunk_plan, chunk_shape
+from .chunking import chunk_count, chunk_plan, chunk_shape
 from .constants import (DTYPE_SIZES, FLOAT_DTYPES, HEADER_SIZE, HEADER_STRUCT, KIND_MASKED, KIND_PER_TASK, KIND_SHARED,
                         MAGIC, MAX_CHUNK_ELEMENTS, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, MAX_TENSOR_ELEMENTS,
                         MIN_CHUNK_ELEMENTS, READABLE_VERSIONS, REPRESENTATION_TALL, ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV, ROLE_OWN)
@@ -209,9 +209,9 @@ class ArchiveReader:
 
     def _chunks_v2(self, entry):
         shape, listed = entry["shape"], entry["chunks"]
+        if not isinstance(listed, list) or len(listed) != chunk_count(shape, self.chunk_elements):
+            return None  # checked before the plan is built: a huge shape would make a huge plan
         plan = chunk_plan(shape, self.chunk_elements)
-        if not isinstance(listed, list) or len(listed) != len(plan):
-            return None
         is_mask = entry["role"] == ROLE_MASK
         chunks, total, total_ones = [], 0, 0
         for index, ((start, count), item) in enumerate(zip(plan, listed)):
