@@ -9,6 +9,7 @@ pool compresses and hashes the sections made before.
 from __future__ import annotations
 
 import contextlib
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,7 +21,7 @@ from . import __version__, taskvec
 from .errors import TallzipError
 from .family import Family, base_digest
 from .chunks import checked_chunk_elements, chunk_plan, ordered_map, parse_memory
-from .formats.constants import (DTYPE_SIZES, FLOAT_DTYPES, FORMAT_VERSION, KIND_MASKED, KIND_PER_TASK, KIND_SHARED,
+from .formats.constants import (DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES, FLOAT_DTYPES, FORMAT_VERSION, KIND_MASKED, KIND_PER_TASK, KIND_SHARED,
                                 REPRESENTATION_TALL, ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV, ROLE_OWN)
 from .formats.codecs import names as codec_names
 from .formats.reader import is_plain_file_name
@@ -108,9 +109,48 @@ class _Merger:
         return taskvec.ties_merge(taus, self.thresholds, self.majority, reduce="sum")
 
 
+def _read_range(ckpt, name, start, count):
+    reader = getattr(ckpt, "read_range", None)
+    return reader(name, start, count) if reader else ckpt.get(name).reshape(-1)[start:start + count]
+
+
+def _chunks_of(family: Family, names, chunk_elements=DEFAULT_CHUNK_ELEMENTS):
+    for name in names:
+        for start, count in chunk_plan(family.base.shapes[name], chunk_elements):
+            yield name, start, count
+
+
 def ties_thresholds(family: Family, density: float, device, progress=None) -> list[float]:
-    """Each task's TIES trim threshold, ranked over its whole task vector (one task in memory at a time)."""
+    """Each task's TIES trim threshold, ranked over its whole task vector, exactly, reading it chunk
+    by chunk twice (taskvec.magnitude_histogram): memory is a chunk, not the model."""
     names = [n for n in family.base.names if family.is_mergeable(n)]
+    if any(family.base.dtypes[n] == "F64" or any(c.dtypes[n] == "F64" for c in family.tasks.values()) for n in names):
+        return _ties_thresholds_whole(family, names, density, device, progress)
+    count = sum(math.prod(family.base.shapes[n]) for n in names)
+    kth = taskvec.ties_kth(count, density)
+    thresholds = []
+    for i, ckpt in enumerate(family.tasks.values()):
+        if kth <= 0:
+            thresholds.append(0.0)
+            continue
+
+        def magnitudes():
+            for name, start, n in _chunks_of(family, names):
+                base = _read_range(family.base, name, start, n).to(device)
+                yield taskvec.task_vector(base, _read_range(ckpt, name, start, n).to(device)).abs()
+
+        coarse = sum(taskvec.magnitude_histogram(m).cpu() for m in magnitudes())
+        top, rank = taskvec.kth_bin(coarse, kth)
+        fine = sum(taskvec.magnitude_histogram(m, top).cpu() for m in magnitudes())
+        low, _ = taskvec.kth_bin(fine, rank)
+        thresholds.append(taskvec.magnitude_from_bins(top, low))
+        if progress:
+            progress("ties thresholds", i + 1, len(family.tasks))
+    return thresholds
+
+
+def _ties_thresholds_whole(family, names, density, device, progress):
+    """float64 task vectors: ranked whole, one task in memory at a time."""
     thresholds = []
     for i, ckpt in enumerate(family.tasks.values()):
         magnitudes = torch.cat([
@@ -124,15 +164,14 @@ def ties_thresholds(family: Family, density: float, device, progress=None) -> li
 
 
 def ties_majority(family: Family, thresholds, device) -> float:
-    """The sign that wins over the whole vector, which entries with no elected sign take."""
+    """The sign that wins over the whole vector, which entries with no elected sign take (chunk by chunk)."""
     total = 0
-    for name in family.base.names:
-        if family.is_mergeable(name):
-            base, tasks = family.tensors(name)
-            base = base.to(device)
-            trimmed = [taskvec.ties_trim(taskvec.task_vector(base, t.to(device)), thr)
-                       for t, thr in zip(tasks, thresholds)]
-            total += int(torch.sign(taskvec.ties_sign_mass(trimmed)).sum())
+    names = [n for n in family.base.names if family.is_mergeable(n)]
+    for name, start, n in _chunks_of(family, names):
+        base = _read_range(family.base, name, start, n).to(device)
+        trimmed = [taskvec.ties_trim(taskvec.task_vector(base, _read_range(c, name, start, n).to(device)), thr)
+                   for c, thr in zip(family.tasks.values(), thresholds)]
+        total += int(torch.sign(taskvec.ties_sign_mass(trimmed)).sum())
     return 1.0 if total > 0 else (-1.0 if total < 0 else 0.0)
 
 

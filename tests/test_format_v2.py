@@ -288,3 +288,19 @@ def test_pack_holds_a_small_memory_budget(tmp_path):
     assert grown < (96 + 16) * 2**20 < tensor_bytes, f"grew {grown / 2**20:.0f} MiB over the interpreter"
     with tallzip.open(out) as archive:
         assert len(archive.reader.chunks(archive.reader.section("mask", "w", "t0"))) == 32
+
+
+def test_ties_statistics_are_found_chunk_by_chunk_and_recorded(tmp_path):
+    base, tasks = chunk_family()
+    base_path, tasks_dir = write_family(tmp_path / "fam", base, tasks)
+    manifest = tallzip.pack(tasks_dir, base_path, tmp_path / "t.tallz", merge="ties", density=0.3,
+                            chunk_elements=CHUNK)
+    names = list(SHAPES)
+    for t, got in zip(tasks, manifest["merge"]["thresholds"]):
+        magnitudes = np.sort(np.concatenate([np.abs(tasks[t][n] - base[n]).reshape(-1) for n in names]))
+        kth = magnitudes.size - int(magnitudes.size * 0.3)
+        assert got == float(magnitudes[kth - 1])
+    trimmed = {n: [np.where(np.abs(tasks[t][n] - base[n]) >= thr, tasks[t][n] - base[n], 0)
+                   for t, thr in zip(tasks, manifest["merge"]["thresholds"])] for n in names}
+    total = sum(int(np.sign(sum(trimmed[n])).sum()) for n in names)
+    assert manifest["merge"]["majority"] == (1.0 if total > 0 else -1.0 if total < 0 else 0.0)
