@@ -107,6 +107,15 @@ def test_chunk_boundaries_rebuild_bit_identical(chunked):
                     continue
                 s = sections[("mask", name, task)]
                 assert s["ones"] == sum(c["ones"] for c in s["chunks"])
+        # several tasks at once (each chunk's base and mtv decoded once): the same bits, chunk by chunk
+        seen = {t: {} for t in tasks}
+        for name, start, parts in archive.iter_tasks_chunks(list(tasks)):
+            for task, flat in parts.items():
+                seen[task][name] = seen[task].get(name, 0) + flat.numel()
+                expected = (tasks[task][name] if name == "head"
+                            else np_rebuilt(base, tasks, task, name, 0.4)).reshape(-1)[start:start + flat.numel()]
+                assert np.array_equal(flat.numpy(), expected), (task, name, start)
+        assert all(seen[t][n] == tasks[t][n].size for t in tasks for n in tasks[t])
     # extract streams chunks into place: the same bits, through the file format
     runner = CliRunner()
     result = runner.invoke(cli, ["extract", str(out), "--task", "task1", "-o", str(out.parent / "t1.safetensors"),
