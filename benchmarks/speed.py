@@ -292,7 +292,8 @@ def masks_agree(cpu_archive: Path, gpu_archive: Path) -> dict:
     import torch
     import tallzip
     with tallzip.open(cpu_archive) as a, tallzip.open(gpu_archive) as b:
-        sections = lambda arc: {(s["tensor"], s["task"]): s["sha256"] for s in arc.manifest["sections"] if s["role"] == "mask"}
+        sections = lambda arc: {(s["tensor"], s["task"]): [c.get("blake3") for c in s.get("chunks", [s])] or s.get("sha256")
+                                 for s in arc.manifest["sections"] if s["role"] == "mask"}
         same_bytes = sections(a) == sections(b)
         differing = 0
         for name, info in a.tensors.items():
