@@ -352,17 +352,17 @@ class ArchiveReader:
         return b"".join(self.read_chunk_bytes(entry, chunk) for chunk in self.chunks(entry))
 
     def _chunk_contexts(self, entry, context):
-        """Per-chunk contexts cut from a whole-tensor context {"mtv": float32 of the tensor}; kept in
-        the caller's dict, so every task's mask of a tensor reuses what the codec derived."""
+        """Per-chunk contexts cut from a whole-tensor context {"mtv": float32 of the tensor}, made one
+        at a time as they are used (what a codec derives from one is dropped with it, so memory
+        stays at one chunk's working set whatever the tensor's size)."""
         chunks = self.chunks(entry)
         if context is None or len(chunks) == 1:
-            return [context] * len(chunks)
-        cache = context.setdefault("_chunk_contexts", {})
+            for chunk in chunks:
+                yield chunk, context
+            return
         flat = np.asarray(context["mtv"]).reshape(-1)
         for chunk in chunks:
-            if chunk.index not in cache:
-                cache[chunk.index] = self.chunk_context(entry, chunk, flat[chunk.start:chunk.start + chunk.count])
-        return [cache[chunk.index] for chunk in chunks]
+            yield chunk, self.chunk_context(entry, chunk, flat[chunk.start:chunk.start + chunk.count])
 
     def read(self, entry: dict, context=None) -> np.ndarray:
         """The section decoded, flat. A mask's context is the whole tensor's ({"mtv": float32 mtv})."""
@@ -371,7 +371,7 @@ class ArchiveReader:
             return self.read_chunk(entry, chunks[0], context)
         dtype = bool if entry["role"] == ROLE_MASK else bits_dtype(entry["dtype"])
         out = np.empty(math.prod(entry["shape"]), dtype=dtype)
-        for chunk, ctx in zip(chunks, self._chunk_contexts(entry, context)):
+        for chunk, ctx in self._chunk_contexts(entry, context):
             out[chunk.start:chunk.start + chunk.count] = self.read_chunk(entry, chunk, ctx)
         return out
 
@@ -381,7 +381,7 @@ class ArchiveReader:
         if len(chunks) == 1:
             return self.read_chunk_mask_bits(entry, chunks[0], context)
         out = np.empty((math.prod(entry["shape"]) + 7) // 8, dtype=np.uint8)
-        for chunk, ctx in zip(chunks, self._chunk_contexts(entry, context)):
+        for chunk, ctx in self._chunk_contexts(entry, context):
             bits = self.read_chunk_mask_bits(entry, chunk, ctx)
             if chunk.start % 8 == 0:
                 out[chunk.start // 8:chunk.start // 8 + bits.size] = bits

@@ -234,8 +234,8 @@ class Archive:
 
     def _mask_context(self, name: str, mtv: torch.Tensor) -> dict:
         """The decoded mtv (whole tensor, float32) as the mask codecs' side information; the reader
-        cuts it into each chunk's context. Kept while the same mtv is asked about, so decoding all
-        tasks' masks of one tensor derives each chunk's context once."""
+        cuts it into each chunk's context as it decodes. Kept while the same mtv is asked about (a
+        one-chunk tensor's codec then derives its grouping once for all tasks)."""
         cached = self._context_cache
         if cached is None or cached[0] != name or cached[1] is not mtv:
             context = {"mtv": mtv.to(torch.float32).reshape(-1).cpu().numpy(), "shape": tuple(mtv.shape)}

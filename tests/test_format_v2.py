@@ -313,3 +313,16 @@ def test_ties_statistics_are_found_chunk_by_chunk_and_recorded(tmp_path):
                    for t, thr in zip(tasks, manifest["merge"]["thresholds"])] for n in names}
     total = sum(int(np.sign(sum(trimmed[n])).sum()) for n in names)
     assert manifest["merge"]["majority"] == (1.0 if total > 0 else -1.0 if total < 0 else 0.0)
+
+
+def test_whole_tensor_readers_work_on_chunked_archives(chunked):
+    """verify --against, the resident switcher and merging read tensors whole: from chunks too."""
+    from tallzip.inspect import verify
+    base, tasks, _, tasks_dir, out, _ = chunked
+    with tallzip.open(out) as archive:
+        report = verify(archive, tasks_dir)
+        assert report["ok"] and all(r["mask_bits_differing"] == 0 for r in report["tasks"].values())
+        resident = archive.resident(device="cpu")
+        state = resident.switch("task2").state_dict()
+        for name in SHAPES:
+            assert np.array_equal(state[name].numpy(), np_rebuilt(base, tasks, "task2", name, 0.4)), name
