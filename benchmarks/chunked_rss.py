@@ -6,6 +6,20 @@ Writes base + N task checkpoints (a 32000x4096 bf16 embedding, a 4096x4096 bf16 
 LayerNorm vector each), then runs `tallzip pack` and `tallzip extract` of one task as subprocesses
 under /usr/bin/time -v and prints their peak RSS and wall time. One run each: a quick check of the
 memory bound, not a speed benchmark. Files are deleted at the end unless --keep.
+
+Measured 2026-12-01 on the shared 2-CPU machine (load average 8-15 from other sessions, so wall
+times and "mean CPUs used" say more about the neighbours than about tallzip; CPU seconds and peak
+RSS are the comparable figures), default options, one run each:
+
+| N | code | pack peak RSS | pack CPU s | extract peak RSS | extract CPU s | archive |
+|---|---|---|---|---|---|---|
+| 2 | before (format v1, main b84d9a5) | 6.30 GiB | 47.5 | 4.34 GiB | 24.7 | 0.338 GiB |
+| 2 | after (format v2, chunks of 2^22) | 0.76 GiB | 39.8 | 0.90 GiB | 17.0 | 0.338 GiB |
+| 4 | before | 6.83 GiB | 59.4 | 4.33 GiB | 22.6 | 0.394 GiB |
+| 4 | after | 0.75 GiB | 46.4 | 0.85 GiB | 16.3 | 0.394 GiB |
+
+    python -m benchmarks.chunked_rss --tasks 2 --python /work/main/.venv/bin/python   # before
+    python -m benchmarks.chunked_rss --tasks 2                                       # after
 """
 from __future__ import annotations
 
