@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 
 def chunk_step(shape, chunk_elements: int) -> int:
     """Elements per chunk (the last may be shorter): whole rows when a row fits in a chunk."""
@@ -46,3 +48,20 @@ def chunk_shape(shape, start: int, count: int) -> tuple:
     if len(shape) >= 2 and row and start % row == 0 and count % row == 0:
         return (count // row, *shape[1:])
     return (count,)
+
+
+def mask_context(mtv_bits: np.ndarray, dtype: str, shape) -> dict:
+    """The side information a mask chunk is coded with (SPEC.md), the same for writer and reader:
+    "mtv": the chunk's stored mtv as float32 (BF16 and F16 widened exactly, F64 rounded), flat;
+    "shape": the chunk's shape; and, for codecs that want the stored values themselves,
+    "mtv_bits" (the stored bits, as read) and "mtv_dtype" (their dtype name)."""
+    bits = np.ascontiguousarray(mtv_bits).reshape(-1)
+    if dtype == "BF16":
+        values = (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    elif dtype == "F16":
+        values = bits.view(np.float16).astype(np.float32)
+    elif dtype == "F64":
+        values = bits.view(np.float64).astype(np.float32)
+    else:
+        values = bits.view(np.float32)
+    return {"mtv": values, "shape": tuple(shape), "mtv_bits": bits, "mtv_dtype": dtype}

@@ -19,7 +19,7 @@ import blake3
 import numpy as np
 
 from . import codecs
-from .chunking import chunk_count, chunk_plan, chunk_shape
+from .chunking import chunk_count, chunk_plan, chunk_shape, mask_context
 from .constants import (DTYPE_SIZES, FLOAT_DTYPES, HEADER_SIZE, HEADER_STRUCT, KIND_MASKED, KIND_PER_TASK, KIND_SHARED,
                         MAGIC, MAX_CHUNK_ELEMENTS, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, MAX_TENSOR_ELEMENTS,
                         MIN_CHUNK_ELEMENTS, READABLE_VERSIONS, REPRESENTATION_TALL, ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV, ROLE_OWN)
@@ -312,10 +312,10 @@ class ArchiveReader:
             self._refuse_chunk(entry, chunk, "checksum mismatch")
         return data
 
-    def chunk_context(self, entry: dict, chunk: Chunk, mtv_chunk: np.ndarray) -> dict:
-        """The side information a mask chunk is coded with (SPEC.md): the mtv chunk as the reader
-        holds it, widened to float32, and the chunk's shape."""
-        return {"mtv": mtv_chunk, "shape": chunk.shape}
+    def chunk_context(self, mtv_entry: dict, chunk: Chunk, mtv_bits: np.ndarray) -> dict:
+        """The side information a mask chunk is coded with (chunking.mask_context): the same chunk
+        of the mtv section, as read (its stored bits), and the chunk's shape."""
+        return mask_context(mtv_bits, mtv_entry["dtype"], chunk.shape)
 
     def read_chunk(self, entry: dict, chunk: Chunk, context=None) -> np.ndarray:
         """One chunk decoded, flat: uint views of float bits, bool for masks."""
@@ -360,9 +360,9 @@ class ArchiveReader:
             for chunk in chunks:
                 yield chunk, context
             return
-        flat = np.asarray(context["mtv"]).reshape(-1)
+        flat = np.ascontiguousarray(context["mtv"], dtype=np.float32).reshape(-1)
         for chunk in chunks:
-            yield chunk, self.chunk_context(entry, chunk, flat[chunk.start:chunk.start + chunk.count])
+            yield chunk, mask_context(flat[chunk.start:chunk.start + chunk.count], "F32", chunk.shape)
 
     def read(self, entry: dict, context=None) -> np.ndarray:
         """The section decoded, flat. A mask's context is the whole tensor's ({"mtv": float32 mtv})."""

@@ -141,9 +141,9 @@ class Archive:
         """Chunk `index` of the stored mtv: (flat, in the compute dtype; the mask codecs' context)."""
         entry = self._section(ROLE_MTV, name)
         chunk = self.reader.chunks(entry)[index]
-        stored = from_bits(self.reader.read_chunk(entry, chunk), entry["dtype"], (chunk.count,))
-        context = self.reader.chunk_context(entry, chunk, stored.to(torch.float32).numpy())
-        return taskvec.as_compute(stored), context
+        bits = self.reader.read_chunk(entry, chunk)
+        context = self.reader.chunk_context(entry, chunk, bits)
+        return taskvec.as_compute(from_bits(bits, entry["dtype"], (chunk.count,))), context
 
     def mask_chunk_bits(self, task: str, name: str, index: int, context: dict) -> np.ndarray:
         """Chunk `index` of a task's mask, bit-packed (uint8, little bit order)."""

@@ -14,6 +14,7 @@ from . import taskvec
 from .chunks import BufferPool
 from .errors import TallzipError
 from .formats.chunking import chunk_shape
+from .formats.chunking import mask_context as chunk_mask_context
 from .formats.tensors import dtype_name, to_bits, torch_dtype
 from .formats.writer import encode_chunk, encode_packed_mask_chunk
 
@@ -71,9 +72,9 @@ def _stored_mtv(mtv: torch.Tensor, mtv_dtype: str) -> torch.Tensor:
 
 
 def mask_context(stored_mtv: torch.Tensor, shape) -> dict:
-    """The mask codecs' side information for one chunk: its stored mtv as the reader holds it
-    (widened to float32; float64 rounded, as in version 1) and the chunk's shape."""
-    return {"mtv": stored_mtv.to(torch.float32).numpy(), "shape": tuple(shape)}
+    """The mask codecs' side information for one chunk, built from its stored mtv exactly as the
+    reader builds it from the bits it reads (formats.chunking.mask_context)."""
+    return chunk_mask_context(to_bits(stored_mtv), dtype_name(stored_mtv.dtype), shape)
 
 
 def _check_finite(name, tensors, labels):

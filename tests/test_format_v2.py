@@ -326,3 +326,16 @@ def test_whole_tensor_readers_work_on_chunked_archives(chunked):
         state = resident.switch("task2").state_dict()
         for name in SHAPES:
             assert np.array_equal(state[name].numpy(), np_rebuilt(base, tasks, "task2", name, 0.4)), name
+
+
+def test_mask_context_widens_the_stored_mtv_exactly():
+    import torch
+    from tallzip.formats.chunking import mask_context
+    from tallzip.formats.tensors import to_bits
+    values = torch.tensor([0.0, -0.0, 1e-30, -3.5, 65000.0, float("inf"), 1e-8, 0.1], dtype=torch.float32)
+    for dtype, name in ((torch.bfloat16, "BF16"), (torch.float16, "F16"), (torch.float32, "F32"), (torch.float64, "F64")):
+        stored = values.to(dtype)
+        context = mask_context(to_bits(stored), name, (2, 4))
+        expected = stored.to(torch.float32).numpy()  # torch's own widening, independently of numpy's bit shifts
+        assert context["mtv"].dtype == np.float32 and np.array_equal(context["mtv"].view(np.uint32), expected.view(np.uint32))
+        assert context["shape"] == (2, 4) and context["mtv_dtype"] == name
