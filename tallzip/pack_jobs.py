@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import taskvec
 from .chunks import BufferPool
 from .errors import TallzipError
 from .formats.chunking import chunk_shape

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,7 +21,7 @@ from .errors import TallzipError
 from .family import Family, base_digest
 from .chunks import checked_chunk_elements, chunk_plan, ordered_map, parse_memory
 from .formats.constants import (DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES, FLOAT_DTYPES, FORMAT_VERSION, KIND_MASKED, KIND_PER_TASK, KIND_SHARED,
-                                REPRESENTATION_TALL, ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV, ROLE_OWN)
+                                REPRESENTATION_TALL, ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV)
 from .formats.codecs import names as codec_names
 from .formats.reader import is_plain_file_name
 from .formats.writer import ArchiveWriter, available_cpus
@@ -60,19 +59,6 @@ def resolve_device(device=None) -> torch.device:
     elif device.type != "cpu":
         raise TallzipError(f"device {str(device)!r} is not supported (expected auto, cpu, cuda or cuda:N)")
     return device
-
-
-@contextlib.contextmanager
-def compute_threads(device: torch.device):
-    """PyTorch's CPU threads while packing: half the CPUs on a CPU-only pack (the other half
-    compress and read), all but one beside a GPU (the CPU then only feeds it). Restored after."""
-    before = torch.get_num_threads()
-    cpus = available_cpus()
-    torch.set_num_threads(max(1, cpus // 2) if device.type == "cpu" else max(1, cpus - 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass
