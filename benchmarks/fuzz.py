@@ -91,11 +91,18 @@ def classify(path: Path, expected: dict, *, hostile: bool = False) -> str:
 
 # --- damage ---------------------------------------------------------------------------------------
 
+def stored_pieces(manifest: dict) -> list[dict]:
+    """Every independently checked byte range: the chunks of a version-2 archive, the sections of a
+    version-1 one (each {"offset", "length"})."""
+    return [c for s in manifest["sections"] for c in s.get("chunks", [s])]
+
+
 def unprotected_spans(data: bytes, manifest: dict) -> list[tuple[int, int]]:
-    """Byte ranges no checksum covers: the header's reserved field and the padding between sections."""
+    """Byte ranges no checksum covers: the header's reserved field, the padding between chunks, and
+    bytes no section names (readers ignore them)."""
     spans = [(64, HEADER_SIZE)]
     position = HEADER_SIZE
-    for entry in sorted(manifest["sections"], key=lambda s: s["offset"]):
+    for entry in sorted(stored_pieces(manifest), key=lambda s: s["offset"]):
         if entry["offset"] > position:
             spans.append((position, entry["offset"]))
         position = max(position, entry["offset"] + entry["length"])
@@ -121,8 +128,8 @@ def damage(data: bytes, manifest: dict, kind: str, rng: np.random.Generator) -> 
     elif kind == "truncation":
         del out[int(rng.integers(size)):]
     elif kind == "swapped sections":
-        sections = manifest["sections"]
-        a, b = (sections[i] for i in rng.choice(len(sections), 2, replace=False))
+        pieces = stored_pieces(manifest)
+        a, b = (pieces[i] for i in rng.choice(len(pieces), 2, replace=False))
         n = min(a["length"], b["length"])
         first, second = out[a["offset"]:a["offset"] + n], out[b["offset"]:b["offset"] + n]
         out[a["offset"]:a["offset"] + n], out[b["offset"]:b["offset"] + n] = second, first
@@ -171,7 +178,8 @@ def write_with_manifest(data: bytes, manifest, path: Path, *, blob: bytes | None
     body += b"\0" * (-len(body) % SECTION_ALIGNMENT)
     if blob is None:
         blob = json.dumps(manifest, separators=(",", ":")).encode()
-    header = struct.pack(HEADER_STRUCT, b"TALLZIP\0", 1, 0, len(body), len(blob), hashlib.sha256(blob).digest(), b"\0" * 8)
+    version = struct.unpack(HEADER_STRUCT, data[:HEADER_SIZE])[1]
+    header = struct.pack(HEADER_STRUCT, b"TALLZIP\0", version, 0, len(body), len(blob), hashlib.sha256(blob).digest(), b"\0" * 8)
     body[:HEADER_SIZE] = header
     path.write_bytes(bytes(body) + blob)
 

@@ -168,6 +168,8 @@ def _base_for_folder_source(ctx, param, base):
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
 FORCE = click.option("--force", is_flag=True, help="overwrite the target if it exists")
 AS_JSON = click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+MEMORY = click.option("--memory", default="1.5G", show_default=True,
+                      help="budget for the chunks worked on at once (e.g. 256M, 4G)")
 
 
 @click.group("tallzip", cls=TallzipGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
@@ -194,19 +196,23 @@ def cli():
 @click.option("--base-ref", is_flag=True, help="store only the base's hash; extract then needs --base")
 @click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True, help="zstandard level")
 @click.option("--allow-nonfinite", is_flag=True, help="pack tensors holding NaN or Inf")
+@click.option("--chunk-elements", type=int, default=None,
+              help="elements per chunk the archive is cut into (default 4194304 = 2^22)")
+@MEMORY
 @DEVICE
 @FORCE
 @AS_JSON
 @friendly_errors
 def pack(checkpoints_dir, base, output, lambdas, merge, density, mtv_dtype, float_codec, mask_codec, base_ref, level,
-         allow_nonfinite, device, force, as_json):
+         allow_nonfinite, chunk_elements, memory, device, force, as_json):
     """Pack the fine-tuned checkpoints in CHECKPOINTS_DIR into one archive."""
     progress = Progress(not as_json)
     try:
         tallzip.pack(checkpoints_dir, base, output, lambdas=_parse_lambdas(lambdas), merge=merge, density=density,
                      mtv_dtype=mtv_dtype, base_ref=base_ref, device=device, force=force, level=level,
                      codecs={"float": float_codec, "mask": mask_codec},
-                     allow_nonfinite=allow_nonfinite, progress=progress)
+                     allow_nonfinite=allow_nonfinite, progress=progress, memory=memory,
+                     chunk_elements=chunk_elements)
     finally:
         progress.close()
     with tallzip.open(output) as archive:
@@ -228,12 +234,13 @@ def pack(checkpoints_dir, base, output, lambdas, merge, density, mtv_dtype, floa
               help="format of the model file(s) in a folder (default: the task's input format); "
                    "for a file -o the extension decides, and --format must agree")
 @click.option("--base", type=click.Path(path_type=Path), help="the base, for archives packed with --base-ref")
+@MEMORY
 @DEVICE
 @click.option("--force", is_flag=True,
               help="replace files of the same names as those written; nothing else in a folder is touched")
 @click.option("--json", "as_json", is_flag=True, help="print what was written (paths, bytes, seconds) as JSON")
 @friendly_errors
-def extract(archive, task, all_tasks, output, fmt, base, device, force, as_json):
+def extract(archive, task, all_tasks, output, fmt, base, memory, device, force, as_json):
     """Rebuild one task's model (base + mask * mtv) as a checkpoint, or every task into a folder.
 
     \b
@@ -253,7 +260,7 @@ def extract(archive, task, all_tasks, output, fmt, base, device, force, as_json)
         raise click.UsageError("give exactly one of --task NAME or --all")
     progress = Progress(not as_json)
     try:
-        with tallzip.open(archive, base=base) as arc:
+        with tallzip.open(archive, base=base, memory=memory) as arc:
             if task:
                 report = arc.extract_with_report(task, output, fmt=fmt, force=force, device=device, progress=progress)
             else:

@@ -55,12 +55,14 @@ class Checkpoint:
         copies to a GPU)."""
         raise NotImplementedError
 
-    def read_range(self, name: str, start: int, count: int) -> torch.Tensor:
-        """`count` elements of the flattened tensor from element `start` on, as a new 1-D tensor
-        (what get(name).reshape(-1)[start:start + count] holds). Readers that can read a range by
+    def read_range(self, name: str, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`count` elements of the flattened tensor from element `start` on, as a 1-D tensor of its
+        dtype (what get(name).reshape(-1)[start:start + count] holds), into `out` (a 1-D tensor of
+        that dtype with at least `count` elements) when given. Readers that can read a range by
         offset override this; this fallback reads the tensor whole."""
         self._check_range(name, start, count)
-        return self.get(name).reshape(-1)[start:start + count].clone()
+        flat = self.get(name).reshape(-1)[start:start + count]
+        return flat.clone() if out is None else out[:count].copy_(flat)
 
     def _check_range(self, name: str, start: int, count: int) -> int:
         """The tensor's element count, after checking that [start, start + count) lies inside it."""
@@ -157,6 +159,18 @@ class SafetensorsCheckpoint(Checkpoint):
             _pread_into(self._fd, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), begin, self.path)
         return tensor
 
+    def read_range(self, name, start, count, out=None):
+        """pread of just those elements' bytes (looped: Linux returns at most ~2 GiB per call)."""
+        begin, end = self._spans[name]
+        dtype = torch_dtype(self.dtypes[name])
+        itemsize = DTYPE_SIZES[self.dtypes[name]]
+        if start < 0 or count < 0 or begin + (start + count) * itemsize > end:
+            raise FormatError(f"{self.path}: elements {start}..{start + count} lie outside tensor {name!r}")
+        tensor = torch.empty(count, dtype=dtype) if out is None else out[:count]
+        if count:
+            _pread_into(self._fd, memoryview(tensor.view(torch.uint8).numpy()), begin + start * itemsize, self.path)
+        return tensor
+
     def will_need(self, name):
         begin, end = self._spans[name]
         if end > begin and hasattr(os, "posix_fadvise"):
@@ -204,6 +218,9 @@ class ShardedCheckpoint(Checkpoint):
     def get(self, name, *, pin_memory=False):
         return self._where[name].get(name, pin_memory=pin_memory)
 
+    def read_range(self, name, start, count, out=None):
+        return self._where[name].read_range(name, start, count, out)
+
     def will_need(self, name):
         self._where[name].will_need(name)
 
@@ -243,11 +260,12 @@ class TorchCheckpoint(Checkpoint):
         tensor = self._tensors[name]
         return tensor.pin_memory() if pin_memory else tensor
 
-    def read_range(self, name, start, count):
+    def read_range(self, name, start, count, out=None):
         self._check_range(name, start, count)
         if self._lazy is not None:
-            return self._lazy.read_range(name, start, count)
-        return self._tensors[name].reshape(-1)[start:start + count].clone()
+            return self._lazy.read_range(name, start, count, out)
+        flat = self._tensors[name].reshape(-1)[start:start + count]
+        return flat.clone() if out is None else out[:count].copy_(flat)
 
     def will_need(self, name):
         if self._lazy is not None:
@@ -671,6 +689,7 @@ class SafetensorsStream:
         self._in_flight: deque = deque()
         self._in_flight_bytes = 0
         self._written: set = set()
+        self._parts: dict = {}  # name -> elements written so far
         os.ftruncate(self._fd, self._data_start + position)
         self._pwrite(len(blob).to_bytes(8, "little") + blob, 0)
 
@@ -687,12 +706,28 @@ class SafetensorsStream:
         if dtype_name(tensor.dtype) != dtype or tuple(tensor.shape) != shape:
             raise FormatError(f"{self.path}: tensor {name!r} is {dtype_name(tensor.dtype)} {list(tensor.shape)}, "
                               f"expected {dtype} {list(shape)}")
-        self._written.add(name)
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if not flat.numel():
+        self.write_part(name, 0, tensor.reshape(-1))
+
+    def write_part(self, name: str, start: int, flat: torch.Tensor):
+        """Elements start .. start+len(flat) of a tensor's flattened data (chunks may come in any
+        order; the tensor is complete once every element was written exactly once, by count)."""
+        if name not in self._specs or name in self._written:
+            raise FormatError(f"{self.path}: tensor {name!r} is not expected here (unknown, or written twice)")
+        dtype, shape, offset = self._specs[name]
+        count = flat.numel()
+        if dtype_name(flat.dtype) != dtype or start < 0 or start + count > math.prod(shape):
+            raise FormatError(f"{self.path}: part of tensor {name!r} ({dtype_name(flat.dtype)}, elements {start}.."
+                              f"{start + count}) does not fit {dtype} {list(shape)}")
+        done = self._parts.get(name, 0) + count
+        self._parts[name] = done
+        if done == math.prod(shape):
+            self._written.add(name)
+        flat = flat.detach().to("cpu").contiguous().reshape(-1)
+        if not count:
             return
         data = flat.view(torch.uint8).numpy()  # kept alive by the job until written
-        self._in_flight.append((self._pool.submit(self._pwrite, data, self._data_start + offset), data.nbytes))
+        position = self._data_start + offset + start * DTYPE_SIZES[dtype]
+        self._in_flight.append((self._pool.submit(self._pwrite, data, position), data.nbytes))
         self._in_flight_bytes += data.nbytes
         while self._in_flight and self._in_flight_bytes > self._MAX_IN_FLIGHT:
             self._wait_oldest()

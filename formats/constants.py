@@ -1,7 +1,8 @@
 """Constants of the tallzip archive format (see SPEC.md)."""
 
 MAGIC = b"TALLZIP\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # what the writer writes
+READABLE_VERSIONS = (1, 2)  # what the reader reads (version 1: one unchunked, sha256-checked section per entry)
 # magic (8) | version u32 | flags u32 | manifest offset u64 | manifest length u64 | manifest sha256 (32) | reserved (8)
 HEADER_SIZE = 72
 HEADER_STRUCT = "<8sIIQQ32s8s"
@@ -12,15 +13,27 @@ MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_JSON_DEPTH = 16
 MAX_TENSOR_ELEMENTS = 1 << 40
 
+# Version 2 splits every section into chunks of at most `chunk_elements` elements (manifest field),
+# cut at whole rows where a row fits (formats/chunking.py). 2^22 elements: 8 MiB of bfloat16, large
+# enough that per-chunk overheads vanish, small enough that a few chunks per CPU fit a memory budget.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+MIN_CHUNK_ELEMENTS = 1 << 10
+MAX_CHUNK_ELEMENTS = 1 << 30
+CHUNK_DIGEST = "blake3"  # 32-byte BLAKE3 of each chunk's stored bytes, hex
+
 # Roles of a section in the archive.
 ROLE_BASE = "base"      # the pretrained tensor (masked tensors) or the one copy of an unchanged tensor
 ROLE_MTV = "mtv"        # the multi-task vector of a masked tensor
 ROLE_MASK = "mask"      # one task's TALL mask of a masked tensor
 ROLE_OWN = "own"        # a tensor stored as-is for one task (heads, integer buffers, tensors the base lacks)
+ROLE_FILE = "file"      # a side file of a folder checkpoint (config.json, ...), as U8 bytes
 
 # Kinds of tensor, as the manifest's tensor table records them.
 KIND_MASKED = "masked"  # float, in the base and every task with the same shape: base + mtv + a mask per task
 KIND_SHARED = "shared"  # identical in the base and every task: stored once
+KIND_PER_TASK = "per-task"  # not mergeable (integer, bool) and not identical: a copy per task
+# How a task is rebuilt (task entry field "representation"; absent in version 1 = "tall").
+REPRESENTATION_TALL = "tall"  # base + mask_t * mtv
 # Tensors that are neither live only in the tasks' own sections (ROLE_OWN).
 
 # Tensor dtypes by their safetensors names; the value is the itemsize in bytes.

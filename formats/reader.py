@@ -1,7 +1,9 @@
-"""Reading a tallzip archive: header, manifest, and any one section, each checked before use.
+"""Reading a tallzip archive: header, manifest, and any one chunk of a section, each checked before use.
 
 Nothing is trusted before it is checked: the header's manifest checksum, the manifest's structure
-and bounds (before any allocation they imply), and each section's checksum before it is decoded.
+and bounds (before any allocation they imply), and each chunk's checksum before it is decoded.
+Format versions 1 (one unchunked section per entry, sha256) and 2 (chunked, blake3) both read; a
+version-1 section is seen as one chunk covering the whole tensor.
 """
 from __future__ import annotations
 
@@ -11,13 +13,16 @@ import math
 import os
 import struct
 from pathlib import Path
+from typing import NamedTuple
 
+import blake3
 import numpy as np
 
 from . import codecs
-from .constants import (DTYPE_SIZES, FLOAT_DTYPES, FORMAT_VERSION, HEADER_SIZE, HEADER_STRUCT, KIND_MASKED, KIND_SHARED,
-                        MAGIC, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, MAX_TENSOR_ELEMENTS, ROLE_BASE, ROLE_MASK,
-                        ROLE_MTV, ROLE_OWN)
+from .chunking import chunk_count, chunk_plan, chunk_shape, mask_context
+from .constants import (DTYPE_SIZES, FLOAT_DTYPES, HEADER_SIZE, HEADER_STRUCT, KIND_MASKED, KIND_PER_TASK, KIND_SHARED,
+                        MAGIC, MAX_CHUNK_ELEMENTS, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, MAX_TENSOR_ELEMENTS,
+                        MIN_CHUNK_ELEMENTS, READABLE_VERSIONS, REPRESENTATION_TALL, ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV, ROLE_OWN)
 from .errors import CorruptArchiveError, FormatError, UnsupportedVersionError
 from .tensors import bits_dtype
 
@@ -30,9 +35,24 @@ _SLACK = 1 << 20
 # more than any archive within MAX_MANIFEST_BYTES holds, and bounds the parse to ~1 GB.
 MAX_MANIFEST_VALUES = 16_000_000
 # Section roles and tensor kinds (SPEC.md); the manifest is checked against them before use.
-_ROLES = {ROLE_BASE, ROLE_MTV, ROLE_MASK, ROLE_OWN, "file"}
-_KINDS = {KIND_MASKED, KIND_SHARED, "per-task"}
+_ROLES = {ROLE_BASE, ROLE_MTV, ROLE_MASK, ROLE_OWN, ROLE_FILE}
+_KINDS = {KIND_MASKED, KIND_SHARED, KIND_PER_TASK}
+
+
+class Chunk(NamedTuple):
+    """One independently coded element range of a section, as checked against the manifest."""
+    index: int
+    start: int       # first element, in the flattened tensor
+    count: int       # elements
+    offset: int      # where its stored bytes lie in the file
+    length: int      # stored bytes
+    params: dict     # codec parameters of this chunk
+    digest: str      # hex digest of the stored bytes
+    algorithm: str   # "blake3" (version 2) or "sha256" (version 1)
+    ones: int | None  # masks: set bits in this chunk
+    shape: tuple     # the chunk as context codecs see it (rows of the tensor, or flat)
 _LAYOUTS = {"file", "folder"}
+REPRESENTATIONS = (REPRESENTATION_TALL,)  # how a task may be rebuilt (issue 13 adds more)
 
 
 def _depth(value, level=0):
@@ -56,9 +76,10 @@ def section_label(entry: dict) -> str:
     return " ".join(parts)
 
 
-def decoded_size(entry: dict) -> int:
-    """Bytes of the section's plain form: bit-packed for masks, itemsize x count otherwise."""
-    count = math.prod(entry["shape"])
+def decoded_size(entry: dict, count: int | None = None) -> int:
+    """Bytes of the plain form of a section (or of `count` of its elements): bit-packed for masks,
+    itemsize x count otherwise."""
+    count = math.prod(entry["shape"]) if count is None else count
     return (count + 7) // 8 if entry["role"] == "mask" else count * DTYPE_SIZES[entry["dtype"]]
 
 
@@ -113,9 +134,11 @@ class ArchiveReader:
         if len(header) < HEADER_SIZE or header[:8] != MAGIC:
             raise FormatError(f"{self.path}: not a tallzip archive")
         _, version, flags, offset, length, digest, _ = struct.unpack(HEADER_STRUCT, header)
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise UnsupportedVersionError(
-                f"{self.path}: archive format version {version}; this tallzip reads version {FORMAT_VERSION}")
+                f"{self.path}: archive format version {version}; this tallzip reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}")
+        self.version = version
         if flags != 0:
             raise CorruptArchiveError(f"{self.path}: damaged header (unknown flags {flags:#x})")
         if length > MAX_MANIFEST_BYTES or offset < HEADER_SIZE or offset + length != self.size:
@@ -131,8 +154,15 @@ class ArchiveReader:
         except (ValueError, RecursionError):
             raise CorruptArchiveError(f"{self.path}: damaged archive (manifest is not valid JSON)") from None
         _depth(self.manifest)
+        if not isinstance(self.manifest, dict) or self.manifest.get("version", 1) != version:
+            raise CorruptArchiveError(f"{self.path}: damaged archive (manifest and header disagree on the version)")
         self._data_end = offset
         self._index = {}
+        self._chunks = {}
+        self.chunk_elements = self.manifest.get("chunk_elements") if version >= 2 else None
+        if version >= 2 and not (_is_count(self.chunk_elements)
+                                 and MIN_CHUNK_ELEMENTS <= self.chunk_elements <= MAX_CHUNK_ELEMENTS):
+            raise CorruptArchiveError(f"{self.path}: damaged archive (bad chunk_elements)")
         self._check_sections()
         self._check_tables()
 
@@ -145,16 +175,13 @@ class ArchiveReader:
             raise CorruptArchiveError(f"{self.path}: damaged archive (manifest has no section table)")
         for entry in sections:
             try:
-                ok = (_is_count(entry["offset"]) and _is_count(entry["length"])
-                      and HEADER_SIZE <= entry["offset"] and 0 <= entry["length"]
-                      and entry["offset"] + entry["length"] <= self._data_end
-                      and entry["role"] in _ROLES and isinstance(entry["tensor"], str)
+                ok = (entry["role"] in _ROLES and isinstance(entry["tensor"], str)
                       and (entry["task"] is None or isinstance(entry["task"], str))
                       and entry["dtype"] in DTYPE_SIZES and entry["codec"] in codecs.names()
                       and _is_shape(entry["shape"])
-                      and math.prod(entry["shape"]) <= MAX_TENSOR_ELEMENTS
-                      and decoded_size(entry) <= MAX_EXPANSION * entry["length"] + _SLACK
-                      and isinstance(entry["sha256"], str) and isinstance(entry.get("params", {}), dict))
+                      and math.prod(entry["shape"]) <= MAX_TENSOR_ELEMENTS and _is_count(entry["length"]))
+                chunks = (self._chunks_v2(entry) if self.version >= 2 else self._chunks_v1(entry)) if ok else None
+                ok = chunks is not None
             except (KeyError, TypeError):
                 ok = False
             if not ok:
@@ -164,6 +191,44 @@ class ArchiveReader:
             if key in self._index:
                 raise CorruptArchiveError(f"{self.path}: damaged archive (section {section_label(entry)} twice)")
             self._index[key] = entry
+            self._chunks[key] = chunks
+
+    def _chunk_ok(self, entry, offset, length, count) -> bool:
+        return (_is_count(offset) and _is_count(length) and HEADER_SIZE <= offset
+                and offset + length <= self._data_end
+                and decoded_size(entry, count) <= MAX_EXPANSION * length + _SLACK)
+
+    def _chunks_v1(self, entry):
+        count = math.prod(entry["shape"])
+        ones = entry.get("ones")
+        if not (self._chunk_ok(entry, entry["offset"], entry["length"], count) and isinstance(entry["sha256"], str)
+                and isinstance(entry.get("params", {}), dict) and (ones is None or (_is_count(ones) and ones <= count))):
+            return None
+        return [Chunk(0, 0, count, entry["offset"], entry["length"], entry.get("params", {}), entry["sha256"],
+                      "sha256", ones, tuple(entry["shape"]))]
+
+    def _chunks_v2(self, entry):
+        shape, listed = entry["shape"], entry["chunks"]
+        if not isinstance(listed, list) or len(listed) != chunk_count(shape, self.chunk_elements):
+            return None  # checked before the plan is built: a huge shape would make a huge plan
+        plan = chunk_plan(shape, self.chunk_elements)
+        is_mask = entry["role"] == ROLE_MASK
+        chunks, total, total_ones = [], 0, 0
+        for index, ((start, count), item) in enumerate(zip(plan, listed)):
+            if not isinstance(item, dict):
+                return None
+            ones = item.get("ones") if is_mask else None
+            if not (self._chunk_ok(entry, item["offset"], item["length"], count)
+                    and isinstance(item["blake3"], str) and isinstance(item.get("params", {}), dict)
+                    and (not is_mask or (_is_count(ones) and ones <= count))):
+                return None
+            total += item["length"]
+            total_ones += ones or 0
+            chunks.append(Chunk(index, start, count, item["offset"], item["length"], item.get("params", {}),
+                                item["blake3"], "blake3", ones, chunk_shape(shape, start, count)))
+        if total != entry["length"] or (is_mask and entry.get("ones") != total_ones):
+            return None
+        return chunks
 
     def _check_tables(self):
         """The tensor table, the base and the tasks: the types readers rely on, names that are safe
@@ -206,6 +271,10 @@ class ArchiveReader:
                   and (sharding is None or _is_sharding(sharding, {n for n, _ in own})))
             if not ok:
                 refuse(f"bad entry for task {name!r}")
+            representation = task.get("representation", REPRESENTATION_TALL)
+            if representation not in REPRESENTATIONS:
+                raise UnsupportedVersionError(f"{self.path}: task {name!r} is stored as {representation!r}, "
+                                              f"which this tallzip cannot rebuild (it knows {', '.join(REPRESENTATIONS)})")
         for entry in self._index.values():
             role, info, task = entry["role"], tensors.get(entry["tensor"]), entry["task"]
             if role in (ROLE_BASE, ROLE_MTV):
@@ -224,35 +293,101 @@ class ArchiveReader:
     def section(self, role: str, tensor: str | None, task: str | None = None) -> dict | None:
         return self._index.get((role, tensor, task))
 
-    def read_bytes(self, entry: dict) -> bytes:
-        data = self._pread(entry["offset"], entry["length"])
-        if len(data) != entry["length"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise CorruptArchiveError(f"{self.path}: damaged archive (checksum mismatch in section {section_label(entry)})")
+    def chunks(self, entry: dict) -> list[Chunk]:
+        """The section's chunks, in element order (one for a version-1 section)."""
+        return self._chunks[(entry["role"], entry["tensor"], entry["task"])]
+
+    def _refuse_chunk(self, entry, chunk, what):
+        where = f" chunk {chunk.index + 1} of {len(self.chunks(entry))}" if self.version >= 2 else ""
+        raise CorruptArchiveError(f"{self.path}: damaged archive ({what} in section {section_label(entry)}{where})")
+
+    def read_chunk_bytes(self, entry: dict, chunk: Chunk) -> bytes:
+        """The chunk's stored bytes, checked against its digest."""
+        data = self._pread(chunk.offset, chunk.length)
+        if chunk.algorithm == "blake3":
+            good = blake3.blake3(data).hexdigest() == chunk.digest
+        else:
+            good = hashlib.sha256(data).hexdigest() == chunk.digest
+        if len(data) != chunk.length or not good:
+            self._refuse_chunk(entry, chunk, "checksum mismatch")
         return data
 
-    def read(self, entry: dict, context=None):
-        """The section's decoded flat array: uint views of float bits, bool for masks."""
-        data = self.read_bytes(entry)
-        dtype = bool if entry["role"] == "mask" else bits_dtype(entry["dtype"])
+    def chunk_context(self, mtv_entry: dict, chunk: Chunk, mtv_bits: np.ndarray) -> dict:
+        """The side information a mask chunk is coded with (chunking.mask_context): the same chunk
+        of the mtv section, as read (its stored bits), and the chunk's shape."""
+        return mask_context(mtv_bits, mtv_entry["dtype"], chunk.shape)
+
+    def read_chunk(self, entry: dict, chunk: Chunk, context=None) -> np.ndarray:
+        """One chunk decoded, flat: uint views of float bits, bool for masks."""
+        data = self.read_chunk_bytes(entry, chunk)
+        dtype = bool if entry["role"] == ROLE_MASK else bits_dtype(entry["dtype"])
         try:
-            return codecs.decode(entry["codec"], data, dtype=dtype, count=math.prod(entry["shape"]),
-                                 params=entry.get("params", {}), context=context)
+            return codecs.decode(entry["codec"], data, dtype=dtype, count=chunk.count, params=chunk.params,
+                                 context=context)
         except (codecs.CodecError, ValueError, KeyError, TypeError) as exc:
-            raise CorruptArchiveError(f"{self.path}: damaged archive (section {section_label(entry)}: {exc})") from None
+            self._refuse_chunk(entry, chunk, str(exc))
+
+    def read_chunk_mask_bits(self, entry: dict, chunk: Chunk, context=None) -> np.ndarray:
+        """A mask chunk as bit-packed bytes (uint8, little bit order, as np.packbits).
+
+        'bits+zstd' stores exactly these bytes compressed, so they are only decompressed; other mask
+        codecs decode to booleans, packed here."""
+        if entry["codec"] != "bits+zstd":
+            return np.packbits(self.read_chunk(entry, chunk, context), bitorder="little")
+        data = self.read_chunk_bytes(entry, chunk)
+        try:
+            packed = codecs.zstd_decompress(data, (chunk.count + 7) // 8)
+        except codecs.CodecError as exc:
+            self._refuse_chunk(entry, chunk, str(exc))
+        return np.frombuffer(packed, dtype=np.uint8)
+
+    def check(self, entry: dict):
+        """Every chunk's checksum, one chunk in memory at a time; raises naming the section and chunk."""
+        for chunk in self.chunks(entry):
+            self.read_chunk_bytes(entry, chunk)
+
+    # --- whole sections (all chunks joined): for small tensors and callers that need them whole ---
+    def read_bytes(self, entry: dict) -> bytes:
+        """Every chunk's stored bytes, checked, joined (a version-1 section: its bytes)."""
+        return b"".join(self.read_chunk_bytes(entry, chunk) for chunk in self.chunks(entry))
+
+    def _chunk_contexts(self, entry, context):
+        """Per-chunk contexts cut from a whole-tensor context {"mtv": float32 of the tensor}, made one
+        at a time as they are used (what a codec derives from one is dropped with it, so memory
+        stays at one chunk's working set whatever the tensor's size)."""
+        chunks = self.chunks(entry)
+        if context is None or len(chunks) == 1:
+            for chunk in chunks:
+                yield chunk, context
+            return
+        flat = np.ascontiguousarray(context["mtv"], dtype=np.float32).reshape(-1)
+        for chunk in chunks:
+            yield chunk, mask_context(flat[chunk.start:chunk.start + chunk.count], "F32", chunk.shape)
+
+    def read(self, entry: dict, context=None) -> np.ndarray:
+        """The section decoded, flat. A mask's context is the whole tensor's ({"mtv": float32 mtv})."""
+        chunks = self.chunks(entry)
+        if len(chunks) == 1:
+            return self.read_chunk(entry, chunks[0], context)
+        dtype = bool if entry["role"] == ROLE_MASK else bits_dtype(entry["dtype"])
+        out = np.empty(math.prod(entry["shape"]), dtype=dtype)
+        for chunk, ctx in self._chunk_contexts(entry, context):
+            out[chunk.start:chunk.start + chunk.count] = self.read_chunk(entry, chunk, ctx)
+        return out
 
     def read_mask_bits(self, entry: dict, context=None) -> np.ndarray:
-        """A mask section as bit-packed bytes (uint8, little bit order, as np.packbits).
-
-        'bits+zstd' stores exactly these bytes compressed, so they are only decompressed (a GPU
-        then unpacks an eighth of the bytes); other mask codecs decode to booleans, packed here."""
-        if entry["codec"] != "bits+zstd":
-            return np.packbits(self.read(entry, context), bitorder="little")
-        data = self.read_bytes(entry)
-        try:
-            packed = codecs.zstd_decompress(data, (math.prod(entry["shape"]) + 7) // 8)
-        except codecs.CodecError as exc:
-            raise CorruptArchiveError(f"{self.path}: damaged archive (section {section_label(entry)}: {exc})") from None
-        return np.frombuffer(packed, dtype=np.uint8)
+        """A mask section as bit-packed bytes (uint8, little bit order, as np.packbits)."""
+        chunks = self.chunks(entry)
+        if len(chunks) == 1:
+            return self.read_chunk_mask_bits(entry, chunks[0], context)
+        out = np.empty((math.prod(entry["shape"]) + 7) // 8, dtype=np.uint8)
+        for chunk, ctx in self._chunk_contexts(entry, context):
+            bits = self.read_chunk_mask_bits(entry, chunk, ctx)
+            if chunk.start % 8 == 0:
+                out[chunk.start // 8:chunk.start // 8 + bits.size] = bits
+            else:  # only a version-2 plan with rows not a multiple of 8 gets here: repack
+                return np.packbits(self.read(entry, context), bitorder="little")
+        return out
 
     def close(self):
         if self._fd is not None:

@@ -84,18 +84,18 @@ class LazyTorchFile:
         out = raw.as_strided(tuple(spec.shape), tuple(spec.stride)).clone(memory_format=torch.contiguous_format)
         return out.pin_memory() if pin_memory else out
 
-    def read_range(self, name: str, start: int, count: int) -> torch.Tensor:
+    def read_range(self, name: str, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
         spec = self.specs[name]
         if is_contiguous(spec):
-            out = torch.empty(count, dtype=spec.dtype)
+            out = torch.empty(count, dtype=spec.dtype) if out is None else out[:count]
             self._read_elements(spec, start, out)
             return out
         with self._lock:  # a view: read it once, whole, and serve its ranges from that copy
             if self._materialised is None or self._materialised[0] != name:
                 self._materialised = None  # drop the previous one before reading the next
                 self._materialised = (name, self.get(name).reshape(-1))
-            flat = self._materialised[1]
-        return flat[start:start + count].clone()
+            flat = self._materialised[1][start:start + count]
+        return flat.clone() if out is None else out[:count].copy_(flat)
 
     def will_need(self, name: str):
         spec = self.specs[name]

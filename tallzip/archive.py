@@ -1,12 +1,14 @@
 """Reading an archive back: `tallzip.open(path)` lists tasks and rebuilds any one of them.
 
-Rebuilding a task reads the base, the mtv, that task's masks and its own tensors, nothing else.
+Rebuilding a task reads the base, the mtv, that task's masks and its own tensors, nothing else,
+chunk by chunk: chunks are decoded and rebuilt on a thread pool, as many at once as the memory
+budget holds, and handed over in order (iter_task_chunks), so extracting to a file never holds
+more than the budget, and load() the model plus the budget.
 """
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +16,20 @@ import torch
 
 from . import taskvec
 from .errors import TallzipError, UnknownTaskError
-from .family import tensors_digest
+from .chunks import chunk_plan, ordered_map, parse_memory
+from .family import base_digest
 from .bits import unpack_bits
 from .formats.checkpoints import SafetensorsStream, open_checkpoint
-from .formats.constants import KIND_MASKED, KIND_SHARED, ROLE_BASE, ROLE_MASK, ROLE_MTV, ROLE_OWN
+from .formats.constants import (DTYPE_SIZES, KIND_MASKED, KIND_PER_TASK, KIND_SHARED, ROLE_BASE, ROLE_MASK,
+                                ROLE_MTV, ROLE_OWN)
 from .formats.errors import CorruptArchiveError
 from .formats.reader import ArchiveReader
 from .formats.tensors import from_bits, torch_bits_dtype, torch_dtype
-from .formats.writer import available_cpus
-from .packing import KIND_PER_TASK, resolve_device
+from .packing import resolve_device
 
 
-def open(path, *, base=None) -> "Archive":  # noqa: A001 - mirrors the builtin on purpose
-    return Archive(path, base=base)
+def open(path, *, base=None, memory=None) -> "Archive":  # noqa: A001 - mirrors the builtin on purpose
+    return Archive(path, base=base, memory=memory)
 
 
 def rebuild_from_bits(base: torch.Tensor, bits: np.ndarray, mtv: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -50,11 +53,12 @@ def rebuild_from_bits(base: torch.Tensor, bits: np.ndarray, mtv: torch.Tensor, d
 
 
 class Archive:
-    def __init__(self, path, *, base=None):
+    def __init__(self, path, *, base=None, memory=None):
         self.path = Path(path)
         if not self.path.is_file():  # say which path and what was expected, not the OS's bare "Is a directory"
             what = "is a folder" if self.path.is_dir() else "not a regular file" if self.path.exists() else "no such file"
             raise TallzipError(f"{self.path}: {what}, expected a .tallz archive file")
+        self.memory = parse_memory(memory)  # budget for chunks decoded at once
         self.reader = ArchiveReader(self.path)
         m = self.reader.manifest
         try:
@@ -95,7 +99,7 @@ class Archive:
     def attach_base(self, base):
         """For an archive packed with base_ref: use this checkpoint as the base, if its hash matches."""
         ckpt = open_checkpoint(base)
-        digest = tensors_digest(ckpt.names, ckpt.get)
+        digest = base_digest(ckpt)
         if digest != self.base_info.get("sha256"):
             raise TallzipError(f"{base}: is not the base this archive was packed with (sha256 differs)")
         self._base_ckpt = ckpt
@@ -112,6 +116,107 @@ class Archive:
             return torch.from_numpy(self.reader.read(entry, context)).reshape(entry["shape"])
         return from_bits(self.reader.read(entry, context), entry["dtype"], entry["shape"])
 
+    # --- chunks -----------------------------------------------------------------------------
+    def plan(self, task: str | None, name: str) -> list[tuple[int, int]]:
+        """[(start, count)]: the chunks every section of this tensor is cut into (its own section's
+        for a task's own or per-task tensor)."""
+        info = self.tensors.get(name)
+        if info is None or info["kind"] == KIND_PER_TASK:
+            return [(c.start, c.count) for c in self.reader.chunks(self._section(ROLE_OWN, name, task))]
+        if self.reader.version < 2:
+            return [(0, math.prod(info["shape"]))]
+        return chunk_plan(info["shape"], self.reader.chunk_elements)
+
+    def base_chunk(self, name: str, index: int) -> torch.Tensor:
+        """Chunk `index` of the base tensor, flat, in the base's dtype."""
+        if self.base_info.get("by_reference"):
+            if self._base_ckpt is None:
+                raise TallzipError(f"{self.path}: was packed with --base-ref; give the base checkpoint (--base PATH)")
+            start, count = self.plan(None, name)[index]
+            return self._base_ckpt.read_range(name, start, count)
+        entry = self._section(ROLE_BASE, name)
+        chunk = self.reader.chunks(entry)[index]
+        return from_bits(self.reader.read_chunk(entry, chunk), entry["dtype"], (chunk.count,))
+
+    def mtv_chunk(self, name: str, index: int):
+        """Chunk `index` of the stored mtv: (flat, in the compute dtype; the mask codecs' context)."""
+        entry = self._section(ROLE_MTV, name)
+        chunk = self.reader.chunks(entry)[index]
+        bits = self.reader.read_chunk(entry, chunk)
+        context = self.reader.chunk_context(entry, chunk, bits)
+        return taskvec.as_compute(from_bits(bits, entry["dtype"], (chunk.count,))), context
+
+    def mask_chunk_bits(self, task: str, name: str, index: int, context: dict) -> np.ndarray:
+        """Chunk `index` of a task's mask, bit-packed (uint8, little bit order)."""
+        entry = self._section(ROLE_MASK, name, task)
+        return self.reader.read_chunk_mask_bits(entry, self.reader.chunks(entry)[index], context)
+
+    def _chunk_parts(self, task: str, name: str, index: int, shared=None):
+        """What one chunk of one tensor of a task is made of, decoded on the CPU (thread-safe: the
+        reader uses pread, and decoding releases the GIL). `shared`: (base, mtv, context) of this
+        chunk already decoded for another task."""
+        dtype = self._task_dtypes(task).get(name)
+        if dtype is None:
+            raise UnknownTaskError(f"task {task!r} has no tensor {name!r}")
+        info = self.tensors.get(name)
+        if info is None or info["kind"] == KIND_PER_TASK:
+            entry = self._section(ROLE_OWN, name, task)
+            chunk = self.reader.chunks(entry)[index]
+            return dtype, from_bits(self.reader.read_chunk(entry, chunk), entry["dtype"], (chunk.count,)), None
+        if info["kind"] == KIND_SHARED:
+            return dtype, shared[0] if shared else self.base_chunk(name, index), None
+        if info["kind"] == KIND_MASKED:
+            base, mtv, context = shared if shared else (self.base_chunk(name, index), *self.mtv_chunk(name, index))
+            return dtype, base, (mtv, self.mask_chunk_bits(task, name, index, context))
+        raise CorruptArchiveError(f"{self.path}: damaged archive (tensor {name!r} of unknown kind)")
+
+    def _chunk_cost(self, name: str, count: int, tasks: int = 1) -> int:
+        """Bytes one chunk job holds at its peak: base, mtv (stored, float32, compute), the mask,
+        the rebuilt chunk per task, and the mask codec's working set (~20 bytes per element)."""
+        info = self.tensors.get(name)
+        itemsize = DTYPE_SIZES.get(info["dtype"], 4) if info else 4
+        return max(count, 1) * (itemsize + 2 + 8 + 24 + tasks * (itemsize + 5)) + (1 << 20)
+
+    def iter_task_chunks(self, task: str, device="cpu", names=None):
+        """Yield (name, start, flat tensor in the task's dtype) for every chunk of the task's tensors
+        (or of `names`), in order; decoded and rebuilt on a thread pool within the memory budget."""
+        device = resolve_device(device)
+        names = [n for n, _ in self.task_entry(task)["tensors"]] if names is None else names
+        items = [(name, i, start, count) for name in names for i, (start, count) in enumerate(self.plan(task, name))]
+        job = lambda item: (item, self._chunk_parts(task, item[0], item[1]))  # noqa: E731
+        for (name, _, start, _), parts in ordered_map(job, items, cost=lambda it: self._chunk_cost(it[0], it[3]),
+                                                       budget=self.memory):
+            yield name, start, self._assemble(parts, device).reshape(-1)
+
+    def iter_tasks_chunks(self, tasks: list, device="cpu"):
+        """Yield (name, start, {task: flat tensor}) for several tasks at once, each chunk's base and
+        mtv decoded once for all of them (tensors in the order of their first appearance)."""
+        device = resolve_device(device)
+        names = list(dict.fromkeys(n for t in tasks for n, _ in self.task_entry(t)["tensors"]))
+        having = {n: [t for t in tasks if n in self._task_dtypes(t)] for n in names}
+        items = []
+        for name in names:
+            info = self.tensors.get(name)
+            if info is None or info["kind"] == KIND_PER_TASK:  # own sections: each task its own plan
+                items += [(name, t, i, start, count) for t in having[name]
+                          for i, (start, count) in enumerate(self.plan(t, name))]
+            else:
+                items += [(name, None, i, start, count) for i, (start, count) in enumerate(self.plan(None, name))]
+
+        def job(item):
+            name, only, index, _, _ = item
+            if only is not None:
+                return {only: self._chunk_parts(only, name, index)}
+            info = self.tensors[name]
+            base = self.base_chunk(name, index)
+            shared = (base, *self.mtv_chunk(name, index)) if info["kind"] == KIND_MASKED else (base,)
+            return {t: self._chunk_parts(t, name, index, shared) for t in having[name]}
+
+        cost = lambda it: self._chunk_cost(it[0], it[4], len(having[it[0]]))  # noqa: E731
+        for (name, _, _, start, _), parts in ordered_map(lambda it: (it, job(it)), items, cost=cost, budget=self.memory):
+            yield name, start, {t: self._assemble(p, device).reshape(-1) for t, p in parts.items()}
+
+    # --- whole tensors (assembled from their chunks) ----------------------------------------
     def base_tensor(self, name: str) -> torch.Tensor:
         if self.base_info.get("by_reference"):
             if self._base_ckpt is None:
@@ -129,8 +234,9 @@ class Archive:
         return self._read_tensor(self._section(ROLE_MASK, name, task), self._mask_context(name, mtv))
 
     def _mask_context(self, name: str, mtv: torch.Tensor) -> dict:
-        """The decoded mtv as the mask codecs' side information; kept while the same mtv is asked about,
-        so decoding all tasks' masks of one tensor derives the context once."""
+        """The decoded mtv (whole tensor, float32) as the mask codecs' side information; the reader
+        cuts it into each chunk's context as it decodes. Kept while the same mtv is asked about (a
+        one-chunk tensor's codec then derives its grouping once for all tasks)."""
         cached = self._context_cache
         if cached is None or cached[0] != name or cached[1] is not mtv:
             context = {"mtv": mtv.to(torch.float32).reshape(-1).cpu().numpy(), "shape": tuple(mtv.shape)}
@@ -149,8 +255,7 @@ class Archive:
         return self._assemble(self._task_parts(task, name), resolve_device(device))
 
     def _task_parts(self, task: str, name: str):
-        """What one tensor of a task is made of, read and decoded on the CPU (thread-safe: the
-        reader uses pread, and decoding releases the GIL)."""
+        """What one whole tensor of a task is made of (for callers that want tensors whole)."""
         entry = self.task_entry(task)
         dtype = self._task_dtypes(task).get(name)
         if dtype is None:
@@ -187,18 +292,24 @@ class Archive:
     def iter_task(self, task: str, device="cpu"):
         """Yield (name, tensor) of one rebuilt task, in its original order.
 
-        Worker threads read and decode the next few tensors while the caller uses this one."""
+        Worker threads decode the next chunks while the caller uses this tensor; a tensor of many
+        chunks is assembled in place, so only it and the budget's chunks are held."""
         device = resolve_device(device)
-        names = [name for name, _ in self.task_entry(task)["tensors"]]
-        workers = available_cpus()
-        ahead = workers + 1  # tensors being decoded at once: bounds memory, keeps every worker busy
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tallzip-decode") as pool:
-            pending = deque(pool.submit(self._task_parts, task, name) for name in names[:ahead])
-            for i, name in enumerate(names):
-                parts = pending.popleft().result()
-                if i + ahead < len(names):
-                    pending.append(pool.submit(self._task_parts, task, names[i + ahead]))
-                yield name, self._assemble(parts, device)
+        entry = self.task_entry(task)
+        shapes = {name: self._task_shape(task, name) for name, _ in entry["tensors"]}
+        current, filled = None, 0
+        for name, start, flat in self.iter_task_chunks(task, device):
+            shape, total = shapes[name], math.prod(shapes[name])
+            if start == 0 and flat.numel() == total:
+                yield name, flat.reshape(shape)
+                continue
+            if start == 0:
+                current, filled = torch.empty(total, dtype=flat.dtype, device=flat.device), 0
+            current[start:start + flat.numel()] = flat
+            filled += flat.numel()
+            if filled == total:
+                yield name, current.reshape(shape)
+                current = None
 
     def load(self, task: str, device="cpu") -> "OrderedDict[str, torch.Tensor]":
         """The task's rebuilt state dict: base + mask * mtv, its own tensors as they were."""
@@ -234,46 +345,27 @@ class Archive:
         return extracting.extract_all(self, folder, fmt=fmt, force=force, device=device, progress=progress)
 
     def _extract_together(self, files: dict, device: torch.device, tick=None):
-        """Write several tasks as safetensors files at once, tensor by tensor, so that each base
-        and mtv section is read and decoded once for all of them rather than once per task."""
+        """Write several tasks as safetensors files at once, chunk by chunk, so that each base and
+        mtv chunk is read and decoded once for all of them rather than once per task."""
         tasks = list(files)
         specs = {t: [(n, d, self._task_shape(t, n)) for n, d in self.task_entry(t)["tensors"]] for t in tasks}
         streams = {}
         try:
             for t in tasks:
                 streams[t] = SafetensorsStream(files[t], specs[t], self.task_entry(t).get("metadata"))
-            names = list(dict.fromkeys(spec[0] for t in tasks for spec in specs[t]))
-            ahead = available_cpus() + 1
-            with ThreadPoolExecutor(max_workers=available_cpus(), thread_name_prefix="tallzip-decode") as pool:
-                pending = deque(pool.submit(self._parts_for_tasks, tasks, n) for n in names[:ahead])
-                for i, name in enumerate(names):
-                    parts = pending.popleft().result()
-                    if i + ahead < len(names):
-                        pending.append(pool.submit(self._parts_for_tasks, tasks, names[i + ahead]))
-                    for task, part in parts.items():
-                        streams[task].write(name, self._assemble(part, device))
-                    if tick:
-                        tick(len(parts))
+            for name, start, parts in self.iter_tasks_chunks(tasks, device):
+                done = 0
+                for task, flat in parts.items():
+                    streams[task].write_part(name, start, flat)
+                    done += start + flat.numel() == math.prod(self._task_shape(task, name))
+                if tick and done:
+                    tick(done)
             for stream in streams.values():
                 stream.close()
         except BaseException:
             for stream in streams.values():
                 stream.abort()
             raise
-
-    def _parts_for_tasks(self, tasks: list, name: str) -> dict:
-        """_task_parts of one tensor for every task that has it, with its base and mtv decoded once."""
-        info = self.tensors.get(name)
-        having = [t for t in tasks if name in self._task_dtypes(t)]
-        if info is None or info["kind"] == KIND_PER_TASK:
-            return {t: self._task_parts(t, name) for t in having}
-        base = self.base_tensor(name)
-        if info["kind"] == KIND_SHARED:
-            return {t: (self._task_dtypes(t)[name], base, None) for t in having}
-        mtv = self.mtv(name)
-        context = self._mask_context(name, mtv)  # one context for all tasks: the codec reuses what it derives
-        return {t: (self._task_dtypes(t)[name], base,
-                    (mtv, self.reader.read_mask_bits(self._section(ROLE_MASK, name, t), context))) for t in having}
 
     def close(self):
         self.reader.close()

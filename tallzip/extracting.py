@@ -10,6 +10,7 @@ written are moved into it (atomic_output), so nothing else in it is ever touched
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -195,7 +196,7 @@ def _state(archive, task, device, tick) -> "OrderedDict":
 
 
 def _stream(archive, task: str, files: dict, metadata, device, tick):
-    """Write the task's tensors into safetensors files ({path: names}), each tensor as it is rebuilt."""
+    """Write the task's tensors into safetensors files ({path: names}), each chunk as it is rebuilt."""
     entry = archive.task_entry(task)
     dtypes = dict(entry["tensors"])
     streams, where = [], {}
@@ -208,12 +209,15 @@ def _stream(archive, task: str, files: dict, metadata, device, tick):
             stream = SafetensorsStream(path, [(n, dtypes[n], archive._task_shape(task, n)) for n in names], metadata)
             streams.append(stream)
             where.update(dict.fromkeys(names, stream))
-        for name, tensor in archive.iter_task(task, device):
+        # chunk by chunk: each chunk is written in place while the next ones are decoded, so no
+        # tensor is ever held whole
+        for name, start, flat in archive.iter_task_chunks(task, device):
             if name not in where:
                 raise CorruptArchiveError(f"{archive.path}: damaged archive (tensor {name!r} of task {task!r} "
                                           "is in none of its shards)")
-            where[name].write(name, tensor)
-            tick()
+            where[name].write_part(name, start, flat)
+            if start + flat.numel() == math.prod(archive._task_shape(task, name)):
+                tick()
         for stream in streams:
             stream.close()
     except BaseException:

@@ -11,6 +11,7 @@ import torch
 
 from .errors import TallzipError, TaskMismatchError
 from .formats.checkpoints import Checkpoint, discover_tasks, open_checkpoint
+from .formats.tensors import torch_dtype
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
@@ -56,6 +57,19 @@ class Family:
     @property
     def input_bytes(self) -> int:
         return sum(ckpt.nbytes for ckpt in self.tasks.values())
+
+
+def base_digest(ckpt, chunk_elements: int = 1 << 22) -> str:
+    """tensors_digest of a checkpoint, read chunk by chunk (the same bytes, bounded memory)."""
+    from .formats.chunking import chunk_plan
+    digest = hashlib.sha256()
+    for name in sorted(ckpt.names):
+        dtype = torch_dtype(ckpt.dtypes[name])
+        digest.update(f"{name}\0{dtype}\0{list(ckpt.shapes[name])}\0".encode())
+        for start, count in chunk_plan(ckpt.shapes[name], chunk_elements):
+            if count:
+                digest.update(ckpt.read_range(name, start, count).contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def tensors_digest(names, get) -> str:

@@ -9,7 +9,7 @@ pool compresses and hashes the sections made before.
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,16 +18,15 @@ import torch
 
 from . import __version__, taskvec
 from .errors import TallzipError
-from .family import Family, tensors_digest
-from .formats.constants import KIND_MASKED, KIND_SHARED, ROLE_BASE, ROLE_MASK, ROLE_MTV, ROLE_OWN
-from .formats.tensors import dtype_name, from_bits, to_bits, torch_dtype
+from .family import Family, base_digest
+from .chunks import checked_chunk_elements, chunk_plan, ordered_map, parse_memory
+from .formats.constants import (DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES, FLOAT_DTYPES, FORMAT_VERSION, KIND_MASKED, KIND_PER_TASK, KIND_SHARED,
+                                REPRESENTATION_TALL, ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV)
 from .formats.codecs import names as codec_names
 from .formats.reader import is_plain_file_name
 from .formats.writer import ArchiveWriter, available_cpus
 from .bits import pack_bits
-
-KIND_PER_TASK = "per-task"
-ROLE_FILE = "file"
+from .pack_jobs import ChunkJob, PackSettings, dtype_of, job_cost, run_job
 MERGE_METHODS = ("sum", "ties")
 MTV_DTYPES = ("float32", "bfloat16", "float16")
 # bfloat16 by measurement: on the real-data benchmark (8, 14 and 20 tasks) the rebuilt tasks were exactly as
@@ -60,19 +59,6 @@ def resolve_device(device=None) -> torch.device:
     elif device.type != "cpu":
         raise TallzipError(f"device {str(device)!r} is not supported (expected auto, cpu, cuda or cuda:N)")
     return device
-
-
-@contextlib.contextmanager
-def compute_threads(device: torch.device):
-    """PyTorch's CPU threads while packing: half the CPUs on a CPU-only pack (the other half
-    compress and read), all but one beside a GPU (the CPU then only feeds it). Restored after."""
-    before = torch.get_num_threads()
-    cpus = available_cpus()
-    torch.set_num_threads(max(1, cpus // 2) if device.type == "cpu" else max(1, cpus - 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass
@@ -109,9 +95,48 @@ class _Merger:
         return taskvec.ties_merge(taus, self.thresholds, self.majority, reduce="sum")
 
 
+def _read_range(ckpt, name, start, count):
+    reader = getattr(ckpt, "read_range", None)
+    return reader(name, start, count) if reader else ckpt.get(name).reshape(-1)[start:start + count]
+
+
+def _chunks_of(family: Family, names, chunk_elements=DEFAULT_CHUNK_ELEMENTS):
+    for name in names:
+        for start, count in chunk_plan(family.base.shapes[name], chunk_elements):
+            yield name, start, count
+
+
 def ties_thresholds(family: Family, density: float, device, progress=None) -> list[float]:
-    """Each task's TIES trim threshold, ranked over its whole task vector (one task in memory at a time)."""
+    """Each task's TIES trim threshold, ranked over its whole task vector, exactly, reading it chunk
+    by chunk twice (taskvec.magnitude_histogram): memory is a chunk, not the model."""
     names = [n for n in family.base.names if family.is_mergeable(n)]
+    if any(family.base.dtypes[n] == "F64" or any(c.dtypes[n] == "F64" for c in family.tasks.values()) for n in names):
+        return _ties_thresholds_whole(family, names, density, device, progress)
+    count = sum(math.prod(family.base.shapes[n]) for n in names)
+    kth = taskvec.ties_kth(count, density)
+    thresholds = []
+    for i, ckpt in enumerate(family.tasks.values()):
+        if kth <= 0:
+            thresholds.append(0.0)
+            continue
+
+        def magnitudes():
+            for name, start, n in _chunks_of(family, names):
+                base = _read_range(family.base, name, start, n).to(device)
+                yield taskvec.task_vector(base, _read_range(ckpt, name, start, n).to(device)).abs()
+
+        coarse = sum(taskvec.magnitude_histogram(m).cpu() for m in magnitudes())
+        top, rank = taskvec.kth_bin(coarse, kth)
+        fine = sum(taskvec.magnitude_histogram(m, top).cpu() for m in magnitudes())
+        low, _ = taskvec.kth_bin(fine, rank)
+        thresholds.append(taskvec.magnitude_from_bins(top, low))
+        if progress:
+            progress("ties thresholds", i + 1, len(family.tasks))
+    return thresholds
+
+
+def _ties_thresholds_whole(family, names, density, device, progress):
+    """float64 task vectors: ranked whole, one task in memory at a time."""
     thresholds = []
     for i, ckpt in enumerate(family.tasks.values()):
         magnitudes = torch.cat([
@@ -125,15 +150,14 @@ def ties_thresholds(family: Family, density: float, device, progress=None) -> li
 
 
 def ties_majority(family: Family, thresholds, device) -> float:
-    """The sign that wins over the whole vector, which entries with no elected sign take."""
+    """The sign that wins over the whole vector, which entries with no elected sign take (chunk by chunk)."""
     total = 0
-    for name in family.base.names:
-        if family.is_mergeable(name):
-            base, tasks = family.tensors(name)
-            base = base.to(device)
-            trimmed = [taskvec.ties_trim(taskvec.task_vector(base, t.to(device)), thr)
-                       for t, thr in zip(tasks, thresholds)]
-            total += int(torch.sign(taskvec.ties_sign_mass(trimmed)).sum())
+    names = [n for n in family.base.names if family.is_mergeable(n)]
+    for name, start, n in _chunks_of(family, names):
+        base = _read_range(family.base, name, start, n).to(device)
+        trimmed = [taskvec.ties_trim(taskvec.task_vector(base, _read_range(c, name, start, n).to(device)), thr)
+                   for c, thr in zip(family.tasks.values(), thresholds)]
+        total += int(torch.sign(taskvec.ties_sign_mass(trimmed)).sum())
     return 1.0 if total > 0 else (-1.0 if total < 0 else 0.0)
 
 
@@ -203,7 +227,8 @@ def checked_codecs(codecs: dict | None) -> dict:
 def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "sum",
          density: float = taskvec.DEFAULT_TIES_DENSITY, mtv_dtype: str = DEFAULT_MTV_DTYPE, base_ref: bool = False,
          device: str = "auto", force: bool = False, level: int = 3, allow_nonfinite: bool = False,
-         codecs: dict | None = None, progress=None) -> dict:
+         codecs: dict | None = None, progress=None, memory=None, chunk_elements: int | None = None,
+         workers: int | None = None) -> dict:
     """Pack a family into one archive at `output`; returns its manifest.
 
     tasks: folder of checkpoints, or {task: path}. lambdas: one number, {task: number} ('*' for the
@@ -213,10 +238,15 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
     base_ref: store only the base's identity; extract then needs the base file.
     codecs: {'float': one of FLOAT_CODECS (base, mtv, float tensors of a task's own), 'mask': one of
     MASK_CODECS, 'other': one of FLOAT_CODECS (integer tensors)}; missing keys take DEFAULT_CODECS.
+    memory: the budget for chunks in flight (bytes, or '1.5G', '256M'); chunk_elements: the chunk
+    size the archive records (default 2^22). Neither the budget nor `workers` changes the archive's
+    bytes: those depend only on the inputs and the options above.
     """
     if mtv_dtype not in MTV_DTYPES:
         raise TallzipError(f"unknown mtv dtype {mtv_dtype!r} (expected one of {', '.join(MTV_DTYPES)})")
     codecs = checked_codecs(codecs)
+    budget = parse_memory(memory)
+    chunk_elements = checked_chunk_elements(chunk_elements)
     family = Family.open(tasks, base)
     device = resolve_device(device)
     task_names = family.names
@@ -227,106 +257,136 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
     merger = _Merger(family, merge, density, device, progress)
     if lam is None:
         lam = _selected_lambdas(family, merger, lambdas, device, progress)
+    settings = PackSettings(tuple(task_names), tuple(lam[t] for t in task_names), merger, mtv_dtype, codecs, level,
+                            device, allow_nonfinite, base_ref)
 
-    tensors_table, task_dtypes = {}, {t: {} for t in task_names}
-    task_labels = [f"task {t!r}" for t in task_names]
-    with ArchiveWriter(output, force=force, level=level) as writer, compute_threads(device):
-        def put(array_tensor, role, name, task, codec):
-            return writer.add(to_bits(array_tensor), role=role, tensor=name, task=task,
-                              dtype=dtype_name(array_tensor.dtype), shape=array_tensor.shape, codec=codec)
+    kinds = {}
+    for name in family.base.names:
+        if family.is_mergeable(name):
+            kinds[name] = KIND_MASKED  # or shared, once every chunk turns out identical in every task
+        else:
+            kinds[name] = KIND_SHARED if _identical(family, name, chunk_elements) else KIND_PER_TASK
+    jobs = []
+    for name in family.base.names:
+        shape = tuple(family.base.shapes[name])
+        kind = {KIND_MASKED: "masked", KIND_SHARED: "shared", KIND_PER_TASK: "per-task"}[kinds[name]]
+        jobs += [ChunkJob(kind, name, i, start, count, shape) for i, (start, count) in
+                 enumerate(chunk_plan(shape, chunk_elements))]
+    for t in task_names:
+        ckpt = family.tasks[t]
+        for name in family.own_names(t):
+            shape = tuple(ckpt.shapes[name])
+            jobs += [ChunkJob("own", name, i, start, count, shape, task=t)
+                     for i, (start, count) in enumerate(chunk_plan(shape, chunk_elements))]
+        for fname, path in ckpt.extra_files.items():
+            shape = (path.stat().st_size,)
+            jobs += [ChunkJob("file", fname, i, start, count, shape, task=t)
+                     for i, (start, count) in enumerate(chunk_plan(shape, chunk_elements))]
+    for job in jobs:
+        job.cost = job_cost(job, len(task_names), DTYPE_SIZES[dtype_of(family, job)])
+    # Threads: as many as the CPUs, but no more than the budget holds jobs (each thread keeps its scratch).
+    biggest = max((job.cost for job in jobs), default=1)
+    workers = max(1, min(workers or available_cpus(), budget // max(biggest, 1)))
 
-        names = family.base.names
-        for i, (name, base_t, task_ts) in enumerate(read_ahead(family, names, pin_memory=device.type == "cuda")):
-            for t, tensor in zip(task_names, task_ts):
-                task_dtypes[t][name] = dtype_name(tensor.dtype)
-            float_codec = codecs["float"] if base_t.is_floating_point() else codecs["other"]
-            if all(torch.equal(base_t, t) for t in task_ts):
-                kind = KIND_SHARED  # checking the base checks the tasks
-            elif family.is_mergeable(name):
-                kind = KIND_MASKED
-            else:
-                kind = KIND_PER_TASK
-            if not allow_nonfinite and not (kind == KIND_MASKED and merge == "sum"):
-                _check_finite(name, [base_t, *(task_ts if kind == KIND_PER_TASK else [])], ["base", *task_labels])
-            tensors_table[name] = {"kind": kind, "dtype": dtype_name(base_t.dtype), "shape": list(base_t.shape)}
-            if not base_ref:
-                put(base_t, ROLE_BASE, name, None, float_codec)
-            if kind == KIND_MASKED:
-                mtv, packed, ones = masked_tensor(merger, base_t, task_ts, [lam[t] for t in task_names], device)
-                if not allow_nonfinite and not (merge == "sum" and bool(torch.isfinite(mtv).all())):
-                    # A sum of task vectors is finite only if the base and every task are (one check
-                    # instead of N + 1); TIES trims NaNs away, so there each input is checked.
-                    _check_finite(name, [base_t, *task_ts], ["base", *task_labels])
-                _put_masked(writer, name, mtv, packed, ones, base_t.shape, task_names, mtv_dtype, codecs)
-            elif kind == KIND_PER_TASK:
-                for t, tensor in zip(task_names, task_ts):
-                    put(tensor, ROLE_OWN, name, t, codecs["other"])
+    tensors_table = {name: {"kind": kinds[name], "dtype": family.base.dtypes[name],
+                            "shape": list(family.base.shapes[name])} for name in family.base.names}
+    with ArchiveWriter(output, force=force, chunk_elements=chunk_elements) as writer, _single_torch_thread(device):
+        entries = {}  # (role, name, task) -> section entry, created in the order the archive lists them
+
+        def entry_for(role, job, task, mtv_dtype_name=None):
+            key = (role, job.name, task)
+            if key not in entries:
+                if role == ROLE_MTV:
+                    dtype, codec = mtv_dtype_name, codecs["float"]
+                elif role == ROLE_MASK:
+                    dtype, codec = "BOOL", codecs["mask"]
+                elif role == ROLE_FILE:
+                    dtype, codec = "U8", "zstd"
+                else:
+                    ckpt = family.base if role == ROLE_BASE else family.tasks[task]
+                    dtype = ckpt.dtypes[job.name]
+                    codec = codecs["float"] if dtype in FLOAT_DTYPES else codecs["other"]
+                entries[key] = writer.section(role=role, tensor=job.name, task=task, dtype=dtype,
+                                              shape=job.shape, codec=codec)
+            return entries[key]
+
+        def work(job):
+            return run_job(job, family, settings, masked_tensor)
+
+        identical: dict[str, bool] = {}
+        done = 0
+        for result in ordered_map(work, jobs, cost=lambda job: job.cost, budget=budget, workers=workers):
+            job = result.job
+            for role, task, (data, params, digest), ones in result.pieces:
+                writer.write_chunk(entry_for(role, job, task, result.mtv_dtype), data, params, digest, ones)
+            if job.kind == "masked":
+                identical[job.name] = identical.get(job.name, True) and result.identical
+                if job.index == len(chunk_plan(job.shape, chunk_elements)) - 1 and identical[job.name]:
+                    # identical everywhere: stored once, as the base; its mtv and masks stay unlisted
+                    tensors_table[job.name]["kind"] = KIND_SHARED
+                    for t in [None, *task_names]:
+                        for role in (ROLE_MTV, ROLE_MASK):
+                            if (role, job.name, t) in entries:
+                                writer.drop(entries[(role, job.name, t)])
+            done += 1
             if progress:
-                progress("packing", i + 1, len(names))
+                progress("packing", done, len(jobs))
 
         task_entries = []
         for t in task_names:
             ckpt = family.tasks[t]
-            for name in family.own_names(t):
-                tensor = ckpt.get(name)
-                if not allow_nonfinite:
-                    _check_finite(name, [tensor], [f"task {t!r}"])
-                task_dtypes[t][name] = dtype_name(tensor.dtype)
-                put(tensor, ROLE_OWN, name, t, codecs["float"] if tensor.is_floating_point() else codecs["other"])
-            for fname, path in ckpt.extra_files.items():
-                data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8) if path.stat().st_size else torch.empty(0, dtype=torch.uint8)
-                put(data, ROLE_FILE, fname, t, "zstd")
             task_entries.append({
-                "name": t, "lambda": lam[t], "format": ckpt.format, "metadata": ckpt.metadata,
-                "sharding": ckpt.sharding, "layout": "folder" if (ckpt.sharding or ckpt.extra_files) else "file",
+                "name": t, "representation": REPRESENTATION_TALL, "lambda": lam[t], "format": ckpt.format,
+                "metadata": ckpt.metadata, "sharding": ckpt.sharding,
+                "layout": "folder" if (ckpt.sharding or ckpt.extra_files) else "file",
                 "file_name": ckpt.path.name if not ckpt.sharding else None,
-                "tensors": [[n, task_dtypes[t][n]] for n in ckpt.names],
+                "tensors": [[n, ckpt.dtypes[n]] for n in ckpt.names],
                 "files": list(ckpt.extra_files), "input_bytes": ckpt.nbytes,
             })
         manifest = {
-            "format": "tallzip", "version": 1, "created_by": f"tallzip {__version__}",
+            "format": "tallzip", "version": FORMAT_VERSION, "created_by": f"tallzip {__version__}",
             "merge": {"method": merge, **({"density": density} if merge == "ties" else {})},
             "mask_rule": MASK_RULE,
             "base": {"format": family.base.format, "metadata": family.base.metadata, "names": family.base.names,
                      "input_bytes": family.base.nbytes, "by_reference": base_ref,
                      "source": str(family.base.path),
-                     "sha256": tensors_digest(family.base.names, family.base.get) if base_ref else None},
+                     "sha256": base_digest(family.base) if base_ref else None},
             "tensors": tensors_table,
             "tasks": task_entries,
         }
+        if merge == "ties":
+            manifest["merge"].update(thresholds=merger.thresholds, majority=merger.majority)
         if isinstance(lambdas, LambdaSelector):
             manifest["lambda_scores"] = {t: {str(k): v for k, v in s.items()} for t, s in lambdas.scores.items()}
         return writer.finish(manifest)
 
 
+def _identical(family: Family, name: str, chunk_elements: int) -> bool:
+    """Whether a tensor is bit-identical in the base and every task, compared chunk by chunk."""
+    if any(ckpt.dtypes[name] != family.base.dtypes[name] for ckpt in family.tasks.values()):
+        return False
+    for start, count in chunk_plan(family.base.shapes[name], chunk_elements):
+        base = family.base.read_range(name, start, count)
+        if not all(torch.equal(base, ckpt.read_range(name, start, count)) for ckpt in family.tasks.values()):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _single_torch_thread(device: torch.device):
+    """One PyTorch thread per chunk job on a CPU (the jobs themselves fill the cores); beside a GPU
+    the CPU only feeds it. Restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if device.type == "cpu" else max(1, available_cpus() - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # --- the masked tensors: mtv, masks and bit-packing, streamed --------------------------------------
 
 CPU_CHUNK = 1 << 16  # elements: the slices of all inputs stay in the CPU's caches between their uses
-
-
-def read_ahead(family: Family, names, *, pin_memory: bool = False):
-    """Yield (name, base tensor, [task tensors]) in order, reading the next name's tensors on a
-    background thread meanwhile, and asking the OS to start on the one after that."""
-    checkpoints = [family.base, *family.tasks.values()]
-
-    def read(index):
-        if index + 1 < len(names):
-            for ckpt in checkpoints:
-                hint = getattr(ckpt, "will_need", None)
-                if hint:
-                    hint(names[index + 1])
-        return [ckpt.get(names[index], pin_memory=pin_memory) if pin_memory else ckpt.get(names[index])
-                for ckpt in checkpoints]
-
-    if not names:
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tallzip-read") as reader:
-        upcoming = reader.submit(read, 0)
-        for index, name in enumerate(names):
-            tensors = upcoming.result()
-            if index + 1 < len(names):
-                upcoming = reader.submit(read, index + 1)
-            yield name, tensors[0], tensors[1:]
 
 
 def masked_tensor(merger, base: torch.Tensor, tasks: list, lambdas: list, device: torch.device):
@@ -395,15 +455,3 @@ def _finish_masks(mtv, masks):
     mtv_host = torch.empty(mtv.shape, dtype=mtv.dtype, pin_memory=True).copy_(mtv, non_blocking=True)
     torch.cuda.current_stream(mtv.device).synchronize()
     return mtv_host, [p.numpy() for p in packed], ones.tolist()
-
-
-def _put_masked(writer, name, mtv, packed, ones, shape, task_names, mtv_dtype, codecs):
-    stored = mtv if mtv_dtype == "float32" or mtv.dtype == torch.float64 else mtv.to(getattr(torch, mtv_dtype))
-    writer.add(to_bits(stored), role=ROLE_MTV, tensor=name, task=None, dtype=dtype_name(stored.dtype),
-               shape=stored.shape, codec=codecs["float"])
-    # The decoder sees the stored mtv: it is the mask codecs' side information.
-    context = {"mtv": stored.to(torch.float32).reshape(-1).numpy(), "shape": tuple(stored.shape)}
-    count = mtv.numel()
-    for t, bits, n_ones in zip(task_names, packed, ones):
-        writer.add_packed_mask(bits, count=count, tensor=name, task=t, shape=shape, codec=codecs["mask"],
-                               context=context, ones=n_ones)

@@ -72,6 +72,41 @@ def ties_threshold(magnitudes: torch.Tensor, density: float) -> float:
     return float(magnitudes.reshape(-1).kthvalue(kth).values)
 
 
+# The threshold of a whole task vector without holding it: |tau| as float32 bits is an integer that
+# orders like the value (non-negative floats), so two passes of 2^16-bin histograms -- by the top 16
+# bits, then by the low 16 bits inside the bin holding the k-th value -- find it exactly.
+MAGNITUDE_BINS = 1 << 16
+
+
+def magnitude_histogram(magnitudes: torch.Tensor, top: int | None = None) -> torch.Tensor:
+    """Counts of float32 magnitudes (>= 0) by their top 16 bits, or (top given) by the low 16 bits of
+    those whose top 16 bits are `top`. int64, MAGNITUDE_BINS long."""
+    bits = magnitudes.to(torch.float32).contiguous().reshape(-1).view(torch.int32)
+    high = bits >> 16
+    if top is None:
+        return torch.bincount(high, minlength=MAGNITUDE_BINS)
+    return torch.bincount(bits[high == top] & 0xFFFF, minlength=MAGNITUDE_BINS)
+
+
+def kth_bin(histogram: torch.Tensor, k: int) -> tuple[int, int]:
+    """(bin holding the k-th smallest element, 1-based; k's rank inside that bin)."""
+    cumulative = torch.cumsum(histogram, 0)
+    index = int(torch.searchsorted(cumulative, torch.tensor(k, dtype=cumulative.dtype)))
+    before = int(cumulative[index - 1]) if index else 0
+    return index, k - before
+
+
+def magnitude_from_bins(top: int, low: int) -> float:
+    return float(torch.tensor([(top << 16) | low], dtype=torch.int32).view(torch.float32))
+
+
+def ties_kth(count: int, density: float) -> int:
+    """Rank (1-based) of the threshold among a task vector's `count` magnitudes; 0: keep everything."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return count - int(count * density)
+
+
 def ties_trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
 

@@ -163,8 +163,8 @@ def test_extract_reads_only_its_own_sections(family, tmp_path, monkeypatch):
     tallzip.pack(tasks_dir, base_path, out)
     archive = tallzip.open(out)
     seen = []
-    original = archive.reader.read_bytes
-    monkeypatch.setattr(archive.reader, "read_bytes", lambda e: seen.append(e) or original(e))
+    original = archive.reader.read_chunk_bytes
+    monkeypatch.setattr(archive.reader, "read_chunk_bytes", lambda e, c: seen.append(e) or original(e, c))
     archive.load("task1")
     assert seen and all(s["task"] in (None, "task1") for s in seen)
     assert {s["role"] for s in seen} == {"base", "mtv", "mask", "own"}
@@ -289,14 +289,14 @@ def test_other_version_and_damage_are_refused(family, tmp_path):
     tallzip.pack(tasks_dir, base_path, out)
     data = bytearray(out.read_bytes())
     versioned = bytearray(data)
-    versioned[8:12] = (2).to_bytes(4, "little")
-    (tmp_path / "v2.tallz").write_bytes(versioned)
-    with pytest.raises(UnsupportedVersionError, match="version 2"):
-        tallzip.open(tmp_path / "v2.tallz")
+    versioned[8:12] = (3).to_bytes(4, "little")
+    (tmp_path / "v3.tallz").write_bytes(versioned)
+    with pytest.raises(UnsupportedVersionError, match="version 3"):
+        tallzip.open(tmp_path / "v3.tallz")
     manifest = tallzip.open(out).manifest
     mask = next(s for s in manifest["sections"] if s["role"] == "mask" and s["task"] == "task1")
     damaged = bytearray(data)
-    damaged[mask["offset"]] ^= 0x10
+    damaged[mask["chunks"][0]["offset"]] ^= 0x10
     (tmp_path / "bad.tallz").write_bytes(damaged)
     archive = tallzip.open(tmp_path / "bad.tallz")
     archive.load("task0")  # other tasks are untouched

@@ -20,7 +20,7 @@ from tallzip.formats import codecs
 from tallzip.formats.checkpoints import SafetensorsStream, open_checkpoint
 from tallzip.formats.errors import FormatError
 from tallzip.formats.reader import ArchiveReader
-from tallzip.formats.writer import ArchiveWriter
+from tallzip.formats.writer import ArchiveWriter, encode_chunk, encode_packed_mask_chunk
 
 from conftest import np_mask, np_mtv, np_rebuilt, numpy_family, write_family
 
@@ -211,47 +211,26 @@ def manifest_for(tensors=None, task="t"):
 
 
 @pytest.mark.parametrize("codec", ["bits+zstd", "bits-ctx"])
-def test_writer_packed_mask_is_the_same_section_as_the_bool_mask(tmp_path, codec):
+def test_writer_packed_mask_is_the_same_chunk_as_the_bool_mask(tmp_path, codec):
     rng = np.random.default_rng(1)
     mtv = rng.normal(size=(40, 30)).astype(np.float32)
     mask = rng.random((40, 30)) < np.clip(np.abs(mtv) / 3, 0, 1)
     context = {"mtv": mtv.reshape(-1), "shape": (40, 30)}
-    entries = []
-    for i, packed_input in enumerate((False, True)):
-        with ArchiveWriter(tmp_path / f"{i}.tallz") as writer:
-            if packed_input:
-                writer.add_packed_mask(np.packbits(mask.reshape(-1), bitorder="little"), count=mask.size,
-                                       tensor="w", task="t", shape=mask.shape, codec=codec, context=context)
-            else:
-                writer.add(mask.reshape(-1), role="mask", tensor="w", task="t", dtype="BOOL", shape=mask.shape,
-                           codec=codec, context=context)
-            entries.append(writer.finish(manifest_for({"w": ("F32", mask.shape)}))["sections"][0])
-        reader = ArchiveReader(tmp_path / f"{i}.tallz")
-        assert np.array_equal(reader.read(entries[-1], context).reshape(mask.shape), mask)
-        assert np.array_equal(reader.read_mask_bits(entries[-1], context), np.packbits(mask.reshape(-1), bitorder="little"))
-    assert entries[0]["sha256"] == entries[1]["sha256"] and entries[0]["params"] == entries[1]["params"]
-
-
-def test_writer_refuses_wrong_packed_size(tmp_path):
+    coded = [encode_chunk(codec, mask.reshape(-1), 3, context),
+             encode_packed_mask_chunk(codec, np.packbits(mask.reshape(-1), bitorder="little"), mask.size, 3, context)]
+    assert coded[0] == coded[1]
     with ArchiveWriter(tmp_path / "x.tallz") as writer:
-        with pytest.raises(ValueError):
-            writer.add_packed_mask(np.zeros(2, dtype=np.uint8), count=17, tensor="w", task="t", shape=[17],
-                                   codec="bits+zstd")
-
-
-def test_writer_keeps_order_under_a_small_budget(tmp_path, monkeypatch):
-    from tallzip.formats import writer as writer_module
-    monkeypatch.setattr(writer_module, "_PENDING_BYTES_PER_WORKER", 30)
-    arrays = [np.arange(i * 50, dtype=np.uint32) for i in range(1, 12)]
-    with ArchiveWriter(tmp_path / "x.tallz", workers=3) as writer:
-        for i, array in enumerate(arrays):
-            writer.add(array, role="own", tensor=f"t{i}", task="a", dtype="U32", shape=array.shape, codec="zstd")
-        manifest = writer.finish(manifest_for(task="a"))
-    offsets = [s["offset"] for s in manifest["sections"]]
-    assert offsets == sorted(offsets) and all(o % 64 == 0 for o in offsets)
+        entry = writer.section(role="mask", tensor="w", task="t", dtype="BOOL", shape=mask.shape, codec=codec)
+        writer.write_chunk(entry, *coded[1], ones=int(mask.sum()))
+        entry = writer.finish(manifest_for({"w": ("F32", mask.shape)}))["sections"][0]
     reader = ArchiveReader(tmp_path / "x.tallz")
-    for entry, array in zip(manifest["sections"], arrays):
-        assert np.array_equal(reader.read(entry), array)
+    assert np.array_equal(reader.read(entry, context).reshape(mask.shape), mask)
+    assert np.array_equal(reader.read_mask_bits(entry, context), np.packbits(mask.reshape(-1), bitorder="little"))
+
+
+def test_writer_refuses_wrong_packed_size():
+    with pytest.raises(ValueError):
+        encode_packed_mask_chunk("bits+zstd", np.zeros(2, dtype=np.uint8), 17)
 
 
 # --- checkpoints read with pread, written as a stream ----------------------------------------

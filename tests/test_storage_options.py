@@ -78,7 +78,8 @@ def check_extracted(extracted, base, tasks, mtv_dtype=DEFAULT_MTV_DTYPE):
 
 def section_codecs(archive_path):
     with tallzip.open(archive_path) as archive:
-        return {(s["role"], s["tensor"], s["task"]): (s["codec"], s["params"]) for s in archive.manifest["sections"]}
+        return {(s["role"], s["tensor"], s["task"]): (s["codec"], s["chunks"][0]["params"])
+                for s in archive.manifest["sections"]}  # these tensors are one chunk each
 
 
 # --- every option round-trips ---------------------------------------------------------------------
@@ -223,7 +224,7 @@ def read_manifest(path):
     """The manifest, read as formats/SPEC.md lays the file out (not through tallzip's reader)."""
     data = path.read_bytes()
     magic, version, flags, offset, length, digest, _ = struct.unpack_from("<8sIIQQ32s8s", data)
-    assert (magic, version, flags) == (b"TALLZIP\0", 1, 0) and offset + length == len(data)
+    assert (magic, version, flags) == (b"TALLZIP\0", 2, 0) and offset + length == len(data)
     manifest = data[offset:offset + length]
     assert hashlib.sha256(manifest).digest() == digest
     return json.loads(manifest)

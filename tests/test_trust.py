@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+
+import blake3
 import json
 import os
 import shutil
@@ -146,9 +148,16 @@ def first(manifest, role, **where):
 @pytest.mark.parametrize("what, edit, match", [
     ("huge shape", lambda m: first(m, "mtv").update(shape=[1 << 40]), "bad entry for section mtv"),
     ("huge 2-d shape", lambda m: first(m, "base").update(shape=[1 << 20, 1 << 20]), "bad entry for section base"),
-    ("negative offset", lambda m: first(m, "mask").update(offset=-64), "bad entry for section mask"),
-    ("offset past the data", lambda m: first(m, "base").update(offset=1 << 62), "bad entry for section base"),
-    ("huge length", lambda m: first(m, "mtv").update(length=1 << 62), "bad entry for section mtv"),
+    ("negative offset", lambda m: first(m, "mask")["chunks"][0].update(offset=-64), "bad entry for section mask"),
+    ("offset past the data", lambda m: first(m, "base")["chunks"][0].update(offset=1 << 62), "bad entry for section base"),
+    ("huge length", lambda m: first(m, "mtv")["chunks"][0].update(length=1 << 62), "bad entry for section mtv"),
+    ("lengths that do not add up", lambda m: first(m, "mtv").update(length=first(m, "mtv")["length"] + 1),
+     "bad entry for section mtv"),
+    ("more chunks than the plan", lambda m: first(m, "base")["chunks"].append(first(m, "base")["chunks"][0]),
+     "bad entry for section base"),
+    ("ones that do not add up", lambda m: first(m, "mask").update(ones=first(m, "mask")["ones"] + 1),
+     "bad entry for section mask"),
+    ("a chunk plan of zero", lambda m: m.update(chunk_elements=0), "bad chunk_elements"),
     ("shape the table does not know", lambda m: first(m, "mtv").update(shape=[2]), "does not fit"),
     ("a task escaping the folder", lambda m: m["tasks"][0].update(name="../../escaped"), "bad or repeated task name"),
     ("a side file escaping the folder", lambda m: m["tasks"][0].update(files=["../x"]), "bad entry for task"),
@@ -188,7 +197,8 @@ def test_zstd_frame_declaring_more_than_the_section_refused_before_decoding(tmp_
 
     def replace_mtv(m):
         entry = first(m, "mtv", tensor="blk.0.w")
-        entry.update(offset=offset, length=len(frame), sha256=hashlib.sha256(frame).hexdigest(), codec="zstd")
+        entry.update(length=len(frame), codec="zstd")
+        entry["chunks"][0].update(offset=offset, length=len(frame), blake3=blake3.blake3(frame).hexdigest())
 
     fuzz.write_with_manifest(data, edited(manifest, replace_mtv), tmp_path / "zbomb.tallz", extra=frame)
     refused_cheaply(tmp_path / "zbomb.tallz", "frame declares 268435456 bytes")
