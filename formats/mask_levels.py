@@ -45,6 +45,7 @@ _BUCKET_SHIFT = 2                       # 4 levels (a quarter octave) per bucket
 _CENTER = BUCKETS // 2                  # the bucket of the row's median level
 _MIN_ROW_LENGTH = 16                    # shorter rows give a noisy median: one row per chunk
 _CACHE_KEY, _LOCK_KEY = "_bits_lvl_cache", "_bits_lvl_lock"
+ARCHIVE_MTV_DTYPES = ("BF16", "F16", "F32", "F64")
 
 
 def _context_mtv(context, count, what):
@@ -54,7 +55,9 @@ def _context_mtv(context, count, what):
     if mtv_dtype == "bfloat16":
         require(mtv.dtype == np.uint16, what, "context['mtv'] with mtv_dtype 'bfloat16' must hold the bits as uint16")
     else:
-        require(mtv_dtype is None and mtv.dtype in (np.float16, np.float32), what,
+        # an archive's chunk context names the mtv's stored dtype beside its float32 widening
+        # (formats/chunking.mask_context): the float values are what is read
+        require(mtv_dtype in (None, *ARCHIVE_MTV_DTYPES) and mtv.dtype in (np.float16, np.float32), what,
                 "context['mtv'] must be float16 or float32 (or uint16 bfloat16 bits with mtv_dtype 'bfloat16')")
     return mtv, context_shape(context, mtv, count, what)
 
