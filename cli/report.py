@@ -1,6 +1,8 @@
 """Plain-text tables for `tallzip info` and `tallzip verify`."""
 from __future__ import annotations
 
+import math
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -42,7 +44,7 @@ def format_info(info: dict) -> str:
     out.append(f"mtv stored as {mtv}; lambdas {lambdas_text(info['lambdas'])}")
     level = info["zstd_level"]
     out.append("codecs: " + ", ".join(f"{role} {'/'.join(used)}" for role, used in info["codecs"].items())
-               + f"; zstd level {level if level is not None else 'not recorded (archive packed before it was)'}")
+               + f"; zstd level {level if level is not None else 'not recorded in the archive'}")
     out.append("lossless: " + ("yes: " + info["lossless_means"] if info["lossless"] else
                                f"no: the mtv is rounded to {mtv} (pack with --mtv-dtype float32 for a lossless "
                                "archive)"))
@@ -121,9 +123,10 @@ def format_verify(report: dict) -> str:
         out.append(f"verdict: DIFFERS: {who} in {report['against']} "
                    f"{'are' if len(bad) > 1 else 'is'} not what the archive holds")
     else:
-        out.append(f"verdict: matches: every checked task is the archive's, within what it declares "
-                   f"(mtv rounding {', '.join(f'{DTYPE_WORDS.get(d, d)} {u:g}' for d, u in report['mtv_rounding'].items())} "
-                   "of |mtv| x lambda)")
+        margins = ", ".join(f"{DTYPE_WORDS.get(d, d)}: " + (f"lambda x |mtv| x 2^{math.log2(u):.0f}" if u else "none")
+                            for d, u in report["mtv_rounding"].items() if u is not None)
+        out.append("verdict: matches: every checked task is the one packed, within what the archive declares"
+                   + (f" (mask margin {margins})" if margins else ""))
     return "\n".join(out)
 
 

@@ -25,6 +25,7 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from . import taskvec
@@ -44,6 +45,8 @@ _SUBNORMAL_HALF_SPACING = {"BF16": 2.0 ** -134, "F16": 2.0 ** -25}
 # The mask rule rounds three times in float32 (base + mtv, minus the task, times lambda): a change of
 # the mtv by d moves the right-hand side by lambda * d plus at most a few float32 ulps of the operands.
 _FLOAT32_SLACK = 2.0 ** -21
+# Elements per slice when comparing a masked tensor: every operand of all tasks stays in the caches.
+_CHUNK = 1 << 18
 # Tensors decoded and compared at once hold about this many bytes (one tensor of every task each).
 _IN_FLIGHT_BYTES = 1 << 30
 
@@ -62,6 +65,29 @@ def mtv_rounding_bound(stored_mtv: torch.Tensor, stored_dtype: str) -> torch.Ten
     return torch.clamp(stored_mtv.abs() * (u / (1.0 - u)), min=_SUBNORMAL_HALF_SPACING[stored_dtype])
 
 
+def within_rounding(own, rhs, base_c, task_c, stored_mtv, lam: float, stored_dtype: str) -> torch.Tensor:
+    """Per weight: whether the TALL decision `own > rhs`, computed with the stored mtv, lies so close to
+    its edge that the stored mtv's rounding could have moved it (all False for a float32 mtv)."""
+    bound = mtv_rounding_bound(stored_mtv, stored_dtype)
+    if bound is None:
+        return torch.zeros(own.shape, dtype=torch.bool)
+    slack = _FLOAT32_SLACK * lam * (base_c.abs() + stored_mtv.abs() + task_c.abs() + bound)
+    return (own - rhs).abs() <= bound * lam + slack
+
+
+def split_disagreement(disagree, own, rhs, base_c, task_c, stored_mtv, lam: float, stored_dtype: str):
+    """(outside, within): the flat indices where the stored mask disagrees with `own > rhs` (the TALL
+    rule computed with the stored mtv), beyond what the stored mtv's rounding can move the decision, or
+    within it. Only the disagreeing weights are looked at (a few in a thousand where nothing changed)."""
+    # numpy's flatnonzero: several times faster than torch's nonzero on a CPU
+    where = torch.from_numpy(np.flatnonzero(disagree.reshape(-1).cpu().numpy()))
+    if not where.numel():
+        return where, where
+    pick = (lambda t: t.reshape(-1)[where])
+    near = within_rounding(pick(own), pick(rhs), pick(base_c), pick(task_c), pick(stored_mtv), lam, stored_dtype)
+    return where[~near], where[near]
+
+
 def mask_check(base, task, stored_mask, stored_mtv, lam: float, stored_dtype: str):
     """(outside, within): the weights where the TALL rule with the stored mtv disagrees with the stored
     mask, split by whether the decision lies beyond what the stored mtv's rounding can move (a real
@@ -71,13 +97,23 @@ def mask_check(base, task, stored_mask, stored_mtv, lam: float, stored_dtype: st
     base_c, task_c = taskvec.as_compute(base), taskvec.as_compute(task)
     own = (base_c - task_c).abs()
     rhs = ((base_c + stored_mtv) - task_c).abs() * lam
-    disagree = (own > rhs) != stored_mask
-    bound = mtv_rounding_bound(stored_mtv, stored_dtype)
-    if bound is None or not bool(disagree.any()):
-        return disagree, torch.zeros_like(disagree)
-    slack = _FLOAT32_SLACK * lam * (base_c.abs() + stored_mtv.abs() + task_c.abs() + bound)
-    near = (own - rhs).abs() <= bound * lam + slack
-    return disagree & ~near, disagree & near
+    outside, within = split_disagreement((own > rhs) != stored_mask, own, rhs, base_c, task_c, stored_mtv, lam,
+                                         stored_dtype)
+    return _flags(outside, own.shape), _flags(within, own.shape)
+
+
+def _flags(indices: torch.Tensor, shape) -> torch.Tensor:
+    flags = torch.zeros(math.prod(shape), dtype=torch.bool)
+    flags[indices] = True
+    return flags.reshape(shape)
+
+
+def select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.where(mask, a, b) for float tensors of one dtype, done on the bits: b ^ (mask * (a ^ b)),
+    which vectorizes on a CPU (torch.where branches per element there and runs several times slower)."""
+    view = torch_bits_dtype(a.element_size())
+    a_bits, b_bits = a.view(view), b.view(view)
+    return (a_bits ^ b_bits).mul_(mask).bitwise_xor_(b_bits).view(a.dtype)
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -97,13 +133,17 @@ class _Error:
         self.diff_sq, self.ref_sq, self.max_abs = 0.0, 0.0, 0.0
 
     def add(self, rebuilt: torch.Tensor, original: torch.Tensor):
-        if not original.is_floating_point() or not original.numel():
-            return
-        ref = taskvec.as_compute(original)
-        diff = taskvec.as_compute(rebuilt) - ref
-        self.diff_sq += float(torch.linalg.vector_norm(diff)) ** 2
-        self.ref_sq += float(torch.linalg.vector_norm(ref)) ** 2
-        self.max_abs = max(self.max_abs, float(diff.abs().max()))
+        if original.is_floating_point() and original.numel():
+            ref = taskvec.as_compute(original).reshape(-1)
+            self.add_difference(taskvec.as_compute(rebuilt).reshape(-1) - ref, ref)
+
+    def add_difference(self, diff: torch.Tensor, ref: torch.Tensor):
+        """Flat tensors: sums of squares by dot products (each slice's in its dtype, the total in Python's)."""
+        if diff.numel():
+            self.diff_sq += float(torch.dot(diff, diff))
+            self.ref_sq += float(torch.dot(ref, ref))
+            low, high = torch.aminmax(diff)
+            self.max_abs = max(self.max_abs, -float(low), float(high))
 
     def merge(self, other: "_Error"):
         self.diff_sq += other.diff_sq
@@ -274,43 +314,88 @@ class _Run:
             return result
         if base is None:
             base = archive.base_tensor(name)  # packed with --base-ref: the base given with --base
-        originals = {}
-        for task in self.folder.tasks:
-            original = self._original(task, name, info["shape"], result.task(task))
-            if original is not None:
-                originals[task] = original
-        exact_mtv = None
-        if kind == KIND_MASKED and self.folder.merger is not None and len(originals) == len(archive.tasks):
-            exact_mtv = self.folder.merger.mtv(base, [originals[t] for t in archive.tasks])
-            # what pack would have stored: the recomputed mtv cast to the stored dtype (and widened back)
-            differing = count_unequal(taskvec.as_compute(exact_mtv.to(torch_dtype(mtv_dtype))), mtv)
-            if differing:
-                result.mtv_differing[name] = differing
-                exact_mtv = None  # the folder is not the packed family; the per-task checks say which task
-        for task, original in originals.items():
+        if kind == KIND_MASKED:  # the mtv is recomputed from all tasks at once
+            originals = {}
+            for task in self.folder.tasks:
+                original = self._original(task, name, info["shape"], result.task(task))
+                if original is not None:
+                    originals[task] = original
+            self._compare_masked(name, base, mtv, mtv_dtype, masks, originals, result)
+            return result
+        for task in self.folder.tasks:  # one task's tensor in memory at a time
             findings = result.task(task)
-            if kind == KIND_MASKED:
-                stored = masks[task]
-                lam = archive.lambdas[task]
-                outside, within = mask_check(base, original, stored, mtv, lam, mtv_dtype)
-                findings.mask_bits += stored.numel()
-                n_out, n_in = int(outside.sum()), int(within.sum())
-                findings.outside += n_out
-                findings.within += n_in
-                if n_out:
-                    findings.differences.append({"tensor": name, "what": f"mask: {n_out:,} of {stored.numel():,} "
-                                                 "bits differ beyond the stored mtv's rounding"})
-                if exact_mtv is not None:
-                    findings.recomputed += int((taskvec.tall_mask(base, original, exact_mtv, lam) != stored).sum())
-                rebuilt = taskvec.rebuild(base, stored, mtv).to(original.dtype)
-            else:
-                rebuilt = base if kind == KIND_SHARED else owns[task]
-                differing = count_unequal(rebuilt, original)
-                if differing:
-                    findings.differences.append({"tensor": name, "what": f"values: {differing:,} of "
-                                                 f"{original.numel():,} differ"})
+            original = self._original(task, name, info["shape"], findings)
+            if original is None:
+                continue
+            rebuilt = base if kind == KIND_SHARED else owns[task]
+            differing = count_unequal(rebuilt, original)
+            if differing:
+                findings.differences.append({"tensor": name, "what": f"values: {differing:,} of "
+                                             f"{original.numel():,} differ"})
             findings.error.add(rebuilt, original)
+            del original
         return result
+
+    def _compare_masked(self, name, base, mtv, mtv_dtype, masks, originals, result: _GroupResult):
+        """The mask checks, the mtv recomputed (a complete folder) and the rebuild error of one masked
+        tensor, slice by slice so that every operand stays in the CPU's caches across the tasks (as
+        pack computes them)."""
+        archive = self.archive
+        tasks = [t for t in archive.tasks if t in originals]
+        merger = self.folder.merger if len(tasks) == len(archive.tasks) else None
+        stored_torch = torch_dtype(mtv_dtype)
+        # with a float32 mtv the rule with the recomputed mtv, where it equals the stored one, is the rule
+        # with the stored mtv: checked already
+        rounded = mtv_dtype not in ("F32", "F64")
+        same_dtype = {t: base.dtype == taskvec.compute_dtype(base.dtype) == originals[t].dtype for t in tasks}
+        flat_base, flat_mtv = base.reshape(-1), mtv.reshape(-1)
+        flat = {t: originals[t].reshape(-1) for t in tasks}
+        flat_masks = {t: masks[t].reshape(-1) for t in tasks}
+        counts = {t: [0, 0, 0] for t in tasks}  # outside, within, unlike the recomputed mtv
+        errors = {t: result.task(t).error for t in tasks}
+        mtv_differing = 0
+        count = base.numel()
+        for start in range(0, count, _CHUNK):
+            stop = min(count, start + _CHUNK)
+            base_c, mtv_c = taskvec.as_compute(flat_base[start:stop]), flat_mtv[start:stop]
+            tasks_c = {t: taskvec.as_compute(flat[t][start:stop]) for t in tasks}
+            plus = base_c + mtv_c
+            plus_exact = agree = None
+            if merger is not None:
+                exact = merger.mtv(base_c, [tasks_c[t] for t in archive.tasks])
+                # what pack would have stored: the recomputed mtv cast to the stored dtype (and widened back)
+                agree = _bits(taskvec.as_compute(exact.to(stored_torch))) == _bits(mtv_c)
+                differing_here = int(agree.numel() - torch.count_nonzero(agree))
+                all_agree = differing_here == 0
+                mtv_differing += differing_here
+                plus_exact = base_c + exact if rounded else None
+            for t in tasks:
+                task_c, stored, lam = tasks_c[t], flat_masks[t][start:stop], archive.lambdas[t]
+                d_own, d_plus = base_c - task_c, plus - task_c
+                own, rhs = d_own.abs(), d_plus.abs().mul_(lam)
+                disagree = (own > rhs) != stored
+                outside, within = split_disagreement(disagree, own, rhs, base_c, task_c, mtv_c, lam, mtv_dtype)
+                counts[t][0] += outside.numel()
+                counts[t][1] += within.numel()
+                if agree is not None:
+                    unlike = (own > (plus_exact - task_c).abs_().mul_(lam)) != stored if rounded else disagree
+                    counts[t][2] += int(torch.count_nonzero(unlike if all_agree else unlike & agree))
+                if same_dtype[t]:  # rebuilt - original: (base + mtv) - task where masked, base - task elsewhere
+                    errors[t].add_difference(select(stored, d_plus, d_own), task_c)
+                else:
+                    rebuilt = select(stored, plus, base_c).to(base.dtype).to(originals[t].dtype)
+                    errors[t].add(rebuilt, flat[t][start:stop])
+        if mtv_differing:
+            result.mtv_differing[name] = mtv_differing
+        for t, (n_out, n_in, n_unlike) in counts.items():
+            findings = result.task(t)
+            findings.mask_bits += count
+            findings.outside += n_out
+            findings.within += n_in
+            findings.recomputed += n_unlike
+            if n_out:
+                findings.differences.append({"tensor": name, "what": f"mask: {n_out:,} of {count:,} "
+                                             "bits differ beyond the stored mtv's rounding"})
 
     def _task_only(self, task, name) -> _GroupResult:
         result = _GroupResult()
