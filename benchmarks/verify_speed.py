@@ -65,6 +65,10 @@ def main(argv=None):
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--before", type=Path, help="another source tree to time the same way (e.g. the last release)")
+    parser.add_argument("--before-steps", nargs="+", default=["pack", "verify", "verify --against"],
+                        help="steps to time for --before (pack: skip when its pack code is the same; then its "
+                             "verify reads this checkout's archive)")
+    parser.add_argument("--after", type=Path, help="a snapshot of this checkout to time instead of the live tree")
     parser.add_argument("--quick", action="store_true", help="small shapes (seconds), to try the script")
     parser.add_argument("--work", type=Path, help="where to generate the family (default: a temporary folder, removed)")
     args = parser.parse_args(argv)
@@ -72,7 +76,7 @@ def main(argv=None):
     from benchmarks.speed import QUICK_SHAPE
 
     work = args.work or Path(tempfile.mkdtemp(prefix="tallzip-verify-speed-"))
-    trees = {"this checkout": None}
+    trees = {"this checkout": str(args.after.resolve()) if args.after else None}
     if args.before:
         trees["before"] = str(args.before.resolve())
     try:
@@ -82,16 +86,21 @@ def main(argv=None):
             base, tasks_dir = make_family(work / "family", args.tasks, **(QUICK_SHAPE if args.quick else VIT_B32))
         print(f"generated {args.tasks} {'small' if args.quick else 'ViT-B/32-shaped'} checkpoints in {time.perf_counter() - t0:.0f} s; "
               f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
-        times = {tree: {"pack": [], "verify": [], "verify --against": []} for tree in trees}
-        cpu = {tree: {"pack": [], "verify": [], "verify --against": []} for tree in trees}
+        all_steps = ["pack", "verify", "verify --against"]
+        chosen = {"this checkout": all_steps, "before": args.before_steps}
+        times = {tree: {step: [] for step in chosen[tree]} for tree in trees}
+        cpu = {tree: {step: [] for step in chosen[tree]} for tree in trees}
         for r in range(args.rounds):
             order = list(trees) if r % 2 == 0 else list(reversed(trees))
             for tree in order:
-                archive = work / f"family-{list(trees).index(tree)}.tallz"
+                own = "pack" in chosen[tree]
+                archive = work / f"family-{list(trees).index(tree) if own else 0}.tallz"
                 steps = {"pack": ["pack", tasks_dir, "--base", base, "-o", archive, "--force"],
                          "verify": ["verify", archive],
                          "verify --against": ["verify", archive, "--against", tasks_dir]}
                 for step, cmd in steps.items():
+                    if step not in chosen[tree]:
+                        continue
                     wall, cpu_s, code = timed_run(cmd, trees[tree])
                     times[tree][step].append(wall)
                     cpu[tree][step].append(cpu_s)
@@ -101,12 +110,20 @@ def main(argv=None):
         print(f"median of {args.rounds} rounds, N = {args.tasks}, warm page cache:")
         print(f"{'tree':<14} {'pack s':>8} {'verify s':>9} {'verify/pack':>12} {'--against s':>12} "
               f"{'against/pack':>13} {'CPU s pack/verify/against':>27}")
+        pack_of = {tree: ("pack" if "pack" in chosen[tree] else None) for tree in trees}
         for tree in trees:
             med = {step: statistics.median(v) for step, v in times[tree].items()}
             med_cpu = {step: statistics.median(v) for step, v in cpu[tree].items()}
-            print(f"{tree:<14} {med['pack']:8.1f} {med['verify']:9.1f} {med['verify'] / med['pack']:12.2f} "
-                  f"{med['verify --against']:12.1f} {med['verify --against'] / med['pack']:13.2f} "
-                  f"{med_cpu['pack']:9.1f}/{med_cpu['verify']:.1f}/{med_cpu['verify --against']:.1f}")
+            own_pack = times[tree] if pack_of[tree] else times["this checkout"]
+            pack_s = statistics.median(own_pack["pack"])
+            pack_cpu = statistics.median((cpu[tree] if pack_of[tree] else cpu["this checkout"])["pack"])
+            cell = (lambda step, f: f(med[step]) if step in med else "-")
+            print(f"{tree:<14} {pack_s:8.1f} {cell('verify', lambda v: f'{v:9.1f}'):>9} "
+                  f"{cell('verify', lambda v: f'{v / pack_s:12.2f}'):>12} "
+                  f"{cell('verify --against', lambda v: f'{v:12.1f}'):>12} "
+                  f"{cell('verify --against', lambda v: f'{v / pack_s:13.2f}'):>13} "
+                  f"{pack_cpu:9.1f}/{med_cpu.get('verify', float('nan')):.1f}/"
+                  f"{med_cpu.get('verify --against', float('nan')):.1f}")
         archive = work / "family-0.tallz"
         gaps = progress_gaps(archive, tasks_dir)
         print(f"\nprogress of one verify --against ({gaps['seconds']:.1f} s, this checkout): {gaps['updates']} updates "

@@ -119,9 +119,12 @@ def format_verify(report: dict) -> str:
                "compression's approximation, reported, not judged")
     if report["verdict"] == "differs":
         bad = [t for t, r in report["tasks"].items() if r["verdict"] == "differs"]
-        who = f"task{'s' if len(bad) > 1 else ''} {_names(bad)}" if bad else "the family (see the mtv and masks above)"
-        out.append(f"verdict: DIFFERS: {who} in {report['against']} "
-                   f"{'are' if len(bad) > 1 else 'is'} not what the archive holds")
+        if bad:
+            out.append(f"verdict: DIFFERS: {_names(bad)} in {report['against']} {'are' if len(bad) > 1 else 'is'} "
+                       "not what was packed")
+        else:
+            out.append(f"verdict: DIFFERS: the checkpoints in {report['against']} are not the family packed "
+                       "(the mtv or masks recomputed from them, above)")
     else:
         margins = ", ".join(f"{DTYPE_WORDS.get(d, d)}: " + (f"lambda x |mtv| x 2^{math.log2(u):.0f}" if u else "none")
                             for d, u in report["mtv_rounding"].items() if u is not None)

@@ -310,6 +310,11 @@ class _Run:
             masks = {t: arc.mask(t, name, mtv) for t in archive.tasks}
         elif kind == KIND_PER_TASK:
             owns = {t: arc.task_tensor(t, name) for t in archive.tasks}
+        used = {ROLE_BASE} | ({ROLE_MTV, ROLE_MASK} if kind == KIND_MASKED else {ROLE_OWN} if kind == KIND_PER_TASK
+                              else set())
+        for entry in entries:  # a section the rebuild never reads is checked all the same
+            if entry["role"] not in used or (entry["task"] is not None and entry["task"] not in self.packed_dtypes):
+                arc.reader.read(entry)
         if self.folder is None:
             return result
         if base is None:
