@@ -55,8 +55,8 @@ def format_info(info: dict) -> str:
           f"{r['mask_bits_per_param']:.3f}", human_bytes(r["own_bytes"])] for t, r in info["tasks"].items()]))
     out.append("")
     out.append(table(
-        ["section", "count", "bytes", "bits/param", "codec"],
-        [[role, r["sections"], human_bytes(r["bytes"]), f"{r['bits_per_param']:.3f}", "/".join(info["codecs"][role])]
+        ["section", "count", "codec", "bytes", "bits/param"],
+        [[role, r["sections"], "/".join(info["codecs"][role]), human_bytes(r["bytes"]), f"{r['bits_per_param']:.3f}"]
          for role, r in sorted(info["sections"].items())]))
     inputs = info["inputs"]
     kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(info["parameters"]["by_kind"].items()))
