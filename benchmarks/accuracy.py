@@ -217,7 +217,7 @@ def merging_rows(bench: Bench, archives: dict[str, Path], alphas=ALPHAS) -> None
 
     merged_row(bench, "task arithmetic", vector_of("task-arithmetic"), alphas, method="task-arithmetic")
     merged_row(bench, "TIES (top 20%, disjoint mean)", vector_of("ties"), alphas, method="ties")
-    for k in CONSENSUS_KS:
+    for k in (k for k in CONSENSUS_KS if k <= len(bench.tasks)):  # k above N is refused: it keeps no weight
         # The consensus masks are the TALL masks with each task's lambda as chosen on val when packing.
         merged_row(bench, f"Consensus TA, k={k}", vector_of("consensus-ta", k=k, lambdas=selected.get("sum")),
                    alphas, method="consensus-ta", k=k, lambdas=selected.get("sum"))
@@ -302,7 +302,8 @@ def verdicts(bench: Bench) -> list[str]:
     both = all(mean > 0 for mean, _ in margins.values())
     unclear = [a for a, (mean, se) in margins.items() if abs(mean) < 2 * se]
     note = f" (within 2 s.e. of no difference, so not distinguishable from noise here: {', '.join(unclear)})" if unclear else ""
-    best = {kind: max((rows[f"Consensus {kind}, k={k}"] for k in CONSENSUS_KS), key=lambda r: r.normalized_test)
+    best = {kind: max((rows[f"Consensus {kind}, k={k}"] for k in CONSENSUS_KS if f"Consensus {kind}, k={k}" in rows),
+                      key=lambda r: r.normalized_test)
             for kind in ("TA", "TIES")}
     lines.append(
         f"Claim 2 (Consensus merging beats task arithmetic and TIES), at the paper's k=2: "

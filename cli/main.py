@@ -320,11 +320,13 @@ def info(archive, show_agreement, plot, as_json):
 @click.option("--lambda", "lambdas", multiple=True, metavar="[TASK=]L",
               help="consensus from a folder: the masks' lambda, for all or one task (default 0.4)")
 @click.option("--density", type=float, help="ties / consensus-ties: share of each task vector kept (default 0.2)")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="merge even where an input holds NaN or Inf, or the result overflows its dtype (refused by default)")
 @DEVICE
 @FORCE
 @AS_JSON
 @friendly_errors
-def merge(source, base, output, method, alpha, k, lambdas, density, device, force, as_json):
+def merge(source, base, output, method, alpha, k, lambdas, density, allow_nonfinite, device, force, as_json):
     """Merge a family into one model: from a folder of checkpoints (with --base) or from an archive.
 
     \b
@@ -335,14 +337,18 @@ def merge(source, base, output, method, alpha, k, lambdas, density, device, forc
     average          the mean of the fine-tuned weights (alpha 1)
     An archive holds no task vectors: it serves task-arithmetic and consensus-ta (packed with
     --merge sum) or consensus-ties (packed with --merge ties).
+    k above the number of tasks is an error; settings that leave the base unchanged warn on stderr.
     """
     progress = Progress(not as_json)
     try:
         report = merging.merge_to_file(source, output, method=method, base=base, alpha=alpha, k=k,
                                        lambdas=_parse_lambdas(lambdas) if lambdas else None, density=density,
-                                       device=device, force=force, progress=progress)
+                                       device=device, force=force, allow_nonfinite=allow_nonfinite,
+                                       progress=progress)
     finally:
         progress.close()
+    for message in report.warnings:
+        click.echo(f"warning: {message}", err=True)
     _echo_json(report.as_dict()) if as_json else click.echo(format_merge(report.as_dict()))
 
 
@@ -353,7 +359,15 @@ def merge(source, base, output, method, alpha, k, lambdas, density, device, forc
 @AS_JSON
 @friendly_errors
 def verify_cmd(archive, against, base, as_json):
-    """Check every checksum; with --against, measure each rebuilt task's error."""
+    """Check every section's checksum and decoding; with --against, a verdict per task.
+
+    \b
+    A task "matches" when its checkpoint in the folder is the one packed: tensors kept as they were
+    equal to the bit, and its masks what the TALL rule gives from it, within the stored mtv's rounding
+    (none for a float32 mtv). When the folder holds every task, the mtv is recomputed from it and the
+    stored one must be that mtv cast to the stored dtype, bit for bit.
+    Exit 0: intact (and every task matches); 1: damaged, or some task differs.
+    """
     progress = Progress(not as_json)
     try:
         with tallzip.open(archive, base=base) as arc:
@@ -361,6 +375,8 @@ def verify_cmd(archive, against, base, as_json):
     finally:
         progress.close()
     _echo_json(report) if as_json else click.echo(format_verify(report))
+    if report.get("verdict") == "differs":
+        sys.exit(1)
 
 
 @cli.command()

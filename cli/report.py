@@ -1,6 +1,8 @@
 """Plain-text tables for `tallzip info` and `tallzip verify`."""
 from __future__ import annotations
 
+import math
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -21,10 +23,31 @@ def table(headers, rows) -> str:
     return "\n".join(lines)
 
 
+DTYPE_WORDS = {"F32": "float32", "F64": "float64", "BF16": "bfloat16", "F16": "float16"}
+
+
+def lambdas_text(lambdas: dict) -> str:
+    """'0.4 (all 8 tasks)' or '0.3: cars, dtd; 0.5: mnist' — the per-task lambdas at a glance."""
+    by_value: dict[float, list] = {}
+    for task, lam in lambdas.items():
+        by_value.setdefault(lam, []).append(task)
+    if len(by_value) == 1:
+        return f"{next(iter(by_value)):g} (all {len(lambdas)} tasks)"
+    return "; ".join(f"{lam:g}: {_names(tasks)}" for lam, tasks in sorted(by_value.items()))
+
+
 def format_info(info: dict) -> str:
     merge = info["merge"]["method"] + (f" (density {info['merge']['density']})" if "density" in info["merge"] else "")
     out = [f"archive {info['archive']}: {human_bytes(info['archive_bytes'])}, {len(info['tasks'])} tasks, "
            f"mtv by {merge}" + (", base by reference" if info["base_by_reference"] else "")]
+    mtv = "/".join(DTYPE_WORDS.get(d, d) for d in info["mtv_dtype"]) or "none"
+    out.append(f"mtv stored as {mtv}; lambdas {lambdas_text(info['lambdas'])}")
+    level = info["zstd_level"]
+    out.append("codecs: " + ", ".join(f"{role} {'/'.join(used)}" for role, used in info["codecs"].items())
+               + f"; zstd level {level if level is not None else 'not recorded in the archive'}")
+    out.append("lossless: " + ("yes: " + info["lossless_means"] if info["lossless"] else
+                               f"no: the mtv is rounded to {mtv} (pack with --mtv-dtype float32 for a lossless "
+                               "archive)"))
     out.append("")
     out.append(table(
         ["task", "lambda", "mask density", "mask bytes", "mask bits/param", "own bytes"],
@@ -32,8 +55,8 @@ def format_info(info: dict) -> str:
           f"{r['mask_bits_per_param']:.3f}", human_bytes(r["own_bytes"])] for t, r in info["tasks"].items()]))
     out.append("")
     out.append(table(
-        ["section", "count", "bytes", "bits/param"],
-        [[role, r["sections"], human_bytes(r["bytes"]), f"{r['bits_per_param']:.3f}"]
+        ["section", "count", "codec", "bytes", "bits/param"],
+        [[role, r["sections"], "/".join(info["codecs"][role]), human_bytes(r["bytes"]), f"{r['bits_per_param']:.3f}"]
          for role, r in sorted(info["sections"].items())]))
     inputs = info["inputs"]
     kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(info["parameters"]["by_kind"].items()))
@@ -43,23 +66,70 @@ def format_info(info: dict) -> str:
                f"base {human_bytes(inputs['base_bytes'])}")
     out.append(f"ratio: {info['ratio_vs_tasks']:.2f}x against the {inputs['n_tasks']} fine-tuned files, "
                f"{info['ratio_vs_tasks_and_base']:.2f}x against those and the base ({inputs['n_tasks'] + 1} files)")
+    out.append("")
+    out.append(f"{info['not_checked']} (info reads only the manifest)")
     return "\n".join(out)
 
 
 def format_verify(report: dict) -> str:
     out = [f"{report['archive']}: {report['sections']} sections, every checksum and decoding OK"]
-    if "tasks" in report:
-        out.append("")
-        out.append(table(
-            ["task", "max |err| vs original", "rel L2 vs original", "max |err| vs formula", "rel L2 vs formula",
-             "mask bits differing"],
-            [[t, f"{r['vs_original']['max_abs']:.3g}", f"{r['vs_original']['rel_l2']:.3g}",
-              f"{r['vs_formula']['max_abs']:.3g}", f"{r['vs_formula']['rel_l2']:.3g}", r["mask_bits_differing"]]
-             for t, r in report["tasks"].items()]))
-        rounded = [d for d in report.get("mtv_dtypes", []) if d not in ("F32", "F64")]
-        if rounded:
-            out.append(f"(the mtv is stored as {'/'.join(rounded)}: 'vs formula' is that rounding; "
-                       "pack with --mtv-dtype float32 for an exact archive)")
+    if "tasks" not in report:
+        return "\n".join(out)
+    family = report["family"]
+    n_tasks = len(report["tasks"]) + len(report["tasks_missing"])
+    out.append("")
+    if family["mtv_recomputed"]:
+        out.append(f"against {report['against']}: all {n_tasks} tasks; the mtv and every mask recomputed "
+                   "from the checkpoints")
+    else:
+        out.append(f"against {report['against']}: {len(report['tasks'])} of the {n_tasks} tasks "
+                   f"(missing: {_names(report['tasks_missing']) or 'none'}); the mtv is not recomputed "
+                   f"({family['why_not']}): masks are checked with the stored mtv, within its rounding")
+    if report["checkpoints_not_in_archive"]:
+        out.append(f"not in the archive, not checked: {_names(report['checkpoints_not_in_archive'])}")
+    out.append("")
+    out.append(table(
+        ["task", "verdict", "mask bits differing", "within mtv rounding", "rel L2 rebuilt vs original",
+         "tensors differing"],
+        [[t, r["verdict"], f"{r['mask_bits_differing']:,} of {r['mask_bits']:,}",
+          f"{r['mask_bits_within_mtv_rounding']:,}", f"{r['rebuilt_vs_original']['rel_l2']:.3g}",
+          _names(r["tensors_differing"] + [d["file"] for d in r["differences"] if "file" in d], 4) or "-"]
+         for t, r in report["tasks"].items()]))
+    for task, r in report["tasks"].items():
+        for d in r["differences"][:20]:
+            out.append(f"  {task}: {d.get('tensor') or d.get('file')}: {d['what']}")
+        if len(r["differences"]) > 20:
+            out.append(f"  {task}: and {len(r['differences']) - 20} more differences")
+    out.append("")
+    if family["mtv_recomputed"]:
+        differing = family["mtv_tensors_differing"]
+        dtypes = "/".join(DTYPE_WORDS.get(d, d) for d in report["mtv_dtypes"])
+        if differing:
+            out.append(f"stored mtv: NOT the mtv of these checkpoints cast to {dtypes} in {len(differing)} tensors "
+                       f"({_names([f'{n} ({k:,} weights)' for n, k in differing.items()], 4)})")
+        else:
+            out.append(f"stored mtv: the mtv of these checkpoints cast to {dtypes}, bit for bit")
+        unlike = family["masks_unlike_recomputed_mtv"]
+        if unlike:
+            out.append("stored masks unlike the TALL rule with the recomputed mtv: "
+                       + ", ".join(f"{t} {k:,} bits" for t, k in unlike.items()))
+        elif not differing:
+            out.append("stored masks: the TALL rule with the recomputed mtv, bit for bit")
+    out.append("rel L2 is how far the TALL rebuild (base + mask * mtv) is from each original: the "
+               "compression's approximation, reported, not judged")
+    if report["verdict"] == "differs":
+        bad = [t for t, r in report["tasks"].items() if r["verdict"] == "differs"]
+        if bad:
+            out.append(f"verdict: DIFFERS: {_names(bad)} in {report['against']} {'are' if len(bad) > 1 else 'is'} "
+                       "not what was packed")
+        else:
+            out.append(f"verdict: DIFFERS: the checkpoints in {report['against']} are not the family packed "
+                       "(the mtv or masks recomputed from them, above)")
+    else:
+        margins = ", ".join(f"{DTYPE_WORDS.get(d, d)}: " + (f"lambda x |mtv| x 2^{math.log2(u):.0f}" if u else "none")
+                            for d, u in report["mtv_rounding"].items() if u is not None)
+        out.append("verdict: matches: every checked task is the one packed, within what the archive declares"
+                   + (f" (mask margin {margins})" if margins else ""))
     return "\n".join(out)
 
 

@@ -1,4 +1,6 @@
-"""What an archive holds (sizes, densities, bits per parameter) and whether it is intact and faithful."""
+"""What an archive holds (sizes, densities, bits per parameter, codecs) and how tasks use its weights.
+
+`verify` (intact, and faithful to the checkpoints) lives in verification.py."""
 from __future__ import annotations
 
 import math
@@ -8,15 +10,27 @@ import torch
 
 from . import taskvec
 from .archive import Archive
-from .errors import TallzipError
-from .family import Family
-from .formats.checkpoints import discover_tasks, open_checkpoint
 from .formats.constants import FLOAT_DTYPES, KIND_MASKED, KIND_SHARED, ROLE_MASK, ROLE_MTV
-from .packing import _Merger
+from .verification import verify  # noqa: F401 - `tallzip.inspect.verify` is where callers find it
+
+# Every codec an archive can name codes its bytes exactly; one not listed here is not called lossless.
+LOSSLESS_CODECS = frozenset({"raw", "zstd", "bits+zstd", "planes+zstd", "planes+ans", "bits-ctx", "bits-ctx-prior"})
+FULL_PRECISION_MTV = ("F32", "F64")
+LOSSLESS_MEANS = ("every task rebuilds exactly as base + mask * mtv with the float32 mtv the masks were made "
+                  "from (the TALL rule itself is not the fine-tuned model: see `verify --against`)")
+NOT_CHECKED = "sections not checked: run `tallzip verify`"
+
+
+def recorded_level(manifest: dict) -> int | None:
+    """The zstandard level the archive was packed at, where its manifest records it ("level"; archives
+    written before it was recorded do not say)."""
+    level = manifest.get("level")
+    return level if type(level) is int else None
 
 
 def summary(archive: Archive) -> dict:
-    """Sizes of everything in the archive, per task and per section role, against the inputs."""
+    """What the manifest says: sizes per task and per section role against the inputs, the mtv's dtype,
+    the codecs, whether the archive is lossless. Reads no section: checksums are `verify`'s."""
     m = archive.manifest
     masked_params = sum(math.prod(t["shape"]) for t in archive.tensors.values() if t["kind"] == KIND_MASKED)
     all_params = sum(math.prod(t["shape"]) for t in archive.tensors.values())
@@ -47,103 +61,27 @@ def summary(archive: Archive) -> dict:
     kinds: dict[str, int] = {}
     for t in archive.tensors.values():
         kinds[t["kind"]] = kinds.get(t["kind"], 0) + math.prod(t["shape"])
+    mtv_dtypes = sorted({s["dtype"] for s in m["sections"] if s["role"] == ROLE_MTV})
+    codecs: dict[str, list] = {}
+    for s in m["sections"]:
+        if s["codec"] not in codecs.setdefault(s["role"], []):
+            codecs[s["role"]].append(s["codec"])
+    all_codecs = {c for used in codecs.values() for c in used}
     return {
         "archive": str(archive.path), "archive_bytes": size, "tasks": tasks, "sections": roles,
+        "lambdas": archive.lambdas,
+        "mtv_dtype": mtv_dtypes,
+        "codecs": {role: sorted(used) for role, used in sorted(codecs.items())},
+        "zstd_level": recorded_level(m),
+        "lossless": all(d in FULL_PRECISION_MTV for d in mtv_dtypes) and all_codecs <= LOSSLESS_CODECS,
+        "lossless_means": LOSSLESS_MEANS,
+        "checked": False, "not_checked": NOT_CHECKED,
         "merge": m["merge"], "base_by_reference": m["base"].get("by_reference", False),
         "parameters": {"base": all_params, "masked": masked_params, "by_kind": kinds},
         "inputs": {"tasks_bytes": inputs, "base_bytes": base_bytes, "n_tasks": len(tasks)},
         "ratio_vs_tasks": inputs / size if size else 0.0,
         "ratio_vs_tasks_and_base": (inputs + base_bytes) / size if size else 0.0,
     }
-
-
-class _ArchiveBase:
-    """The archive's base seen as a checkpoint, so a Family can be built around it for verification."""
-
-    format = "archive"
-
-    def __init__(self, archive: Archive):
-        self.archive = archive
-        self.names = archive.base_info["names"]
-        self.dtypes = {n: archive.tensors[n]["dtype"] for n in self.names}
-        self.shapes = {n: tuple(archive.tensors[n]["shape"]) for n in self.names}
-
-    def __contains__(self, name):
-        return name in self.dtypes
-
-    def get(self, name):
-        return self.archive.base_tensor(name)
-
-
-class _ErrorStats:
-    def __init__(self):
-        self.max_abs, self.diff_sq, self.ref_sq = 0.0, 0.0, 0.0
-
-    def add(self, got: torch.Tensor, ref: torch.Tensor):
-        diff = got.double() - ref.double()
-        if diff.numel():
-            self.max_abs = max(self.max_abs, float(diff.abs().max()))
-        self.diff_sq += float((diff * diff).sum())
-        self.ref_sq += float((ref.double() ** 2).sum())
-
-    def result(self):
-        return {"max_abs": self.max_abs, "rel_l2": math.sqrt(self.diff_sq / self.ref_sq) if self.ref_sq else 0.0}
-
-
-def verify(archive: Archive, against=None, progress=None) -> dict:
-    """Check every section's checksum and decoding; with `against` (the folder of original task
-    checkpoints) also rebuild every task and measure its error against the original and against the
-    exact formula base + m_t * mtv recomputed from the originals, and count mask bits that differ."""
-    entries = archive.manifest["sections"]
-    for i, entry in enumerate(entries):
-        archive.reader.read_bytes(entry)  # checksum: raises naming the section
-        if progress:
-            progress("checksums", i + 1, len(entries))
-    for i, (name, info) in enumerate(archive.tensors.items()):  # decode everything once
-        if info["kind"] == KIND_MASKED:
-            mtv = archive.mtv(name)
-            for task in archive.tasks:
-                archive.mask(task, name, mtv)
-    for task in archive.tasks:
-        for _ in archive.iter_task(task):
-            pass
-    report = {"archive": str(archive.path), "sections": len(entries), "ok": True,
-              "mtv_dtypes": sorted({e["dtype"] for e in entries if e["role"] == ROLE_MTV})}
-    if against is None:
-        return report
-
-    paths = discover_tasks(against)
-    missing = [t for t in archive.tasks if t not in paths]
-    if missing:
-        raise TallzipError(f"{against}: has no checkpoint for task {missing[0]!r}")
-    family = Family(_ArchiveBase(archive), {t: open_checkpoint(paths[t]) for t in archive.tasks})
-    merger = _Merger(family, archive.merge_info["method"], archive.merge_info.get("density", 0.2), "cpu", None)
-    lambdas = archive.lambdas
-    stats = {t: {"original": _ErrorStats(), "formula": _ErrorStats(), "mask_bits_differing": 0} for t in archive.tasks}
-    names = family.base.names
-    for i, name in enumerate(names):
-        base, originals = family.tensors(name)
-        if archive.tensors[name]["kind"] == KIND_MASKED:
-            exact_mtv = merger.mtv(base, originals)
-            stored_mtv = archive.mtv(name)
-        for task, original in zip(archive.tasks, originals):
-            if archive.tensors[name]["kind"] == KIND_MASKED:
-                mask = archive.mask(task, name, stored_mtv)
-                exact_mask = taskvec.tall_mask(base, original, exact_mtv, lambdas[task])
-                stats[task]["mask_bits_differing"] += int((mask != exact_mask).sum())
-                got = taskvec.rebuild(base, mask, stored_mtv).to(original.dtype)
-                formula = taskvec.rebuild(base, exact_mask, exact_mtv).to(original.dtype)
-            else:
-                got = archive.task_tensor(task, name)
-                formula = original
-            stats[task]["original"].add(got, original)
-            stats[task]["formula"].add(got, formula)
-        if progress:
-            progress("verifying", i + 1, len(names))
-    report["tasks"] = {t: {"vs_original": s["original"].result(), "vs_formula": s["formula"].result(),
-                           "mask_bits_differing": s["mask_bits_differing"]} for t, s in stats.items()}
-    return report
-
 
 
 # --- mask agreement: how many tasks use each weight ----------------------------------------------

@@ -13,6 +13,7 @@ threshold over its WHOLE task vector, in a pass that holds one task vector at a 
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +59,8 @@ class MergeReport:
     consensus_kept: int = 0              # consensus: weights with count >= k ...
     consensus_total: int = 0             # ... out of all merged weights
     notes: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)  # settings that made the merge (nearly) a no-op
+    changed_weights: int = 0             # weights of the output that are not the base's
     output: str | None = None
 
     def as_dict(self) -> dict:
@@ -71,9 +74,10 @@ class _Options:
     k: int | None
     density: float | None
     lambdas: object
+    allow_nonfinite: bool = False
 
 
-def _options(method, alpha, k, density, lambdas) -> _Options:
+def _options(method, alpha, k, density, lambdas, allow_nonfinite=False) -> _Options:
     if method not in METHODS:
         raise TallzipError(f"unknown merge method {method!r} (expected one of {', '.join(METHODS)})")
     alpha = DEFAULT_ALPHA[method] if alpha is None else alpha
@@ -96,11 +100,11 @@ def _options(method, alpha, k, density, lambdas) -> _Options:
         raise TallzipError(f"density applies only to {' and '.join(TIES_METHODS)}, not {method}")
     if isinstance(lambdas, LambdaSelector):
         raise TallzipError("merge takes fixed lambdas (one number or {task: number}), not a lambda selector")
-    return _Options(method, float(alpha), k, density, lambdas)
+    return _Options(method, float(alpha), k, density, lambdas, bool(allow_nonfinite))
 
 
 def merge(source, *, method: str, base=None, alpha: float | None = None, k: int | None = None,
-          lambdas=None, density: float | None = None, device: str = "auto",
+          lambdas=None, density: float | None = None, device: str = "auto", allow_nonfinite: bool = False,
           progress=None) -> "OrderedDict[str, torch.Tensor]":
     """The merged model's state dict (CPU tensors, the base's names, order and dtypes).
 
@@ -112,21 +116,30 @@ def merge(source, *, method: str, base=None, alpha: float | None = None, k: int 
     alpha: in (0, 2]; default DEFAULT_ALPHA[method]. k: consensus only, default 2. lambdas: the TALL
     masks' lambda when merging from a folder (one number or {task: number}, '*' for the rest; default
     0.4); an archive uses the lambdas it was packed with. density: TIES share kept, default 0.2.
+    k above the number of tasks is an error; settings that leave the base unchanged give a warning.
+    Inputs holding NaN or Inf (and outputs that overflow their dtype) are refused, naming the task and
+    tensor, unless allow_nonfinite.
     """
-    state, _ = merge_with_report(source, method=method, base=base, alpha=alpha, k=k, lambdas=lambdas,
-                                 density=density, device=device, progress=progress)
+    state, report = merge_with_report(source, method=method, base=base, alpha=alpha, k=k, lambdas=lambdas,
+                                      density=density, device=device, allow_nonfinite=allow_nonfinite,
+                                      progress=progress)
+    for message in report.warnings:
+        warnings.warn(message, stacklevel=2)
     return state
 
 
 def merge_with_report(source, *, method: str, base=None, alpha=None, k=None, lambdas=None, density=None,
-                      device="auto", progress=None) -> tuple["OrderedDict[str, torch.Tensor]", MergeReport]:
-    """`merge`, also returning the MergeReport: settings, and which tensors were merged, kept or left out."""
-    state, report, _ = _run(source, _options(method, alpha, k, density, lambdas), base, device, progress)
+                      device="auto", allow_nonfinite=False,
+                      progress=None) -> tuple["OrderedDict[str, torch.Tensor]", MergeReport]:
+    """`merge`, also returning the MergeReport: settings, which tensors were merged, kept or left out,
+    and warnings (not issued: the caller shows them)."""
+    options = _options(method, alpha, k, density, lambdas, allow_nonfinite)
+    state, report, _ = _run(source, options, base, device, progress)
     return state, report
 
 
 def merge_to_file(source, output, *, method: str, base=None, alpha=None, k=None, lambdas=None, density=None,
-                  device="auto", force: bool = False, progress=None) -> MergeReport:
+                  device="auto", force: bool = False, allow_nonfinite: bool = False, progress=None) -> MergeReport:
     """Merge and write the model to `output`: safetensors, or a torch state dict for .pt/.pth/.bin.
 
     The output keeps the base's tensor names, order, dtypes and (safetensors) metadata.
@@ -135,7 +148,7 @@ def merge_to_file(source, output, *, method: str, base=None, alpha=None, k=None,
     fmt = _output_format(output)
     if output.exists() and not force:  # fail before the work, not after it
         raise TallzipError(f"{output}: already exists (use --force to overwrite)")
-    options = _options(method, alpha, k, density, lambdas)
+    options = _options(method, alpha, k, density, lambdas, allow_nonfinite)
     state, report, metadata = _run(source, options, base, device, progress)
     with atomic_output(output, force=force) as tmp:
         save_tensors(state, tmp, fmt, metadata if fmt == "safetensors" else None)
@@ -183,15 +196,19 @@ def _from_family(family: Family, source: str, opt: _Options, device, progress):
         lambdas = taskvec.DEFAULT_LAMBDA if opt.lambdas is None else opt.lambdas
         report.lambdas = _task_lambdas(lambdas, family.names)
     report.task_only = sorted({n for t in family.names for n in family.own_names(t)})
+    _check_k(opt, len(family.names))
 
     state = OrderedDict()
     names = family.base.names
+    labels = ["the base"] + [f"task {t!r}" for t in family.names]
     for i, name in enumerate(names):
         if not family.is_mergeable(name):
             state[name] = family.base.get(name).clone()  # a copy: a .pt base may share storage between tensors
             report.kept_base.append(name)
         else:
             base_t, task_ts = family.tensors(name)
+            if not opt.allow_nonfinite:
+                _refuse_nonfinite(name, [base_t, *task_ts], labels)
             base_d, tasks_d = base_t.to(device), [t.to(device) for t in task_ts]
             if method == "task-arithmetic":
                 vector = taskvec.sum_task_vectors(base_d, tasks_d)
@@ -205,10 +222,11 @@ def _from_family(family: Family, source: str, opt: _Options, device, progress):
                 masks = [taskvec.tall_mask(base_d, t, mtv, report.lambdas[task])
                          for task, t in zip(family.names, tasks_d)]
                 vector = _consensus(mtv, masks, opt.k, report)
-            state[name] = taskvec.apply_vector(base_d, vector, opt.alpha).cpu()
+            state[name] = _merged(base_d, vector, name, opt, report)
             report.merged.append(name)
         if progress:
             progress("merging", i + 1, len(names))
+    _warn_if_no_op(report)
     return state, report, family.base.metadata
 
 
@@ -244,6 +262,7 @@ def _from_archive(archive: Archive, opt: _Options, device, progress):
                          lambdas=archive.lambdas if method in CONSENSUS_METHODS else None)
     names = archive.base_info["names"]
     report.task_only = sorted({n for t in tasks for n, _ in archive.task_entry(t)["tensors"]} - set(names))
+    _check_k(opt, len(tasks))
     low_precision = set()
     state = OrderedDict()
     for i, name in enumerate(names):
@@ -262,6 +281,9 @@ def _from_archive(archive: Archive, opt: _Options, device, progress):
                 report.kept_base.append(name)
         else:
             mtv = archive.mtv(name)
+            if not opt.allow_nonfinite:
+                _refuse_nonfinite(name, [base_t, mtv], [f"{archive.path.name}: the base",
+                                                        f"{archive.path.name} (packed with --allow-nonfinite): the mtv"])
             stored_dtype = archive.reader.section(ROLE_MTV, name)["dtype"]
             if stored_dtype not in ("F32", "F64"):
                 low_precision.add(stored_dtype)
@@ -270,10 +292,11 @@ def _from_archive(archive: Archive, opt: _Options, device, progress):
                 vector = _consensus(mtv.to(device), [m.to(device) for m in masks], opt.k, report)
             else:
                 vector = mtv.to(device)
-            state[name] = taskvec.apply_vector(base_t.to(device), vector, opt.alpha).cpu()
+            state[name] = _merged(base_t.to(device), vector, name, opt, report)
             report.merged.append(name)
         if progress:
             progress("merging", i + 1, len(names))
+    _warn_if_no_op(report)
     if low_precision:
         report.notes.append(f"the archive stores the mtv as {'/'.join(sorted(low_precision))}: the merge adds that "
                             f"rounded mtv (merging from the checkpoints folder uses the exact one)")
@@ -281,6 +304,41 @@ def _from_archive(archive: Archive, opt: _Options, device, progress):
 
 
 # --- shared pieces -------------------------------------------------------------------------------
+
+def _check_k(opt: _Options, n_tasks: int):
+    """k above the number of tasks keeps no weight: the 'merge' would be the plain base."""
+    if opt.k is not None and opt.k > n_tasks:
+        raise TallzipError(f"k = {opt.k} is more than the {n_tasks} tasks: no weight can be used by {opt.k} "
+                           f"tasks' masks, so the merge would give back the plain base (choose k from 0 to {n_tasks})")
+
+
+def _refuse_nonfinite(name: str, tensors, labels):
+    """pack's rule: NaN or Inf in an input is refused, naming where, unless allow_nonfinite."""
+    for tensor, label in zip(tensors, labels):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise TallzipError(f"{label}: tensor {name!r} holds NaN or Inf (use --allow-nonfinite to merge anyway)")
+
+
+def _merged(base: torch.Tensor, vector: torch.Tensor, name: str, opt: _Options, report: MergeReport) -> torch.Tensor:
+    """base + alpha * vector in the base's dtype, refused where it overflows that dtype (unless allowed),
+    counting the weights it changes."""
+    merged = taskvec.apply_vector(base, vector, opt.alpha)
+    if not opt.allow_nonfinite and not bool(torch.isfinite(merged).all()):
+        raise TallzipError(f"merged tensor {name!r}: base + {opt.alpha:g} x the merged vector overflows "
+                           f"{str(base.dtype).replace('torch.', '')} (use --allow-nonfinite to write it anyway)")
+    report.changed_weights += int((merged != base).sum())
+    return merged.cpu()
+
+
+def _warn_if_no_op(report: MergeReport):
+    if report.consensus_total and report.consensus_kept == 0:
+        report.warnings.append(
+            f"the consensus kept 0 of {report.consensus_total:,} weights (0.0%): no weight is used by the masks of "
+            f"{report.k} of the {len(report.tasks)} tasks, so the merged model IS THE PLAIN BASE (lower --k)")
+    elif report.merged and report.changed_weights == 0:
+        kept = (f" (the consensus kept {report.consensus_kept:,} of {report.consensus_total:,} weights, "
+                f"{report.consensus_kept / report.consensus_total:.1%})" if report.consensus_total else "")
+        report.warnings.append(f"the merge changed no weight{kept}: the merged model IS THE PLAIN BASE")
 
 def _consensus(mtv: torch.Tensor, masks: list[torch.Tensor], k: int, report: MergeReport) -> torch.Tensor:
     """m_cons * mtv, m_cons = (sum_t m_t) >= k, counting the kept weights into the report."""

@@ -217,11 +217,9 @@ def test_consensus_k1_drops_only_weights_no_task_uses(family):
 
 
 @pytest.mark.parametrize("method", ["consensus-ta", "consensus-ties"])
-def test_k_above_n_keeps_nothing(family, method):
-    state, report = merge_with_report(family["tasks_dir"], base=family["base_path"], method=method,
-                                      k=N_TASKS + 1, device="cpu")
-    assert_state(state, family["base"], exact=True)
-    assert report.consensus_kept == 0 and report.consensus_total > 0
+def test_k_above_n_is_refused(family, method):
+    with pytest.raises(TallzipError, match=f"k = {N_TASKS + 1} is more than the {N_TASKS} tasks"):
+        merge_with_report(family["tasks_dir"], base=family["base_path"], method=method, k=N_TASKS + 1, device="cpu")
 
 
 def test_non_mergeable_tensors_keep_the_base_and_are_reported(family):
