@@ -346,7 +346,7 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
         manifest = {
             "format": "tallzip", "version": FORMAT_VERSION, "created_by": f"tallzip {__version__}",
             "merge": {"method": merge, **({"density": density} if merge == "ties" else {})},
-            "mask_rule": MASK_RULE,
+            "mask_rule": MASK_RULE, "level": level,
             "base": {"format": family.base.format, "metadata": family.base.metadata, "names": family.base.names,
                      "input_bytes": family.base.nbytes, "by_reference": base_ref,
                      "source": str(family.base.path),
