@@ -333,9 +333,10 @@ def test_mask_margin_is_zero_for_a_float32_mtv():
 def test_a_flipped_byte_is_refused_by_verify_and_info_says_it_did_not_check(fam, tmp_path):
     damaged = tmp_path / "d.tallz"
     shutil.copy(fam["archives"]["bfloat16"], damaged)
-    entry = next(s for s in tallzip.open(damaged).manifest["sections"] if s["role"] == "mask" and s["length"] > 8)
+    entry = next(s for s in tallzip.open(damaged).manifest["sections"] if s["role"] == "mask" and s["chunks"][0]["length"] > 8)
     data = bytearray(damaged.read_bytes())
-    data[entry["offset"] + entry["length"] // 2] ^= 0x10
+    chunk = entry["chunks"][0]  # format v2: each chunk has its own offset, length and digest
+    data[chunk["offset"] + chunk["length"] // 2] ^= 0x10
     damaged.write_bytes(bytes(data))
     code, out, err = run("verify", damaged)
     assert code == 1 and "checksum mismatch" in err and entry["tensor"] in err
