@@ -194,7 +194,7 @@ def cli():
               default=packing.DEFAULT_CODECS["mask"], show_default=True,
               help="codec of the masks (bits-ctx: entropy-coded with the mtv as context)")
 @click.option("--base-ref", is_flag=True, help="store only the base's hash; extract then needs --base")
-@click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True, help="zstandard level")
+@click.option("--level", type=click.IntRange(1, 22), default=packing.DEFAULT_LEVEL, show_default=True, help="zstandard level")
 @click.option("--allow-nonfinite", is_flag=True, help="pack tensors holding NaN or Inf")
 @click.option("--chunk-elements", type=int, default=None,
               help="elements per chunk the archive is cut into (default 4194304 = 2^22)")

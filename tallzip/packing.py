@@ -32,9 +32,13 @@ MTV_DTYPES = ("float32", "bfloat16", "float16")
 # bfloat16 by measurement: on the real-data benchmark (8, 14 and 20 tasks) the rebuilt tasks were exactly as
 # accurate with a bfloat16 mtv as with float32, for 20-25% fewer archive bytes (benchmarks/RESULTS.md).
 DEFAULT_MTV_DTYPE = "bfloat16"
-# Measured in benchmarks/codecs.py: byte planes beat plain zstandard by ~10% on float weights at
-# zstd's speed; masks coded with |mtv| as context take ~18% fewer bits than bit-packing + zstd.
-DEFAULT_CODECS = {"float": "planes+zstd", "mask": "bits-ctx", "other": "zstd"}
+# Measured side by side in benchmarks/defaults.py (benchmarks/RESULTS.md): byte planes beat plain
+# zstandard by ~10% on float weights; zstandard level 1 is both smaller and faster than level 3 on
+# byte planes; and at level 1, bit-packed masks + zstd give an archive within 0.2% of the context
+# coders' at level 3 (ViT-B/32, N = 8) for half the pack CPU or less, where the context coders
+# (bits-ctx, bits-lvl: ~10% fewer mask bits) cost 2-5x the CPU of all the rest at LLM sizes.
+DEFAULT_CODECS = {"float": "planes+zstd", "mask": "bits+zstd", "other": "zstd"}
+DEFAULT_LEVEL = 1
 # Mask codecs code one bit per element. bits-ctx-prior also needs the earlier tasks' masks to
 # decode (no random access), so it is for measuring only and pack does not offer it.
 MASK_CODECS = ("bits+zstd", "bits-ctx", "bits-lvl")
@@ -226,7 +230,7 @@ def checked_codecs(codecs: dict | None) -> dict:
 
 def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "sum",
          density: float = taskvec.DEFAULT_TIES_DENSITY, mtv_dtype: str = DEFAULT_MTV_DTYPE, base_ref: bool = False,
-         device: str = "auto", force: bool = False, level: int = 3, allow_nonfinite: bool = False,
+         device: str = "auto", force: bool = False, level: int = DEFAULT_LEVEL, allow_nonfinite: bool = False,
          codecs: dict | None = None, progress=None, memory=None, chunk_elements: int | None = None,
          workers: int | None = None) -> dict:
     """Pack a family into one archive at `output`; returns its manifest.
