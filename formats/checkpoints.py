@@ -176,6 +176,20 @@ class SafetensorsCheckpoint(Checkpoint):
         if end > begin and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._fd, begin, end - begin, os.POSIX_FADV_WILLNEED)
 
+    def __getstate__(self):
+        # A checkpoint sent to another process (a Ray worker) travels as its parsed header; the
+        # receiver opens the file itself (the same path must be readable there).
+        state = dict(self.__dict__)
+        state["_fd"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise FormatError(f"{self.path}: cannot open on this worker ({exc.strerror})") from None
+
     def __del__(self):
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
