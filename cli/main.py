@@ -296,7 +296,7 @@ def extract(archive, task, all_tasks, output, fmt, base, memory, device, force, 
 
 
 @cli.command()
-@click.argument("archive", type=PATH_OR_URL)
+@click.argument("archive", type=click.Path(path_type=Path))
 @click.option("--agreement", "show_agreement", is_flag=True,
               help="how many tasks use each weight (0..N), per layer kind and in total")
 @click.option("--plot", type=click.Path(path_type=Path),

@@ -399,6 +399,12 @@ def _engine_results(engine, own_engine, jobs, family, settings, budget):
     store), each job carries only its tensor name and element range. An engine made here closes after."""
     from .engines import Job
     from .pack_jobs import run_shared_job
+    from .formats.checkpoints import TorchCheckpoint
+    if engine.name != "local":
+        for label, ckpt in [("base", family.base), *family.tasks.items()]:
+            if isinstance(ckpt, TorchCheckpoint):  # its lazy reader holds a lock and an open zip: not sent
+                raise TallzipError(f"--engine {engine.name}: {label} {ckpt.path.name} is a torch pickle; chunk jobs "
+                                   f"elsewhere read safetensors only (convert it, or use --engine local)")
     with engine if own_engine else contextlib.nullcontext():
         shared = engine.share((family, settings))
         tasks = (Job(run_shared_job, (job, shared), label=f"{job.kind} {job.name} #{job.index}", nbytes=job.cost)

@@ -127,3 +127,16 @@ def test_ray_refuses_a_gpu_device(vit_family, tmp_path):
     with pytest.raises(TallzipError, match="use --device cpu"):
         tallzip.pack(tasks, base, tmp_path / "x.tallz", engine="ray", device="cuda")
     assert not (tmp_path / "x.tallz").exists()
+
+
+def test_ray_refuses_torch_pickles_and_address_needs_ray(tmp_path):
+    base, tasks = make_family(tmp_path / "pt", n_tasks=2, fmt="pt", width=16, layers=1, frozen_width=8)
+    with pytest.raises(TallzipError, match="torch pickle"):
+        tallzip.pack(tasks, base, tmp_path / "x.tallz", engine="ray", chunk_elements=1024)
+    assert not (tmp_path / "x.tallz").exists()
+    from click.testing import CliRunner
+    from tallzip.cli.main import cli
+    result = CliRunner().invoke(cli, ["pack", str(tasks), "--base", str(base), "-o", str(tmp_path / "y.tallz"),
+                                      "--address", "auto"])
+    assert result.exit_code != 0 and "--address applies to --engine ray only" in result.output
+    assert not (tmp_path / "y.tallz").exists()
