@@ -3,7 +3,9 @@ byte-identical to the local pack of the same inputs and options, on a ViT-shaped
 an LLM-shaped sharded one (benchmarks/llm_family.py, a tiny preset); a worker killed mid-job is retried and the
 archive is still identical; a job that keeps failing leaves nothing at the target.
 
-One local Ray cluster for the module (2 CPUs, on loopback, no dashboard), stopped at the end."""
+One local Ray cluster for the module (2 CPUs, no dashboard), stopped at the end. Its node address is
+127.0.0.1, so its processes talk over loopback; checked with psutil: Ray's gRPC servers still listen on the
+wildcard address (and its runtime-env agent on the host's address), which _node_ip_address does not change."""
 from __future__ import annotations
 
 import os
