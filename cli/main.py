@@ -15,6 +15,7 @@ import tallzip
 from tallzip import packing, taskvec
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import FormatError
+from tallzip.formats.sources import is_url
 from tallzip.inspect import agreement, summary, verify
 from tallzip import merging
 
@@ -165,6 +166,20 @@ def _base_for_folder_source(ctx, param, base):
     return base
 
 
+class PathOrUrl(click.ParamType):
+    """A local path (a Path) or a URL (s3://, https://, memory://..., kept as text: a Path would fold its '//')."""
+
+    name = "path"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (Path, str)) and is_url(value):
+            return str(value)
+        return Path(value)
+
+
+PATH_OR_URL = PathOrUrl()
+
+
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
 FORCE = click.option("--force", is_flag=True, help="overwrite the target if it exists")
 AS_JSON = click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
@@ -179,8 +194,8 @@ def cli():
 
 
 @cli.command()
-@click.argument("checkpoints_dir", type=click.Path(path_type=Path))
-@click.option("--base", type=click.Path(path_type=Path), required=True, help="the pretrained checkpoint (file or folder)")
+@click.argument("checkpoints_dir", type=PATH_OR_URL)
+@click.option("--base", type=PATH_OR_URL, required=True, help="the pretrained checkpoint (file or folder)")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="archive to write")
 @click.option("--lambda", "lambdas", multiple=True, metavar="[TASK=]L", help="mask lambda, for all or one task (default 0.4)")
 @click.option("--merge", type=click.Choice(packing.MERGE_METHODS), default="sum", show_default=True)
@@ -200,11 +215,15 @@ def cli():
               help="elements per chunk the archive is cut into (default 4194304 = 2^22)")
 @MEMORY
 @DEVICE
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="where the chunk jobs run: threads here, or Ray tasks (pip install 'tallzip[ray]')")
+@click.option("--address", default=None,
+              help="--engine ray: auto (the cluster of `ray start`) or ray://HOST:PORT; default a local cluster")
 @FORCE
 @AS_JSON
 @friendly_errors
 def pack(checkpoints_dir, base, output, lambdas, merge, density, mtv_dtype, float_codec, mask_codec, base_ref, level,
-         allow_nonfinite, chunk_elements, memory, device, force, as_json):
+         allow_nonfinite, chunk_elements, memory, device, engine, address, force, as_json):
     """Pack the fine-tuned checkpoints in CHECKPOINTS_DIR into one archive."""
     progress = Progress(not as_json)
     try:
@@ -212,7 +231,7 @@ def pack(checkpoints_dir, base, output, lambdas, merge, density, mtv_dtype, floa
                      mtv_dtype=mtv_dtype, base_ref=base_ref, device=device, force=force, level=level,
                      codecs={"float": float_codec, "mask": mask_codec},
                      allow_nonfinite=allow_nonfinite, progress=progress, memory=memory,
-                     chunk_elements=chunk_elements)
+                     chunk_elements=chunk_elements, engine=engine, address=address)
     finally:
         progress.close()
     with tallzip.open(output) as archive:
@@ -225,7 +244,7 @@ def pack(checkpoints_dir, base, output, lambdas, merge, density, mtv_dtype, floa
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("archive", type=PATH_OR_URL)
 @click.option("--task", help="the task to rebuild")
 @click.option("--all", "all_tasks", is_flag=True, help="rebuild every task into the folder -o")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
@@ -233,7 +252,7 @@ def pack(checkpoints_dir, base, output, lambdas, merge, density, mtv_dtype, floa
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "pt"]),
               help="format of the model file(s) in a folder (default: the task's input format); "
                    "for a file -o the extension decides, and --format must agree")
-@click.option("--base", type=click.Path(path_type=Path), help="the base, for archives packed with --base-ref")
+@click.option("--base", type=PATH_OR_URL, help="the base, for archives packed with --base-ref")
 @MEMORY
 @DEVICE
 @click.option("--force", is_flag=True,

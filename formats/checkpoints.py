@@ -23,6 +23,7 @@ import torch
 
 from .errors import FormatError
 from .constants import DTYPE_SIZES
+from .sources import RemoteFile, RemotePath, is_url, list_folder, location, open_source
 from .tensors import dtype_name, torch_dtype
 
 SAFETENSORS_EXT = ".safetensors"
@@ -87,19 +88,29 @@ class Checkpoint:
         return name in self.dtypes
 
 
-def _read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """The header and the offset where tensor data starts."""
-    with open(path, "rb") as fh:
-        prefix = fh.read(8)
-        if len(prefix) != 8:
+def _read_safetensors_header(path, source=None) -> tuple[dict, int]:
+    """The header and the offset where tensor data starts (read through `source` for a URL)."""
+    if source is not None:
+        file_size = source.size
+        if file_size < 8:
             raise FormatError(f"{path}: not a safetensors file (too short)")
-        size = int.from_bytes(prefix, "little")
-        if size > 100_000_000 or size > path.stat().st_size - 8:
+        size = int.from_bytes(source.pread(0, 8), "little")
+        if size > 100_000_000 or size > file_size - 8:
             raise FormatError(f"{path}: not a safetensors file (bad header size)")
-        try:
-            header = json.loads(fh.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise FormatError(f"{path}: not a safetensors file (bad header)") from None
+        raw = source.pread(8, size)
+    else:
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) != 8:
+                raise FormatError(f"{path}: not a safetensors file (too short)")
+            size = int.from_bytes(prefix, "little")
+            if size > 100_000_000 or size > path.stat().st_size - 8:
+                raise FormatError(f"{path}: not a safetensors file (bad header size)")
+            raw = fh.read(size)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError(f"{path}: not a safetensors file (bad header)") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: not a safetensors file (bad header)")
     return header, 8 + size
@@ -139,24 +150,42 @@ class SafetensorsCheckpoint(Checkpoint):
     # then holds only the tensors it is using (mapped file pages would count as its memory until
     # unmapped), and reads release the GIL, so a reader thread can prefetch while others compute.
 
-    def __init__(self, path: Path):
-        super().__init__(path)
-        header, data_start = _read_safetensors_header(self.path)
+    def __init__(self, path: Path, storage_options: dict | None = None):
+        # A URL is read through formats.sources (ranged requests); a local file with os.preadv into
+        # the tensor's own buffer (no copy), the fast path.
+        remote = is_url(path)
+        super().__init__(Path(path) if not remote else path)
+        if remote:
+            self.path = location(path)
+            self._source = open_source(path, storage_options)
+        else:
+            self._source = None
+        header, data_start = _read_safetensors_header(self.path, self._source)
         self.metadata = header.pop("__metadata__", None)
-        file_size = self.path.stat().st_size
+        file_size = self._source.size if remote else self.path.stat().st_size
         self._spans: dict[str, tuple[int, int]] = {}
         for name, info in header.items():  # header order: the writer's own order
             self._spans[name] = _tensor_span(self.path, name, info, data_start, file_size)
             self.names.append(name)
             self.dtypes[name] = info["dtype"]
             self.shapes[name] = tuple(info["shape"])
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._fd = None if remote else os.open(self.path, os.O_RDONLY)
+
+    def _read_into(self, buffer: memoryview, offset: int):
+        if self._fd is not None:
+            _pread_into(self._fd, buffer, offset, self.path)
+        else:
+            buffer[:] = self._source.pread(offset, len(buffer))
+
+    @property
+    def nbytes(self) -> int:
+        return self._source.size if self._source is not None else self.path.stat().st_size
 
     def get(self, name, *, pin_memory=False):
         begin, end = self._spans[name]
         tensor = torch.empty(self.shapes[name], dtype=torch_dtype(self.dtypes[name]), pin_memory=pin_memory)
         if end > begin:
-            _pread_into(self._fd, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), begin, self.path)
+            self._read_into(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), begin)
         return tensor
 
     def read_range(self, name, start, count, out=None):
@@ -168,13 +197,29 @@ class SafetensorsCheckpoint(Checkpoint):
             raise FormatError(f"{self.path}: elements {start}..{start + count} lie outside tensor {name!r}")
         tensor = torch.empty(count, dtype=dtype) if out is None else out[:count]
         if count:
-            _pread_into(self._fd, memoryview(tensor.view(torch.uint8).numpy()), begin + start * itemsize, self.path)
+            self._read_into(memoryview(tensor.view(torch.uint8).numpy()), begin + start * itemsize)
         return tensor
 
     def will_need(self, name):
         begin, end = self._spans[name]
-        if end > begin and hasattr(os, "posix_fadvise"):
+        if end > begin and self._fd is not None and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._fd, begin, end - begin, os.POSIX_FADV_WILLNEED)
+
+    def __getstate__(self):
+        # A checkpoint sent to another process (a Ray worker) travels as its parsed header; the
+        # receiver opens the file itself (the same path must be readable there).
+        state = dict(self.__dict__)
+        state["_fd"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._source is not None:  # a URL: its source reopens itself on first use
+            return
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise FormatError(f"{self.path}: cannot open on this worker ({exc.strerror})") from None
 
     def __del__(self):
         if getattr(self, "_fd", None) is not None:
@@ -185,10 +230,15 @@ class SafetensorsCheckpoint(Checkpoint):
 class ShardedCheckpoint(Checkpoint):
     format = "safetensors-sharded"
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, storage_options: dict | None = None):
         super().__init__(folder)
+        self.path = location(folder)
         try:
-            index = json.loads((self.path / SHARD_INDEX).read_text())
+            if is_url(folder):
+                with open_source(self.path / SHARD_INDEX, storage_options) as src:
+                    index = json.loads(src.pread(0, src.size))
+            else:
+                index = json.loads((self.path / SHARD_INDEX).read_text())
             weight_map = index["weight_map"]
         except (OSError, ValueError, KeyError, TypeError):
             raise FormatError(f"{self.path / SHARD_INDEX}: not a valid shard index") from None
@@ -199,7 +249,7 @@ class ShardedCheckpoint(Checkpoint):
         for file in files:
             if Path(file).name != file:
                 raise FormatError(f"{self.path / SHARD_INDEX}: shard {file!r} is not a plain file name")
-            self._shards[file] = SafetensorsCheckpoint(self.path / file)
+            self._shards[file] = SafetensorsCheckpoint(self.path / file, storage_options)
         self._where = {}
         for file, shard in self._shards.items():
             for name in shard.names:
@@ -214,6 +264,10 @@ class ShardedCheckpoint(Checkpoint):
         self.metadata = next(iter(self._shards.values())).metadata
         self.sharding = {"files": {f: s.names for f, s in self._shards.items()},
                          "metadata": index.get("metadata", {})}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(shard.nbytes for shard in self._shards.values())
 
     def get(self, name, *, pin_memory=False):
         return self._where[name].get(name, pin_memory=pin_memory)
@@ -306,8 +360,39 @@ def _pick_in_folder(folder: Path) -> Path:
     return files[0]
 
 
+def _open_remote_checkpoint(url: str, storage_options: dict | None = None) -> Checkpoint:
+    """A safetensors file or folder behind a URL (torch pickles are read locally only)."""
+    url = RemotePath(str(url).rstrip("/"))
+    if url.suffix == SAFETENSORS_EXT:
+        return SafetensorsCheckpoint(url, storage_options)
+    if url.suffix in TORCH_EXTS:
+        raise FormatError(f"{url}: torch checkpoints are read from local files only; download it, or use safetensors")
+    entries = {e.name: e for e in list_folder(url, storage_options)}
+    if SHARD_INDEX in entries:
+        ckpt = ShardedCheckpoint(url, storage_options)
+        checkpoint_files = set(ckpt.sharding["files"])
+    else:
+        models = sorted(n for n, e in entries.items() if not e.is_dir and RemotePath(n).suffix in CHECKPOINT_EXTS)
+        if {*models} == _HF_SAME_MODEL:
+            models = ["model.safetensors"]
+        if len(models) != 1:
+            what = "no checkpoint file" if not models else f"{len(models)} checkpoint files ({', '.join(models)})"
+            raise FormatError(f"{url}: holds {what}; a task folder needs exactly one, or a sharded index")
+        ckpt = _open_remote_checkpoint(entries[models[0]].location, storage_options)
+        checkpoint_files = {models[0]}
+    for name, e in entries.items():
+        if (not e.is_dir and name not in checkpoint_files and RemotePath(name).suffix not in CHECKPOINT_EXTS
+                and name != SHARD_INDEX and not name.startswith(".")
+                and (e.size or 0) <= MAX_EXTRA_FILE_BYTES):
+            ckpt.extra_files[name] = RemoteFile(e.location, e.size, storage_options)
+    return ckpt
+
+
 def open_checkpoint(path) -> Checkpoint:
-    """A file (.safetensors, .pt/.pth/.bin) or a folder (sharded index, or one checkpoint file)."""
+    """A file (.safetensors, .pt/.pth/.bin) or a folder (sharded index, or one checkpoint file);
+    a URL (s3://, https://, memory://...: safetensors only) is read by ranged requests."""
+    if is_url(path):
+        return _open_remote_checkpoint(path)
     path = Path(path)
     if not path.exists():
         raise FormatError(f"{path}: no such file or folder")
@@ -351,6 +436,8 @@ def discover_tasks(folder, exclude=()) -> dict[str, Path]:
 
     A `head_{X}.pt` beside a task folder `{X}/` is that task's classification head (the released
     layouts), not a task of its own."""
+    if is_url(folder):
+        return _discover_remote_tasks(folder, exclude)
     folder = Path(folder)
     if not folder.is_dir():
         raise FormatError(f"{folder}: not a folder of checkpoints")
@@ -373,6 +460,29 @@ def discover_tasks(folder, exclude=()) -> dict[str, Path]:
         if name in tasks:
             raise FormatError(f"{folder}: two checkpoints are named {name!r} ({tasks[name].name}, {entry.name})")
         tasks[name] = entry
+    return tasks
+
+
+def _discover_remote_tasks(folder, exclude=()) -> dict:
+    """discover_tasks for a URL: each .safetensors file (name = stem) or sub-folder holding one or a
+    sharded index (name = folder name). Torch pickles and release heads are local-only."""
+    excluded = {str(p).rstrip("/") for p in exclude}
+    tasks = {}
+    for entry in list_folder(folder):
+        if entry.location.rstrip("/") in excluded or entry.name.startswith("."):
+            continue
+        if not entry.is_dir and RemotePath(entry.name).suffix == SAFETENSORS_EXT:
+            name = entry.name[:-len(SAFETENSORS_EXT)]
+        elif entry.is_dir and any(e.name == SHARD_INDEX or (not e.is_dir and RemotePath(e.name).suffix in CHECKPOINT_EXTS)
+                                  for e in list_folder(entry.location)):
+            name = entry.name
+        else:
+            continue
+        if name in tasks:
+            raise FormatError(f"{folder}: two checkpoints are named {name!r}")
+        tasks[name] = RemotePath(entry.location)
+    if not tasks and not list_folder(folder):
+        raise FormatError(f"{folder}: not a folder of checkpoints (empty or missing)")
     return tasks
 
 

@@ -23,6 +23,7 @@ from .chunking import chunk_count, chunk_plan, chunk_shape, mask_context
 from .constants import (DTYPE_SIZES, FLOAT_DTYPES, HEADER_SIZE, HEADER_STRUCT, KIND_MASKED, KIND_PER_TASK, KIND_SHARED,
                         MAGIC, MAX_CHUNK_ELEMENTS, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, MAX_TENSOR_ELEMENTS,
                         MIN_CHUNK_ELEMENTS, READABLE_VERSIONS, REPRESENTATION_TALL, ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV, ROLE_OWN)
+from .sources import is_url, location, open_source
 from .errors import CorruptArchiveError, FormatError, UnsupportedVersionError
 from .tensors import bits_dtype
 
@@ -121,15 +122,21 @@ def _is_sharding(value, names) -> bool:
 
 
 class ArchiveReader:
-    def __init__(self, path):
-        self.path = Path(path)
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise FormatError(f"{self.path}: no such archive") from None
-        except IsADirectoryError:
-            raise FormatError(f"{self.path}: is a folder, not an archive") from None
-        self.size = os.fstat(self._fd).st_size
+    def __init__(self, path, storage_options: dict | None = None):
+        self._fd = self._source = None
+        if is_url(path):  # ranged requests through fsspec: only the header, the manifest and the chunks read
+            self.path = location(path)
+            self._source = open_source(path, storage_options)
+            self.size = self._source.size
+        else:
+            self.path = Path(path)
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise FormatError(f"{self.path}: no such archive") from None
+            except IsADirectoryError:
+                raise FormatError(f"{self.path}: is a folder, not an archive") from None
+            self.size = os.fstat(self._fd).st_size
         header = self._pread(0, HEADER_SIZE)
         if len(header) < HEADER_SIZE or header[:8] != MAGIC:
             raise FormatError(f"{self.path}: not a tallzip archive")
@@ -167,7 +174,15 @@ class ArchiveReader:
         self._check_tables()
 
     def _pread(self, offset: int, length: int) -> bytes:
+        if self._source is not None:  # as os.pread: a range past the end comes back short
+            length = max(0, min(length, self.size - offset))
+            return self._source.pread(offset, length)
         return os.pread(self._fd, length, offset)
+
+    @property
+    def bytes_read(self) -> int | None:
+        """Bytes fetched so far from a URL (None for a local file)."""
+        return self._source.bytes_read if self._source is not None else None
 
     def _check_sections(self):
         sections = self.manifest.get("sections") if isinstance(self.manifest, dict) else None
@@ -393,6 +408,8 @@ class ArchiveReader:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._source is not None:
+            self._source.close()
 
     def __enter__(self):
         return self

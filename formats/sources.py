@@ -53,6 +53,48 @@ def require_local_output(target) -> Path:
     return _local_path(target)
 
 
+class RemotePath(str):
+    """A URL where a Path would be: it prints as itself and has the .name and .suffix of its last part."""
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def suffix(self) -> str:
+        name = self.name
+        return name[name.rfind("."):] if "." in name.lstrip(".") else ""
+
+    def __truediv__(self, part) -> "RemotePath":
+        return RemotePath(self.rstrip("/") + "/" + str(part))
+
+
+class RemoteFile:
+    """A small remote file where a Path would be (a side file of a remote checkpoint folder)."""
+
+    def __init__(self, location: str, size: int | None = None, storage_options: dict | None = None):
+        self.location, self._size, self.storage_options = RemotePath(location), size, storage_options
+        self.name = self.location.name
+
+    def stat(self):
+        if self._size is None:
+            with open_source(self.location, self.storage_options) as src:
+                self._size = src.size
+        return os.stat_result((0, 0, 0, 0, 0, 0, self._size, 0, 0, 0))
+
+    def read_bytes(self) -> bytes:
+        with open_source(self.location, self.storage_options) as src:
+            return src.pread(0, src.size)
+
+    def __str__(self):
+        return str(self.location)
+
+
+def location(path_or_url):
+    """A local Path, or the URL as a RemotePath (Path("s3://b/k") would fold the '//')."""
+    return RemotePath(str(path_or_url)) if is_url(path_or_url) else _local_path(path_or_url)
+
+
 def _check_range(name: str, size: int, offset: int, length: int):
     if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or length < 0:
         raise FormatError(f"{name}: bad byte range (offset {offset!r}, length {length!r})")

@@ -23,6 +23,7 @@ from .formats.checkpoints import SafetensorsStream, open_checkpoint
 from .formats.constants import (DTYPE_SIZES, KIND_MASKED, KIND_PER_TASK, KIND_SHARED, ROLE_BASE, ROLE_MASK,
                                 ROLE_MTV, ROLE_OWN)
 from .formats.errors import CorruptArchiveError
+from .formats.sources import is_url, location
 from .formats.reader import ArchiveReader
 from .formats.tensors import from_bits, torch_bits_dtype, torch_dtype
 from .packing import resolve_device
@@ -54,8 +55,8 @@ def rebuild_from_bits(base: torch.Tensor, bits: np.ndarray, mtv: torch.Tensor, d
 
 class Archive:
     def __init__(self, path, *, base=None, memory=None):
-        self.path = Path(path)
-        if not self.path.is_file():  # say which path and what was expected, not the OS's bare "Is a directory"
+        self.path = location(path)
+        if not is_url(path) and not self.path.is_file():  # say which path and what was expected, not the OS's bare "Is a directory"
             what = "is a folder" if self.path.is_dir() else "not a regular file" if self.path.exists() else "no such file"
             raise TallzipError(f"{self.path}: {what}, expected a .tallz archive file")
         self.memory = parse_memory(memory)  # budget for chunks decoded at once

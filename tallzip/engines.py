@@ -106,6 +106,11 @@ class Engine:
             for handle, _ in pending:
                 self._cancel(handle)
 
+    def share(self, obj):
+        """A handle to `obj` for jobs to take as a top-level argument, sent to the workers once (Ray's
+        object store) instead of with every job; here, obj itself."""
+        return obj
+
     def _start(self):
         pass
 
@@ -218,6 +223,10 @@ class RayEngine(Engine):
         self._workers = max(1, int(cpus // self.cpus_per_job))
         self._task = ray.remote(run_job)
         self._task_options = dict(max_retries=self.max_retries, retry_exceptions=False, num_cpus=self.cpus_per_job)
+
+    def share(self, obj):
+        self._start()
+        return self._ray.put(obj)
 
     def _submit(self, job):
         options = dict(self._task_options, name=job.label) if job.label else self._task_options

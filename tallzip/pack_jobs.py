@@ -115,6 +115,16 @@ def run_job(job: ChunkJob, family, settings: PackSettings, masked_tensor) -> Chu
     return result
 
 
+def run_shared_job(job: ChunkJob, shared) -> ChunkResult:
+    """A chunk job on an engine's worker: `shared` is (family, settings), sent once per pack. One
+    PyTorch thread per job on a CPU, as the local route (the engine runs one job per CPU)."""
+    from .packing import masked_tensor  # packing imports this module
+    family, settings = shared
+    if settings.device.type == "cpu" and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    return run_job(job, family, settings, masked_tensor)
+
+
 def _masked_chunk(job: ChunkJob, family, settings: PackSettings, masked_tensor) -> ChunkResult:
     name, start, count = job.name, job.start, job.count
     tasks = [family.tasks[t] for t in settings.task_names]
@@ -179,4 +189,4 @@ def dtype_of(family, job: ChunkJob) -> str:
     return family.base.dtypes[job.name]
 
 
-__all__ = ["ChunkJob", "ChunkResult", "PackSettings", "run_job", "job_cost", "mask_context", "dtype_of", "dtype_name"]
+__all__ = ["ChunkJob", "ChunkResult", "PackSettings", "run_job", "run_shared_job", "job_cost", "mask_context", "dtype_of", "dtype_name"]

@@ -232,7 +232,7 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
          density: float = taskvec.DEFAULT_TIES_DENSITY, mtv_dtype: str = DEFAULT_MTV_DTYPE, base_ref: bool = False,
          device: str = "auto", force: bool = False, level: int = DEFAULT_LEVEL, allow_nonfinite: bool = False,
          codecs: dict | None = None, progress=None, memory=None, chunk_elements: int | None = None,
-         workers: int | None = None) -> dict:
+         workers: int | None = None, engine="local", address: str | None = None) -> dict:
     """Pack a family into one archive at `output`; returns its manifest.
 
     tasks: folder of checkpoints, or {task: path}. lambdas: one number, {task: number} ('*' for the
@@ -245,6 +245,11 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
     memory: the budget for chunks in flight (bytes, or '1.5G', '256M'); chunk_elements: the chunk
     size the archive records (default 2^22). Neither the budget nor `workers` changes the archive's
     bytes: those depend only on the inputs and the options above.
+    engine: 'local' (threads here) or 'ray' (chunk jobs as Ray tasks on the cluster at `address`:
+    None starts a private local one, 'auto' joins `ray start`'s, 'ray://HOST:PORT' Ray Client), or
+    an Engine (tallzip.engines). Each Ray task reads its own byte ranges of the inputs, so every
+    worker must see the same paths; the archive is byte-identical to the local one. The TIES
+    thresholds (one reduction per task over the whole model) are still computed here, first.
     """
     if mtv_dtype not in MTV_DTYPES:
         raise TallzipError(f"unknown mtv dtype {mtv_dtype!r} (expected one of {', '.join(MTV_DTYPES)})")
@@ -252,6 +257,9 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
     budget = parse_memory(memory)
     chunk_elements = checked_chunk_elements(chunk_elements)
     family = Family.open(tasks, base)
+    engine, own_engine = _pack_engine(engine, address, workers)
+    if engine is not None:
+        device = _engine_device(device)
     device = resolve_device(device)
     task_names = family.names
     for t in task_names:  # extract writes a file or folder per task, named after it
@@ -319,7 +327,11 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
 
         identical: dict[str, bool] = {}
         done = 0
-        for result in ordered_map(work, jobs, cost=lambda job: job.cost, budget=budget, workers=workers):
+        if engine is None:
+            results = ordered_map(work, jobs, cost=lambda job: job.cost, budget=budget, workers=workers)
+        else:
+            results = _engine_results(engine, own_engine, jobs, family, settings, budget)
+        for result in results:
             job = result.job
             for role, task, (data, params, digest), ones in result.pieces:
                 writer.write_chunk(entry_for(role, job, task, result.mtv_dtype), data, params, digest, ones)
@@ -363,6 +375,46 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
         if isinstance(lambdas, LambdaSelector):
             manifest["lambda_scores"] = {t: {str(k): v for k, v in s.items()} for t, s in lambdas.scores.items()}
         return writer.finish(manifest)
+
+
+def _pack_engine(engine, address, workers):
+    """None for the threads of this process (the default route); else the Engine to run chunk jobs on."""
+    from .engines import Engine, make_engine
+    if isinstance(engine, Engine):
+        if address is not None:
+            raise TallzipError("address applies to engine='ray' only (an Engine given is already placed)")
+        return engine, False
+    if engine == "local":
+        if address is not None:
+            raise TallzipError("--address applies to --engine ray only")
+        return None, False
+    return make_engine(engine, address=address, workers=workers if address is None else None), True
+
+
+def _engine_device(device):
+    """Chunk jobs on an engine run on its workers' CPUs: 'auto' means the CPU there."""
+    if device is None or (isinstance(device, str) and device in ("auto", "cpu")):
+        return "cpu"
+    raise TallzipError(f"--device {device}: jobs on an engine run on its workers' CPUs (use --device cpu)")
+
+
+def _engine_results(engine, own_engine, jobs, family, settings, budget):
+    """The chunk jobs' results, in order, from `engine`: (family, settings) are shared once (Ray's object
+    store), each job carries only its tensor name and element range. An engine made here closes after."""
+    from .engines import Job
+    from .pack_jobs import run_shared_job
+    from .formats.checkpoints import TorchCheckpoint
+    if engine.name != "local":
+        for label, ckpt in [("base", family.base), *family.tasks.items()]:
+            if isinstance(ckpt, TorchCheckpoint):  # its lazy reader holds a lock and an open zip: not sent
+                raise TallzipError(f"--engine {engine.name}: {label} {ckpt.path.name} is a torch pickle; chunk jobs "
+                                   f"elsewhere read safetensors only (convert it, or use --engine local)")
+    with engine if own_engine else contextlib.nullcontext():
+        shared = engine.share((family, settings))
+        tasks = (Job(run_shared_job, (job, shared), label=f"{job.kind} {job.name} #{job.index}", nbytes=job.cost)
+                 for job in jobs)
+        # a generator (not a list) so only the jobs in flight exist; progress is reported by pack itself
+        yield from engine.map(tasks, label="packing", max_bytes_in_flight=budget)
 
 
 def _identical(family: Family, name: str, chunk_elements: int) -> bool:
