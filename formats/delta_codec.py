@@ -110,3 +110,23 @@ def decode(data, base: np.ndarray, *, params: dict, dtype=None) -> np.ndarray:
             raise ValueError(f"delta: cannot view {t.dtype.itemsize}-byte elements as {dtype}")
         return t.view(dtype)
     return t
+
+
+# As an archive codec ("delta"): the context carries the same chunk of the base, as its bits.
+def _archive_encode(array, *, level, threads, context=None, **_):
+    if not context or "base" not in context:
+        raise ValueError("delta: the base chunk is needed (context {'base': bits})")
+    return encode(array, context["base"], level=level, threads=threads)
+
+
+@codecs.decoder_errors_as_codec_errors("delta")
+def _archive_decode(data, *, dtype, count, params, context=None, **_):
+    if not context or "base" not in context:
+        raise CodecError("delta: decoding needs the base chunk")
+    base = np.asarray(context["base"]).reshape(-1)
+    if base.size != count:
+        raise CodecError(f"delta: the base chunk has {base.size} elements, the chunk {count}")
+    return decode(data, base, params=params, dtype=dtype)
+
+
+codecs.register("delta", _archive_encode, _archive_decode)
