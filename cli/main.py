@@ -137,6 +137,19 @@ def _parse_lambdas(values) -> float | dict:
     return out or taskvec.DEFAULT_LAMBDA
 
 
+def _parse_keep(values) -> dict | None:
+    """`--keep q4` for all tasks, `--keep TASK=exact` for one; later values win."""
+    from tallzip.formats.constants import REPRESENTATIONS
+    out: dict[str, str] = {}
+    for value in values:
+        task, _, rep = value.rpartition("=")
+        if rep not in REPRESENTATIONS:
+            raise click.BadParameter(f"{value!r}: {rep!r} is not one of {', '.join(REPRESENTATIONS)}",
+                                     param_hint="--keep")
+        out[task or "*"] = rep
+    return out or None
+
+
 def _echo_json(obj):
     click.echo(json.dumps(obj, indent=2, default=str))
 
@@ -183,6 +196,9 @@ def cli():
 @click.option("--base", type=click.Path(path_type=Path), required=True, help="the pretrained checkpoint (file or folder)")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="archive to write")
 @click.option("--lambda", "lambdas", multiple=True, metavar="[TASK=]L", help="mask lambda, for all or one task (default 0.4)")
+@click.option("--keep", "keep", multiple=True, metavar="[TASK=]REP",
+              help="how a task is kept, for all or one task: tall (default; base + mask * mtv), q8, q4, q3, q2 "
+                   "(its own task vector quantized) or exact (lossless)")
 @click.option("--merge", type=click.Choice(packing.MERGE_METHODS), default="sum", show_default=True)
 @click.option("--density", type=float, default=0.2, show_default=True, help="TIES: share of each task vector kept")
 @click.option("--mtv-dtype", type=click.Choice(packing.MTV_DTYPES), default=packing.DEFAULT_MTV_DTYPE, show_default=True,
@@ -203,7 +219,7 @@ def cli():
 @FORCE
 @AS_JSON
 @friendly_errors
-def pack(checkpoints_dir, base, output, lambdas, merge, density, mtv_dtype, float_codec, mask_codec, base_ref, level,
+def pack(checkpoints_dir, base, output, lambdas, keep, merge, density, mtv_dtype, float_codec, mask_codec, base_ref, level,
          allow_nonfinite, chunk_elements, memory, device, force, as_json):
     """Pack the fine-tuned checkpoints in CHECKPOINTS_DIR into one archive."""
     progress = Progress(not as_json)
@@ -212,7 +228,7 @@ def pack(checkpoints_dir, base, output, lambdas, merge, density, mtv_dtype, floa
                      mtv_dtype=mtv_dtype, base_ref=base_ref, device=device, force=force, level=level,
                      codecs={"float": float_codec, "mask": mask_codec},
                      allow_nonfinite=allow_nonfinite, progress=progress, memory=memory,
-                     chunk_elements=chunk_elements)
+                     chunk_elements=chunk_elements, keep=_parse_keep(keep))
     finally:
         progress.close()
     with tallzip.open(output) as archive:
