@@ -225,7 +225,11 @@ class _Folder:
         self.complete = not self.missing
         self.merger = None
         self.not_recomputed = None  # why the mtv could not be recomputed from a complete folder
-        if self.complete:
+        mtv_tasks = archive.merge_info.get("mtv_tasks")
+        if self.complete and mtv_tasks is not None and list(mtv_tasks) != list(archive.tasks):
+            self.not_recomputed = (f"tasks were added or removed since the pack: the mtv merges "
+                                   f"{', '.join(mtv_tasks)}")
+        elif self.complete:
             try:
                 family = Family(_ArchiveBase(archive), self.checkpoints)
                 self.merger = _Merger(family, archive.merge_info["method"],
