@@ -396,6 +396,56 @@ def verify_cmd(archive, against, base, as_json):
 
 
 @cli.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--task", required=True, help="name of the new task")
+@click.option("--keep", type=click.Choice(["q8", "q4", "q3", "q2", "exact", "tall"]), default="q4", show_default=True,
+              help="how the new task is kept (tall is refused: the task is not in the stored mtv)")
+@click.option("--base", type=click.Path(path_type=Path), help="the base, for archives packed with --base-ref")
+@AS_JSON
+@friendly_errors
+def add(archive, checkpoint, task, keep, base, as_json):
+    """Add CHECKPOINT to ARCHIVE as a new task; the other tasks' sections are copied byte for byte.
+
+    The archive is rewritten beside itself and renamed over the old one when complete: an
+    interruption leaves the old archive as it was.
+    """
+    from tallzip.editing import add as add_task
+    add_task(archive, checkpoint, task, keep=keep, base=base)
+    with tallzip.open(archive) as arc:
+        data = summary(arc)
+    if as_json:
+        _echo_json(data)
+    else:
+        row = data["tasks"][task]
+        click.echo(f"added {task!r} to {archive} as {keep} ({row['bits_per_param']:.3f} bits/param); "
+                   f"{len(data['tasks'])} tasks, {human_bytes(data['archive_bytes'])}")
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--task", required=True, help="the task to remove")
+@AS_JSON
+@friendly_errors
+def remove(archive, task, as_json):
+    """Remove a task from ARCHIVE; the other tasks' sections are copied byte for byte.
+
+    The mtv stays as it is (the remaining tall tasks' masks were made against it) unless no tall
+    task is left, when it goes. The archive is rewritten and renamed over the old one: the removed
+    task's bytes are gone, nothing needs compacting.
+    """
+    from tallzip.editing import remove as remove_task
+    remove_task(archive, task)
+    with tallzip.open(archive) as arc:
+        data = summary(arc)
+    if as_json:
+        _echo_json(data)
+    else:
+        click.echo(f"removed {task!r} from {archive}: {len(data['tasks'])} tasks left, "
+                   f"{human_bytes(data['archive_bytes'])}")
+
+
+@cli.command()
 @click.option("--folder", type=click.Path(path_type=Path), default=Path("demo"), show_default=True)
 @click.option("--tasks", "n_tasks", type=click.IntRange(2, 64), default=8, show_default=True)
 @click.option("--force", is_flag=True,
