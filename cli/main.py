@@ -197,8 +197,8 @@ def cli():
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="archive to write")
 @click.option("--lambda", "lambdas", multiple=True, metavar="[TASK=]L", help="mask lambda, for all or one task (default 0.4)")
 @click.option("--keep", "keep", multiple=True, metavar="[TASK=]REP",
-              help="how a task is kept, for all or one task: tall (default; base + mask * mtv), q8, q4, q3, q2 "
-                   "(its own task vector quantized) or exact (lossless)")
+              help="how tasks are kept: REP for all, TASK=REP for one (TASK=exact, say); REP is tall (default; "
+                   "base + mask * mtv), q8, q4, q3, q2 (the task's own vector quantized) or exact (lossless)")
 @click.option("--merge", type=click.Choice(packing.MERGE_METHODS), default="sum", show_default=True)
 @click.option("--density", type=float, default=0.2, show_default=True, help="TIES: share of each task vector kept")
 @click.option("--mtv-dtype", type=click.Choice(packing.MTV_DTYPES), default=packing.DEFAULT_MTV_DTYPE, show_default=True,

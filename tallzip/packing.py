@@ -39,7 +39,8 @@ DEFAULT_CODECS = {"float": "planes+zstd", "mask": "bits-ctx", "other": "zstd"}
 # Mask codecs code one bit per element. bits-ctx-prior also needs the earlier tasks' masks to
 # decode (no random access), so it is for measuring only and pack does not offer it.
 MASK_CODECS = ("bits+zstd", "bits-ctx", "bits-lvl")
-FLOAT_CODECS = tuple(c for c in codec_names() if c not in MASK_CODECS and c != "bits-ctx-prior")
+# delta codes a tensor given the base: only exact tasks use it (representations.py)
+FLOAT_CODECS = tuple(c for c in codec_names() if c not in MASK_CODECS and c not in ("bits-ctx-prior", "delta"))
 MASK_RULE = "mask = |base - task| > lambda * |(base + mtv) - task|, float32"
 
 

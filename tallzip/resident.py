@@ -63,6 +63,9 @@ class Resident:
         self.tasks = list(tasks) if tasks is not None else archive.tasks
         for task in self.tasks:
             archive.task_entry(task)  # unknown names fail here, with the list of tasks
+            if archive.representation(task) != "tall":
+                raise TallzipError(f"task {task!r} is kept as {archive.representation(task)}, not tall: resident "
+                                   "serving switches masks only; give tasks=[the tall ones], or load() it")
         self.current: str | None = None
         self._groups: dict[torch.dtype, _Group] = {}
         self._shared: dict[str, torch.Tensor] = {}
