@@ -60,7 +60,7 @@ class Resident:
     def __init__(self, archive, device="auto", tasks=None):
         self.archive = archive
         self.device = resolve_device(device)
-        self.tasks = list(tasks) if tasks is not None else archive.tasks
+        self.tasks = list(tasks) if tasks is not None else [t for t in archive.tasks if archive.representation(t) == "tall"]
         for task in self.tasks:
             archive.task_entry(task)  # unknown names fail here, with the list of tasks
             if archive.representation(task) != "tall":
