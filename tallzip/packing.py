@@ -27,6 +27,7 @@ from .formats.reader import is_plain_file_name
 from .formats.writer import ArchiveWriter, available_cpus
 from .bits import pack_bits
 from .pack_jobs import ChunkJob, PackSettings, dtype_of, job_cost, run_job
+from .selection import RepresentationSelector, choose as choose_representations
 from .representations import REPRESENTATION_ROLES, representation_fields, representation_section, task_representations
 MERGE_METHODS = ("sum", "ties")
 MTV_DTYPES = ("float32", "bfloat16", "float16")
@@ -242,7 +243,8 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
     MASK_CODECS, 'other': one of FLOAT_CODECS (integer tensors)}; missing keys take DEFAULT_CODECS.
     memory: the budget for chunks in flight (bytes, or '1.5G', '256M'); chunk_elements: the chunk
     size the archive records (default 2^22). keep: how each task is kept (representations.py): one of
-    tall (default), q8, q4, q3, q2, exact for all, or {task: rep} with '*' for the rest. Neither the budget nor `workers` changes the archive's
+    tall (default), q8, q4, q3, q2, exact for all, {task: rep} with '*' for the rest, or
+    select_representation(evaluate, tolerance) (recorded in the manifest with the scores). Neither the budget nor `workers` changes the archive's
     bytes: those depend only on the inputs and the options above.
     """
     if mtv_dtype not in MTV_DTYPES:
@@ -257,6 +259,9 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
         if not is_plain_file_name(t):
             raise TallzipError(f"task name {t!r} cannot be a file name (no '/', '\\', NUL, '.' or '..')")
     lam = _task_lambdas(lambdas, task_names)
+    selector = keep if isinstance(keep, RepresentationSelector) else None
+    if selector is not None:
+        keep = choose_representations(family, selector, chunk_elements, progress)
     reps = task_representations(keep, task_names)
     merger = _Merger(family, merge, density, device, progress)
     if lam is None:
@@ -364,6 +369,9 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
         }
         if merge == "ties":
             manifest["merge"].update(thresholds=merger.thresholds, majority=merger.majority)
+        if selector is not None:
+            manifest["representation_choice"] = {"tolerance": selector.tolerance, "candidates": list(selector.candidates),
+                                                 "scores": selector.scores}
         if isinstance(lambdas, LambdaSelector):
             manifest["lambda_scores"] = {t: {str(k): v for k, v in s.items()} for t, s in lambdas.scores.items()}
         return writer.finish(manifest)

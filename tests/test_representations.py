@@ -215,3 +215,48 @@ def test_codes_beyond_the_grid_are_refused(family):
     with tallzip.open(tmp_path / "bad.tallz") as arc:
         with pytest.raises(CorruptArchiveError, match="codes out of range"):
             arc.load("t0")
+
+
+# --- choosing on the user's data ----------------------------------------------------------------
+
+def _closeness(original):
+    """A score computed in numpy: 1 - relative L2 distance to the original (1.0 for the original)."""
+    def score(state):
+        num = sum(float(np.sum((np.asarray(state[n], dtype=np.float64) - v.astype(np.float64)) ** 2))
+                  for n, v in original.items())
+        den = sum(float(np.sum(v.astype(np.float64) ** 2)) for v in original.values())
+        return 1.0 - (num / den) ** 0.5
+    return score
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 0.0005, 0.003])
+def test_select_representation_picks_the_smallest_within_tolerance(family, tolerance):
+    tmp_path, base, tasks = family
+    scorers = {t: _closeness(o) for t, o in tasks.items()}
+    selector = tallzip.select_representation(lambda task, sd: scorers[task]({n: v.numpy() for n, v in sd.items()}),
+                                             tolerance=tolerance)
+    out = tmp_path / "sel.tallz"
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep=selector, chunk_elements=CHUNK)
+    expected = {}
+    for t, original in tasks.items():  # the same choice from numpy rebuilds
+        expected[t] = "exact"
+        for rep, bits in (("q2", 2), ("q3", 3), ("q4", 4), ("q8", 8)):
+            state = {n: (np_quant_rebuild(base[n], v, bits, ROWS[n]) if n in ROWS else v) for n, v in original.items()}
+            if scorers[t](state) >= 1.0 - tolerance:
+                expected[t] = rep
+                break
+    with tallzip.open(out) as arc:
+        assert {t: arc.representation(t) for t in arc.tasks} == expected
+        recorded = arc.manifest["representation_choice"]
+        assert recorded["tolerance"] == tolerance and recorded["scores"]["t0"]["finetuned"] == 1.0
+    if tolerance == 0.0:
+        assert set(expected.values()) == {"exact"}
+    if tolerance == 0.003:
+        assert "exact" not in expected.values()
+
+
+def test_select_representation_refuses_bad_settings():
+    with pytest.raises(TallzipError, match="tolerance"):
+        tallzip.select_representation(lambda t, s: 0.0, tolerance=-1)
+    with pytest.raises(TallzipError, match="'tall' is not one of"):
+        tallzip.select_representation(lambda t, s: 0.0, candidates=("tall",))
