@@ -29,8 +29,8 @@ from . import codecs
 from .codecs import CodecError
 
 MODES = ("xor", "sub")
-DEFAULT_MODE = "sub"  # by measurement (benchmarks/REPRESENTATIONS.md): 0.5-1.2 bits/param below xor
-DEFAULT_CODEC = "planes+ans"  # 0.5-0.6 bits/param below planes+zstd on the same deltas
+DEFAULT_MODE = "sub"  # by measurement (benchmarks/REPRESENTATIONS.md): 0.4-0.6 bits/param below xor
+DEFAULT_CODEC = "planes+ans"  # 0.5-0.7 bits/param below planes+zstd on the same deltas
 _UNSIGNED = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .taskvec import as_compute
+
 BITS = {"q8": 8, "q4": 4, "q3": 3, "q2": 2}
 GROUP_SIZES = (32, 64, 128, 256)
 METHODS = ("rtn", "mse")
@@ -219,8 +221,6 @@ def dequantize(quantized: Quantized) -> torch.Tensor:
 
 def rebuild(base: torch.Tensor, quantized: Quantized) -> torch.Tensor:
     """theta_0 + dequant(tau): the sum in float32 (float64 stays float64), cast once to the base's dtype."""
-    from .taskvec import as_compute
-
     return (as_compute(base) + dequantize(quantized).to(as_compute(base).dtype)).to(base.dtype)
 
 
