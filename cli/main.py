@@ -399,7 +399,7 @@ def verify_cmd(archive, against, base, as_json):
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--task", required=True, help="name of the new task")
-@click.option("--keep", type=click.Choice(["q8", "q4", "q3", "q2", "exact", "tall"]), default="q4", show_default=True,
+@click.option("--keep", type=click.Choice(["q2", "q3", "q4", "q8", "exact", "tall"]), default="q2", show_default=True,
               help="how the new task is kept (tall is refused: the task is not in the stored mtv)")
 @click.option("--base", type=click.Path(path_type=Path), help="the base, for archives packed with --base-ref")
 @AS_JSON

@@ -29,6 +29,7 @@ ROLE_OWN = "own"        # a tensor stored as-is for one task (heads, integer buf
 ROLE_FILE = "file"      # a side file of a folder checkpoint (config.json, ...), as U8 bytes
 ROLE_QCODES = "qcodes"  # q8/q4/q3/q2 tasks: one integer code per weight of a changed tensor (I8)
 ROLE_QSCALES = "qscales"  # q8/q4/q3/q2 tasks: one scale per group of a chunk's rows (BF16/F16/F32)
+ROLE_QOFFSETS = "qoffsets"  # asymmetric grids (q2): one offset per group, laid out as the scales
 ROLE_DELTA = "delta"    # exact tasks: the tensor's bits coded given the base's (codec "delta")
 
 # Kinds of tensor, as the manifest's tensor table records them.

@@ -23,7 +23,8 @@ from .chunking import chunk_count, chunk_plan, chunk_shape, mask_context
 from .constants import (DTYPE_SIZES, FLOAT_DTYPES, HEADER_SIZE, HEADER_STRUCT, KIND_MASKED, KIND_PER_TASK, KIND_SHARED,
                         MAGIC, MAX_CHUNK_ELEMENTS, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, MAX_TENSOR_ELEMENTS,
                         MIN_CHUNK_ELEMENTS, QUANT_BITS, READABLE_VERSIONS, REPRESENTATION_TALL, REPRESENTATIONS,
-                        ROLE_BASE, ROLE_DELTA, ROLE_FILE, ROLE_MASK, ROLE_MTV, ROLE_OWN, ROLE_QCODES, ROLE_QSCALES,
+                        ROLE_BASE, ROLE_DELTA, ROLE_FILE, ROLE_MASK, ROLE_MTV, ROLE_OWN, ROLE_QCODES, ROLE_QOFFSETS,
+                        ROLE_QSCALES,
                         SCALE_DTYPES)
 from .quant_layout import scales_plan
 from .errors import CorruptArchiveError, FormatError, UnsupportedVersionError
@@ -38,7 +39,7 @@ _SLACK = 1 << 20
 # more than any archive within MAX_MANIFEST_BYTES holds, and bounds the parse to ~1 GB.
 MAX_MANIFEST_VALUES = 16_000_000
 # Section roles and tensor kinds (SPEC.md); the manifest is checked against them before use.
-_ROLES = {ROLE_BASE, ROLE_MTV, ROLE_MASK, ROLE_OWN, ROLE_FILE, ROLE_QCODES, ROLE_QSCALES, ROLE_DELTA}
+_ROLES = {ROLE_BASE, ROLE_MTV, ROLE_MASK, ROLE_OWN, ROLE_FILE, ROLE_QCODES, ROLE_QSCALES, ROLE_QOFFSETS, ROLE_DELTA}
 _KINDS = {KIND_MASKED, KIND_SHARED, KIND_PER_TASK}
 
 
@@ -115,7 +116,7 @@ def _is_dtype_list(value) -> bool:
 
 def _is_quant(value, bits: int) -> bool:
     """A q* task's "quant" entry: what its codes and scales mean (SPEC.md, representations)."""
-    return (isinstance(value, dict) and value.get("bits") == bits and value.get("grid") == "symmetric"
+    return (isinstance(value, dict) and value.get("bits") == bits and value.get("grid") in ("symmetric", "asymmetric")
             and (value.get("group") is None or (_is_count(value.get("group")) and value["group"] >= 1))
             and _one_of(value.get("scale_dtype"), SCALE_DTYPES) and isinstance(value.get("method", "rtn"), str))
 
@@ -218,7 +219,7 @@ class ArchiveReader:
 
     def _chunks_v2(self, entry):
         shape, listed = entry["shape"], entry["chunks"]
-        if entry["role"] == ROLE_QSCALES:  # one chunk of scales per chunk of the tensor (quant_layout.py)
+        if entry["role"] in (ROLE_QSCALES, ROLE_QOFFSETS):  # one chunk per chunk of the tensor (quant_layout.py)
             of_shape, group = entry.get("of_shape"), entry.get("group")
             if not (_is_shape(of_shape) and math.prod(of_shape) <= MAX_TENSOR_ELEMENTS and len(shape) == 1
                     and (group is None or (_is_count(group) and group >= 1))
@@ -311,12 +312,14 @@ class ArchiveReader:
             elif role == ROLE_OWN:
                 ok = task in task_names and (info is None or entry["shape"] == info["shape"])
             elif role == ROLE_QCODES:
-                ok = (reps.get(task) in QUANT_BITS and info is not None and entry["shape"] == info["shape"]
-                      and entry["dtype"] == "I8")
-            elif role == ROLE_QSCALES:
+                quant = quants.get(task) if reps.get(task) in QUANT_BITS else None
+                ok = (quant is not None and info is not None and entry["shape"] == info["shape"]
+                      and entry["dtype"] == ("I8" if quant["grid"] == "symmetric" else "U8"))
+            elif role in (ROLE_QSCALES, ROLE_QOFFSETS):
                 quant = quants.get(task) if reps.get(task) in QUANT_BITS else None
                 ok = (quant is not None and info is not None and entry["of_shape"] == info["shape"]
-                      and entry["dtype"] == quant["scale_dtype"] and entry["group"] == quant["group"])
+                      and entry["dtype"] == quant["scale_dtype"] and entry["group"] == quant["group"]
+                      and (role == ROLE_QSCALES or quant["grid"] == "asymmetric"))
             elif role == ROLE_DELTA:
                 ok = (reps.get(task) == "exact" and info is not None and entry["shape"] == info["shape"]
                       and entry["dtype"] == info["dtype"] and entry["codec"] == "delta")

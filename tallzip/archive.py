@@ -22,7 +22,7 @@ from .bits import unpack_bits
 from .formats.checkpoints import SafetensorsStream, open_checkpoint
 from .formats.constants import (DTYPE_SIZES, KIND_MASKED, KIND_PER_TASK, KIND_SHARED, REPRESENTATION_EXACT,
                                 REPRESENTATION_TALL, ROLE_BASE, ROLE_DELTA, ROLE_MASK, ROLE_MTV, ROLE_OWN,
-                                ROLE_QCODES, ROLE_QSCALES)
+                                ROLE_QCODES, ROLE_QOFFSETS, ROLE_QSCALES)
 from .formats.errors import CorruptArchiveError
 from .formats.reader import ArchiveReader
 from .formats.tensors import from_bits, to_bits, torch_bits_dtype, torch_dtype
@@ -185,20 +185,30 @@ class Archive:
         return any(self.reader.section(role, name, task) is not None for role in (ROLE_QCODES, ROLE_DELTA))
 
     def quant_chunk(self, task: str, name: str, index: int):
-        """(codes int8, scales float32, chunk shape) of one chunk of a q* task's tensor, range-checked."""
+        """(codes, scales float32, offsets float32 or None, chunk shape) of one chunk of a q* task's
+        tensor, range-checked."""
         quant = self.task_entry(task)["quant"]
-        codes_entry, scales_entry = self._section(ROLE_QCODES, name, task), self._section(ROLE_QSCALES, name, task)
+        symmetric = quant["grid"] == "symmetric"
+        codes_entry = self._section(ROLE_QCODES, name, task)
         chunk = self.reader.chunks(codes_entry)[index]
-        codes = torch.from_numpy(self.reader.read_chunk(codes_entry, chunk).view(np.int8).copy())
-        s_chunk = self.reader.chunks(scales_entry)[index]
-        scales = from_bits(self.reader.read_chunk(scales_entry, s_chunk), scales_entry["dtype"], (s_chunk.count,))
-        scales = scales.to(torch.float32)
-        limit = 2 ** (quant["bits"] - 1) - 1
-        if codes.numel() and int(codes.to(torch.int16).abs().max()) > limit or \
-                not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+        codes = torch.from_numpy(self.reader.read_chunk(codes_entry, chunk).view(np.int8 if symmetric else np.uint8)
+                                 .astype(np.int16))
+
+        def side(role):
+            entry = self._section(role, name, task)
+            part = self.reader.chunks(entry)[index]
+            return from_bits(self.reader.read_chunk(entry, part), entry["dtype"], (part.count,)).to(torch.float32)
+
+        scales = side(ROLE_QSCALES)
+        offsets = None if symmetric else side(ROLE_QOFFSETS)
+        low, high = (-(2 ** (quant["bits"] - 1) - 1), 2 ** (quant["bits"] - 1) - 1) if symmetric else \
+            (0, 2 ** quant["bits"] - 1)
+        if (codes.numel() and (int(codes.min()) < low or int(codes.max()) > high)) or \
+                not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()) or \
+                (offsets is not None and (offsets.numel() != scales.numel() or not bool(torch.isfinite(offsets).all()))):
             raise CorruptArchiveError(f"{self.path}: damaged archive (codes out of range, or a negative or "
                                       f"non-finite scale, in task {task!r} tensor {name!r})")
-        return codes, scales, chunk.shape
+        return codes, scales, offsets, chunk.shape
 
     def _represented_chunk(self, task: str, rep: str, name: str, index: int, base: torch.Tensor) -> torch.Tensor:
         """One chunk of a q* or exact task, flat, in the compute dtype (q*) or the task's dtype (exact)."""
@@ -207,8 +217,8 @@ class Archive:
             chunk = self.reader.chunks(entry)[index]
             bits = self.reader.read_chunk(entry, chunk, {"base": to_bits(base)})
             return from_bits(bits, entry["dtype"], (chunk.count,))
-        codes, scales, shape = self.quant_chunk(task, name, index)
-        value = dequantize_chunk(codes, scales, shape, self.task_entry(task)["quant"]["group"])
+        codes, scales, offsets, shape = self.quant_chunk(task, name, index)
+        value = dequantize_chunk(codes, scales, shape, self.task_entry(task)["quant"]["group"], offsets)
         return rebuild_quantized(base, value)
 
     def _chunk_cost(self, name: str, count: int, tasks: int = 1) -> int:

@@ -152,7 +152,7 @@ def _write_task(arc: Archive, writer, ckpt, task, rep, level, float_codec, chunk
                     entries[role] = (writer.section(role=ROLE_OWN, tensor=name, task=task, dtype=dtype, shape=shape,
                                                     codec=float_codec) if role == ROLE_OWN else
                                      representation_section(writer, role, name, task, shape, info["dtype"],
-                                                            chunk_elements))
+                                                            chunk_elements, rep))
                 writer.write_chunk(entries[role], *coded)
     for name in ckpt.names:
         if name not in arc.tensors:

@@ -17,7 +17,7 @@ from .verification import verify  # noqa: F401 - `tallzip.inspect.verify` is whe
 LOSSLESS_CODECS = frozenset({"raw", "zstd", "bits+zstd", "planes+zstd", "planes+ans", "bits-ctx", "bits-ctx-prior",
                              "bits-lvl", "delta"})
 # Sections that hold one task's representation of the changed tensors (bits/param per task counts them).
-REPRESENTATION_SECTION_ROLES = (ROLE_MASK, "qcodes", "qscales", "delta")
+REPRESENTATION_SECTION_ROLES = (ROLE_MASK, "qcodes", "qscales", "qoffsets", "delta")
 FULL_PRECISION_MTV = ("F32", "F64")
 LOSSLESS_MEANS = ("every task rebuilds exactly as base + mask * mtv with the float32 mtv the masks were made "
                   "from (the TALL rule itself is not the fine-tuned model: see `verify --against`)")

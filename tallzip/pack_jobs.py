@@ -176,9 +176,12 @@ def representation_pieces(rep: str, base: torch.Tensor, tensor: torch.Tensor, sh
         if tensor.dtype != base.dtype:
             return [("own", None, encode_chunk(own_codec, to_bits(tensor), level), None)]
         return [("delta", None, encode_chunk("delta", to_bits(tensor), level, {"base": to_bits(base)}), None)]
-    codes, scales = quantize_chunk(base, tensor, chunk_shape(shape, start, count), rep)
-    return [("qcodes", None, encode_chunk("planes+ans", to_bits(codes), level), None),
-            ("qscales", None, encode_chunk("zstd", to_bits(scales), level), None)]
+    codes, scales, offsets = quantize_chunk(base, tensor, chunk_shape(shape, start, count), rep)
+    pieces = [("qcodes", None, encode_chunk("planes+ans", to_bits(codes), level), None),
+              ("qscales", None, encode_chunk("zstd", to_bits(scales), level), None)]
+    if offsets is not None:
+        pieces.append(("qoffsets", None, encode_chunk("zstd", to_bits(offsets), level), None))
+    return pieces
 
 
 def job_cost(job: ChunkJob, n_tasks: int, itemsize: int) -> int:

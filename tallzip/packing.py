@@ -313,7 +313,7 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
                     dtype, codec = "U8", "zstd"
                 elif role in REPRESENTATION_ROLES:
                     entries[key] = representation_section(writer, role, job.name, task, job.shape,
-                                                          family.base.dtypes[job.name], chunk_elements)
+                                                          family.base.dtypes[job.name], chunk_elements, reps[task])
                     return entries[key]
                 else:
                     ckpt = family.base if role == ROLE_BASE else family.tasks[task]

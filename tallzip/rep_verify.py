@@ -29,11 +29,11 @@ def guarantee_of(representation: str) -> str:
     return GUARANTEES.get(representation, "unknown")
 
 
-def quant_outside(tau: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, shape, group) -> int:
+def quant_outside(tau: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, shape, group, offsets=None) -> int:
     """How many weights of one chunk break |tau - f32(code) * f32(scale)| <= scale / 2 (+ rounding)."""
     from .formats.quant_layout import quant_rows
     rows, cols, size, groups = quant_rows(shape, group)
-    value = dequantize_chunk(codes, scales, shape, group)
+    value = dequantize_chunk(codes, scales, shape, group, offsets)
     half = scales.to(torch.float32).reshape(rows, groups).repeat_interleave(size, dim=1)[:, :cols].reshape(-1) / 2
     x = tau.reshape(-1).to(torch.float32)
     slack = 4 * torch.finfo(torch.float32).eps * (x.abs() + value.abs())
@@ -54,9 +54,9 @@ def check_task_tensor(arc, task: str, name: str, base: torch.Tensor, original: t
         if rep == REPRESENTATION_EXACT or arc.reader.section("own", name, task) is not None:
             outside += int(np.count_nonzero(to_bits(rebuilt) != to_bits(orig_c.to(rebuilt.dtype))))
             continue
-        codes, scales, shape = arc.quant_chunk(task, name, index)
+        codes, scales, offsets, shape = arc.quant_chunk(task, name, index)
         tau = as_compute(orig_c) - as_compute(base_c)
-        outside += quant_outside(tau, codes, scales, shape, arc.task_entry(task)["quant"]["group"])
+        outside += quant_outside(tau, codes, scales, shape, arc.task_entry(task)["quant"]["group"], offsets)
     if outside:
         what = "values differ (exact: must be bit-identical)" if rep == REPRESENTATION_EXACT else \
             f"weights lie beyond half a stored scale of their {rep} code"

@@ -54,8 +54,8 @@ def quantized_state(family, task: str, rep: str, chunk_elements: int) -> dict:
         parts = []
         for start, count in chunk_plan(shape, chunk_elements):
             b, t = flat_base[start:start + count], flat_task[start:start + count]
-            codes, scales = quantize_chunk(b, t, chunk_shape(shape, start, count), rep)
-            value = dequantize_chunk(codes, scales, chunk_shape(shape, start, count), QUANT_GROUP)
+            codes, scales, offsets = quantize_chunk(b, t, chunk_shape(shape, start, count), rep)
+            value = dequantize_chunk(codes, scales, chunk_shape(shape, start, count), QUANT_GROUP, offsets)
             parts.append(rebuild_quantized(b, value).to(tensor.dtype))
         state[name] = torch.cat(parts).reshape(shape) if parts else tensor
     return state

@@ -27,15 +27,36 @@ def _bf16_round_up(x: np.ndarray) -> np.ndarray:
     return np.where(low < x, up, low).astype(np.float32)
 
 
+def _bf16_round_down(x: np.ndarray) -> np.ndarray:
+    """The largest bfloat16 value <= each float32 x, as float32 (numpy, on the bits)."""
+    x = x.astype(np.float32)
+    trunc = x.view(np.uint32) & np.uint32(0xFFFF0000)          # toward zero
+    low = trunc.view(np.float32)
+    further = (trunc + np.uint32(0x10000)).view(np.float32)     # one step away from zero (negative x)
+    return np.where(low > x, further, low).astype(np.float32)
+
+
 def np_quant_rebuild(base: np.ndarray, task: np.ndarray, bits: int, rows_of) -> np.ndarray:
-    """SPEC: tau = f32(task) - f32(base); per group of 128 of a row: scale = bf16_up(max|tau| / Q),
-    code = round_half_even(tau / scale); rebuilt = f32(base) + f32(code) * scale, cast to the dtype."""
-    q = 2 ** (bits - 1) - 1
+    """SPEC: tau = f32(task) - f32(base), per group of 128 of a row. Symmetric (q8/q4/q3): scale =
+    bf16_up(max|tau| / Q), code = round_half_even(tau / scale) in [-Q, Q], value = code * scale.
+    Asymmetric (q2): offset = bf16_down(min), scale = bf16_up((max - offset) / L), code =
+    clip(round(tau - offset) / scale), 0, L), value = code * scale + offset (two roundings).
+    rebuilt = f32(base) + value, cast to the dtype."""
     b32, t32 = base.astype(np.float32), task.astype(np.float32)
     tau = (t32 - b32).reshape(rows_of)
     out = np.empty_like(tau)
     for g in range(0, tau.shape[1], GROUP):
         part = tau[:, g:g + GROUP]
+        if bits == 2:  # asymmetric
+            top = np.float32(2 ** bits - 1)
+            offset = _bf16_round_down(part.min(axis=1, keepdims=True))
+            span = np.maximum(part.max(axis=1, keepdims=True) - offset, np.float32(0))
+            scale = _bf16_round_up(span / top)
+            safe = np.where(scale > 0, scale, np.float32(1))
+            code = np.where(scale > 0, np.clip(np.rint((part - offset) / safe), 0, top), 0).astype(np.uint8)
+            out[:, g:g + GROUP] = (code.astype(np.float32) * scale).astype(np.float32) + offset
+            continue
+        q = 2 ** (bits - 1) - 1
         scale = _bf16_round_up(np.abs(part).max(axis=1, keepdims=True) / np.float32(q))
         safe = np.where(scale > 0, scale, np.float32(1))
         # codes are integers (int8): a code of "-0" is 0, and f32(0) * scale is +0
@@ -152,7 +173,7 @@ def test_cli_keep_and_info(family):
     changed = sum(int(np.prod(v["shape"])) for v in manifest["tensors"].values() if v["kind"] == "masked")
     for t in ("t0", "t1", "t2"):  # bits/param: the task's codes + scales (or delta) over the changed parameters
         own = sum(s["length"] for s in manifest["sections"] if s["task"] == t
-                  and s["role"] in ("qcodes", "qscales", "delta"))
+                  and s["role"] in ("qcodes", "qscales", "qoffsets", "delta"))
         assert info["tasks"][t]["bits_per_param"] == pytest.approx(8 * own / changed)
     assert info["lossless"] is False
     table = CliRunner().invoke(cli, ["info", str(out)]).output
@@ -168,7 +189,7 @@ def _changed_copy(tmp_path, task, factor=1.01):
     return folder
 
 
-@pytest.mark.parametrize("keep", ["q8", "q4", "exact"])
+@pytest.mark.parametrize("keep", ["q8", "q4", "q2", "exact"])
 def test_verify_knows_each_guarantee(family, keep):
     tmp_path, _, _ = family
     out = _pack(tmp_path, {"t0": keep, "*": "q3"})
