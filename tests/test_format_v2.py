@@ -218,6 +218,26 @@ def test_v1_fixture_still_extracts_bit_identical(tmp_path):
         tallzip.open(bad).load("task2")
 
 
+def test_v2_fixture_from_before_representations_still_reads(tmp_path):
+    """tests/fixtures/v2-family.tallz was written by the format-2 writer before per-task
+    representations (make_v2_fixture.py): every task tall, rebuilt as the numpy formula says."""
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        from make_v1_fixture import LAMBDA, fixture_family
+    finally:
+        sys.path.remove(str(FIXTURES))
+    base, tasks = fixture_family()
+    with tallzip.open(FIXTURES / "v2-family.tallz") as archive:
+        assert archive.reader.version == 2 and "qcodes" not in {s["role"] for s in archive.manifest["sections"]}
+        assert [archive.representation(t) for t in archive.tasks] == ["tall"] * 3
+        for task in tasks:
+            got = {n: v.numpy() for n, v in archive.load(task).items()}
+            for name, original in tasks[task].items():
+                expected = original if name in ("head.weight", "steps") or name.startswith("frozen") else \
+                    np_rebuilt(base, tasks, task, name, LAMBDA)
+                assert np.array_equal(got[name], expected), (task, name)
+
+
 # --- the pipeline and the budget --------------------------------------------------------------
 
 def test_ordered_map_keeps_order_and_budget():
