@@ -2,6 +2,23 @@
 `--keep`, with each task's rebuild error against its input. Sizes only; accuracy is benchmarks/accuracy.py's.
 
     python -m benchmarks.representation_sizes [--tasks 8] [--folder /tmp/reps_bench]
+
+One run on the shared 2-core machine (2026-12-01; sizes are deterministic, the seconds are noise):
+
+    8 tasks, 25.67 MiB of task files
+    keep      archive   ratio  bits/param/task  rel L2 (mean) identical  pack s
+    tall        4.79M   5.37x            0.840       2.05e-03     0/8     1.1
+    q8          8.12M   3.16x            6.300       2.90e-05     0/8     1.1
+    q4          4.86M   5.28x            2.223       4.38e-04     0/8     1.4
+    q3          4.09M   6.28x            1.247       8.06e-04     0/8     1.4
+    q2          4.56M   5.62x            1.668       1.85e-03     0/8     1.4
+    exact      21.54M   1.19x           23.316       0.00e+00     8/8     1.3
+
+bits/param/task: the task's own sections over the changed parameters (tall: masks only, the mtv not
+counted; the archive column counts everything, base included). The demo family's task vectors are
+synthetic (sparse, heavy-tailed), which is why q2 (asymmetric: no exact zero, so its codes spread)
+is larger than q3 here; on the real-data family q2-asym was the better of the two
+(benchmarks/REPRESENTATIONS.md). Accuracy is not measured here.
 """
 from __future__ import annotations
 
