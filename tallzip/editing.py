@@ -69,12 +69,12 @@ def _edited_manifest(arc: Archive, tasks: list) -> dict:
     return m
 
 
-def _open_v2(path, base) -> Archive:
+def _open_v2(path, base, need_base: bool = True) -> Archive:
     arc = Archive(path, base=base)
     if arc.reader.version < 2:
         arc.close()
         raise TallzipError(f"{path}: a version-1 archive; add and remove need version 2 (repack it)")
-    if arc.base_info.get("by_reference") and arc._base_ckpt is None:
+    if need_base and arc.base_info.get("by_reference") and arc._base_ckpt is None:
         arc.close()
         raise TallzipError(f"{path}: was packed with --base-ref; give the base checkpoint (--base PATH)")
     return arc
@@ -176,7 +176,7 @@ def _equal_to_base(arc, ckpt, name, plan) -> bool:
 def remove(archive, task: str, *, base=None) -> dict:
     """Remove task `task`; the others' sections are copied byte for byte. The mtv stays (the tall tasks'
     masks were made against it) unless no tall task is left, when it and the masks go."""
-    arc = _open_v2(archive, None) if base is None else _open_v2(archive, base)
+    arc = _open_v2(archive, base, need_base=False)  # sections are copied as stored: no base needed
     try:
         arc.task_entry(task)  # an unknown task: named, with the ones there are
         if len(arc.tasks) == 1:

@@ -158,3 +158,16 @@ def test_kill_9_leaves_old_or_new(packed, command, stage):
         tallzip.inspect.verify(arc)
     tallzip.editing.remove(out, "t1")  # and the next edit works (the stale temporary is removed)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".a.tallz")]
+
+
+def test_base_by_reference_add_needs_the_base_remove_does_not(packed):
+    tmp_path, base, _, new, _ = packed
+    out = tmp_path / "ref.tallz"
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep="q3", base_ref=True, chunk_elements=CHUNK)
+    with pytest.raises(TallzipError, match="--base"):
+        tallzip.add(out, tmp_path / "new" / "n.safetensors", "n", keep="exact")
+    tallzip.add(out, tmp_path / "new" / "n.safetensors", "n", keep="exact", base=tmp_path / "base.safetensors")
+    tallzip.remove(out, "t0")
+    with tallzip.open(out, base=tmp_path / "base.safetensors") as arc:
+        assert arc.tasks == ["t1", "t2", "n"]
+        assert all(arc.load("n")[k].numpy().tobytes() == v.tobytes() for k, v in new.items())
