@@ -39,7 +39,7 @@ def lambdas_text(lambdas: dict) -> str:
 def format_info(info: dict) -> str:
     merge = info["merge"]["method"] + (f" (density {info['merge']['density']})" if "density" in info["merge"] else "")
     out = [f"archive {info['archive']}: {human_bytes(info['archive_bytes'])}, {len(info['tasks'])} tasks, "
-           (f"mtv by {merge}" if info["mtv_dtype"] else "no mtv (no task kept tall)")
+           + (f"mtv by {merge}" if info["mtv_dtype"] else "no mtv (no task kept tall)")
            + (", base by reference" if info["base_by_reference"] else "")]
     mtv = "/".join(DTYPE_WORDS.get(d, d) for d in info["mtv_dtype"]) or "none"
     out.append(f"mtv stored as {mtv}; lambdas {lambdas_text(info['lambdas'])}")
