@@ -138,6 +138,19 @@ def _parse_lambdas(values) -> float | dict:
     return out or taskvec.DEFAULT_LAMBDA
 
 
+def _parse_keep(values) -> dict | None:
+    """`--keep q4` for all tasks, `--keep TASK=exact` for one; later values win."""
+    from tallzip.formats.constants import REPRESENTATIONS
+    out: dict[str, str] = {}
+    for value in values:
+        task, _, rep = value.rpartition("=")
+        if rep not in REPRESENTATIONS:
+            raise click.BadParameter(f"{value!r}: {rep!r} is not one of {', '.join(REPRESENTATIONS)}",
+                                     param_hint="--keep")
+        out[task or "*"] = rep
+    return out or None
+
+
 def _echo_json(obj):
     click.echo(json.dumps(obj, indent=2, default=str))
 
@@ -198,6 +211,9 @@ def cli():
 @click.option("--base", type=PATH_OR_URL, required=True, help="the pretrained checkpoint (file or folder)")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="archive to write")
 @click.option("--lambda", "lambdas", multiple=True, metavar="[TASK=]L", help="mask lambda, for all or one task (default 0.4)")
+@click.option("--keep", "keep", multiple=True, metavar="[TASK=]REP",
+              help="how tasks are kept: REP for all, TASK=REP for one (TASK=exact, say); REP is tall (default; "
+                   "base + mask * mtv), q8, q4, q3, q2 (the task's own vector quantized) or exact (lossless)")
 @click.option("--merge", type=click.Choice(packing.MERGE_METHODS), default="sum", show_default=True)
 @click.option("--density", type=float, default=0.2, show_default=True, help="TIES: share of each task vector kept")
 @click.option("--mtv-dtype", type=click.Choice(packing.MTV_DTYPES), default=packing.DEFAULT_MTV_DTYPE, show_default=True,
@@ -222,7 +238,7 @@ def cli():
 @FORCE
 @AS_JSON
 @friendly_errors
-def pack(checkpoints_dir, base, output, lambdas, merge, density, mtv_dtype, float_codec, mask_codec, base_ref, level,
+def pack(checkpoints_dir, base, output, lambdas, keep, merge, density, mtv_dtype, float_codec, mask_codec, base_ref, level,
          allow_nonfinite, chunk_elements, memory, device, engine, address, force, as_json):
     """Pack the fine-tuned checkpoints in CHECKPOINTS_DIR into one archive."""
     progress = Progress(not as_json)
@@ -231,7 +247,7 @@ def pack(checkpoints_dir, base, output, lambdas, merge, density, mtv_dtype, floa
                      mtv_dtype=mtv_dtype, base_ref=base_ref, device=device, force=force, level=level,
                      codecs={"float": float_codec, "mask": mask_codec},
                      allow_nonfinite=allow_nonfinite, progress=progress, memory=memory,
-                     chunk_elements=chunk_elements, engine=engine, address=address)
+                     chunk_elements=chunk_elements, engine=engine, address=address, keep=_parse_keep(keep))
     finally:
         progress.close()
     with tallzip.open(output) as archive:
@@ -396,6 +412,56 @@ def verify_cmd(archive, against, base, as_json):
     _echo_json(report) if as_json else click.echo(format_verify(report))
     if report.get("verdict") == "differs":
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--task", required=True, help="name of the new task")
+@click.option("--keep", type=click.Choice(["q2", "q3", "q4", "q8", "exact", "tall"]), default="q2", show_default=True,
+              help="how the new task is kept (tall is refused: the task is not in the stored mtv)")
+@click.option("--base", type=click.Path(path_type=Path), help="the base, for archives packed with --base-ref")
+@AS_JSON
+@friendly_errors
+def add(archive, checkpoint, task, keep, base, as_json):
+    """Add CHECKPOINT to ARCHIVE as a new task; the other tasks' sections are copied byte for byte.
+
+    The archive is rewritten beside itself and renamed over the old one when complete: an
+    interruption leaves the old archive as it was.
+    """
+    from tallzip.editing import add as add_task
+    add_task(archive, checkpoint, task, keep=keep, base=base)
+    with tallzip.open(archive) as arc:
+        data = summary(arc)
+    if as_json:
+        _echo_json(data)
+    else:
+        row = data["tasks"][task]
+        click.echo(f"added {task!r} to {archive} as {keep} ({row['bits_per_param']:.3f} bits/param); "
+                   f"{len(data['tasks'])} tasks, {human_bytes(data['archive_bytes'])}")
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--task", required=True, help="the task to remove")
+@AS_JSON
+@friendly_errors
+def remove(archive, task, as_json):
+    """Remove a task from ARCHIVE; the other tasks' sections are copied byte for byte.
+
+    The mtv stays as it is (the remaining tall tasks' masks were made against it) unless no tall
+    task is left, when it goes. The archive is rewritten and renamed over the old one: the removed
+    task's bytes are gone, nothing needs compacting.
+    """
+    from tallzip.editing import remove as remove_task
+    remove_task(archive, task)
+    with tallzip.open(archive) as arc:
+        data = summary(arc)
+    if as_json:
+        _echo_json(data)
+    else:
+        click.echo(f"removed {task!r} from {archive}: {len(data['tasks'])} tasks left, "
+                   f"{human_bytes(data['archive_bytes'])}")
 
 
 @cli.command()

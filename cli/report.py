@@ -39,20 +39,28 @@ def lambdas_text(lambdas: dict) -> str:
 def format_info(info: dict) -> str:
     merge = info["merge"]["method"] + (f" (density {info['merge']['density']})" if "density" in info["merge"] else "")
     out = [f"archive {info['archive']}: {human_bytes(info['archive_bytes'])}, {len(info['tasks'])} tasks, "
-           f"mtv by {merge}" + (", base by reference" if info["base_by_reference"] else "")]
+           + (f"mtv by {merge}" if info["mtv_dtype"] else "no mtv (no task kept tall)")
+           + (", base by reference" if info["base_by_reference"] else "")]
     mtv = "/".join(DTYPE_WORDS.get(d, d) for d in info["mtv_dtype"]) or "none"
     out.append(f"mtv stored as {mtv}; lambdas {lambdas_text(info['lambdas'])}")
     level = info["zstd_level"]
     out.append("codecs: " + ", ".join(f"{role} {'/'.join(used)}" for role, used in info["codecs"].items())
                + f"; zstd level {level if level is not None else 'not recorded in the archive'}")
+    quantized = [t for t, r in info["tasks"].items() if r.get("representation", "tall")[:1] == "q"]
     out.append("lossless: " + ("yes: " + info["lossless_means"] if info["lossless"] else
+                               f"no: task{'s' if len(quantized) > 1 else ''} {', '.join(quantized)} kept quantized"
+                               if quantized else
                                f"no: the mtv is rounded to {mtv} (pack with --mtv-dtype float32 for a lossless "
                                "archive)"))
     out.append("")
     out.append(table(
-        ["task", "lambda", "mask density", "mask bytes", "mask bits/param", "own bytes"],
-        [[t, f"{r['lambda']:g}", f"{r['density']:.3f}", human_bytes(r["mask_bytes"]),
-          f"{r['mask_bits_per_param']:.3f}", human_bytes(r["own_bytes"])] for t, r in info["tasks"].items()]))
+        ["task", "kept as", "lambda", "mask density", "mask bytes", "own bytes", "bits/param"],
+        [[t, r.get("representation", "tall"), f"{r['lambda']:g}" if r.get("representation", "tall") == "tall" else "-",
+          f"{r['density']:.3f}" if r["mask_bits"] else "-", human_bytes(r["mask_bytes"]),
+          human_bytes(r["own_bytes"]), f"{r.get('bits_per_param', r['mask_bits_per_param']):.3f}"]
+         for t, r in info["tasks"].items()]))
+    out.append("bits/param: the task's own sections (mask, or codes and scales, or delta) over the changed "
+               "parameters; the mtv, shared by the tall tasks, is not counted")
     out.append("")
     out.append(table(
         ["section", "count", "codec", "bytes", "bits/param"],
@@ -89,10 +97,12 @@ def format_verify(report: dict) -> str:
         out.append(f"not in the archive, not checked: {_names(report['checkpoints_not_in_archive'])}")
     out.append("")
     out.append(table(
-        ["task", "verdict", "mask bits differing", "within mtv rounding", "rel L2 rebuilt vs original",
+        ["task", "kept as", "verdict", "mask bits differing", "within mtv rounding", "rel L2 rebuilt vs original",
          "tensors differing"],
-        [[t, r["verdict"], f"{r['mask_bits_differing']:,} of {r['mask_bits']:,}",
-          f"{r['mask_bits_within_mtv_rounding']:,}", f"{r['rebuilt_vs_original']['rel_l2']:.3g}",
+        [[t, r.get("representation", "tall"), r["verdict"],
+          f"{r['mask_bits_differing']:,} of {r['mask_bits']:,}" if r.get("representation", "tall") == "tall" else "-",
+          f"{r['mask_bits_within_mtv_rounding']:,}" if r.get("representation", "tall") == "tall" else "-",
+          f"{r['rebuilt_vs_original']['rel_l2']:.3g}",
           _names(r["tensors_differing"] + [d["file"] for d in r["differences"] if "file" in d], 4) or "-"]
          for t, r in report["tasks"].items()]))
     for task, r in report["tasks"].items():
@@ -101,7 +111,12 @@ def format_verify(report: dict) -> str:
         if len(r["differences"]) > 20:
             out.append(f"  {task}: and {len(r['differences']) - 20} more differences")
     out.append("")
-    if family["mtv_recomputed"]:
+    for rep, guarantee in sorted({(r["representation"], r["guarantee"]) for r in report["tasks"].values()
+                                  if "guarantee" in r}):
+        out.append(f"{rep}: checked that {guarantee}")
+    if not report["mtv_dtypes"]:
+        out.append("no mtv stored (no task is kept tall)")
+    elif family["mtv_recomputed"]:
         differing = family["mtv_tensors_differing"]
         dtypes = "/".join(DTYPE_WORDS.get(d, d) for d in report["mtv_dtypes"])
         if differing:

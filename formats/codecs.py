@@ -177,4 +177,4 @@ register("zstd", _zstd_encode, _zstd_decode)
 register("bits+zstd", bits_encode, bits_decode)
 
 # The codecs of the other modules register themselves on import (they import this module first).
-from . import float_codecs, mask_codecs, mask_levels  # noqa: E402,F401  (imported for registration)
+from . import delta_codec, float_codecs, mask_codecs, mask_levels  # noqa: E402,F401  (imported for registration)

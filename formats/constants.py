@@ -27,6 +27,10 @@ ROLE_MTV = "mtv"        # the multi-task vector of a masked tensor
 ROLE_MASK = "mask"      # one task's TALL mask of a masked tensor
 ROLE_OWN = "own"        # a tensor stored as-is for one task (heads, integer buffers, tensors the base lacks)
 ROLE_FILE = "file"      # a side file of a folder checkpoint (config.json, ...), as U8 bytes
+ROLE_QCODES = "qcodes"  # q8/q4/q3/q2 tasks: one integer code per weight of a changed tensor (I8)
+ROLE_QSCALES = "qscales"  # q8/q4/q3/q2 tasks: one scale per group of a chunk's rows (BF16/F16/F32)
+ROLE_QOFFSETS = "qoffsets"  # asymmetric grids (q2): one offset per group, laid out as the scales
+ROLE_DELTA = "delta"    # exact tasks: the tensor's bits coded given the base's (codec "delta")
 
 # Kinds of tensor, as the manifest's tensor table records them.
 KIND_MASKED = "masked"  # float, in the base and every task with the same shape: base + mtv + a mask per task
@@ -34,6 +38,10 @@ KIND_SHARED = "shared"  # identical in the base and every task: stored once
 KIND_PER_TASK = "per-task"  # not mergeable (integer, bool) and not identical: a copy per task
 # How a task is rebuilt (task entry field "representation"; absent in version 1 = "tall").
 REPRESENTATION_TALL = "tall"  # base + mask_t * mtv
+REPRESENTATION_EXACT = "exact"  # the task's bits given the base's, lossless
+QUANT_BITS = {"q8": 8, "q4": 4, "q3": 3, "q2": 2}  # base + the task's own vector, quantized
+REPRESENTATIONS = (REPRESENTATION_TALL, *QUANT_BITS, REPRESENTATION_EXACT)
+SCALE_DTYPES = ("BF16", "F16", "F32")
 # Tensors that are neither live only in the tasks' own sections (ROLE_OWN).
 
 # Tensor dtypes by their safetensors names; the value is the itemsize in bytes.

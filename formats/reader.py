@@ -22,7 +22,10 @@ from . import codecs
 from .chunking import chunk_count, chunk_plan, chunk_shape, mask_context
 from .constants import (DTYPE_SIZES, FLOAT_DTYPES, HEADER_SIZE, HEADER_STRUCT, KIND_MASKED, KIND_PER_TASK, KIND_SHARED,
                         MAGIC, MAX_CHUNK_ELEMENTS, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, MAX_TENSOR_ELEMENTS,
-                        MIN_CHUNK_ELEMENTS, READABLE_VERSIONS, REPRESENTATION_TALL, ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV, ROLE_OWN)
+                        MIN_CHUNK_ELEMENTS, QUANT_BITS, READABLE_VERSIONS, REPRESENTATION_TALL, REPRESENTATIONS,
+                        ROLE_BASE, ROLE_DELTA, ROLE_FILE, ROLE_MASK, ROLE_MTV, ROLE_OWN, ROLE_QCODES, ROLE_QOFFSETS,
+                        ROLE_QSCALES, SCALE_DTYPES)
+from .quant_layout import scales_plan
 from .sources import is_url, location, open_source
 from .errors import CorruptArchiveError, FormatError, UnsupportedVersionError
 from .tensors import bits_dtype
@@ -36,7 +39,7 @@ _SLACK = 1 << 20
 # more than any archive within MAX_MANIFEST_BYTES holds, and bounds the parse to ~1 GB.
 MAX_MANIFEST_VALUES = 16_000_000
 # Section roles and tensor kinds (SPEC.md); the manifest is checked against them before use.
-_ROLES = {ROLE_BASE, ROLE_MTV, ROLE_MASK, ROLE_OWN, ROLE_FILE}
+_ROLES = {ROLE_BASE, ROLE_MTV, ROLE_MASK, ROLE_OWN, ROLE_FILE, ROLE_QCODES, ROLE_QSCALES, ROLE_QOFFSETS, ROLE_DELTA}
 _KINDS = {KIND_MASKED, KIND_SHARED, KIND_PER_TASK}
 
 
@@ -53,7 +56,6 @@ class Chunk(NamedTuple):
     ones: int | None  # masks: set bits in this chunk
     shape: tuple     # the chunk as context codecs see it (rows of the tensor, or flat)
 _LAYOUTS = {"file", "folder"}
-REPRESENTATIONS = (REPRESENTATION_TALL,)  # how a task may be rebuilt (issue 13 adds more)
 
 
 def _depth(value, level=0):
@@ -110,6 +112,13 @@ def _is_dtype_list(value) -> bool:
     return isinstance(value, list) and all(
         isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and _one_of(pair[1], DTYPE_SIZES)
         for pair in value)
+
+
+def _is_quant(value, bits: int) -> bool:
+    """A q* task's "quant" entry: what its codes and scales mean (SPEC.md, representations)."""
+    return (isinstance(value, dict) and value.get("bits") == bits and value.get("grid") in ("symmetric", "asymmetric")
+            and (value.get("group") is None or (_is_count(value.get("group")) and value["group"] >= 1))
+            and _one_of(value.get("scale_dtype"), SCALE_DTYPES) and isinstance(value.get("method", "rtn"), str))
 
 
 def _is_sharding(value, names) -> bool:
@@ -224,9 +233,22 @@ class ArchiveReader:
 
     def _chunks_v2(self, entry):
         shape, listed = entry["shape"], entry["chunks"]
-        if not isinstance(listed, list) or len(listed) != chunk_count(shape, self.chunk_elements):
-            return None  # checked before the plan is built: a huge shape would make a huge plan
-        plan = chunk_plan(shape, self.chunk_elements)
+        if entry["role"] in (ROLE_QSCALES, ROLE_QOFFSETS):  # one chunk per chunk of the tensor (quant_layout.py)
+            of_shape, group = entry.get("of_shape"), entry.get("group")
+            if not (_is_shape(of_shape) and math.prod(of_shape) <= MAX_TENSOR_ELEMENTS and len(shape) == 1
+                    and (group is None or (_is_count(group) and group >= 1))
+                    and isinstance(listed, list) and len(listed) == chunk_count(of_shape, self.chunk_elements)):
+                return None
+            layout = scales_plan(of_shape, self.chunk_elements, group)
+            if sum(count for _, count, _ in layout) != shape[0]:
+                return None
+            plan = [(start, count) for start, count, _ in layout]
+            shapes = [rows_groups for _, _, rows_groups in layout]
+        else:
+            if not isinstance(listed, list) or len(listed) != chunk_count(shape, self.chunk_elements):
+                return None  # checked before the plan is built: a huge shape would make a huge plan
+            plan = chunk_plan(shape, self.chunk_elements)
+            shapes = None
         is_mask = entry["role"] == ROLE_MASK
         chunks, total, total_ones = [], 0, 0
         for index, ((start, count), item) in enumerate(zip(plan, listed)):
@@ -240,7 +262,8 @@ class ArchiveReader:
             total += item["length"]
             total_ones += ones or 0
             chunks.append(Chunk(index, start, count, item["offset"], item["length"], item.get("params", {}),
-                                item["blake3"], "blake3", ones, chunk_shape(shape, start, count)))
+                                item["blake3"], "blake3", ones,
+                                shapes[index] if shapes else chunk_shape(shape, start, count)))
         if total != entry["length"] or (is_mask and entry.get("ones") != total_ones):
             return None
         return chunks
@@ -268,7 +291,7 @@ class ArchiveReader:
                 and _is_count(base.get("input_bytes", 0))
                 and (base.get("sha256") is None or isinstance(base.get("sha256"), str))):
             refuse("bad base entry")
-        task_names = set()
+        task_names, reps, quants = set(), {}, {}
         for task in tasks:
             name = task.get("name") if isinstance(task, dict) else None
             if not is_plain_file_name(name) or name in task_names:
@@ -287,9 +310,12 @@ class ArchiveReader:
             if not ok:
                 refuse(f"bad entry for task {name!r}")
             representation = task.get("representation", REPRESENTATION_TALL)
-            if representation not in REPRESENTATIONS:
+            if not _one_of(representation, REPRESENTATIONS):
                 raise UnsupportedVersionError(f"{self.path}: task {name!r} is stored as {representation!r}, "
                                               f"which this tallzip cannot rebuild (it knows {', '.join(REPRESENTATIONS)})")
+            if representation in QUANT_BITS and not _is_quant(task.get("quant"), QUANT_BITS[representation]):
+                refuse(f"bad quant parameters for task {name!r}")
+            reps[name], quants[name] = representation, task.get("quant")
         for entry in self._index.values():
             role, info, task = entry["role"], tensors.get(entry["tensor"]), entry["task"]
             if role in (ROLE_BASE, ROLE_MTV):
@@ -299,6 +325,18 @@ class ArchiveReader:
                 ok = task in task_names and info is not None and entry["shape"] == info["shape"] and entry["dtype"] == "BOOL"
             elif role == ROLE_OWN:
                 ok = task in task_names and (info is None or entry["shape"] == info["shape"])
+            elif role == ROLE_QCODES:
+                quant = quants.get(task) if reps.get(task) in QUANT_BITS else None
+                ok = (quant is not None and info is not None and entry["shape"] == info["shape"]
+                      and entry["dtype"] == ("I8" if quant["grid"] == "symmetric" else "U8"))
+            elif role in (ROLE_QSCALES, ROLE_QOFFSETS):
+                quant = quants.get(task) if reps.get(task) in QUANT_BITS else None
+                ok = (quant is not None and info is not None and entry["of_shape"] == info["shape"]
+                      and entry["dtype"] == quant["scale_dtype"] and entry["group"] == quant["group"]
+                      and (role == ROLE_QSCALES or quant["grid"] == "asymmetric"))
+            elif role == ROLE_DELTA:
+                ok = (reps.get(task) == "exact" and info is not None and entry["shape"] == info["shape"]
+                      and entry["dtype"] == info["dtype"] and entry["codec"] == "delta")
             else:  # a side file
                 ok = task in task_names and is_plain_file_name(entry["tensor"]) and entry["dtype"] == "U8" \
                     and len(entry["shape"]) == 1

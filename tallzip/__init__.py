@@ -10,5 +10,8 @@ from .packing import pack, select_lambdas  # noqa: E402
 from .archive import Archive, open  # noqa: E402,A001
 from .merging import merge  # noqa: E402
 from .inspect import agreement  # noqa: E402
+from .selection import select_representation  # noqa: E402
+from . import editing  # noqa: E402
+from .editing import add, remove  # noqa: E402
 
-__all__ = ["pack", "open", "Archive", "select_lambdas", "merge", "agreement", "TallzipError", "__version__"]
+__all__ = ["pack", "open", "Archive", "select_lambdas", "select_representation", "merge", "agreement", "add", "remove", "TallzipError", "__version__"]

@@ -20,12 +20,14 @@ from .chunks import chunk_plan, ordered_map, parse_memory
 from .family import base_digest
 from .bits import unpack_bits
 from .formats.checkpoints import SafetensorsStream, open_checkpoint
-from .formats.constants import (DTYPE_SIZES, KIND_MASKED, KIND_PER_TASK, KIND_SHARED, ROLE_BASE, ROLE_MASK,
-                                ROLE_MTV, ROLE_OWN)
+from .formats.constants import (DTYPE_SIZES, KIND_MASKED, KIND_PER_TASK, KIND_SHARED, REPRESENTATION_EXACT,
+                                REPRESENTATION_TALL, ROLE_BASE, ROLE_DELTA, ROLE_MASK, ROLE_MTV, ROLE_OWN,
+                                ROLE_QCODES, ROLE_QOFFSETS, ROLE_QSCALES)
 from .formats.errors import CorruptArchiveError
 from .formats.sources import is_url, location
 from .formats.reader import ArchiveReader
-from .formats.tensors import from_bits, torch_bits_dtype, torch_dtype
+from .formats.tensors import from_bits, to_bits, torch_bits_dtype, torch_dtype
+from .representations import dequantize_chunk, rebuild_quantized
 from .packing import resolve_device
 
 
@@ -160,16 +162,65 @@ class Archive:
         if dtype is None:
             raise UnknownTaskError(f"task {task!r} has no tensor {name!r}")
         info = self.tensors.get(name)
-        if info is None or info["kind"] == KIND_PER_TASK:
+        if info is None or info["kind"] == KIND_PER_TASK or self.reader.section(ROLE_OWN, name, task) is not None:
             entry = self._section(ROLE_OWN, name, task)
             chunk = self.reader.chunks(entry)[index]
             return dtype, from_bits(self.reader.read_chunk(entry, chunk), entry["dtype"], (chunk.count,)), None
+        rep = self.representation(task)
+        if rep != REPRESENTATION_TALL and (info["kind"] == KIND_MASKED or self._has_own_rebuild(task, name)):
+            base = shared[0] if shared else self.base_chunk(name, index)
+            return dtype, self._represented_chunk(task, rep, name, index, base), None
         if info["kind"] == KIND_SHARED:
             return dtype, shared[0] if shared else self.base_chunk(name, index), None
         if info["kind"] == KIND_MASKED:
             base, mtv, context = shared if shared else (self.base_chunk(name, index), *self.mtv_chunk(name, index))
             return dtype, base, (mtv, self.mask_chunk_bits(task, name, index, context))
         raise CorruptArchiveError(f"{self.path}: damaged archive (tensor {name!r} of unknown kind)")
+
+    def representation(self, task: str) -> str:
+        """How the task is rebuilt: tall, q8, q4, q3, q2 or exact (SPEC.md)."""
+        return self.task_entry(task).get("representation", REPRESENTATION_TALL)
+
+    def _has_own_rebuild(self, task: str, name: str) -> bool:
+        """A q*/exact task added later may carry sections for a tensor the other tasks share."""
+        return any(self.reader.section(role, name, task) is not None for role in (ROLE_QCODES, ROLE_DELTA))
+
+    def quant_chunk(self, task: str, name: str, index: int):
+        """(codes, scales float32, offsets float32 or None, chunk shape) of one chunk of a q* task's
+        tensor, range-checked."""
+        quant = self.task_entry(task)["quant"]
+        symmetric = quant["grid"] == "symmetric"
+        codes_entry = self._section(ROLE_QCODES, name, task)
+        chunk = self.reader.chunks(codes_entry)[index]
+        codes = torch.from_numpy(self.reader.read_chunk(codes_entry, chunk).view(np.int8 if symmetric else np.uint8)
+                                 .astype(np.int16))
+
+        def side(role):
+            entry = self._section(role, name, task)
+            part = self.reader.chunks(entry)[index]
+            return from_bits(self.reader.read_chunk(entry, part), entry["dtype"], (part.count,)).to(torch.float32)
+
+        scales = side(ROLE_QSCALES)
+        offsets = None if symmetric else side(ROLE_QOFFSETS)
+        low, high = (-(2 ** (quant["bits"] - 1) - 1), 2 ** (quant["bits"] - 1) - 1) if symmetric else \
+            (0, 2 ** quant["bits"] - 1)
+        if (codes.numel() and (int(codes.min()) < low or int(codes.max()) > high)) or \
+                not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()) or \
+                (offsets is not None and (offsets.numel() != scales.numel() or not bool(torch.isfinite(offsets).all()))):
+            raise CorruptArchiveError(f"{self.path}: damaged archive (codes out of range, or a negative or "
+                                      f"non-finite scale, in task {task!r} tensor {name!r})")
+        return codes, scales, offsets, chunk.shape
+
+    def _represented_chunk(self, task: str, rep: str, name: str, index: int, base: torch.Tensor) -> torch.Tensor:
+        """One chunk of a q* or exact task, flat, in the compute dtype (q*) or the task's dtype (exact)."""
+        if rep == REPRESENTATION_EXACT:
+            entry = self._section(ROLE_DELTA, name, task)
+            chunk = self.reader.chunks(entry)[index]
+            bits = self.reader.read_chunk(entry, chunk, {"base": to_bits(base)})
+            return from_bits(bits, entry["dtype"], (chunk.count,))
+        codes, scales, offsets, shape = self.quant_chunk(task, name, index)
+        value = dequantize_chunk(codes, scales, shape, self.task_entry(task)["quant"]["group"], offsets)
+        return rebuild_quantized(base, value)
 
     def _chunk_cost(self, name: str, count: int, tasks: int = 1) -> int:
         """Bytes one chunk job holds at its peak: base, mtv (stored, float32, compute), the mask,
@@ -210,7 +261,8 @@ class Archive:
                 return {only: self._chunk_parts(only, name, index)}
             info = self.tensors[name]
             base = self.base_chunk(name, index)
-            shared = (base, *self.mtv_chunk(name, index)) if info["kind"] == KIND_MASKED else (base,)
+            tall = any(self.representation(t) == REPRESENTATION_TALL for t in having[name])
+            shared = (base, *self.mtv_chunk(name, index)) if info["kind"] == KIND_MASKED and tall else (base,)
             return {t: self._chunk_parts(t, name, index, shared) for t in having[name]}
 
         cost = lambda it: self._chunk_cost(it[0], it[4], len(having[it[0]]))  # noqa: E731
@@ -262,8 +314,13 @@ class Archive:
         if dtype is None:
             raise UnknownTaskError(f"task {task!r} has no tensor {name!r}")
         info = self.tensors.get(name)
-        if info is None or info["kind"] == KIND_PER_TASK:
+        if info is None or info["kind"] == KIND_PER_TASK or self.reader.section(ROLE_OWN, name, task) is not None:
             return dtype, self._read_tensor(self._section(ROLE_OWN, name, entry["name"])), None
+        if self.representation(task) != REPRESENTATION_TALL and (info["kind"] == KIND_MASKED
+                                                                 or self._has_own_rebuild(task, name)):
+            flats = [self._assemble(self._chunk_parts(task, name, i), torch.device("cpu")).reshape(-1)
+                     for i in range(len(self.plan(task, name)))]
+            return dtype, torch.cat(flats).reshape(info["shape"]), None
         if info["kind"] == KIND_SHARED:
             return dtype, self.base_tensor(name), None
         if info["kind"] == KIND_MASKED:

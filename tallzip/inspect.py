@@ -10,11 +10,14 @@ import torch
 
 from . import taskvec
 from .archive import Archive
-from .formats.constants import FLOAT_DTYPES, KIND_MASKED, KIND_SHARED, ROLE_MASK, ROLE_MTV
+from .formats.constants import FLOAT_DTYPES, KIND_MASKED, KIND_SHARED, QUANT_BITS, ROLE_MASK, ROLE_MTV
 from .verification import verify  # noqa: F401 - `tallzip.inspect.verify` is where callers find it
 
 # Every codec an archive can name codes its bytes exactly; one not listed here is not called lossless.
-LOSSLESS_CODECS = frozenset({"raw", "zstd", "bits+zstd", "planes+zstd", "planes+ans", "bits-ctx", "bits-ctx-prior"})
+LOSSLESS_CODECS = frozenset({"raw", "zstd", "bits+zstd", "planes+zstd", "planes+ans", "bits-ctx", "bits-ctx-prior",
+                             "bits-lvl", "delta"})
+# Sections that hold one task's representation of the changed tensors (bits/param per task counts them).
+REPRESENTATION_SECTION_ROLES = (ROLE_MASK, "qcodes", "qscales", "qoffsets", "delta")
 FULL_PRECISION_MTV = ("F32", "F64")
 LOSSLESS_MEANS = ("every task rebuilds exactly as base + mask * mtv with the float32 mtv the masks were made "
                   "from (the TALL rule itself is not the fine-tuned model: see `verify --against`)")
@@ -35,7 +38,8 @@ def summary(archive: Archive) -> dict:
     masked_params = sum(math.prod(t["shape"]) for t in archive.tensors.values() if t["kind"] == KIND_MASKED)
     all_params = sum(math.prod(t["shape"]) for t in archive.tensors.values())
     roles: dict[str, dict] = {}
-    tasks = {t: {"lambda": archive.lambdas[t], "mask_bytes": 0, "mask_ones": 0, "mask_bits": 0, "own_bytes": 0}
+    tasks = {t: {"representation": archive.representation(t), "lambda": archive.lambdas[t], "mask_bytes": 0,
+                 "mask_ones": 0, "mask_bits": 0, "own_bytes": 0, "representation_bytes": 0}
              for t in archive.tasks}
     for s in m["sections"]:
         r = roles.setdefault(s["role"], {"sections": 0, "bytes": 0, "elements": 0})
@@ -44,15 +48,19 @@ def summary(archive: Archive) -> dict:
         r["elements"] += math.prod(s["shape"])
         if s["task"] is not None:
             row = tasks[s["task"]]
+            if s["role"] in REPRESENTATION_SECTION_ROLES:
+                row["representation_bytes"] += s["length"]
             if s["role"] == ROLE_MASK:
                 row["mask_bytes"] += s["length"]
                 row["mask_ones"] += s.get("ones", 0)
                 row["mask_bits"] += math.prod(s["shape"])
-            else:
+            elif s["role"] not in REPRESENTATION_SECTION_ROLES:
                 row["own_bytes"] += s["length"]
     for row in tasks.values():
         row["density"] = row["mask_ones"] / row["mask_bits"] if row["mask_bits"] else 0.0
         row["mask_bits_per_param"] = 8 * row["mask_bytes"] / row["mask_bits"] if row["mask_bits"] else 0.0
+        # over the changed (masked-kind) parameters; a tall task's share of the mtv is not counted
+        row["bits_per_param"] = 8 * row["representation_bytes"] / masked_params if masked_params else 0.0
     for role, r in roles.items():
         r["bits_per_param"] = 8 * r["bytes"] / r["elements"] if r["elements"] else 0.0
     size = os.path.getsize(archive.path)
@@ -73,7 +81,9 @@ def summary(archive: Archive) -> dict:
         "mtv_dtype": mtv_dtypes,
         "codecs": {role: sorted(used) for role, used in sorted(codecs.items())},
         "zstd_level": recorded_level(m),
-        "lossless": all(d in FULL_PRECISION_MTV for d in mtv_dtypes) and all_codecs <= LOSSLESS_CODECS,
+        "lossless": (all(d in FULL_PRECISION_MTV for d in mtv_dtypes) and all_codecs <= LOSSLESS_CODECS
+                     and not any(r["representation"] in QUANT_BITS for r in tasks.values())),
+        "representations": {t: r["representation"] for t, r in tasks.items()},
         "lossless_means": LOSSLESS_MEANS,
         "checked": False, "not_checked": NOT_CHECKED,
         "merge": m["merge"], "base_by_reference": m["base"].get("by_reference", False),

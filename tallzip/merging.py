@@ -258,6 +258,12 @@ def _from_archive(archive: Archive, opt: _Options, device, progress):
         density = None
 
     tasks = archive.tasks
+    others = [t for t in tasks if archive.representation(t) != "tall"]
+    mtv_tasks = archive.merge_info.get("mtv_tasks")
+    if others or (mtv_tasks is not None and list(mtv_tasks) != list(tasks)):
+        raise TallzipError(f"{archive.path.name}: merging from an archive needs every task kept tall, packed together "
+                           f"(its mtv and masks); {', '.join(others) or 'tasks were added or removed'}: merge from the "
+                           "checkpoints folder with --base")
     report = MergeReport(method, opt.alpha, str(archive.path), "archive", tasks, k=opt.k, density=density,
                          lambdas=archive.lambdas if method in CONSENSUS_METHODS else None)
     names = archive.base_info["names"]

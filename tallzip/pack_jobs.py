@@ -16,6 +16,7 @@ from .formats.chunking import chunk_shape
 from .formats.chunking import mask_context as chunk_mask_context
 from .formats.tensors import dtype_name, to_bits, torch_dtype
 from .formats.writer import encode_chunk, encode_packed_mask_chunk
+from .representations import quantize_chunk
 
 # Elements of every input read and combined at once inside a chunk: a few MB of scratch per task,
 # reused from job to job (a multiple of 8, so each slice's mask bits start on a byte).
@@ -35,6 +36,7 @@ class PackSettings:
     device: torch.device
     allow_nonfinite: bool
     base_ref: bool
+    representations: tuple = ()  # per task, in task order (representations.py); empty: all tall
 
 
 @dataclass
@@ -159,13 +161,37 @@ def _masked_chunk(job: ChunkJob, family, settings: PackSettings, masked_tensor) 
     float_codec = settings.codecs["float"]
     if not settings.base_ref:
         result.pieces.append(("base", None, encode_chunk(float_codec, to_bits(base), settings.level), None))
-    result.pieces.append(("mtv", None, encode_chunk(float_codec, to_bits(stored), settings.level), None))
-    # The decoder sees the stored mtv: it is the mask codecs' side information.
-    context = mask_context(stored, chunk_shape(job.shape, start, count))
-    for task, bits, n_ones in zip(settings.task_names, packed, ones):
-        coded = encode_packed_mask_chunk(settings.codecs["mask"], bits, count, settings.level, context)
-        result.pieces.append(("mask", task, coded, n_ones))
+    reps = settings.representations or ("tall",) * n
+    if "tall" in reps:  # the mtv and masks only when some task is rebuilt from them
+        result.pieces.append(("mtv", None, encode_chunk(float_codec, to_bits(stored), settings.level), None))
+        # The decoder sees the stored mtv: it is the mask codecs' side information.
+        context = mask_context(stored, chunk_shape(job.shape, start, count))
+        for task, rep, bits, n_ones in zip(settings.task_names, reps, packed, ones):
+            if rep == "tall":
+                coded = encode_packed_mask_chunk(settings.codecs["mask"], bits, count, settings.level, context)
+                result.pieces.append(("mask", task, coded, n_ones))
+    for task, rep in zip(settings.task_names, reps):
+        if rep != "tall":
+            tensor = family.tasks[task].read_range(name, start, count)
+            pieces = representation_pieces(rep, base, tensor, job.shape, start, count, settings.level, float_codec)
+            result.pieces += [(role, task, coded, ones) for role, _, coded, ones in pieces]
     return result
+
+
+def representation_pieces(rep: str, base: torch.Tensor, tensor: torch.Tensor, shape, start: int, count: int,
+                          level: int, own_codec: str = "planes+zstd") -> list:
+    """The coded pieces of one chunk of a q* or exact task: (role, None, coded, None) each (the caller
+    fills in the task). The base is the chunk as the archive stores it."""
+    if rep == "exact":
+        if tensor.dtype != base.dtype:
+            return [("own", None, encode_chunk(own_codec, to_bits(tensor), level), None)]
+        return [("delta", None, encode_chunk("delta", to_bits(tensor), level, {"base": to_bits(base)}), None)]
+    codes, scales, offsets = quantize_chunk(base, tensor, chunk_shape(shape, start, count), rep)
+    pieces = [("qcodes", None, encode_chunk("planes+ans", to_bits(codes), level), None),
+              ("qscales", None, encode_chunk("zstd", to_bits(scales), level), None)]
+    if offsets is not None:
+        pieces.append(("qoffsets", None, encode_chunk("zstd", to_bits(offsets), level), None))
+    return pieces
 
 
 def job_cost(job: ChunkJob, n_tasks: int, itemsize: int) -> int:

@@ -21,12 +21,14 @@ from .errors import TallzipError
 from .family import Family, base_digest
 from .chunks import checked_chunk_elements, chunk_plan, ordered_map, parse_memory
 from .formats.constants import (DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES, FLOAT_DTYPES, FORMAT_VERSION, KIND_MASKED, KIND_PER_TASK, KIND_SHARED,
-                                REPRESENTATION_TALL, ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV)
+                                ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV)
 from .formats.codecs import names as codec_names
 from .formats.reader import is_plain_file_name
 from .formats.writer import ArchiveWriter, available_cpus
 from .bits import pack_bits
 from .pack_jobs import ChunkJob, PackSettings, dtype_of, job_cost, run_job
+from .selection import RepresentationSelector, choose as choose_representations
+from .representations import REPRESENTATION_ROLES, representation_fields, representation_section, task_representations
 MERGE_METHODS = ("sum", "ties")
 MTV_DTYPES = ("float32", "bfloat16", "float16")
 # bfloat16 by measurement: on the real-data benchmark (8, 14 and 20 tasks) the rebuilt tasks were exactly as
@@ -42,7 +44,8 @@ DEFAULT_LEVEL = 1
 # Mask codecs code one bit per element. bits-ctx-prior also needs the earlier tasks' masks to
 # decode (no random access), so it is for measuring only and pack does not offer it.
 MASK_CODECS = ("bits+zstd", "bits-ctx", "bits-lvl")
-FLOAT_CODECS = tuple(c for c in codec_names() if c not in MASK_CODECS and c != "bits-ctx-prior")
+# delta codes a tensor given the base: only exact tasks use it (representations.py)
+FLOAT_CODECS = tuple(c for c in codec_names() if c not in MASK_CODECS and c not in ("bits-ctx-prior", "delta"))
 MASK_RULE = "mask = |base - task| > lambda * |(base + mtv) - task|, float32"
 
 
@@ -232,7 +235,7 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
          density: float = taskvec.DEFAULT_TIES_DENSITY, mtv_dtype: str = DEFAULT_MTV_DTYPE, base_ref: bool = False,
          device: str = "auto", force: bool = False, level: int = DEFAULT_LEVEL, allow_nonfinite: bool = False,
          codecs: dict | None = None, progress=None, memory=None, chunk_elements: int | None = None,
-         workers: int | None = None, engine="local", address: str | None = None) -> dict:
+         workers: int | None = None, engine="local", address: str | None = None, keep=None) -> dict:
     """Pack a family into one archive at `output`; returns its manifest.
 
     tasks: folder of checkpoints, or {task: path}. lambdas: one number, {task: number} ('*' for the
@@ -243,7 +246,9 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
     codecs: {'float': one of FLOAT_CODECS (base, mtv, float tensors of a task's own), 'mask': one of
     MASK_CODECS, 'other': one of FLOAT_CODECS (integer tensors)}; missing keys take DEFAULT_CODECS.
     memory: the budget for chunks in flight (bytes, or '1.5G', '256M'); chunk_elements: the chunk
-    size the archive records (default 2^22). Neither the budget nor `workers` changes the archive's
+    size the archive records (default 2^22). keep: how each task is kept (representations.py): one of
+    tall (default), q8, q4, q3, q2, exact for all, {task: rep} with '*' for the rest, or
+    select_representation(evaluate, tolerance) (recorded in the manifest with the scores). Neither the budget nor `workers` changes the archive's
     bytes: those depend only on the inputs and the options above.
     engine: 'local' (threads here) or 'ray' (chunk jobs as Ray tasks on the cluster at `address`:
     None starts a private local one, 'auto' joins `ray start`'s, 'ray://HOST:PORT' Ray Client), or
@@ -266,11 +271,15 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
         if not is_plain_file_name(t):
             raise TallzipError(f"task name {t!r} cannot be a file name (no '/', '\\', NUL, '.' or '..')")
     lam = _task_lambdas(lambdas, task_names)
+    selector = keep if isinstance(keep, RepresentationSelector) else None
+    if selector is not None:
+        keep = choose_representations(family, selector, chunk_elements, progress)
+    reps = task_representations(keep, task_names)
     merger = _Merger(family, merge, density, device, progress)
     if lam is None:
         lam = _selected_lambdas(family, merger, lambdas, device, progress)
     settings = PackSettings(tuple(task_names), tuple(lam[t] for t in task_names), merger, mtv_dtype, codecs, level,
-                            device, allow_nonfinite, base_ref)
+                            device, allow_nonfinite, base_ref, tuple(reps[t] for t in task_names))
 
     kinds = {}
     for name in family.base.names:
@@ -314,6 +323,10 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
                     dtype, codec = "BOOL", codecs["mask"]
                 elif role == ROLE_FILE:
                     dtype, codec = "U8", "zstd"
+                elif role in REPRESENTATION_ROLES:
+                    entries[key] = representation_section(writer, role, job.name, task, job.shape,
+                                                          family.base.dtypes[job.name], chunk_elements, reps[task])
+                    return entries[key]
                 else:
                     ckpt = family.base if role == ROLE_BASE else family.tasks[task]
                     dtype = ckpt.dtypes[job.name]
@@ -340,10 +353,9 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
                 if job.index == len(chunk_plan(job.shape, chunk_elements)) - 1 and identical[job.name]:
                     # identical everywhere: stored once, as the base; its mtv and masks stay unlisted
                     tensors_table[job.name]["kind"] = KIND_SHARED
-                    for t in [None, *task_names]:
-                        for role in (ROLE_MTV, ROLE_MASK):
-                            if (role, job.name, t) in entries:
-                                writer.drop(entries[(role, job.name, t)])
+                    for key, entry in list(entries.items()):
+                        if key[1] == job.name and key[0] != ROLE_BASE:
+                            writer.drop(entry)
             done += 1
             if progress:
                 progress("packing", done, len(jobs))
@@ -352,7 +364,8 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
         for t in task_names:
             ckpt = family.tasks[t]
             task_entries.append({
-                "name": t, "representation": REPRESENTATION_TALL, "lambda": lam[t], "format": ckpt.format,
+                "name": t, "representation": reps[t], **representation_fields(reps[t]), "lambda": lam[t],
+                "format": ckpt.format,
                 "metadata": ckpt.metadata, "sharding": ckpt.sharding,
                 "layout": "folder" if (ckpt.sharding or ckpt.extra_files) else "file",
                 "file_name": ckpt.path.name if not ckpt.sharding else None,
@@ -372,6 +385,9 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
         }
         if merge == "ties":
             manifest["merge"].update(thresholds=merger.thresholds, majority=merger.majority)
+        if selector is not None:
+            manifest["representation_choice"] = {"tolerance": selector.tolerance, "candidates": list(selector.candidates),
+                                                 "scores": selector.scores}
         if isinstance(lambdas, LambdaSelector):
             manifest["lambda_scores"] = {t: {str(k): v for k, v in s.items()} for t, s in lambdas.scores.items()}
         return writer.finish(manifest)

@@ -60,9 +60,12 @@ class Resident:
     def __init__(self, archive, device="auto", tasks=None):
         self.archive = archive
         self.device = resolve_device(device)
-        self.tasks = list(tasks) if tasks is not None else archive.tasks
+        self.tasks = list(tasks) if tasks is not None else [t for t in archive.tasks if archive.representation(t) == "tall"]
         for task in self.tasks:
             archive.task_entry(task)  # unknown names fail here, with the list of tasks
+            if archive.representation(task) != "tall":
+                raise TallzipError(f"task {task!r} is kept as {archive.representation(task)}, not tall: resident "
+                                   "serving switches masks only; give tasks=[the tall ones], or load() it")
         self.current: str | None = None
         self._groups: dict[torch.dtype, _Group] = {}
         self._shared: dict[str, torch.Tensor] = {}

@@ -33,6 +33,8 @@ from .archive import Archive
 from .errors import TallzipError, TaskMismatchError
 from .family import Family
 from .formats.checkpoints import discover_tasks, open_checkpoint
+from .rep_verify import check_task_tensor, guarantee_of
+from .representations import REPRESENTATION_ROLES
 from .formats.constants import FLOAT_DTYPES, KIND_MASKED, KIND_SHARED, ROLE_BASE, ROLE_MASK, ROLE_MTV, ROLE_OWN
 from .formats.tensors import torch_bits_dtype, torch_dtype
 from .formats.writer import available_cpus
@@ -223,7 +225,11 @@ class _Folder:
         self.complete = not self.missing
         self.merger = None
         self.not_recomputed = None  # why the mtv could not be recomputed from a complete folder
-        if self.complete:
+        mtv_tasks = archive.merge_info.get("mtv_tasks")
+        if self.complete and mtv_tasks is not None and list(mtv_tasks) != list(archive.tasks):
+            self.not_recomputed = (f"tasks were added or removed since the pack: the mtv merges "
+                                   f"{', '.join(mtv_tasks)}")
+        elif self.complete:
             try:
                 family = Family(_ArchiveBase(archive), self.checkpoints)
                 self.merger = _Merger(family, archive.merge_info["method"],
@@ -240,8 +246,8 @@ def _groups(archive: Archive) -> list[tuple[str, tuple, list]]:
     by_tensor: dict[str, list] = {}
     alone = []
     for entry in archive.manifest["sections"]:
-        if entry["role"] in (ROLE_BASE, ROLE_MTV, ROLE_MASK) or (entry["role"] == ROLE_OWN
-                                                                  and entry["tensor"] in archive.tensors):
+        if entry["role"] in (ROLE_BASE, ROLE_MTV, ROLE_MASK, *REPRESENTATION_ROLES) or (
+                entry["role"] == ROLE_OWN and entry["tensor"] in archive.tensors):
             by_tensor.setdefault(entry["tensor"], []).append(entry)
         elif entry["role"] == ROLE_OWN:
             alone.append(("own", (entry["task"], entry["tensor"]), [entry]))
@@ -304,14 +310,21 @@ class _Run:
         kind = info["kind"]
         base = arc.base_tensor(name) if any(e["role"] == ROLE_BASE for e in entries) else None
         mtv = masks = owns = None
-        if kind == KIND_MASKED:
+        # q*/exact tasks with sections of their own for this tensor (rep_verify.py checks them)
+        represented = [t for t in archive.tasks if archive.representation(t) != "tall"
+                       and (kind == KIND_MASKED or arc._has_own_rebuild(t, name))]
+        if kind == KIND_MASKED and archive.reader.section(ROLE_MTV, name) is not None:
             mtv = arc.mtv(name)
             mtv_dtype = archive.reader.section(ROLE_MTV, name)["dtype"]
-            masks = {t: arc.mask(t, name, mtv) for t in archive.tasks}
+            masks = {t: arc.mask(t, name, mtv) for t in archive.tasks if archive.representation(t) == "tall"}
         elif kind == KIND_PER_TASK:
             owns = {t: arc.task_tensor(t, name) for t in archive.tasks}
         used = {ROLE_BASE} | ({ROLE_MTV, ROLE_MASK} if kind == KIND_MASKED else {ROLE_OWN} if kind == KIND_PER_TASK
                               else set())
+        for task in represented:  # decoded (and so checked) here, once
+            for index in range(len(arc.plan(task, name))):
+                arc._chunk_parts(task, name, index)
+        used |= set(REPRESENTATION_ROLES) | ({ROLE_OWN} if represented else set())
         for entry in entries:  # a section the rebuild never reads is checked all the same
             if entry["role"] not in used or (entry["task"] is not None and entry["task"] not in self.packed_dtypes):
                 arc.reader.read(entry)
@@ -325,14 +338,23 @@ class _Run:
                 original = self._original(task, name, info["shape"], result.task(task))
                 if original is not None:
                     originals[task] = original
-            self._compare_masked(name, base, mtv, mtv_dtype, masks, originals, result)
+                    if task in represented:
+                        check_task_tensor(arc, task, name, base, original, result.task(task))
+            if mtv is not None:
+                self._compare_masked(name, base, mtv, mtv_dtype, masks, originals, result)
             return result
         for task in self.folder.tasks:  # one task's tensor in memory at a time
             findings = result.task(task)
             original = self._original(task, name, info["shape"], findings)
             if original is None:
                 continue
-            rebuilt = base if kind == KIND_SHARED else owns[task]
+            if task in represented:
+                check_task_tensor(arc, task, name, base, original, findings)
+                continue
+            if kind == KIND_SHARED and archive.reader.section(ROLE_OWN, name, task) is not None:
+                rebuilt = arc.task_tensor(task, name)  # a task added later with a copy of its own
+            else:
+                rebuilt = base if kind == KIND_SHARED else owns[task]
             differing = count_unequal(rebuilt, original)
             if differing:
                 findings.differences.append({"tensor": name, "what": f"values: {differing:,} of "
@@ -346,8 +368,9 @@ class _Run:
         tensor, slice by slice so that every operand stays in the CPU's caches across the tasks (as
         pack computes them)."""
         archive = self.archive
-        tasks = [t for t in archive.tasks if t in originals]
-        merger = self.folder.merger if len(tasks) == len(archive.tasks) else None
+        merger = self.folder.merger if all(t in originals for t in archive.tasks) else None
+        everyone = list(archive.tasks)
+        tasks = [t for t in archive.tasks if t in originals and t in masks]  # the tall ones
         stored_torch = torch_dtype(mtv_dtype)
         # with a float32 mtv the rule with the recomputed mtv, where it equals the stored one, is the rule
         # with the stored mtv: checked already
@@ -367,7 +390,7 @@ class _Run:
             plus = base_c + mtv_c
             plus_exact = agree = None
             if merger is not None:
-                exact = merger.mtv(base_c, [tasks_c[t] for t in archive.tasks])
+                exact = merger.mtv(base_c, [taskvec.as_compute(originals[t].reshape(-1)[start:stop]) for t in everyone])
                 # what pack would have stored: the recomputed mtv cast to the stored dtype (and widened back)
                 agree = _bits(taskvec.as_compute(exact.to(stored_torch))) == _bits(mtv_c)
                 differing_here = int(agree.numel() - torch.count_nonzero(agree))
@@ -522,6 +545,8 @@ def _verdicts(archive: Archive, folder: _Folder, results) -> dict:
         f.differences.sort(key=lambda d: (d.get("tensor") or d.get("file") or "", d["what"]))
         tasks[task] = {
             "verdict": "differs" if f.differences else "matches",
+            "representation": archive.representation(task),
+            "guarantee": guarantee_of(archive.representation(task)),
             "mask_bits": f.mask_bits,
             "mask_bits_differing": f.outside,
             "mask_bits_within_mtv_rounding": f.within,

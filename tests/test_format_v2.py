@@ -183,9 +183,9 @@ def test_unknown_representation_is_refused(chunked, tmp_path):
     _, _, _, _, out, manifest = chunked
     manifest = json.loads(json.dumps(manifest))
     assert all(t["representation"] == "tall" for t in manifest["tasks"])
-    manifest["tasks"][0]["representation"] = "q3"
+    manifest["tasks"][0]["representation"] = "q9"
     fuzz.write_with_manifest(out.read_bytes(), manifest, tmp_path / "q.tallz")
-    with pytest.raises(UnsupportedVersionError, match="'q3'"):
+    with pytest.raises(UnsupportedVersionError, match="'q9'"):
         tallzip.open(tmp_path / "q.tallz")
 
 
@@ -216,6 +216,26 @@ def test_v1_fixture_still_extracts_bit_identical(tmp_path):
     bad = _flip(FIXTURES / "v1-family.tallz", mask["offset"], tmp_path / "bad.tallz")
     with pytest.raises(CorruptArchiveError, match="checksum mismatch in section mask task 'task2'"):
         tallzip.open(bad).load("task2")
+
+
+def test_v2_fixture_from_before_representations_still_reads(tmp_path):
+    """tests/fixtures/v2-family.tallz was written by the format-2 writer before per-task
+    representations (make_v2_fixture.py): every task tall, rebuilt as the numpy formula says."""
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        from make_v1_fixture import LAMBDA, fixture_family
+    finally:
+        sys.path.remove(str(FIXTURES))
+    base, tasks = fixture_family()
+    with tallzip.open(FIXTURES / "v2-family.tallz") as archive:
+        assert archive.reader.version == 2 and "qcodes" not in {s["role"] for s in archive.manifest["sections"]}
+        assert [archive.representation(t) for t in archive.tasks] == ["tall"] * 3
+        for task in tasks:
+            got = {n: v.numpy() for n, v in archive.load(task).items()}
+            for name, original in tasks[task].items():
+                expected = original if name in ("head.weight", "steps") or name.startswith("frozen") else \
+                    np_rebuilt(base, tasks, task, name, LAMBDA)
+                assert np.array_equal(got[name], expected), (task, name)
 
 
 # --- the pipeline and the budget --------------------------------------------------------------

@@ -293,5 +293,5 @@ def test_readme_demo_and_use_commands_run(tmp_path, monkeypatch):
         result = tallzip_run(args, tmp_path, monkeypatch)
         assert result.exit_code == 0, f"{shlex.join(args)}: {result.output}"
         ran += 1
-    assert ran == 5
+    assert ran == 7  # pack, extract, extract --all, info, verify, add, remove
     assert (tmp_path / f"{task}.safetensors").is_file() and len(list((tmp_path / "all").iterdir())) == 2
