@@ -24,7 +24,8 @@ from . import taskvec
 from .archive import Archive
 from .errors import TallzipError
 from .family import Family
-from .formats.checkpoints import CHECKPOINT_EXTS, TORCH_EXTS, atomic_output, save_tensors
+from .formats.checkpoints import CHECKPOINT_EXTS, TORCH_EXTS
+from .formats.outputs import atomic_output, save_tensors
 from .formats.constants import FLOAT_DTYPES, KIND_MASKED, KIND_SHARED, ROLE_MTV
 from .packing import LambdaSelector, _Merger, _task_lambdas, resolve_device
 
