@@ -1,7 +1,7 @@
 """`verify`: is the archive intact, and is it the archive of these checkpoints?
 
-Intact: every section's checksum and decoding, each section read and decoded once, the sections of
-different tensors on a thread pool (sha256, zstandard, the ANS coder, numpy and torch release the GIL).
+Intact: every section's checksum and decoding, each chunk read and decoded once, chunks on a thread
+pool within the memory budget (blake3, zstandard, the ANS coder, numpy and torch release the GIL).
 
 Against a folder of original checkpoints, a verdict per task, "matches" or "differs", from checks
 that can only fail when the checkpoint is not the one packed:
@@ -21,8 +21,6 @@ task.
 from __future__ import annotations
 
 import math
-import threading
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
 import numpy as np
@@ -30,10 +28,11 @@ import torch
 
 from . import taskvec
 from .archive import Archive
+from .chunks import ordered_map
 from .errors import TallzipError, TaskMismatchError
 from .family import Family
 from .formats.checkpoints import discover_tasks, open_checkpoint
-from .formats.constants import FLOAT_DTYPES, KIND_MASKED, KIND_SHARED, ROLE_BASE, ROLE_MASK, ROLE_MTV, ROLE_OWN
+from .formats.constants import KIND_MASKED, ROLE_BASE, ROLE_MASK, ROLE_MTV, ROLE_OWN
 from .formats.tensors import torch_bits_dtype, torch_dtype
 from .formats.writer import available_cpus
 from .packing import KIND_PER_TASK, ROLE_FILE, _Merger
@@ -47,8 +46,6 @@ _SUBNORMAL_HALF_SPACING = {"BF16": 2.0 ** -134, "F16": 2.0 ** -25}
 _FLOAT32_SLACK = 2.0 ** -21
 # Elements per slice when comparing a masked tensor: every operand of all tasks stays in the caches.
 _CHUNK = 1 << 18
-# Tensors decoded and compared at once hold about this many bytes (one tensor of every task each).
-_IN_FLIGHT_BYTES = 1 << 30
 
 
 # --- the math of the verdicts: plain functions over tensors ----------------------------------------
@@ -174,12 +171,38 @@ class _TaskFindings:
 
 
 class _GroupResult:
+    """What one unit of work found. `counts`: (task, tensor, "values" or "mask") -> [differing, of],
+    summed over a tensor's chunks before they become a difference."""
+
     def __init__(self):
         self.tasks: dict[str, _TaskFindings] = {}
         self.mtv_differing: dict[str, int] = {}  # tensor -> weights whose stored mtv is not the recomputed one
+        self.counts: dict[tuple, list] = {}
 
     def task(self, name) -> _TaskFindings:
         return self.tasks.setdefault(name, _TaskFindings())
+
+    def count(self, task, name, what, differing, of):
+        total = self.counts.setdefault((task, name, what), [0, 0])
+        total[0] += differing
+        total[1] += of
+
+    def merge(self, other: "_GroupResult"):
+        for task, part in other.tasks.items():
+            self.task(task).merge(part)
+        for name, n in other.mtv_differing.items():
+            self.mtv_differing[name] = self.mtv_differing.get(name, 0) + n
+        for key, (differing, of) in other.counts.items():
+            self.count(*key, differing, of)
+
+    def differences(self):
+        """The summed counts as differences, one per tensor and task."""
+        for (task, name, what), (differing, of) in self.counts.items():
+            if not differing:
+                continue
+            text = (f"values: {differing:,} of {of:,} differ" if what == "values" else
+                    f"mask: {differing:,} of {of:,} bits differ beyond the stored mtv's rounding")
+            self.task(task).differences.append({"tensor": name, "what": text})
 
 
 # --- the checkpoints folder ---------------------------------------------------------------------
@@ -200,6 +223,22 @@ class _ArchiveBase:
 
     def get(self, name, **_):
         return self.archive.base_tensor(name)
+
+    def read_range(self, name, start, count, out=None):
+        """Elements start .. start+count of a base tensor, from the archive's chunks that hold them."""
+        archive = self.archive
+        if archive.base_info.get("by_reference") or archive.tensors[name]["kind"] == KIND_PER_TASK:
+            piece = (archive._base_ckpt.read_range(name, start, count) if archive.base_info.get("by_reference")
+                     else archive.base_tensor(name).reshape(-1)[start:start + count])
+        else:
+            pieces = [archive.base_chunk(name, i)[max(start - s, 0):min(start + count - s, c)]
+                      for i, (s, c) in enumerate(archive.plan(None, name)) if s < start + count and start < s + c]
+            piece = torch.cat(pieces) if len(pieces) > 1 else pieces[0] if pieces else \
+                torch.empty(0, dtype=torch_dtype(self.dtypes[name]))
+        if out is not None:
+            out.copy_(piece)
+            return out
+        return piece
 
 
 class _Folder:
@@ -234,117 +273,133 @@ class _Folder:
 
 # --- the run ------------------------------------------------------------------------------------
 
-def _groups(archive: Archive) -> list[tuple[str, tuple, list]]:
-    """Every section once, grouped into units of work: one base tensor (its base, mtv, masks and the
-    tasks' own copies), one task-only tensor of one task, or one side file."""
+def _units(archive: Archive, folder) -> list[tuple]:
+    """Every section once, cut into units of work of one chunk each: a chunk of a base tensor (its
+    base, mtv and every task's mask, or each task's own copy), a chunk of a task-only tensor, a chunk
+    of a section no rebuild reads (checked all the same), or one side file."""
+    reader, units = archive.reader, []
+    packed_tasks = set(archive.tasks)
     by_tensor: dict[str, list] = {}
-    alone = []
     for entry in archive.manifest["sections"]:
         if entry["role"] in (ROLE_BASE, ROLE_MTV, ROLE_MASK) or (entry["role"] == ROLE_OWN
                                                                   and entry["tensor"] in archive.tensors):
             by_tensor.setdefault(entry["tensor"], []).append(entry)
-        elif entry["role"] == ROLE_OWN:
-            alone.append(("own", (entry["task"], entry["tensor"]), [entry]))
+    for name, info in archive.tensors.items():
+        kind, entries = info["kind"], by_tensor.get(name, [])
+        has_base = any(e["role"] == ROLE_BASE for e in entries)
+        used = {ROLE_BASE} | ({ROLE_MTV, ROLE_MASK} if kind == KIND_MASKED else {ROLE_OWN} if kind == KIND_PER_TASK
+                              else set())
+        # the base is read where the rebuild or the comparison needs it (--base-ref: the checkpoint given)
+        read_base = has_base or folder is not None
+        if kind == KIND_PER_TASK:
+            units += [("own", name, t, i, start, count) for t in archive.tasks
+                      for i, (start, count) in enumerate(archive.plan(t, name))]
+            used = {ROLE_OWN}  # a per-task tensor's base section is only checked
         else:
-            alone.append(("file", (entry["task"], entry["tensor"]), [entry]))
-    groups = [("tensor", (name,), by_tensor.get(name, [])) for name in archive.tensors]
-    return groups + alone
+            units += [(kind, name, read_base, i, start, count)
+                      for i, (start, count) in enumerate(archive.plan(None, name))]
+        for entry in entries:  # a section the rebuild never reads is checked all the same
+            if entry["role"] not in used or (entry["task"] is not None and entry["task"] not in packed_tasks):
+                units += [("check", entry, chunk) for chunk in reader.chunks(entry)]
+    for entry in archive.manifest["sections"]:
+        if entry["role"] == ROLE_OWN and entry["tensor"] not in archive.tensors:
+            units += [("own", entry["tensor"], entry["task"], i, start, count)
+                      for i, (start, count) in enumerate(archive.plan(entry["task"], entry["tensor"]))]
+        elif entry["role"] == ROLE_FILE:
+            units.append(("file", entry))
+    return units
 
 
 class _Run:
     def __init__(self, archive: Archive, folder: _Folder | None):
         self.archive, self.folder = archive, folder
-        self._local = threading.local()
-        self._opened: list[Archive] = []
-        self._lock = threading.Lock()
         self.packed_dtypes = {t: dict(archive.task_entry(t)["tensors"]) for t in archive.tasks}
+        self.usable: set = set()   # (task, tensor): the folder's tensor can be compared with the packed one
+        self.opening = _GroupResult()  # what the folder's headers already show
+        if folder is not None:
+            shapes = {}
+            for entry in archive.manifest["sections"]:
+                if entry["role"] == ROLE_OWN and entry["tensor"] not in archive.tensors:
+                    shapes[(entry["task"], entry["tensor"])] = entry["shape"]
+            for task in folder.tasks:
+                for name, info in archive.tensors.items():
+                    if name in self.packed_dtypes[task]:
+                        self._check_header(task, name, info["shape"])
+                for name in self.packed_dtypes[task]:
+                    if (task, name) in shapes:
+                        self._check_header(task, name, shapes[(task, name)])
 
-    def local_archive(self) -> Archive:
-        """One Archive per worker thread: each keeps its own decoded mask context, so threads working
-        on different tensors do not evict each other's (bits-ctx derives much from it)."""
-        arc = getattr(self._local, "archive", None)
-        if arc is None:
-            arc = Archive(self.archive.path)
-            self._local.archive = arc
-            with self._lock:
-                self._opened.append(arc)
-        return arc
-
-    def close(self):
-        for arc in self._opened:
-            arc.close()
-
-    # --- one unit of work each --------------------------------------------------------------
-    def run(self, kind, key, entries) -> _GroupResult:
-        if kind == "tensor":
-            return self._tensor(key[0], entries)
-        if kind == "own":
-            return self._task_only(*key)
-        return self._side_file(*key)
-
-    def _original(self, task, name, shape, findings: _TaskFindings):
-        """The folder's tensor `name` of `task`, or None (and a difference) where it cannot be the packed one."""
-        ckpt = self.folder.checkpoints[task]
+    def _check_header(self, task, name, shape):
+        """The folder's tensor `name` of `task` is usable, or a difference where it cannot be the packed one."""
+        ckpt, findings = self.folder.checkpoints[task], self.opening.task(task)
         if name not in ckpt:
             findings.differences.append({"tensor": name, "what": "missing from the checkpoint"})
-            return None
-        if tuple(ckpt.shapes[name]) != tuple(shape):
+        elif tuple(ckpt.shapes[name]) != tuple(shape):
             findings.differences.append({"tensor": name, "what": f"shape {list(ckpt.shapes[name])}, "
                                                                  f"packed {list(shape)}"})
-            return None
-        packed = self.packed_dtypes[task].get(name)
-        if ckpt.dtypes[name] != packed:
-            findings.differences.append({"tensor": name, "what": f"dtype {ckpt.dtypes[name]}, packed {packed}"})
-            return None
-        return ckpt.get(name)
+        elif ckpt.dtypes[name] != self.packed_dtypes[task].get(name):
+            findings.differences.append({"tensor": name, "what": f"dtype {ckpt.dtypes[name]}, "
+                                                                 f"packed {self.packed_dtypes[task].get(name)}"})
+        else:
+            self.usable.add((task, name))
 
-    def _tensor(self, name, entries) -> _GroupResult:
-        arc, archive, result = self.local_archive(), self.archive, _GroupResult()
-        info = archive.tensors[name]
-        kind = info["kind"]
-        base = arc.base_tensor(name) if any(e["role"] == ROLE_BASE for e in entries) else None
-        mtv = masks = owns = None
-        if kind == KIND_MASKED:
-            mtv = arc.mtv(name)
-            mtv_dtype = archive.reader.section(ROLE_MTV, name)["dtype"]
-            masks = {t: arc.mask(t, name, mtv) for t in archive.tasks}
-        elif kind == KIND_PER_TASK:
-            owns = {t: arc.task_tensor(t, name) for t in archive.tasks}
-        used = {ROLE_BASE} | ({ROLE_MTV, ROLE_MASK} if kind == KIND_MASKED else {ROLE_OWN} if kind == KIND_PER_TASK
-                              else set())
-        for entry in entries:  # a section the rebuild never reads is checked all the same
-            if entry["role"] not in used or (entry["task"] is not None and entry["task"] not in self.packed_dtypes):
-                arc.reader.read(entry)
-        if self.folder is None:
-            return result
-        if base is None:
-            base = archive.base_tensor(name)  # packed with --base-ref: the base given with --base
-        if kind == KIND_MASKED:  # the mtv is recomputed from all tasks at once
-            originals = {}
-            for task in self.folder.tasks:
-                original = self._original(task, name, info["shape"], result.task(task))
-                if original is not None:
-                    originals[task] = original
-            self._compare_masked(name, base, mtv, mtv_dtype, masks, originals, result)
-            return result
-        for task in self.folder.tasks:  # one task's tensor in memory at a time
-            findings = result.task(task)
-            original = self._original(task, name, info["shape"], findings)
-            if original is None:
-                continue
-            rebuilt = base if kind == KIND_SHARED else owns[task]
-            differing = count_unequal(rebuilt, original)
-            if differing:
-                findings.differences.append({"tensor": name, "what": f"values: {differing:,} of "
-                                             f"{original.numel():,} differ"})
-            findings.error.add(rebuilt, original)
-            del original
+    def _originals(self, name, start, count, tasks) -> dict:
+        return {t: self.folder.checkpoints[t].read_range(name, start, count) for t in tasks
+                if (t, name) in self.usable}
+
+    # --- one unit of work each --------------------------------------------------------------
+    def run(self, unit) -> _GroupResult:
+        kind, result = unit[0], _GroupResult()
+        reader = self.archive.reader
+        if kind == "check":
+            reader.read_chunk_bytes(unit[1], unit[2])  # raises naming the section and chunk
+        elif kind == "file":
+            self._side_file(unit[1], result)
+        elif kind == "own":
+            self._own(*unit[1:], result)
+        elif kind == KIND_MASKED:
+            self._masked(*unit[1:], result)
+        else:
+            self._shared(*unit[1:], result)
         return result
 
+    def _compare(self, task, name, rebuilt, original, result: _GroupResult):
+        result.count(task, name, "values", count_unequal(rebuilt, original), original.numel())
+        result.task(task).error.add(rebuilt, original)
+
+    def _shared(self, name, read_base, index, start, count, result):
+        if not read_base:
+            return
+        base = self.archive.base_chunk(name, index)
+        if self.folder is not None:
+            for task, original in self._originals(name, start, count, self.folder.tasks).items():
+                self._compare(task, name, base, original, result)
+
+    def _own(self, name, task, index, start, count, result):
+        archive = self.archive
+        stored = archive._assemble(archive._chunk_parts(task, name, index), torch.device("cpu"))
+        if self.folder is not None and task in self.folder.checkpoints:
+            for t, original in self._originals(name, start, count, [task]).items():
+                self._compare(t, name, stored, original, result)
+
+    def _masked(self, name, read_base, index, start, count, result):
+        archive, reader = self.archive, self.archive.reader
+        mtv, context = archive.mtv_chunk(name, index)
+        mtv_dtype = reader.section(ROLE_MTV, name)["dtype"]
+        masks = {}
+        for t in archive.tasks:  # decoded with the stored mtv chunk as context
+            entry = reader.section(ROLE_MASK, name, t)
+            masks[t] = torch.from_numpy(reader.read_chunk(entry, reader.chunks(entry)[index], context))
+        base = archive.base_chunk(name, index) if read_base else None
+        if self.folder is None:
+            return
+        originals = self._originals(name, start, count, self.folder.tasks)
+        self._compare_masked(name, base, mtv, mtv_dtype, masks, originals, result)
+
     def _compare_masked(self, name, base, mtv, mtv_dtype, masks, originals, result: _GroupResult):
-        """The mask checks, the mtv recomputed (a complete folder) and the rebuild error of one masked
-        tensor, slice by slice so that every operand stays in the CPU's caches across the tasks (as
-        pack computes them)."""
+        """The mask checks, the mtv recomputed (a complete folder) and the rebuild error of one chunk of
+        a masked tensor (flat), slice by slice so that every operand stays in the CPU's caches across the
+        tasks (as pack computes them)."""
         archive = self.archive
         tasks = [t for t in archive.tasks if t in originals]
         merger = self.folder.merger if len(tasks) == len(archive.tasks) else None
@@ -353,17 +408,14 @@ class _Run:
         # with the stored mtv: checked already
         rounded = mtv_dtype not in ("F32", "F64")
         same_dtype = {t: base.dtype == taskvec.compute_dtype(base.dtype) == originals[t].dtype for t in tasks}
-        flat_base, flat_mtv = base.reshape(-1), mtv.reshape(-1)
-        flat = {t: originals[t].reshape(-1) for t in tasks}
-        flat_masks = {t: masks[t].reshape(-1) for t in tasks}
         counts = {t: [0, 0, 0] for t in tasks}  # outside, within, unlike the recomputed mtv
         errors = {t: result.task(t).error for t in tasks}
         mtv_differing = 0
         count = base.numel()
         for start in range(0, count, _CHUNK):
             stop = min(count, start + _CHUNK)
-            base_c, mtv_c = taskvec.as_compute(flat_base[start:stop]), flat_mtv[start:stop]
-            tasks_c = {t: taskvec.as_compute(flat[t][start:stop]) for t in tasks}
+            base_c, mtv_c = taskvec.as_compute(base[start:stop]), mtv[start:stop]
+            tasks_c = {t: taskvec.as_compute(originals[t][start:stop]) for t in tasks}
             plus = base_c + mtv_c
             plus_exact = agree = None
             if merger is not None:
@@ -375,7 +427,7 @@ class _Run:
                 mtv_differing += differing_here
                 plus_exact = base_c + exact if rounded else None
             for t in tasks:
-                task_c, stored, lam = tasks_c[t], flat_masks[t][start:stop], archive.lambdas[t]
+                task_c, stored, lam = tasks_c[t], masks[t][start:stop], archive.lambdas[t]
                 d_own, d_plus = base_c - task_c, plus - task_c
                 own, rhs = d_own.abs(), d_plus.abs().mul_(lam)
                 disagree = (own > rhs) != stored
@@ -389,7 +441,7 @@ class _Run:
                     errors[t].add_difference(select(stored, d_plus, d_own), task_c)
                 else:
                     rebuilt = select(stored, plus, base_c).to(base.dtype).to(originals[t].dtype)
-                    errors[t].add(rebuilt, flat[t][start:stop])
+                    errors[t].add(rebuilt, originals[t][start:stop])
         if mtv_differing:
             result.mtv_differing[name] = mtv_differing
         for t, (n_out, n_in, n_unlike) in counts.items():
@@ -398,52 +450,54 @@ class _Run:
             findings.outside += n_out
             findings.within += n_in
             findings.recomputed += n_unlike
-            if n_out:
-                findings.differences.append({"tensor": name, "what": f"mask: {n_out:,} of {count:,} "
-                                             "bits differ beyond the stored mtv's rounding"})
+            result.count(t, name, "mask", n_out, count)
 
-    def _task_only(self, task, name) -> _GroupResult:
-        result = _GroupResult()
-        arc = self.local_archive()
-        stored = arc.task_tensor(task, name)
+    def _side_file(self, entry, result: _GroupResult):
+        task, fname = entry["task"], entry["tensor"]
+        data = self.archive.reader.read(entry).tobytes()
         if self.folder is None or task not in self.folder.checkpoints:
-            return result
-        findings = result.task(task)
-        original = self._original(task, name, stored.shape, findings)
-        if original is not None:
-            differing = count_unequal(stored, original)
-            if differing:
-                findings.differences.append({"tensor": name, "what": f"values: {differing:,} of "
-                                             f"{original.numel():,} differ"})
-            findings.error.add(stored, original)
-        return result
-
-    def _side_file(self, task, fname) -> _GroupResult:
-        result = _GroupResult()
-        entry = self.archive.reader.section(ROLE_FILE, fname, task)
-        data = self.local_archive().reader.read(entry).tobytes()
-        if self.folder is None or task not in self.folder.checkpoints:
-            return result
+            return
         path = self.folder.checkpoints[task].extra_files.get(fname)
         if path is None:
             result.task(task).differences.append({"file": fname, "what": "side file missing from the folder"})
         elif path.read_bytes() != data:
             result.task(task).differences.append({"file": fname, "what": "side file bytes differ"})
-        return result
 
 
-def _job_bytes(archive: Archive, kind, key, folder) -> int:
-    """Roughly what one unit of work holds in memory while it runs."""
-    if kind != "tensor":
-        return 0
-    info = archive.tensors[key[0]]
+def _stored_bytes(archive: Archive, unit) -> int:
+    """The stored bytes a unit of work reads (for progress)."""
+    reader, kind = archive.reader, unit[0]
+    if kind == "check":
+        return unit[2].length
+    if kind == "file":
+        return unit[1]["length"]
+    if kind == "own":
+        _, name, task, index = unit[:4]
+        entry = reader.section(ROLE_OWN, name, task)
+        return reader.chunks(entry)[index].length
+    _, name, read_base, index = unit[:4]
+    entries = [e for e in [reader.section(ROLE_BASE, name)] if e is not None]
+    if kind == KIND_MASKED:
+        entries += [reader.section(ROLE_MTV, name)] + [reader.section(ROLE_MASK, name, t) for t in archive.tasks]
+    return sum(reader.chunks(e)[index].length for e in entries)
+
+
+def _unit_bytes(archive: Archive, unit, folder) -> int:
+    """Roughly what one unit of work holds in memory while it runs: its chunk of the base, the mtv,
+    every task's mask and the folder's tensors, and the decoders' working set."""
+    kind = unit[0]
+    if kind == "check":
+        return unit[2].length + (1 << 20)
+    if kind == "file":
+        return 2 * sum(c.length for c in archive.reader.chunks(unit[1])) + (1 << 20)
+    count = max(unit[-1], 1)
     tasks = len(folder.tasks) if folder else 0
-    return math.prod(info["shape"]) * (4 * (tasks + 4) + len(archive.tasks))
+    return count * (4 * (tasks + 4) + len(archive.tasks) + 24) + (1 << 20)
 
 
 @contextmanager
 def _single_torch_thread():
-    """Parallel over tensors, so each torch op runs on one thread (no oversubscription)."""
+    """Parallel over chunks, so each torch op runs on one thread (no oversubscription)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -458,54 +512,39 @@ def verify(archive: Archive, against=None, progress=None, workers: int | None = 
     whole report a verdict: "differs" when any task, or the mtv recomputed from a complete folder,
     differs by more than the archive's stored precision allows.
 
-    A damaged section raises CorruptArchiveError naming it."""
+    Works chunk by chunk on a thread pool within the archive's memory budget (Archive(memory=...)),
+    reading the checkpoints by range: memory is the budget whatever the number of tasks and the size
+    of a tensor. A damaged section raises CorruptArchiveError naming it (and its chunk)."""
     folder = _Folder(archive, against, progress) if against is not None else None
-    groups = _groups(archive)
-    sizes = [sum(e["length"] for e in entries) for _, _, entries in groups]
-    total, done = sum(sizes), 0
-    label = "checking sections" if folder is None else "comparing with the checkpoints"
     run = _Run(archive, folder)
-    results = [None] * len(groups)
-    workers = workers or available_cpus()
-    try:
-        with _single_torch_thread(), ThreadPoolExecutor(max_workers=workers,
-                                                        thread_name_prefix="tallzip-verify") as pool:
-            pending, held, index = {}, 0, 0
-            while index < len(groups) or pending:
-                while index < len(groups) and len(pending) < 2 * workers:
-                    cost = _job_bytes(archive, *groups[index][:2], folder)
-                    if pending and held + cost > _IN_FLIGHT_BYTES:
-                        break
-                    future = pool.submit(run.run, *groups[index])
-                    pending[future] = (index, cost)
-                    held += cost
-                    index += 1
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    i, cost = pending.pop(future)
-                    held -= cost
-                    results[i] = future.result()  # a damaged section raises here
-                    done += sizes[i]
-                    if progress:
-                        progress(label, done, total)
-    finally:
-        run.close()
+    units = _units(archive, folder)
+    label = "checking sections" if folder is None else "comparing with the checkpoints"
     entries = archive.manifest["sections"]
+    stored = sum(e["length"] for e in entries)  # progress in stored bytes checked
+    done, total = 0, run.opening
+    with _single_torch_thread():
+        results = ordered_map(lambda u: (_stored_bytes(archive, u), run.run(u)), units,
+                              cost=lambda u: _unit_bytes(archive, u, folder), budget=archive.memory,
+                              workers=workers or available_cpus())
+        for i, (size, result) in enumerate(results, 1):
+            total.merge(result)
+            done += size
+            if progress:
+                progress(label, stored if i == len(units) else min(done, stored), stored)
     report = {"archive": str(archive.path), "sections": len(entries), "ok": True,
               "mtv_dtypes": sorted({e["dtype"] for e in entries if e["role"] == ROLE_MTV})}
     if folder is None:
         return report
-    report.update(_verdicts(archive, folder, results))
+    total.differences()
+    report.update(_verdicts(archive, folder, total))
     return report
 
 
-def _verdicts(archive: Archive, folder: _Folder, results) -> dict:
+def _verdicts(archive: Archive, folder: _Folder, total: _GroupResult) -> dict:
     findings = {t: _TaskFindings() for t in folder.tasks}
-    mtv_differing: dict[str, int] = {}
-    for result in results:
-        for task, part in result.tasks.items():
-            findings[task].merge(part)
-        mtv_differing.update(result.mtv_differing)
+    for task, part in total.tasks.items():
+        findings[task].merge(part)
+    mtv_differing = total.mtv_differing
     packed_names = {t: {n for n, _ in archive.task_entry(t)["tensors"]} for t in folder.tasks}
     for task in folder.tasks:
         ckpt, entry = folder.checkpoints[task], archive.task_entry(task)
