@@ -63,7 +63,7 @@ from tallzip import taskvec
 from tallzip.demo import CLIP_TEXT_FROZEN, VIT_B32, make_base, make_task, vit_shapes
 from tallzip.family import Family
 from tallzip.formats import codecs
-from tallzip.formats.checkpoints import save_tensors
+from tallzip.formats.outputs import save_tensors
 from tallzip.packing import DEFAULT_CODECS, DEFAULT_MTV_DTYPE
 from tallzip.formats.tensors import to_bits
 from tallzip.formats.writer import available_cpus

@@ -357,11 +357,12 @@ def info(archive, show_agreement, plot, as_json):
 @click.option("--density", type=float, help="ties / consensus-ties: share of each task vector kept (default 0.2)")
 @click.option("--allow-nonfinite", is_flag=True,
               help="merge even where an input holds NaN or Inf, or the result overflows its dtype (refused by default)")
+@MEMORY
 @DEVICE
 @FORCE
 @AS_JSON
 @friendly_errors
-def merge(source, base, output, method, alpha, k, lambdas, density, allow_nonfinite, device, force, as_json):
+def merge(source, base, output, method, alpha, k, lambdas, density, allow_nonfinite, memory, device, force, as_json):
     """Merge a family into one model: from a folder of checkpoints (with --base) or from an archive.
 
     \b
@@ -379,7 +380,7 @@ def merge(source, base, output, method, alpha, k, lambdas, density, allow_nonfin
         report = merging.merge_to_file(source, output, method=method, base=base, alpha=alpha, k=k,
                                        lambdas=_parse_lambdas(lambdas) if lambdas else None, density=density,
                                        device=device, force=force, allow_nonfinite=allow_nonfinite,
-                                       progress=progress)
+                                       progress=progress, memory=memory)
     finally:
         progress.close()
     for message in report.warnings:
@@ -391,9 +392,10 @@ def merge(source, base, output, method, alpha, k, lambdas, density, allow_nonfin
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.option("--against", type=click.Path(path_type=Path), help="folder of the original task checkpoints")
 @click.option("--base", type=click.Path(path_type=Path), help="the base, for archives packed with --base-ref")
+@MEMORY
 @AS_JSON
 @friendly_errors
-def verify_cmd(archive, against, base, as_json):
+def verify_cmd(archive, against, base, memory, as_json):
     """Check every section's checksum and decoding; with --against, a verdict per task.
 
     \b
@@ -405,7 +407,7 @@ def verify_cmd(archive, against, base, as_json):
     """
     progress = Progress(not as_json)
     try:
-        with tallzip.open(archive, base=base) as arc:
+        with tallzip.open(archive, base=base, memory=memory) as arc:
             report = verify(arc, against, progress=progress)
     finally:
         progress.close()

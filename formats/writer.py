@@ -16,7 +16,7 @@ import blake3
 import numpy as np
 
 from . import codecs
-from .checkpoints import atomic_output
+from .outputs import atomic_output
 from .constants import (DEFAULT_CHUNK_ELEMENTS, FORMAT_VERSION, HEADER_SIZE, HEADER_STRUCT, MAGIC,
                         SECTION_ALIGNMENT)
 

@@ -19,7 +19,8 @@ from .errors import TallzipError, UnknownTaskError
 from .chunks import chunk_plan, ordered_map, parse_memory
 from .family import base_digest
 from .bits import unpack_bits
-from .formats.checkpoints import SafetensorsStream, open_checkpoint
+from .formats.checkpoints import open_checkpoint
+from .formats.outputs import SafetensorsStream
 from .formats.constants import (DTYPE_SIZES, KIND_MASKED, KIND_PER_TASK, KIND_SHARED, REPRESENTATION_EXACT,
                                 REPRESENTATION_TALL, ROLE_BASE, ROLE_DELTA, ROLE_MASK, ROLE_MTV, ROLE_OWN,
                                 ROLE_QCODES, ROLE_QOFFSETS, ROLE_QSCALES)

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import TallzipError
-from .formats.checkpoints import (SAFETENSORS_EXT, SHARD_INDEX, TORCH_EXTS, SafetensorsStream, atomic_output,
-                                  save_tensors, write_shard_index)
+from .formats.checkpoints import SAFETENSORS_EXT, SHARD_INDEX, TORCH_EXTS
+from .formats.outputs import SafetensorsStream, atomic_output, save_tensors, write_shard_index
 from .formats.errors import CorruptArchiveError
 from .packing import ROLE_FILE, resolve_device
 

@@ -192,25 +192,30 @@ def _check_finite(name, tensors, labels):
 
 
 def _selected_lambdas(family: Family, merger: _Merger, selector: LambdaSelector, device, progress):
-    """Rebuild each task at each candidate lambda in memory and keep the best by the user's score."""
-    mtvs = {}
-    for name in family.base.names:
-        if family.is_mergeable(name):
-            base, tasks = family.tensors(name)
-            mtvs[name] = merger.mtv(base.to(device), [t.to(device) for t in tasks])
+    """Rebuild each task at each candidate lambda and keep the best by the user's score.
+
+    evaluate(task, state_dict) takes a whole model, so this holds exactly one rebuilt task state at a
+    time, plus one tensor of every task while that tensor's mtv is recomputed: the mtv is recomputed
+    tensor by tensor for each candidate rather than kept for the whole model (N x the model before)."""
     chosen = {}
     for i, (task, ckpt) in enumerate(family.tasks.items()):
         selector.scores[task] = {}
         for lam in selector.candidates:
             state = {}
             for name in ckpt.names:
-                if name in mtvs:
-                    base = family.base.get(name).to(device)
-                    mask = taskvec.tall_mask(base, ckpt.get(name).to(device), mtvs[name], lam)
-                    state[name] = taskvec.rebuild(base, mask, mtvs[name]).to(ckpt.get(name).dtype)
+                if name in family.base and family.is_mergeable(name):
+                    base, tasks = family.tensors(name)
+                    base = base.to(device)
+                    mtv = merger.mtv(base, [t.to(device) for t in tasks])
+                    del tasks
+                    task_t = ckpt.get(name)
+                    mask = taskvec.tall_mask(base, task_t.to(device), mtv, lam)
+                    state[name] = taskvec.rebuild(base, mask, mtv).to(task_t.dtype)
+                    del base, mtv, mask
                 else:
                     state[name] = ckpt.get(name)
             selector.scores[task][lam] = float(selector.evaluate(task, state))
+            del state
         scores = selector.scores[task]
         chosen[task] = max(selector.candidates, key=lambda lam: (scores[lam], -selector.candidates.index(lam)))
         if progress:

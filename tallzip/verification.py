@@ -35,7 +35,7 @@ from .family import Family
 from .formats.checkpoints import discover_tasks, open_checkpoint
 from .rep_verify import check_task_tensor, guarantee_of
 from .representations import REPRESENTATION_ROLES
-from .formats.constants import FLOAT_DTYPES, KIND_MASKED, KIND_SHARED, ROLE_BASE, ROLE_MASK, ROLE_MTV, ROLE_OWN
+from .formats.constants import KIND_MASKED, KIND_SHARED, ROLE_BASE, ROLE_MASK, ROLE_MTV, ROLE_OWN
 from .formats.tensors import torch_bits_dtype, torch_dtype
 from .formats.writer import available_cpus
 from .packing import KIND_PER_TASK, ROLE_FILE, _Merger

@@ -18,8 +18,9 @@ from safetensors.numpy import save_file as np_save_file
 
 import tallzip
 from tallzip.cli.main import cli
-from tallzip.formats import checkpoints
-from tallzip.formats.checkpoints import SHARD_INDEX, atomic_output
+from tallzip.formats import outputs
+from tallzip.formats.checkpoints import SHARD_INDEX
+from tallzip.formats.outputs import atomic_output
 
 from conftest import np_rebuilt, numpy_family, write_family
 
@@ -160,12 +161,12 @@ def test_a_failure_while_moving_in_puts_the_folder_back(packed, tmp_path, monkey
     (out / "notes.txt").write_text("mine")
     (out / "task0.safetensors").write_bytes(b"an earlier output")
     before = listing(out)
-    real = checkpoints._rename_no_replace
+    real = outputs._rename_no_replace
     def failing(src, dest):
         if Path(dest).parent.name == "task2":  # after task0 (replaced) and task1 (new) went in
             raise OSError(errno.EIO, "Input/output error", str(src))
         real(src, dest)
-    monkeypatch.setattr(checkpoints, "_rename_no_replace", failing)
+    monkeypatch.setattr(outputs, "_rename_no_replace", failing)
     line = one_line_error(*run("extract", archive, "--all", "-o", out, "--force"), "Input/output error")
     assert ".tmp" not in line and str(out / "task2") in line
     assert listing(out) == before

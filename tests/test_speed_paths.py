@@ -17,7 +17,8 @@ from tallzip import bits, packing
 from tallzip.errors import TallzipError
 from tallzip.family import Family
 from tallzip.formats import codecs
-from tallzip.formats.checkpoints import SafetensorsStream, open_checkpoint
+from tallzip.formats.checkpoints import open_checkpoint
+from tallzip.formats.outputs import SafetensorsStream
 from tallzip.formats.errors import FormatError
 from tallzip.formats.reader import ArchiveReader
 from tallzip.formats.writer import ArchiveWriter, encode_chunk, encode_packed_mask_chunk

@@ -35,7 +35,7 @@ from safetensors.numpy import load_file as np_load_file
 
 import tallzip
 from tallzip.cli.main import cli
-from tallzip.formats.checkpoints import atomic_output, remove_stale_temporaries
+from tallzip.formats.outputs import atomic_output, remove_stale_temporaries
 from tallzip.formats.constants import HEADER_SIZE, HEADER_STRUCT
 from tallzip.formats.errors import FormatError
 

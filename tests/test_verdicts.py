@@ -359,7 +359,8 @@ def test_verify_is_the_same_on_one_thread_and_many_and_reports_progress(fam):
     with tallzip.open(fam["archives"]["bfloat16"]) as arc:
         assert total == sum(s["length"] for s in arc.manifest["sections"])
         n_groups = len(arc.tensors) + sum(1 for s in arc.manifest["sections"] if s["tensor"] not in arc.tensors)
-    assert done == sorted(done) and done[-1] == total and len(done) == n_groups
+    # one call per unit of work, a unit being one chunk: at least one per tensor or side file
+    assert done == sorted(done) and done[-1] == total and len(done) >= n_groups
 
 
 # --- info ---------------------------------------------------------------------------------------
