@@ -15,7 +15,8 @@ from .chunking import chunk_plan, chunk_shape
 
 
 def quant_rows(shape, group: int | None) -> tuple[int, int, int, int]:
-    """(rows, cols, group size, groups per row) of a chunk seen with `shape` (as tallzip.quantize.row_layout)."""
+    """(rows, cols, group size, groups per row) of a tensor or chunk seen with `shape`: rows are the last
+    dimension, groups never cross them; `group` None means one group (one scale) per row."""
     shape = tuple(shape)
     cols = shape[-1] if shape else 1
     rows = math.prod(shape[:-1]) if shape else 1

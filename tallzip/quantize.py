@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .formats.quant_layout import quant_rows as row_layout  # (rows, cols, group, groups per row)
 from .taskvec import as_compute
 
 BITS = {"q8": 8, "q4": 4, "q3": 3, "q2": 2}
@@ -87,16 +88,6 @@ class Quantized:
     @property
     def shape(self) -> tuple:
         return tuple(self.codes.shape)
-
-
-def row_layout(shape, group: int | None) -> tuple[int, int, int, int]:
-    """(rows, cols, group, groups per row) of a tensor shape; group is cols for a per-row scale."""
-    shape = tuple(shape)
-    cols = shape[-1] if shape else 1
-    rows = math.prod(shape[:-1]) if shape else 1
-    size = cols if group is None else group
-    groups = -(-cols // size) if size else 0
-    return rows, cols, max(size, 1), groups
 
 
 def _grouped(x: torch.Tensor, rows: int, cols: int, size: int, groups: int):
