@@ -8,6 +8,7 @@ import pickle
 import re
 import sys
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -228,17 +229,31 @@ def http_server(data):
     thread.join()
 
 
+def _settled(log, until=None, timeout=5.0):
+    """Wait until the server's log stops growing (and `until(log)` holds): its handler thread appends
+    an entry only after the body is sent, so the client can be done before the entry is there."""
+    deadline, size = time.monotonic() + timeout, -1
+    while time.monotonic() < deadline:
+        if len(log) == size and (until is None or until(log)):
+            return
+        size = len(log)
+        time.sleep(0.1)
+
+
 def test_http_pread_reads_only_the_asked_bytes(http_server, data):
     server, base = http_server
+    expected_gets = sum(1 for _, length in RANGES if length)
     with open_source(f"{base}/family.tallz") as src:
         assert src.size == len(data)
+        _settled(server.log)  # the handler logs after sending: let the size request's entry land
         server.log.clear()
         for offset, length in RANGES:
             assert src.pread(offset, length) == data[offset:offset + length]
     asked = sum(length for _, length in RANGES)
+    _settled(server.log, until=lambda log: sum(e[0] == "GET" for e in log) >= expected_gets)
     gets = [entry for entry in server.log if entry[0] == "GET"]
     assert sum(entry[3] for entry in server.log) == asked  # what the server sent, counted on its side
-    assert len(gets) == sum(1 for _, length in RANGES if length)
+    assert len(gets) == expected_gets
     assert all(entry[2] is not None for entry in gets)  # every GET was a range request
     assert src.bytes_read == asked
 
