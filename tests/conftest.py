@@ -57,6 +57,22 @@ def write_family(folder: Path, base, tasks, fmt="safetensors"):
     return base_path, tasks_dir
 
 
+def write_big_family(fam: Path, n_tasks: int = 3) -> int:
+    """A base and n_tasks fine-tunes with one 8192x4096 float32 tensor (128 MiB) each, written one
+    tensor at a time under fam/ (fam/base.safetensors, fam/tasks/tN.safetensors), for the memory-budget
+    tests; returns the big tensor's bytes."""
+    from safetensors.torch import save_file
+    (fam / "tasks").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn((8192, 4096), generator=g) * 0.02
+    save_file({"w": base, "b": base[0].clone()}, str(fam / "base.safetensors"))
+    for t in range(n_tasks):
+        task = base + torch.randn(base.shape, generator=g) * 0.002
+        save_file({"w": task, "b": task[0].clone()}, str(fam / "tasks" / f"t{t}.safetensors"))
+        del task
+    return base.numel() * 4
+
+
 def np_mtv(base, tasks, name):
     """Sum of task vectors in task order, float32, as the authors' code adds them."""
     total = None

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file as np_load_file
-from safetensors.torch import save_file
 
 import tallzip
+from conftest import write_big_family
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,17 +30,7 @@ def test_merge_holds_a_small_memory_budget(tmp_path):
     96 MiB budget (plus 16 MiB the allocator may keep), less than one tensor (the whole-tensor merge
     held several of them)."""
     fam = tmp_path / "big"
-    (fam / "tasks").mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    shape = (8192, 4096)
-    base = torch.randn(shape, generator=g) * 0.02
-    save_file({"w": base, "b": base[0].clone()}, str(fam / "base.safetensors"))
-    for t in range(3):
-        task = base + torch.randn(shape, generator=g) * 0.002
-        save_file({"w": task, "b": task[0].clone()}, str(fam / "tasks" / f"t{t}.safetensors"))
-        del task
-    tensor_bytes = base.numel() * 4
-    del base
+    tensor_bytes = write_big_family(fam)
     archive = tmp_path / "big.tallz"
     tallzip.pack(fam / "tasks", fam / "base.safetensors", archive, memory="256M", chunk_elements=1 << 20,
                  codecs={"float": "zstd", "mask": "bits+zstd"}, device="cpu")

@@ -27,7 +27,7 @@ from tallzip.formats.chunking import chunk_plan
 from tallzip.formats.checkpoints import open_checkpoint
 from tallzip.formats.errors import CorruptArchiveError
 
-from conftest import np_rebuilt, write_family
+from conftest import np_rebuilt, write_big_family, write_family
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -294,20 +294,8 @@ def test_pack_holds_a_small_memory_budget(tmp_path):
     """Tensors of 128 MiB each (base + 3 tasks: 512 MiB of inputs) packed under a 96 MiB budget: the
     process grows by at most the budget (plus 16 MiB the allocator may keep), less than one input
     tensor (a whole-tensor pack held N + 2 of them)."""
-    import torch
-    from safetensors.torch import save_file
     fam = tmp_path / "big"
-    (fam / "tasks").mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    shape = (8192, 4096)
-    base = (torch.randn(shape, generator=g) * 0.02)
-    save_file({"w": base, "b": base[0].clone()}, str(fam / "base.safetensors"))
-    for t in range(3):
-        task = base + torch.randn(shape, generator=g) * 0.002
-        save_file({"w": task, "b": task[0].clone()}, str(fam / "tasks" / f"t{t}.safetensors"))
-        del task
-    tensor_bytes = base.numel() * 4
-    del base
+    tensor_bytes = write_big_family(fam)
     out = tmp_path / "big.tallz"
     proc = subprocess.run([sys.executable, "-c", MEASURE, str(fam / "tasks"), str(fam / "base.safetensors"), str(out),
                            "96M", str(1 << 20)], capture_output=True, text=True, cwd=ROOT, timeout=600)
