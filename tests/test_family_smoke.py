@@ -12,6 +12,7 @@ from benchmarks.data import TASKS, build_split, digits_pools, mnist_pools
 from benchmarks.family import PRESETS, Family, FinetuneRegressionWarning, build_family
 from benchmarks.metrics import normalized_accuracy
 from benchmarks.vit import ViTConfig, VisionTransformer
+from conftest import import_or_skip
 
 TINY = PRESETS["tiny"]
 
@@ -120,7 +121,7 @@ def test_splits_never_overlap():
 
 
 def test_vit_state_dict_matches_open_clip():
-    transformer = pytest.importorskip("open_clip.transformer")
+    transformer = import_or_skip("open_clip.transformer")
     config = ViTConfig(width=32, layers=2, heads=2, mlp_ratio=2.0, output_dim=16)
     ours = VisionTransformer(config).eval()
     theirs = transformer.VisionTransformer(

@@ -22,9 +22,9 @@ import tallzip
 from tallzip.cli.main import cli
 from tallzip.formats.checkpoints import SHARD_INDEX, discover_tasks
 
-from conftest import np_rebuilt
+from conftest import import_or_skip, np_rebuilt
 
-open_clip = pytest.importorskip("open_clip")
+open_clip = import_or_skip("open_clip")
 
 # A CLIP small enough to build in milliseconds, with open_clip's real module tree and names.
 TINY_CLIP = {"embed_dim": 16,

@@ -12,6 +12,7 @@ import torch
 
 from tallzip.formats import safe_pickle
 from tallzip.formats.safe_pickle import CheckpointFormatError, UnsafePickleError, load_state_dict
+from conftest import import_or_skip
 
 
 def assert_same_state_dict(actual, expected):
@@ -152,7 +153,7 @@ def test_pickled_module_reads_without_import(tmp_path, throwaway_modeling, legac
 
 
 def test_pickled_open_clip_model_with_transforms(tmp_path):
-    open_clip = pytest.importorskip("open_clip")
+    open_clip = import_or_skip("open_clip")
     model = open_clip.model.CLIP(
         embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
         text_cfg=dict(context_length=8, vocab_size=50, width=32, heads=2, layers=1))
