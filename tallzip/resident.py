@@ -2,18 +2,26 @@
 
     resident = tallzip.open("family.tallz").resident(device="cuda")
     resident.bind(model)          # the model's weights become views of the resident buffers
-    resident.switch("cars")       # rewrites them in place: base + mask_cars * mtv
+    resident.switch("cars")       # rewrites them in place, bit for bit what load("cars") gives
     model(images)
 
-What stays on the device: the base and base + mtv (both in the base's dtype) of every masked
-tensor, laid end to end in one flat buffer per dtype, every task's mask bit-packed in the same
-layout (1 bit per weight), the tensors no task changed, and each task's own tensors (heads). A
-switch unpacks one task's mask bits and selects between the two buffers into a third, the live
-weights: a few kernels over the whole model rather than a few per tensor. Selecting between
-precomputed base and base + mtv gives exactly the bits of Archive.load(task).
+The tensors tasks rebuild (kind masked, and any base tensor a task added later stores codes or a
+delta for) are laid end to end in one flat buffer per dtype: the base, and the live weights that
+switch() rewrites. What each task keeps besides, by representation:
 
-On a CPU the select is done on the bits, live = base ^ (mask * (base ^ (base + mtv))), with the
-XOR of the two buffers kept instead of base + mtv: PyTorch's `where` runs ~7x slower there (a
+* tall: its mask bit-packed in the same layout (1 bit per weight); with base + mtv (in the base's
+  dtype) held once for all tall tasks, a switch selects between the two buffers into the live one:
+  a few kernels over the whole model. Selecting between precomputed base and base + mtv gives
+  exactly the bits of Archive.load(task).
+* q8/q4/q3/q2: its codes, packed at 8/4/4/2 bits, and its scales (resident_quant.py); a switch
+  computes base + f32(code) * f32(scale) into the live buffer, slice by slice: no float copy.
+* exact: its tensors themselves (lossless, so a full copy in the base's dtype); a switch copies them.
+
+Tensors no task changed are held once; each task's own tensors (heads, and tensors it keeps in
+another dtype) are held per task.
+
+On a CPU the tall select is done on the bits, live = base ^ (mask * (base ^ (base + mtv))), with
+the XOR of the two buffers kept instead of base + mtv: PyTorch's `where` runs ~7x slower there (a
 branch per element), the integer multiply and XOR vectorize.
 """
 from __future__ import annotations
@@ -27,17 +35,19 @@ import torch
 from . import taskvec
 from .bits import unpack_bits
 from .errors import TallzipError
-from .formats.constants import KIND_MASKED, KIND_SHARED, ROLE_MASK
+from .formats.constants import (KIND_MASKED, KIND_SHARED, REPRESENTATION_EXACT, REPRESENTATION_TALL, ROLE_DELTA,
+                                ROLE_MASK, ROLE_OWN, ROLE_QCODES)
 from .formats.tensors import torch_bits_dtype, torch_dtype
 from .formats.writer import available_cpus
 from .packing import resolve_device
+from .resident_quant import GroupLayout, QuantTask, quant_covered, runs
 
 _ALIGN = 64  # elements: every tensor starts on a whole byte of mask bits and an aligned address
 _CPU_SLICE = 1 << 20  # elements per step of a switch on a CPU (a multiple of 8)
 
 
 class _Group:
-    """The masked tensors of one dtype, end to end: base, base + mtv and the live weights."""
+    """The rebuilt tensors of one dtype, end to end: base, (base + mtv) and the live weights."""
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
@@ -60,91 +70,141 @@ class Resident:
     def __init__(self, archive, device="auto", tasks=None):
         self.archive = archive
         self.device = resolve_device(device)
-        self.tasks = list(tasks) if tasks is not None else [t for t in archive.tasks if archive.representation(t) == "tall"]
+        self.tasks = list(tasks) if tasks is not None else list(archive.tasks)
         for task in self.tasks:
             archive.task_entry(task)  # unknown names fail here, with the list of tasks
-            if archive.representation(task) != "tall":
-                raise TallzipError(f"task {task!r} is kept as {archive.representation(task)}, not tall: resident "
-                                   "serving switches masks only; give tasks=[the tall ones], or load() it")
+        self.representations = {t: archive.representation(t) for t in self.tasks}
+        self._tall = [t for t in self.tasks if self.representations[t] == REPRESENTATION_TALL]
         self.current: str | None = None
         self._groups: dict[torch.dtype, _Group] = {}
         self._shared: dict[str, torch.Tensor] = {}
         self._own: dict[str, dict[str, torch.Tensor]] = {t: {} for t in self.tasks}
+        self._quant: dict[str, dict[torch.dtype, QuantTask]] = {}
+        self._exact: dict[str, dict[torch.dtype, torch.Tensor]] = {}
+        self._from_base: dict[str, dict[torch.dtype, list]] = {}  # q* task -> runs it takes from the base
+        self._layouts: dict[tuple, GroupLayout] = {}
         self._bound: dict[str, torch.Tensor] = {}  # name -> the module tensor whose .data follows switches
         self._load()
 
     # --- building ---------------------------------------------------------------------------
+    def _own_section(self, task: str, name: str) -> bool:
+        return self.archive.reader.section(ROLE_OWN, name, task) is not None
+
     def _load(self):
         archive, device = self.archive, self.device
         masked = [n for n, info in archive.tensors.items() if info["kind"] == KIND_MASKED]
-        for name in masked:
+        # a base tensor the others share, for which a task added later stores its own codes or delta
+        rebuilt_shared = [n for n, info in archive.tensors.items() if info["kind"] == KIND_SHARED and any(
+            archive.reader.section(role, n, t) is not None for t in self.tasks for role in (ROLE_QCODES, ROLE_DELTA))]
+        switched = masked + rebuilt_shared
+        for name in switched:
             info = archive.tensors[name]
             dtype = torch_dtype(info["dtype"])
             self._groups.setdefault(dtype, _Group(dtype)).add(name, info["shape"])
         self._base, self._plus, self._live = {}, {}, {}
-        self._bits = {t: {} for t in self.tasks}
+        self._bits = {t: {} for t in self._tall}
         for dtype, group in self._groups.items():
             self._base[dtype] = torch.zeros(group.size, dtype=dtype, device=device)
-            self._plus[dtype] = torch.zeros(group.size, dtype=dtype, device=device)  # the XOR, on a CPU
-            for task in self.tasks:
+            if self._tall:
+                self._plus[dtype] = torch.zeros(group.size, dtype=dtype, device=device)  # the XOR, on a CPU
+            for task in self._tall:
                 self._bits[task][dtype] = torch.zeros(group.size // 8, dtype=torch.uint8, device=device)
         # Decoding (the costly part) runs on worker threads, a few tensors ahead, one per job.
         workers = available_cpus()
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tallzip-resident") as pool:
-            pending = deque(pool.submit(self._decode_masked, name) for name in masked[:workers + 1])
-            for i, name in enumerate(masked):
+            pending = deque(pool.submit(self._decode_switched, name) for name in switched[:workers + 1])
+            for i, name in enumerate(switched):
                 base, mtv, bits = pending.popleft().result()
-                if i + workers + 1 < len(masked):
-                    pending.append(pool.submit(self._decode_masked, masked[i + workers + 1]))
+                if i + workers + 1 < len(switched):
+                    pending.append(pool.submit(self._decode_switched, switched[i + workers + 1]))
                 group = self._groups[torch_dtype(archive.tensors[name]["dtype"])]
                 offset, count, _ = group.spans[name]
                 base_d = base.to(device).reshape(-1)
+                self._base[group.dtype][offset:offset + count] = base_d
+                if mtv is None:
+                    if self._tall:
+                        self._plus[group.dtype][offset:offset + count] = base_d  # no mask selects it
+                    continue
                 # base + mtv rounded to the base's dtype once, here: taskvec.rebuild rounds the same sum
                 plus = (taskvec.as_compute(base_d) + mtv.to(device).reshape(-1)).to(base.dtype)
-                self._base[group.dtype][offset:offset + count] = base_d
                 self._plus[group.dtype][offset:offset + count] = plus
                 start = offset // 8
-                for task, packed in zip(self.tasks, bits):
+                for task, packed in zip(self._tall, bits):
                     self._bits[task][group.dtype][start:start + packed.size] = torch.from_numpy(packed.copy()).to(device)
         for dtype in self._groups:
             self._live[dtype] = self._base[dtype].clone()
-            if device.type == "cpu":
+            if device.type == "cpu" and self._tall:
                 bits = torch_bits_dtype(dtype.itemsize)
                 self._plus[dtype].view(bits).bitwise_xor_(self._base[dtype].view(bits))
         for name, info in archive.tensors.items():
-            if info["kind"] == KIND_SHARED:
+            if info["kind"] == KIND_SHARED and name not in rebuilt_shared:
                 self._shared[name] = archive.base_tensor(name).to(device)
         for task in self.tasks:
-            for name, dtype in archive.task_entry(task)["tensors"]:
-                info = archive.tensors.get(name)
-                if info is None or info["kind"] not in (KIND_MASKED, KIND_SHARED):
-                    self._own[task][name] = archive.task_tensor(task, name, device)
-                elif torch_dtype(dtype) != torch_dtype(info["dtype"]):
-                    self._own[task][name] = None  # masked or shared, but the task keeps another dtype: cast per switch
+            self._load_task(task)
 
-    def _decode_masked(self, name):
+    def _load_task(self, task: str):
+        """The task's own tensors, and what its representation keeps (q* codes, exact tensors)."""
+        archive, rep = self.archive, self.representations[task]
+        in_group = {}  # dtype -> names of the layout the task rebuilds from its representation
+        for name, dtype in archive.task_entry(task)["tensors"]:
+            info = archive.tensors.get(name)
+            group = self._groups.get(torch_dtype(info["dtype"])) if info is not None else None
+            switched = group is not None and name in group.spans
+            if info is None or not (switched or info["kind"] == KIND_SHARED) or self._own_section(task, name):
+                self._own[task][name] = archive.task_tensor(task, name, self.device)
+            elif torch_dtype(dtype) != torch_dtype(info["dtype"]):
+                # kept in another dtype than the base's: tall casts the live weights per switch; a q*
+                # rebuild rounds once to the task's dtype, so that tensor is held as the task's own
+                self._own[task][name] = None if rep == REPRESENTATION_TALL else archive.task_tensor(task, name, self.device)
+            elif switched and rep != REPRESENTATION_TALL:
+                in_group.setdefault(group.dtype, []).append(name)
+        if rep == REPRESENTATION_EXACT:
+            self._exact[task] = {}
+            for dtype, group in self._groups.items():
+                flat = self._base[dtype].clone()
+                for name in in_group.get(dtype, []):
+                    if archive.reader.section(ROLE_DELTA, name, task) is not None:
+                        offset, count, _ = group.spans[name]
+                        flat[offset:offset + count] = archive.task_tensor(task, name, self.device).reshape(-1)
+                self._exact[task][dtype] = flat
+        elif rep != REPRESENTATION_TALL:
+            self._quant[task], self._from_base[task] = {}, {}
+            group_setting = archive.task_entry(task)["quant"]["group"]
+            for dtype, group in self._groups.items():
+                covered = quant_covered(archive, task, in_group.get(dtype, []))
+                key = (dtype, group_setting)
+                if key not in self._layouts:
+                    plans = {n: archive.plan(None, n) for n in group.spans}
+                    self._layouts[key] = GroupLayout(group.spans, plans, group.size, group_setting, self.device)
+                self._quant[task][dtype] = QuantTask(archive, task, group, self._layouts[key], covered, self.device)
+                self._from_base[task][dtype] = runs(group.spans, [n for n in group.spans if n not in covered])
+
+    def _decode_switched(self, name):
+        """(base, mtv or None, [each tall task's mask bits]) of one tensor of the layout."""
         archive = self.archive
+        if archive.tensors[name]["kind"] != KIND_MASKED or not self._tall:
+            return archive.base_tensor(name), None, []
         mtv = archive.mtv(name)
         context = archive._mask_context(name, mtv)  # one context for all tasks: the codec reuses what it derives
-        bits = [archive.reader.read_mask_bits(archive._section(ROLE_MASK, name, task), context) for task in self.tasks]
+        bits = [archive.reader.read_mask_bits(archive._section(ROLE_MASK, name, task), context) for task in self._tall]
         return archive.base_tensor(name), mtv, bits
 
     # --- switching --------------------------------------------------------------------------
     def switch(self, task: str) -> "Resident":
-        """Make `task` the live weights: base + mask_task * mtv, written in place."""
+        """Make `task` the live weights (its representation's rebuild), written in place."""
         if task not in self._own:
             raise TallzipError(f"task {task!r} is not resident; resident tasks: {', '.join(self.tasks)}")
+        rep = self.representations[task]
         for dtype, group in self._groups.items():
-            bits, plus, base, live = self._bits[task][dtype], self._plus[dtype], self._base[dtype], self._live[dtype]
-            if self.device.type != "cpu":  # one pass over everything
-                torch.where(unpack_bits(bits, group.size), plus, base, out=live)
-                continue
-            view = torch_bits_dtype(dtype.itemsize)
-            base_i, flip_i, live_i = base.view(view), plus.view(view), live.view(view)
-            for start in range(0, group.size, _CPU_SLICE):  # slices keep the unpacked mask in cache
-                stop = min(group.size, start + _CPU_SLICE)
-                mask = unpack_bits(bits[start // 8:stop // 8], stop - start)
-                torch.mul(flip_i[start:stop], mask, out=live_i[start:stop]).bitwise_xor_(base_i[start:stop])
+            base, live = self._base[dtype], self._live[dtype]
+            if rep == REPRESENTATION_EXACT:
+                live.copy_(self._exact[task][dtype])
+            elif rep != REPRESENTATION_TALL:
+                self._quant[task][dtype].rebuild_into(live, base)
+                for offset, count in self._from_base[task][dtype]:
+                    live[offset:offset + count].copy_(base[offset:offset + count])
+            else:
+                self._switch_tall(task, dtype, group, base, live)
         self.current = task
         if self._bound:
             for name, tensor in self._task_tensors(task).items():
@@ -153,6 +213,18 @@ class Resident:
                     if target.data_ptr() != tensor.data_ptr() or target.shape != tensor.shape:
                         target.data = tensor
         return self
+
+    def _switch_tall(self, task, dtype, group, base, live):
+        bits, plus = self._bits[task][dtype], self._plus[dtype]
+        if self.device.type != "cpu":  # one pass over everything
+            torch.where(unpack_bits(bits, group.size), plus, base, out=live)
+            return
+        view = torch_bits_dtype(dtype.itemsize)
+        base_i, flip_i, live_i = base.view(view), plus.view(view), live.view(view)
+        for start in range(0, group.size, _CPU_SLICE):  # slices keep the unpacked mask in cache
+            stop = min(group.size, start + _CPU_SLICE)
+            mask = unpack_bits(bits[start // 8:stop // 8], stop - start)
+            torch.mul(flip_i[start:stop], mask, out=live_i[start:stop]).bitwise_xor_(base_i[start:stop])
 
     def state_dict(self, task: str | None = None) -> "OrderedDict[str, torch.Tensor]":
         """The live task's tensors, in its original order: views of the resident buffers (they
@@ -170,11 +242,10 @@ class Resident:
             if name in own and own[name] is not None:
                 out[name] = own[name]
                 continue
-            info = self.archive.tensors[name]
-            if info["kind"] == KIND_SHARED:
+            if name in self._shared:
                 tensor = self._shared[name]
             else:
-                group = self._groups[torch_dtype(info["dtype"])]
+                group = self._groups[torch_dtype(self.archive.tensors[name]["dtype"])]
                 tensor = group.view(self._live[group.dtype], name)
             out[name] = tensor if name not in own else tensor.to(torch_dtype(dtype))
         return out
@@ -204,10 +275,21 @@ class Resident:
                                f"({len(missing)} missing; pass prefix=... or strict=False)")
         return bound
 
+    def memory(self) -> dict:
+        """Device bytes held: {"shared": what all tasks use (base, live weights, base + mtv when a
+        task is tall, unchanged tensors, q* group layouts), "tasks": {task: what only it holds}}."""
+        size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors if t is not None)  # noqa: E731
+        shared = size([*self._base.values(), *self._plus.values(), *self._live.values(), *self._shared.values()])
+        shared += sum(layout.nbytes for layout in self._layouts.values())
+        tasks = {}
+        for task in self.tasks:
+            held = size(self._own[task].values()) + size(self._bits.get(task, {}).values())
+            held += size(self._exact.get(task, {}).values()) + sum(q.nbytes for q in self._quant.get(task, {}).values())
+            tasks[task] = held
+        return {"shared": shared, "tasks": tasks}
+
     @property
     def nbytes(self) -> int:
         """Device memory held."""
-        tensors = [*self._base.values(), *self._plus.values(), *self._live.values(), *self._shared.values(),
-                   *(b for per_task in self._bits.values() for b in per_task.values()),
-                   *(t for per_task in self._own.values() for t in per_task.values() if t is not None)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        memory = self.memory()
+        return memory["shared"] + sum(memory["tasks"].values())
