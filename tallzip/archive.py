@@ -375,8 +375,10 @@ class Archive:
         return OrderedDict(self.iter_task(task, device))
 
     def resident(self, device="auto", tasks=None):
-        """Keep the base, the mtv and every task's bit-packed mask on `device`, for serving many
-        tasks from one process: `switch(task)` then rewrites the weights in place (see Resident)."""
+        """Keep the family on `device` for serving many tasks from one process (all tasks, or
+        `tasks`): the base, and per task what its representation needs (tall: its bit-packed mask,
+        with base + mtv once; q*: its codes and scales; exact: its tensors). `switch(task)` then
+        rewrites the weights in place, bit for bit what load(task) gives (see resident.py)."""
         from .resident import Resident
         return Resident(self, device, tasks)
 
