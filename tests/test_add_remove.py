@@ -171,3 +171,40 @@ def test_base_by_reference_add_needs_the_base_remove_does_not(packed):
     with tallzip.open(out, base=tmp_path / "base.safetensors") as arc:
         assert arc.tasks == ["t1", "t2", "n"]
         assert all(arc.load("n")[k].numpy().tobytes() == v.tobytes() for k, v in new.items())
+
+
+@pytest.mark.parametrize("command", ["add", "remove"])
+def test_every_write_of_an_edit_leaves_the_old_or_the_new_archive(packed, monkeypatch, command):
+    """kill -9 at any moment: the disk is then as it is between two system calls of the edit. At
+    each call that writes, syncs or renames, the target holds the old archive's bytes or the new
+    one's, all of them (the switch happens once, at the rename), and nothing else is ever there."""
+    tmp_path, _, _, _, out = packed
+    old = hashlib.sha256(out.read_bytes()).hexdigest()
+    seen = []
+
+    def look():
+        seen.append(hashlib.sha256(out.read_bytes()).hexdigest())
+
+    for name in ("pwrite", "ftruncate", "fsync", "replace"):
+        real = getattr(os, name)
+
+        def spy(*args, _real=real):
+            look()
+            result = _real(*args)
+            look()
+            return result
+        monkeypatch.setattr(os, name, spy)
+    if command == "add":
+        tallzip.editing.add(out, tmp_path / "new" / "n.safetensors", "n", keep="q4")
+    else:
+        tallzip.editing.remove(out, "t1")
+    monkeypatch.undo()
+    new = hashlib.sha256(out.read_bytes()).hexdigest()
+    assert new != old and len(seen) > 40  # many moments: one per chunk written, at least
+    switch = seen.index(new)
+    assert set(seen[:switch]) == {old} and set(seen[switch:]) == {new}
+    with tallzip.open(out) as arc:
+        tallzip.inspect.verify(arc)  # every checksum and decoding (raises on damage)
+        report = tallzip.inspect.verify(arc, tmp_path / "tasks")
+        assert all(report["tasks"][t]["verdict"] == "matches" for t in report["tasks"]), report
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".a.tallz")]
