@@ -281,3 +281,25 @@ def test_select_representation_refuses_bad_settings():
         tallzip.select_representation(lambda t, s: 0.0, tolerance=-1)
     with pytest.raises(TallzipError, match="'tall' is not one of"):
         tallzip.select_representation(lambda t, s: 0.0, candidates=("tall",))
+
+
+@pytest.mark.parametrize("fraction,verdict", [(0.25, "matches"), (0.45, "matches"), (0.55, "differs"), (0.75, "differs")])
+def test_verify_q4_says_no_just_beyond_half_a_scale(family, fraction, verdict):
+    """One weight moved to `fraction` of its stored scale from its q4 value (scale and value computed
+    here in numpy from the inputs): within half a scale it matches, beyond it differs."""
+    tmp_path, base, tasks = family
+    out = _pack(tmp_path, {"t0": "q4", "*": "q3"})
+    tau = tasks["t0"]["b"].astype(np.float32) - base["b"]
+    group = tau[:GROUP]
+    scale = _bf16_round_up(np.abs(group).max(keepdims=True) / np.float32(7))[0]
+    i = int(np.argmin(np.abs(group)))  # not the group's largest: the stored scale stays what it is
+    value = np.float32(np.rint(group[i] / scale) * scale)
+    folder = tmp_path / f"moved{fraction}"
+    shutil.copytree(tmp_path / "tasks", folder)
+    t = np_load(str(folder / "t0.safetensors"))
+    t["b"][i] = base["b"][i] + value + np.float32(fraction) * scale
+    np_save(t, str(folder / "t0.safetensors"))
+    with tallzip.open(out) as arc:
+        report = tallzip.inspect.verify(arc, folder)
+    assert report["tasks"]["t0"]["verdict"] == verdict, report["tasks"]["t0"]
+    assert report["tasks"]["t1"]["verdict"] == "matches"
