@@ -6,7 +6,8 @@ for one family whose tasks are kept tall, q8, q4, q2 and exact side by side (one
 The family is synthetic (benchmarks.family's real one is small): a base of ViT-like float32
 matrices (--params millions of weights) and five fine-tunes, each the base plus a sparse-ish
 Laplace task vector. Memory is Resident.memory(); a switch is timed from one task to another
-(the live weights rewritten), the median of --repeats after one warm-up.
+(the live weights rewritten), the median of --repeats after one warm-up; each task's live weights
+are then checked bit for bit against Archive.load.
 """
 from __future__ import annotations
 
@@ -76,6 +77,8 @@ def main(argv=None):
                         torch.cuda.synchronize()
                     if i:
                         times.append(time.perf_counter() - t0)
+                state, loaded = resident.state_dict(), arc.load(task)  # the live weights are load()'s
+                assert all(torch.equal(state[k].view(torch.uint8), v.view(torch.uint8)) for k, v in loaded.items()), task
                 held = memory["tasks"][task]
                 print(f"{task:6} {held / 2**20:9.2f} {held / n:13.3f} {1e3 * statistics.median(times):19.1f}")
 

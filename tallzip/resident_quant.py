@@ -9,7 +9,9 @@ The groups of SPEC.md never cross a chunk's rows, and chunks cut tensors at rows
 elements, so which scale an element takes depends on the chunk plan. A GroupLayout lists the
 length of every quantization group along a dtype group's flat layout (alignment padding between
 tensors is a group of its own, with scale 0), once per `group` setting; a slice of the layout then
-takes its elements' scales with one repeat_interleave. The arithmetic is the SPEC's, one float32
+takes its elements' scales by broadcasting over rows of groups where the groups there are all of
+one length (the common case), with one repeat_interleave where they are not. A lookup table turns
+the held bytes into f32(code) in one gather. The arithmetic is the SPEC's, one float32
 operation at a time, so the live weights are bit for bit what Archive.load gives.
 """
 from __future__ import annotations
@@ -28,6 +30,44 @@ SLICE_ELEMENTS = {"cpu": 1 << 20, "other": 1 << 24}  # a multiple of 8; small on
 def held_bits(bits: int) -> int:
     """Bits per code on the device: a power of two at least `bits` (q3 codes take 4)."""
     return 8 if bits > 4 else 4 if bits > 2 else 2
+
+
+MIN_UNIFORM = 16  # groups: a shorter run of equal lengths joins its neighbours' repeat_interleave
+
+
+def _segments(lengths: np.ndarray, step: int) -> list:
+    """The layout cut at group boundaries into segments of at most ~`step` elements: (a, b, g0, g1,
+    size), elements [a, b) = groups [g0, g1), size > 0 when every group there has that length (the
+    scales then broadcast over rows of `size`), 0 when they differ (repeat_interleave)."""
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    n = lengths.size
+    edges = np.flatnonzero(np.diff(lengths)) + 1  # where a run of equal lengths ends
+    runs = zip(np.concatenate([[0], edges]).tolist(), np.concatenate([edges, [n]]).tolist()) if n else []
+    out, pending = [], None  # pending: groups [g0, g1) of short runs, not yet emitted
+
+    def emit(g0, g1, size):
+        per = max(1, step // max(size, 1)) if size else None
+        g = g0
+        while g < g1:
+            if size:
+                h = min(g1, g + per)
+            else:  # whole groups up to ~step elements
+                h = int(np.searchsorted(starts, starts[g] + step, side="right")) - 1
+                h = min(g1, max(h, g + 1))
+            out.append((int(starts[g]), int(starts[h]), g, h, size))
+            g = h
+
+    for g0, g1 in runs:
+        if g1 - g0 >= MIN_UNIFORM:
+            if pending:
+                emit(*pending, 0)
+                pending = None
+            emit(g0, g1, int(lengths[g0]))
+        else:
+            pending = (pending[0], g1) if pending else (g0, g1)
+    if pending:
+        emit(*pending, 0)
+    return out
 
 
 class GroupLayout:
@@ -56,16 +96,9 @@ class GroupLayout:
             lengths.append(np.array([size - position], dtype=np.int64))
             groups += 1
         lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(lengths)])
         self.groups = groups
         self.lengths = torch.from_numpy(lengths).to(device)
-        step = SLICE_ELEMENTS["cpu" if device.type == "cpu" else "other"]
-        self.slices = []  # (a, b, g0, g1, e0, e1): elements [a, b) lie in groups [g0, g1) = elements [e0, e1)
-        for a in range(0, size, step):
-            b = min(size, a + step)
-            g0 = int(np.searchsorted(starts, a, side="right")) - 1
-            g1 = int(np.searchsorted(starts, b, side="left"))
-            self.slices.append((a, b, g0, g1, int(starts[g0]), int(starts[g1])))
+        self.segments = _segments(lengths, SLICE_ELEMENTS["cpu" if device.type == "cpu" else "other"])
 
     @property
     def nbytes(self) -> int:
@@ -84,11 +117,12 @@ def _pack(u: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    if bits == 8:
-        return packed
-    mask = (1 << bits) - 1
-    return torch.stack([(packed >> (k * bits)) & mask for k in range(8 // bits)], dim=1).reshape(-1)
+def _table(bits: int, shift: int, device) -> torch.Tensor:
+    """(256, 8 // bits) float32: the codes a held byte holds, as f32(code) (u - shift, exact)."""
+    per = 8 // bits
+    byte = np.arange(256, dtype=np.int64)[:, None]
+    u = (byte >> (np.arange(per) * bits)) & ((1 << bits) - 1)
+    return torch.from_numpy((u - shift).astype(np.float32)).to(device)
 
 
 class QuantTask:
@@ -118,6 +152,7 @@ class QuantTask:
             if offsets is not None:
                 offsets[first:first + n] = torch.cat([o for _, _, o, _ in parts])
         self.codes, self.scales = codes.to(device), scales.to(device)
+        self.table = _table(self.bits, self.shift, device)
         self.offsets = None if offsets is None else offsets.to(device)
 
     @property
@@ -126,16 +161,21 @@ class QuantTask:
         return sum(t.numel() * t.element_size() for t in held)
 
     def rebuild_into(self, live: torch.Tensor, base: torch.Tensor):
-        """live = cast(as_compute(base) + value) over the whole layout, one slice at a time."""
-        lengths, per_byte = self.layout.lengths, 8 // self.bits
-        for a, b, g0, g1, e0, e1 in self.layout.slices:
-            value = _unpack(self.codes[a // per_byte:b // per_byte], self.bits).to(torch.float32)
-            if self.shift:
-                value.sub_(self.shift)  # exact: small integers
-            reps = lengths[g0:g1]
-            value.mul_(torch.repeat_interleave(self.scales[g0:g1], reps, output_size=e1 - e0)[a - e0:b - e0])
-            if self.offsets is not None:
-                value.add_(torch.repeat_interleave(self.offsets[g0:g1], reps, output_size=e1 - e0)[a - e0:b - e0])
+        """live = cast(as_compute(base) + value) over the whole layout, one segment at a time."""
+        per = 8 // self.bits
+        for a, b, g0, g1, size in self.layout.segments:
+            first = a // per
+            value = self.table[self.codes[first:-(-b // per)].long()].reshape(-1)[a - first * per:b - first * per]
+            if size:  # every group of the segment has `size` elements: scales broadcast over rows
+                rows = value.view(g1 - g0, size)
+                rows.mul_(self.scales[g0:g1, None])
+                if self.offsets is not None:
+                    rows.add_(self.offsets[g0:g1, None])
+            else:
+                reps = self.layout.lengths[g0:g1]
+                value.mul_(torch.repeat_interleave(self.scales[g0:g1], reps, output_size=b - a))
+                if self.offsets is not None:
+                    value.add_(torch.repeat_interleave(self.offsets[g0:g1], reps, output_size=b - a))
             base_c = as_compute(base[a:b])
             if base_c.dtype == live.dtype:
                 torch.add(base_c, value.to(base_c.dtype), out=live[a:b])

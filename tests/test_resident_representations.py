@@ -11,7 +11,9 @@ from safetensors.numpy import save_file as np_save
 
 import tallzip
 
-from test_representations import GROUP, ROWS, np_quant_rebuild
+from test_representations import GROUP, ROWS as _ROWS, np_quant_rebuild
+
+ROWS = {**_ROWS, "m": (64, 256)}
 
 CHUNK = 1024
 
@@ -22,6 +24,7 @@ def family(tmp_path):
     base = {"w": rng.standard_normal((40, 300)).astype(np.float32),   # chunks of 3 whole rows
             "v": rng.standard_normal(3000).astype(np.float32),        # 1-d, chunks of 1024
             "b": rng.standard_normal(300).astype(np.float32),
+            "m": rng.standard_normal((64, 256)).astype(np.float32),   # groups all of 128: scales broadcast
             "z": np.array([0.0, -0.0, 1.5, -2.25] * 8, dtype=np.float32),
             "same": rng.standard_normal(20).astype(np.float32),
             "step": np.arange(4, dtype=np.int64)}
@@ -67,7 +70,7 @@ def test_switching_between_tall_q4_exact_and_q2_is_load_and_the_numpy_formulas(f
             for name, tensor in loaded.items():
                 assert state[name].dtype == tensor.dtype and bits_of(state[name]) == bits_of(tensor), (task, name)
             original = tasks[task]
-            for name in ("w", "v", "b", "z"):
+            for name in ("w", "v", "b", "m", "z"):
                 got = state[name].numpy()
                 if task == "t2":
                     want = original[name]
@@ -88,9 +91,9 @@ def test_a_q4_task_holds_codes_and_scales_not_a_float_copy(family):
         held = resident.memory()["tasks"]
     # counted here from the shapes: every changed tensor at 4 bits a weight (its slot rounded up to
     # 64 weights) plus a float32 scale per group of 128 of a chunk's row; its head as float32
-    changed = {n: base[n].shape for n in ("w", "v", "b", "z")}
+    changed = {n: base[n].shape for n in ("w", "v", "b", "m", "z")}
     slots = sum(-(-int(np.prod(s)) // 64) * 64 for s in changed.values())
-    groups = 40 * -(-300 // GROUP) + sum(-(-c // GROUP) for c in (1024, 1024, 952)) + -(-300 // GROUP) + 1
+    groups = 40 * -(-300 // GROUP) + sum(-(-c // GROUP) for c in (1024, 1024, 952)) + -(-300 // GROUP) + 64 * 2 + 1
     pads = sum(1 for s in changed.values() if int(np.prod(s)) % 64)
     head = 3 * 5 * 4 + 4 * 8  # and its int64 step counter
     # (the layout holds one scale slot for each padding run; the last tensor's may be absent)
