@@ -303,3 +303,36 @@ def test_verify_q4_says_no_just_beyond_half_a_scale(family, fraction, verdict):
         report = tallzip.inspect.verify(arc, folder)
     assert report["tasks"]["t0"]["verdict"] == verdict, report["tasks"]["t0"]
     assert report["tasks"]["t1"]["verdict"] == "matches"
+
+
+def test_fixture_with_representations_still_reads():
+    """tests/fixtures/reps-family.tallz (make_reps_fixture.py) holds a q4, an exact, a tall and an
+    added q2 task: each rebuilds as the numpy formulas say from the regenerated inputs."""
+    import sys
+    from pathlib import Path
+    from conftest import np_rebuilt
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    sys.path.insert(0, str(fixtures))
+    try:
+        from make_v1_fixture import LAMBDA, fixture_family
+    finally:
+        sys.path.remove(str(fixtures))
+    base, tasks = fixture_family()
+    rows = {"enc.w": (24, 20), "enc.b": (1, 24)}
+    with tallzip.open(fixtures / "reps-family.tallz") as arc:
+        assert {t: arc.representation(t) for t in arc.tasks} == {"task0": "q4", "task1": "exact", "task2": "tall",
+                                                                 "added": "q2"}
+        assert {s["role"] for s in arc.manifest["sections"]} >= {"qcodes", "qscales", "qoffsets", "delta", "mtv", "mask"}
+        for task, source, rep in (("task0", "task0", "q4"), ("task1", "task1", "exact"), ("task2", "task2", "tall"),
+                                  ("added", "task0", "q2")):
+            got = {n: v.numpy() for n, v in arc.load(task).items()}
+            original = tasks[source]
+            assert set(got) == set(original)
+            for name in ("enc.w", "enc.b"):
+                want = {"q4": lambda: np_quant_rebuild(base[name], original[name], 4, rows[name]),
+                        "q2": lambda: np_quant_rebuild(base[name], original[name], 2, rows[name]),
+                        "exact": lambda: original[name],
+                        "tall": lambda: np_rebuilt(base, tasks, task, name, LAMBDA)}[rep]()
+                assert got[name].tobytes() == want.tobytes(), (task, name)
+            for name in ("frozen.emb", "head.weight", "steps"):
+                assert got[name].tobytes() == original[name].tobytes(), (task, name)
