@@ -1,7 +1,7 @@
 """Resident serving by representation: device memory each task holds and the median switch time,
 for one family whose tasks are kept tall, q8, q4, q2 and exact side by side (one archive).
 
-    python -m benchmarks.resident_reps [--params 16] [--repeats 9] [--device cpu]
+    python -m benchmarks.resident_reps [--params 16] [--repeats 9] [--device cpu] [--threads N]
 
 The family is synthetic (benchmarks.family's real one is small): a base of ViT-like float32
 matrices (--params millions of weights) and five fine-tunes, each the base plus a sparse-ish
@@ -48,7 +48,10 @@ def main(argv=None):
     parser.add_argument("--params", type=int, default=16, help="millions of weights in the base")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         n = write_family(folder, args.params)
@@ -59,7 +62,8 @@ def main(argv=None):
             resident = arc.resident(device=args.device)
             build = time.perf_counter() - t0
             memory = resident.memory()
-            print(f"{n / 1e6:.1f}M weights (float32, {4 * n / 2**20:.0f} MiB a copy), device {resident.device}, "
+            print(f"{n / 1e6:.1f}M weights (float32, {4 * n / 2**20:.0f} MiB a copy), device {resident.device} "
+                  f"({torch.get_num_threads()} CPU threads), "
                   f"built in {build:.1f} s; shared {memory['shared'] / 2**20:.1f} MiB "
                   f"(base, live weights, base + mtv for the tall task)")
             print(f"{'task':6} {'held MiB':>9} {'bytes/weight':>13} {'switch ms (median)':>19}")
