@@ -208,3 +208,24 @@ def test_every_write_of_an_edit_leaves_the_old_or_the_new_archive(packed, monkey
         report = tallzip.inspect.verify(arc, tmp_path / "tasks")
         assert all(report["tasks"][t]["verdict"] == "matches" for t in report["tasks"]), report
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".a.tallz")]
+
+
+def test_a_removed_tasks_space_is_gone(packed):
+    """README/SPEC: remove rewrites the file, so no byte of the removed task is left (no dead bytes
+    to compact): after the header, the file is the listed chunks, each 64-byte aligned with at most
+    63 zero bytes before it, then the manifest; and the file shrank by at least the task's bytes."""
+    _, _, _, _, out = packed
+    with tallzip.open(out) as arc:
+        gone = sum(s["length"] for s in arc.manifest["sections"] if s["task"] == "t1")
+    before = out.stat().st_size
+    tallzip.editing.remove(out, "t1")
+    data = out.read_bytes()
+    manifest_at = int.from_bytes(data[16:24], "little")
+    with tallzip.open(out) as arc:
+        chunks = sorted((c["offset"], c["length"]) for s in arc.manifest["sections"] for c in s["chunks"])
+    position = 72
+    for offset, length in chunks:
+        assert position <= offset < position + 64 and not any(data[position:offset])
+        position = offset + length
+    assert position <= manifest_at < position + 64 and not any(data[position:manifest_at])
+    assert before - len(data) >= gone - 64 * 4  # (the manifest shrinks too; padding may move)
