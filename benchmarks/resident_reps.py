@@ -82,7 +82,8 @@ def main(argv=None):
                     if i:
                         times.append(time.perf_counter() - t0)
                 state, loaded = resident.state_dict(), arc.load(task)  # the live weights are load()'s
-                assert all(torch.equal(state[k].view(torch.uint8), v.view(torch.uint8)) for k, v in loaded.items()), task
+                differ = [k for k, v in loaded.items() if not torch.equal(state[k].view(torch.uint8), v.view(torch.uint8))]
+                assert not differ, (task, differ)
                 held = memory["tasks"][task]
                 print(f"{task:6} {held / 2**20:9.2f} {held / n:13.3f} {1e3 * statistics.median(times):19.1f}")
 

@@ -97,6 +97,11 @@ def test_add_exact_and_refusals(packed):
         tallzip.editing.add(out, tmp_path / "new" / "n.safetensors", "n", keep="tall")
     with pytest.raises(TallzipError, match="already has a task 't1'"):
         tallzip.editing.add(out, tmp_path / "new" / "n.safetensors", "t1", keep="q4")
+    before = out.read_bytes()
+    result = CliRunner().invoke(cli, ["add", str(out), str(tmp_path / "new" / "n.safetensors"), "--task", "n",
+                                      "--keep", "tall"])
+    assert result.exit_code == 1 and "not in the stored mtv" in result.output and "Traceback" not in result.output
+    assert out.read_bytes() == before
     result = CliRunner().invoke(cli, ["add", str(out), str(tmp_path / "new" / "n.safetensors"), "--task", "n",
                                       "--keep", "exact"])
     assert result.exit_code == 0, result.output
