@@ -144,3 +144,16 @@ def test_added_tasks_are_served_too(family):
         assert state["same"].numpy().tobytes() == np_quant_rebuild(base["same"], new["same"], 4, (1, 20)).tobytes()
         assert resident.switch("t0").state_dict()["same"].numpy().tobytes() == base["same"].tobytes()
         assert resident.switch("nx").state_dict()["same"].numpy().tobytes() == new["same"].tobytes()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_switching_across_representations_equals_load(family):
+    """On a GPU the q* rebuild runs there (separate float32 multiply and add kernels, no FMA): the
+    same bits as load(), which decodes on the CPU."""
+    _, _, _, out = family
+    with tallzip.open(out) as arc:
+        resident = arc.resident(device="cuda")
+        for task in ["t1", "t0", "t2", "t3", "t1"]:
+            state = resident.switch(task).state_dict()
+            for name, tensor in arc.load(task).items():
+                assert state[name].is_cuda and bits_of(state[name].cpu()) == bits_of(tensor), (task, name)
