@@ -25,6 +25,12 @@ import tallzip
 KEEP = {"tall": "tall", "q8": "q8", "q4": "q4", "q2": "q2", "exact": "exact"}
 
 
+def _laplace(shape, scale: float, g: torch.Generator) -> torch.Tensor:
+    """Laplace(0, scale) samples from the seeded generator (inverse CDF)."""
+    u = torch.rand(shape, generator=g) - 0.5
+    return -scale * torch.sign(u) * torch.log1p(-2 * u.abs().clamp(max=0.4999))
+
+
 def write_family(folder: Path, params_m: int) -> int:
     g = torch.Generator().manual_seed(0)
     width = 768
@@ -37,8 +43,7 @@ def write_family(folder: Path, params_m: int) -> int:
     (folder / "tasks").mkdir(parents=True)
     save_file(base, str(folder / "base.safetensors"))
     for task in KEEP:
-        sd = {n: v + torch.distributions.Laplace(0.0, 1e-3).sample(v.shape) * (torch.rand(v.shape, generator=g) < 0.5)
-              for n, v in base.items()}
+        sd = {n: v + _laplace(v.shape, 1e-3, g) * (torch.rand(v.shape, generator=g) < 0.5) for n, v in base.items()}
         save_file(sd, str(folder / "tasks" / f"{task}.safetensors"))
     return sum(v.numel() for v in base.values())
 
