@@ -165,7 +165,11 @@ class QuantTask:
         per = 8 // self.bits
         for a, b, g0, g1, size in self.layout.segments:
             first = a // per
-            value = self.table.index_select(0, self.codes[first:-(-b // per)].long()).reshape(-1)[a - first * per:b - first * per]
+            if per == 1:  # a byte a code: a conversion is cheaper than the table
+                value = self.codes[a:b].to(torch.float32).sub_(self.shift)  # exact: small integers
+            else:
+                value = self.table.index_select(0, self.codes[first:-(-b // per)].long()).reshape(-1)
+                value = value[a - first * per:b - first * per]
             if size:  # every group of the segment has `size` elements: scales broadcast over rows
                 rows = value.view(g1 - g0, size)
                 rows.mul_(self.scales[g0:g1, None])

@@ -31,7 +31,7 @@ def family(tmp_path):
     np_save(base, str(tmp_path / "base.safetensors"))
     (tmp_path / "tasks").mkdir()
     tasks = {}
-    for k in range(4):
+    for k in range(5):
         t = {n: (v + (0.02 * rng.standard_normal(v.shape)).astype(np.float32) if v.dtype == np.float32 and n != "same"
                  else v.copy()) for n, v in base.items()}
         t["step"] = t["step"] + k
@@ -40,7 +40,7 @@ def family(tmp_path):
         np_save(t, str(tmp_path / "tasks" / f"t{k}.safetensors"))
     out = tmp_path / "a.tallz"
     tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, mtv_dtype="float32",
-                 keep={"t0": "tall", "t1": "q4", "t2": "exact", "t3": "q2"}, chunk_elements=CHUNK)
+                 keep={"t0": "tall", "t1": "q4", "t2": "exact", "t3": "q2", "t4": "q8"}, chunk_elements=CHUNK)
     return tmp_path, base, tasks, out
 
 
@@ -62,8 +62,8 @@ def test_switching_between_tall_q4_exact_and_q2_is_load_and_the_numpy_formulas(f
     _, base, tasks, out = family
     with tallzip.open(out) as arc:
         resident = arc.resident(device="cpu")
-        assert resident.representations == {"t0": "tall", "t1": "q4", "t2": "exact", "t3": "q2"}
-        for task in ["t1", "t0", "t2", "t3", "t1", "t2", "t0"]:  # back and forth across kinds
+        assert resident.representations == {"t0": "tall", "t1": "q4", "t2": "exact", "t3": "q2", "t4": "q8"}
+        for task in ["t1", "t0", "t2", "t3", "t4", "t1", "t2", "t4", "t0"]:  # back and forth across kinds
             state = resident.switch(task).state_dict()
             loaded = arc.load(task)
             assert list(state) == list(loaded)
@@ -74,8 +74,8 @@ def test_switching_between_tall_q4_exact_and_q2_is_load_and_the_numpy_formulas(f
                 got = state[name].numpy()
                 if task == "t2":
                     want = original[name]
-                elif task in ("t1", "t3"):
-                    want = np_quant_rebuild(base[name], original[name], 4 if task == "t1" else 2, ROWS[name])
+                elif task in ("t1", "t3", "t4"):
+                    want = np_quant_rebuild(base[name], original[name], {"t1": 4, "t3": 2, "t4": 8}[task], ROWS[name])
                 else:
                     want = np_tall(base, tasks, task, name)
                 assert got.tobytes() == want.tobytes(), (task, name)
