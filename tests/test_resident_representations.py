@@ -157,3 +157,26 @@ def test_gpu_switching_across_representations_equals_load(family):
             state = resident.switch(task).state_dict()
             for name, tensor in arc.load(task).items():
                 assert state[name].is_cuda and bits_of(state[name].cpu()) == bits_of(tensor), (task, name)
+
+
+def test_no_tall_task_resident_holds_no_mtv(family):
+    """Without a tall task (in the archive, or among those asked for) nothing of the mtv is held:
+    shared memory is the base and the live weights, and an all-q4 archive (no mtv stored) serves."""
+    tmp_path, base, tasks, out = family
+    changed = sum(-(-int(np.prod(base[n].shape)) // 64) * 64 for n in ("w", "v", "b", "m", "z"))
+    unchanged = base["same"].nbytes
+    with tallzip.open(out) as arc:
+        with_tall = arc.resident(device="cpu", tasks=["t0", "t1"]).memory()["shared"]
+        without = arc.resident(device="cpu", tasks=["t1"])
+        assert without.memory()["shared"] - without._layouts[(torch.float32, GROUP)].nbytes == 2 * 4 * changed + unchanged
+        assert with_tall - without.memory()["shared"] == 4 * changed  # base + mtv (as XOR on a CPU)
+    only_q4 = tmp_path / "q4.tallz"
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", only_q4, keep="q4", chunk_elements=CHUNK)
+    with tallzip.open(only_q4) as arc:
+        assert not {s["role"] for s in arc.manifest["sections"]} & {"mtv", "mask"}
+        resident = arc.resident(device="cpu")
+        for task in ("t3", "t0"):
+            state = resident.switch(task).state_dict()
+            for name in ("w", "m", "z"):
+                want = np_quant_rebuild(base[name], tasks[task][name], 4, ROWS[name])
+                assert state[name].numpy().tobytes() == want.tobytes(), (task, name)
