@@ -180,3 +180,16 @@ def test_no_tall_task_resident_holds_no_mtv(family):
             for name in ("w", "m", "z"):
                 want = np_quant_rebuild(base[name], tasks[task][name], 4, ROWS[name])
                 assert state[name].numpy().tobytes() == want.tobytes(), (task, name)
+
+
+@pytest.mark.parametrize("fixture", ["v1-family.tallz", "v2-family.tallz", "reps-family.tallz"])
+def test_fixture_archives_are_served(fixture):
+    """Archives of earlier writers (v1, v2 before representations) and the representations fixture:
+    every task served as load() gives it (load is checked against numpy in test_format_v2 and
+    test_representations)."""
+    from pathlib import Path
+    with tallzip.open(Path(__file__).resolve().parent / "fixtures" / fixture) as arc:
+        resident = arc.resident(device="cpu")
+        for task in [*arc.tasks, arc.tasks[0]]:
+            state = resident.switch(task).state_dict()
+            assert {n: bits_of(v) for n, v in state.items()} == {n: bits_of(v) for n, v in arc.load(task).items()}
