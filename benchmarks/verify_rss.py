@@ -1,0 +1,65 @@
+"""Peak RSS and CPU time of `tallzip verify` and `verify --against` on a generated bf16 family with one
+32000x4096 tensor (benchmarks/chunked_rss.py's family), each in a subprocess under /usr/bin/time -v.
+
+    python -m benchmarks.verify_rss --tasks 8 --work /tmp/vrss [--memory 1.5G] [--pythonpath OLD] [--keep]
+
+`--pythonpath` puts another copy of the `tallzip` package first on the path of the subprocesses (the
+code before a change: `git archive REV tallzip | tar -x -C OLD`), so before and after run side by side
+on the same archive. Also reports the interpreter's own peak (`python -c "import tallzip.cli.main"`),
+so the figures above it can be read. One run each: a check of the memory bound, not a speed benchmark.
+The archive and the family are deleted at the end unless --keep.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from benchmarks.chunked_rss import timed, write_family
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/tallzip-verify-rss"))
+    parser.add_argument("--memory", default=None, help="verify's --memory budget (default: tallzip's)")
+    parser.add_argument("--pythonpath", action="append", default=[],
+                        help="a folder holding another tallzip package to measure as well (repeatable)")
+    parser.add_argument("--no-checkout", action="store_true", help="measure only the --pythonpath copies")
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    fam = args.work / f"fam{args.tasks}"
+    if not (fam / "base.safetensors").exists():
+        write_family(fam, args.tasks)
+    archive = args.work / f"fam{args.tasks}.tallz"
+    tallzip = [sys.executable, "-m", "tallzip.cli.main"]
+    memory = ["--memory", args.memory] if args.memory else []
+    half = args.work / f"fam{args.tasks}-half"  # the first half of the tasks: the mtv cannot be recomputed
+    if not half.exists():
+        half.mkdir()
+        for path in sorted((fam / "tasks").iterdir())[:max(1, args.tasks // 2)]:
+            (half / path.name).symlink_to(path)
+    try:
+        if not archive.exists():
+            timed([*tallzip, "pack", str(fam / "tasks"), "--base", str(fam / "base.safetensors"), "-o", str(archive)])
+        print(f"N={args.tasks}, archive {archive.stat().st_size / 2**30:.3f} GiB, budget {args.memory or 'default'}")
+        for code in [*([] if args.no_checkout else ["(this checkout)"]), *args.pythonpath]:
+            if code != "(this checkout)":
+                os.environ["PYTHONPATH"] = code
+            _, idle, _ = timed([sys.executable, "-c", "import tallzip.cli.main, torch"])
+            print(f"  {code}: interpreter with tallzip imported {idle / 2**30:.2f} GiB")
+            for label, extra in (("verify", []), ("verify --against (all)", ["--against", str(fam / "tasks")]),
+                                 ("verify --against (half)", ["--against", str(half)])):
+                wall, rss, cpu = timed([*tallzip, "verify", str(archive), *extra, *memory])
+                print(f"    {label:24s} peak RSS {rss / 2**30:5.2f} GiB (+{(rss - idle) / 2**30:.2f})  "
+                      f"wall {wall:6.1f} s  CPU {cpu:6.1f} s")
+            os.environ.pop("PYTHONPATH", None)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
