@@ -169,11 +169,15 @@ def verify(archive: Archive, against=None, progress=None, workers: int | None = 
     entries = archive.manifest["sections"]
     stored = sum(e["length"] for e in entries)  # progress in stored bytes checked
     folder_tasks = len(folder.tasks) if folder else 0
+    cost = {id(u): unit_cost(archive, u, folder_tasks) for u in work}
+    # each worker thread's allocator arena keeps about the memory of the largest unit it ran, freed or
+    # not: no more workers than the budget holds of those (measured: 2 threads, 1 unit in flight, 2 units' RSS)
+    largest = max(cost.values(), default=1)
+    workers = max(1, min(workers or available_cpus(), archive.memory // largest))
     done = 0
     with _single_torch_thread():
         results = ordered_map(lambda u: (stored_bytes(archive, u), runner.run(u)), work,
-                              cost=lambda u: unit_cost(archive, u, folder_tasks), budget=archive.memory,
-                              workers=workers or available_cpus())
+                              cost=lambda u: cost[id(u)], budget=archive.memory, workers=workers)
         for i, (size, result) in enumerate(results, 1):
             total.merge(result)
             done += size
