@@ -30,10 +30,14 @@ def main():
     parser.add_argument("--no-checkout", action="store_true", help="measure only the --pythonpath copies")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
+    args.work = args.work.resolve()
     fam = args.work / f"fam{args.tasks}"
     if not (fam / "base.safetensors").exists():
         write_family(fam, args.tasks)
     archive = args.work / f"fam{args.tasks}.tallz"
+    # run from a neutral folder: `python -m` puts the working folder first on the path, which would
+    # shadow --pythonpath with the checkout's own tallzip
+    os.chdir(args.work)
     tallzip = [sys.executable, "-m", "tallzip.cli.main"]
     memory = ["--memory", args.memory] if args.memory else []
     half = args.work / f"fam{args.tasks}-half"  # the first half of the tasks: the mtv cannot be recomputed

@@ -1,4 +1,5 @@
-"""merge (from an archive), verify and verify --against hold a memory budget smaller than one tensor."""
+"""merge (from an archive), verify, verify --against and info --agreement hold a memory budget smaller than
+one tensor."""
 from __future__ import annotations
 
 import json
@@ -35,6 +36,9 @@ command, archive, target = sys.argv[1:4]
 if command == "merge":
     merging.merge_to_file(archive, target, method="consensus-ta", k=2, memory="96M", device="cpu")
     verdict = None
+elif command == "agreement":
+    with tallzip.open(archive, memory="96M") as arc:
+        verdict = tallzip.agreement(arc)["total"]["histogram"]
 else:
     with tallzip.open(archive, memory="96M") as arc:
         report = verify(arc, None if target == "-" else target)
@@ -97,3 +101,15 @@ def test_verify_holds_a_small_memory_budget(big, against):
     grown, verdict = measured("verify", big["archive"], target)
     assert verdict == ("ok" if against == "none" else "matches")
     assert grown < (BUDGET_MIB + SLACK_MIB) * 2**20 < big["tensor_bytes"], f"verify grew {grown / 2**20:.0f} MiB"
+
+
+@pytest.mark.slow
+def test_agreement_holds_a_small_memory_budget(big):
+    """info --agreement counts chunk by chunk: within the budget, and the counts are those of the masks."""
+    grown, histogram = measured("agreement", big["archive"], "-")
+    assert grown < (BUDGET_MIB + SLACK_MIB) * 2**20 < big["tensor_bytes"], f"agreement grew {grown / 2**20:.0f} MiB"
+    with tallzip.open(big["archive"]) as arc:  # the weights of "w" ("b" is another masked tensor: counted apart)
+        used = sum(arc.mask(t, "w", arc.mtv("w")).numpy().astype(np.int64) for t in arc.tasks)
+        small = sum(arc.mask(t, "b", arc.mtv("b")).numpy().astype(np.int64) for t in arc.tasks)
+    want = np.bincount(used.ravel(), minlength=4) + np.bincount(small.ravel(), minlength=4)
+    assert histogram == list(want)
