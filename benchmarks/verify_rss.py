@@ -8,6 +8,20 @@ code before a change: `git archive REV tallzip | tar -x -C OLD`), so before and 
 on the same archive. Also reports the interpreter's own peak (`python -c "import tallzip.cli.main"`),
 so the figures above it can be read. One run each: a check of the memory bound, not a speed benchmark.
 The archive and the family are deleted at the end unless --keep.
+
+Measured 2026-12-01 on the shared 2-CPU machine (other sessions running: wall times say little, peak RSS
+and CPU seconds are the comparable figures), N = 8 (a 32000x4096 bf16 embedding, 0.45 GiB archive),
+peak RSS above the interpreter with tallzip and torch imported (0.62 GiB), one run each:
+
+| code | budget | verify | verify --against (all 8) | --against (4 of 8) | CPU s (verify / all / 4) |
+|---|---|---|---|---|---|
+| before (whole tensors, 3ed64a3) | 1.5G | +1.60 GiB | +3.60 GiB | +2.60 GiB | 10.2 / 38.4 / 20.0 |
+| after (chunks) | 1.5G | +0.20 GiB | +0.36 GiB | +0.28 GiB | 7.5 / 36.2 / 17.7 |
+| after (chunks) | 256M | +0.06 GiB | +0.18 GiB | +0.15 GiB | 7.1 / 31.2 / 15.7 |
+
+    git archive 3ed64a3 tallzip | tar -x -C /tmp/v2before
+    python -m benchmarks.verify_rss --tasks 8 --work /tmp/vrss --pythonpath /tmp/v2before --keep
+    python -m benchmarks.verify_rss --tasks 8 --work /tmp/vrss --memory 256M
 """
 from __future__ import annotations
 

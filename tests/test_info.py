@@ -73,3 +73,15 @@ def test_agreement_counts_every_chunk(tmp_path, chunk_elements):
         want[layer_kind(name)] = want.get(layer_kind(name), 0) + np.bincount(used.ravel(), minlength=len(tasks) + 1)
     assert {k: v["histogram"] for k, v in data["kinds"].items()} == {k: list(v) for k, v in want.items()}
     assert data["total"]["histogram"] == list(sum(want.values()))
+
+
+def test_verify_of_a_url_checks_every_section(family, http_archive):  # noqa: F811
+    _, _, archive = family
+    server, url = http_archive
+    server.log.clear()
+    code, out, err = invoke("verify", url, "--json")
+    assert code == 0, err
+    assert json.loads(out)["ok"] is True
+    with tallzip.open(archive) as arc:  # every chunk fetched (and so checked)
+        stored = sum(s["length"] for s in arc.manifest["sections"])
+    assert sum(entry[3] for entry in server.log) >= stored
