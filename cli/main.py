@@ -312,7 +312,7 @@ def extract(archive, task, all_tasks, output, fmt, base, memory, device, force, 
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("archive", type=PATH_OR_URL)
 @click.option("--agreement", "show_agreement", is_flag=True,
               help="how many tasks use each weight (0..N), per layer kind and in total")
 @click.option("--plot", type=click.Path(path_type=Path),
@@ -389,7 +389,7 @@ def merge(source, base, output, method, alpha, k, lambdas, density, allow_nonfin
 
 
 @cli.command(name="verify")
-@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("archive", type=PATH_OR_URL)
 @click.option("--against", type=click.Path(path_type=Path), help="folder of the original task checkpoints")
 @click.option("--base", type=click.Path(path_type=Path), help="the base, for archives packed with --base-ref")
 @MEMORY

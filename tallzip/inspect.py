@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import math
-import os
 
+import numpy as np
 import torch
 
-from . import taskvec
 from .archive import Archive
+from .chunks import ordered_map
 from .formats.constants import FLOAT_DTYPES, KIND_MASKED, KIND_SHARED, QUANT_BITS, ROLE_MASK, ROLE_MTV
 from .verification import verify  # noqa: F401 - `tallzip.inspect.verify` is where callers find it
 
@@ -63,7 +63,7 @@ def summary(archive: Archive) -> dict:
         row["bits_per_param"] = 8 * row["representation_bytes"] / masked_params if masked_params else 0.0
     for role, r in roles.items():
         r["bits_per_param"] = 8 * r["bytes"] / r["elements"] if r["elements"] else 0.0
-    size = os.path.getsize(archive.path)
+    size = archive.reader.size  # a local file's or a URL's (os.path.getsize cannot see a URL)
     inputs = sum(t["input_bytes"] for t in m["tasks"])
     base_bytes = m["base"]["input_bytes"]
     kinds: dict[str, int] = {}
@@ -125,27 +125,41 @@ def _agreement_row(histogram: torch.Tensor) -> dict:
             "catastrophic": share(0), "selfish": share(1)}
 
 
+def _chunk_counts(archive: Archive, name: str, index: int, count: int) -> torch.Tensor:
+    """Histogram over 0..N of how many tasks' masks use each weight of one chunk of a masked tensor."""
+    _, context = archive.mtv_chunk(name, index)  # the masks' decoding context
+    used = np.zeros(count, dtype=np.uint16)
+    for task in archive.tasks:
+        bits = archive.mask_chunk_bits(task, name, index, context)
+        used += np.unpackbits(bits, count=count, bitorder="little")
+    return torch.from_numpy(np.bincount(used, minlength=len(archive.tasks) + 1).astype(np.int64))
+
+
 def agreement(archive: Archive, progress=None) -> dict:
     """How many tasks use each weight, from the archive's TALL masks: a histogram over 0..N per layer kind
     and in total, with the shares of 'catastrophic' weights (used by no task) and 'selfish' ones (by one).
 
     Counts cover the masked tensors, the ones some task changes; tensors no task changes ('shared') have
-    no masks and are reported apart as `unchanged_params`.
+    no masks and are reported apart as `unchanged_params`. Chunk by chunk on a thread pool within the
+    archive's memory budget (one chunk of the mtv and of every task's mask each), whatever the tensor's size.
     """
     n = len(archive.tasks)
     by_kind = {kind: torch.zeros(n + 1, dtype=torch.int64) for kind in LAYER_KINDS}
     unchanged = 0
-    names = list(archive.tensors)
-    for i, name in enumerate(names):
-        info = archive.tensors[name]
+    items = []
+    for name, info in archive.tensors.items():
         if info["kind"] == KIND_MASKED:
-            mtv = archive.mtv(name)
-            count = taskvec.mask_count([archive.mask(t, name, mtv) for t in archive.tasks])
-            by_kind[layer_kind(name)] += torch.bincount(count.reshape(-1).to(torch.int64), minlength=n + 1)
+            items += [(name, i, count) for i, (_, count) in enumerate(archive.plan(None, name))]
         elif info["kind"] == KIND_SHARED and info["dtype"] in FLOAT_DTYPES:
             unchanged += math.prod(info["shape"])
+    # the mtv chunk stored and in float32, the mask codec's working set, each mask packed and unpacked, the counts
+    cost = lambda item: max(item[2], 1) * (2 + 8 + 24 + n + 3) + (1 << 20)  # noqa: E731
+    counts = ordered_map(lambda item: (item[0], _chunk_counts(archive, *item)), items, cost=cost,
+                         budget=archive.memory)
+    for i, (name, histogram) in enumerate(counts):
+        by_kind[layer_kind(name)] += histogram
         if progress:
-            progress("agreement", i + 1, len(names))
+            progress("agreement", i + 1, len(items))
     total = sum(by_kind.values())
     return {
         "archive": str(archive.path), "n_tasks": n, "tasks": archive.tasks, "lambdas": archive.lambdas,
