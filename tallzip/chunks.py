@@ -89,6 +89,15 @@ def ordered_map(job: Callable, items: Iterable, *, cost: Callable, budget: int,
 _END = object()
 
 
+def workers_within(budget: int, largest_cost: int, workers: int | None = None) -> int:
+    """How many chunk threads a budget holds. Each thread's malloc arena keeps about the memory of the
+    largest job it ran, freed or not (glibc raises its mmap threshold after the first big free, so
+    later chunk-sized buffers come from the arena; measured: 2 threads with 1 job in flight held 2
+    jobs' RSS): a thread costs its job in flight plus what its arena keeps, two largest jobs. At
+    least one thread; the default 1.5G budget holds two for jobs up to ~375 MB."""
+    return max(1, min(workers or available_cpus(), budget // (2 * max(largest_cost, 1))))
+
+
 class BufferPool:
     """Per-thread scratch buffers reused from one chunk job to the next: a fresh buffer of tens of
     MB costs its page faults every time (they were ~45% of pack's CPU with whole-tensor temporaries)."""

@@ -27,7 +27,7 @@ import torch
 
 from . import taskvec
 from .archive import Archive
-from .chunks import chunk_plan, ordered_map, parse_memory
+from .chunks import chunk_plan, ordered_map, parse_memory, workers_within
 from .errors import TallzipError
 from .family import Family
 from .formats.checkpoints import CHECKPOINT_EXTS, TORCH_EXTS
@@ -224,7 +224,9 @@ def _streamed(items, job, cost, budget, report: MergeReport, sizes: dict, progre
     """Run the chunk jobs within the budget; each yields (name, start, flat, (kept, total, changed)),
     whose counts go into the report in order. Yields (name, start, flat)."""
     done = 0
-    for name, start, flat, (kept, total, changed) in ordered_map(job, items, cost=cost, budget=budget):
+    workers = workers_within(budget, max(map(cost, items), default=1))
+    for name, start, flat, (kept, total, changed) in ordered_map(job, items, cost=cost, budget=budget,
+                                                                   workers=workers):
         report.consensus_kept += kept
         report.consensus_total += total
         report.changed_weights += changed

@@ -28,7 +28,7 @@ import torch
 
 from . import taskvec
 from .archive import Archive
-from .chunks import ordered_map
+from .chunks import ordered_map, workers_within
 from .errors import TallzipError, TaskMismatchError
 from .family import Family
 from .formats.checkpoints import discover_tasks, open_checkpoint
@@ -170,10 +170,7 @@ def verify(archive: Archive, against=None, progress=None, workers: int | None = 
     stored = sum(e["length"] for e in entries)  # progress in stored bytes checked
     folder_tasks = len(folder.tasks) if folder else 0
     cost = {id(u): unit_cost(archive, u, folder_tasks) for u in work}
-    # each worker thread's allocator arena keeps about the memory of the largest unit it ran, freed or
-    # not: no more workers than the budget holds of those (measured: 2 threads, 1 unit in flight, 2 units' RSS)
-    largest = max(cost.values(), default=1)
-    workers = max(1, min(workers or available_cpus(), archive.memory // largest))
+    workers = workers_within(archive.memory, max(cost.values(), default=1), workers)
     done = 0
     with _single_torch_thread():
         results = ordered_map(lambda u: (stored_bytes(archive, u), runner.run(u)), work,

@@ -73,8 +73,6 @@ def measured(command, archive, target):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="merge from the archive grows ~205 MiB under a 96M budget (measured from "
-                   "/proc; the ru_maxrss this test used to read started at the pytest parent's peak and hid it)")
 def test_merge_holds_a_small_memory_budget(big, tmp_path):
     """merge from the archive grows the process by at most the 96 MiB budget (plus what the allocator
     may keep), less than one tensor (the whole-tensor merge held several of them)."""
