@@ -463,12 +463,13 @@ def _single_torch_thread(device: torch.device):
 
 # --- the masked tensors: mtv, masks and bit-packing, streamed --------------------------------------
 
-CPU_CHUNK = 1 << 16  # elements: the slices of all inputs stay in the CPU's caches between their uses
+CPU_CHUNK = 1 << 15  # elements: the slices of all inputs stay in the CPU's caches between their uses
 
 
-def masked_tensor(merger, base: torch.Tensor, tasks: list, lambdas: list, device: torch.device):
+def masked_tensor(merger, base: torch.Tensor, tasks: list, lambdas: list, device: torch.device, mtv_out=None):
     """The mtv of one tensor (compute dtype, on the CPU) and every task's mask, bit-packed (numpy
-    uint8, little bit order), with each mask's count of ones.
+    uint8, little bit order), with each mask's count of ones. `mtv_out`: a flat CPU tensor of the
+    compute dtype to write the mtv into (it is then returned, shaped as the base).
 
     Bit for bit what taskvec.sum_task_vectors / ties_merge and taskvec.tall_mask give, computed
     with fewer passes over memory: (base + mtv) once per tensor rather than once per task, and on a
@@ -480,7 +481,9 @@ def masked_tensor(merger, base: torch.Tensor, tasks: list, lambdas: list, device
         tasks_d = [t.to(device) for t in tasks]
         mtv = merger.mtv(base_c, tasks_d)
         masks = [taskvec.tall_mask(base_c, t, mtv, lam) for t, lam in zip(tasks_d, lambdas)]
-        return _finish_masks(mtv, masks)
+        return _finish_masks(_into(mtv, mtv_out), masks)
+    if device.type == "cpu" and merger.method == "sum":
+        return _summed_masks_cpu(base, tasks, lambdas, compute, mtv_out)
     count = base.numel()
     if device.type == "cpu":
         chunk = CPU_CHUNK
@@ -515,7 +518,39 @@ def masked_tensor(merger, base: torch.Tensor, tasks: list, lambdas: list, device
             own_j = taus[j][:n].abs_() if taus is not None else torch.sub(base_c, task_c, out=own[:n]).abs_()
             torch.sub(plus[:n], task_c, out=others[:n]).abs_().mul_(lam)
             torch.gt(own_j, others[:n], out=mask[start:stop])
-    return _finish_masks(mtv.view(base.shape), [m.view(base.shape) for m in masks])
+    return _finish_masks(_into(mtv, mtv_out).view(base.shape), [m.view(base.shape) for m in masks])
+
+
+def _into(mtv: torch.Tensor, out):
+    if out is None:
+        return mtv
+    out.copy_(mtv.reshape(-1))
+    return out
+
+
+def _summed_masks_cpu(base, tasks, lambdas, compute, mtv_out):
+    """The sum merge's mtv and masks on a CPU: inputs widened slice by slice into reused scratch
+    (no temporaries), the arithmetic in numpy (taskvec.sum_and_masks_into)."""
+    count = base.numel()
+    mtv = torch.empty(count, dtype=compute) if mtv_out is None else mtv_out.reshape(-1)
+    masks = [np.empty(count, dtype=bool) for _ in tasks]
+    size = max(1, min(CPU_CHUNK, count))
+    wide = [torch.empty(size, dtype=compute) for _ in range(len(tasks) + 1)]  # base, then each task
+    taus = [np.empty(size, dtype=wide[0].numpy().dtype) for _ in tasks]
+    scratch = [np.empty_like(taus[0]) for _ in range(2)]
+    flat_base, flat_tasks = base.reshape(-1), [t.reshape(-1) for t in tasks]
+    mtv_np = mtv.numpy()
+    for start in range(0, count, size):
+        stop = min(count, start + size)
+        n = stop - start
+        views = []
+        for w, source in zip(wide, (flat_base, *flat_tasks)):
+            w[:n].copy_(source[start:stop])  # exact: float16/bfloat16/float32 -> float32
+            views.append(w[:n].numpy())
+        taskvec.sum_and_masks_into(views[0], views[1:], lambdas, mtv_np[start:stop], [m[start:stop] for m in masks],
+                                   taus, scratch)
+    packed = [np.packbits(m, bitorder="little") for m in masks]
+    return mtv.view(base.shape), packed, [int(np.count_nonzero(m)) for m in masks]
 
 
 def _finish_masks(mtv, masks):

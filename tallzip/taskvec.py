@@ -6,6 +6,7 @@ reference code uses, so masks agree with theirs bit for bit.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 LAMBDA_CANDIDATES = (0.2, 0.3, 0.4, 0.5, 0.6)
@@ -159,3 +160,36 @@ def mask_count(masks: list[torch.Tensor]) -> torch.Tensor:
 def consensus_mask(masks: list[torch.Tensor], k: int) -> torch.Tensor:
     """Keep the weights that at least k tasks use (k=0 keeps all, k > N keeps none)."""
     return mask_count(masks) >= k
+
+
+# --- the sum merge and every task's TALL mask in one pass (pack's hot loop) ---------------------
+
+def sum_and_masks_into(base, tasks, lambdas, mtv, masks, taus, scratch):
+    """sum_task_vectors and tall_mask of one slice, on numpy float arrays, into the given outputs.
+
+    base, tasks: the slice in the compute dtype; mtv (out): the sum, in task order; masks (out): one
+    bool array per task; taus, scratch: work arrays (one per task, and one), at least as long. The
+    same operations in the same order as the torch formulas above, so bit for bit their result;
+    numpy's loops (comparisons in particular) are several times faster than torch's on one CPU thread.
+    """
+    n = base.shape[0]
+    with np.errstate(all="ignore"):  # NaN/Inf inputs are refused by the caller, not warned about here
+        taus = [tau[:n] for tau in taus]
+        for task, tau in zip(tasks, taus):
+            np.subtract(task, base, out=tau)
+        if len(taus) == 1:
+            mtv[...] = taus[0]
+        else:
+            np.add(taus[0], taus[1], out=mtv)
+            for tau in taus[2:]:
+                np.add(mtv, tau, out=mtv)
+        plus = scratch[0][:n]
+        np.add(base, mtv, out=plus)
+        others = scratch[1][:n]
+        for task, tau, lam, mask in zip(tasks, taus, lambdas, masks):
+            # mask = |base - task| > lambda * |(base + mtv) - task|; |base - task| is exactly |task - base|
+            np.subtract(plus, task, out=others)
+            np.abs(others, out=others)
+            np.multiply(others, others.dtype.type(lam), out=others)
+            np.abs(tau, out=tau)
+            np.greater(tau, others, out=mask)
