@@ -529,28 +529,44 @@ def _into(mtv: torch.Tensor, out):
 
 
 def _summed_masks_cpu(base, tasks, lambdas, compute, mtv_out):
-    """The sum merge's mtv and masks on a CPU: inputs widened slice by slice into reused scratch
-    (no temporaries), the arithmetic in numpy (taskvec.sum_and_masks_into)."""
-    count = base.numel()
+    """The sum merge's mtv and masks on a CPU, in numpy (taskvec.sum_and_masks_into): the inputs
+    widened slice by slice into reused scratch, exactly (bfloat16 by shifting its bits, float16 by
+    numpy's conversion), so the loop holds the GIL only for a few numpy calls per slice."""
+    count, n_tasks = base.numel(), len(tasks)
     mtv = torch.empty(count, dtype=compute) if mtv_out is None else mtv_out.reshape(-1)
-    masks = [np.empty(count, dtype=bool) for _ in tasks]
+    dtype = np.float64 if compute == torch.float64 else np.float32
+    masks = np.empty((n_tasks, count), dtype=bool)
     size = max(1, min(CPU_CHUNK, count))
-    wide = [torch.empty(size, dtype=compute) for _ in range(len(tasks) + 1)]  # base, then each task
-    taus = [np.empty(size, dtype=wide[0].numpy().dtype) for _ in tasks]
-    scratch = [np.empty_like(taus[0]) for _ in range(2)]
-    flat_base, flat_tasks = base.reshape(-1), [t.reshape(-1) for t in tasks]
+    wide = np.empty((n_tasks + 1, size), dtype=dtype)  # base, then each task
+    taus, others = np.empty((n_tasks, size), dtype=dtype), np.empty((n_tasks + 1, size), dtype=dtype)
+    lams = np.array(lambdas, dtype=dtype).reshape(-1, 1)
+    sources = [_widenable(t) for t in (base, *tasks)]
     mtv_np = mtv.numpy()
-    for start in range(0, count, size):
-        stop = min(count, start + size)
-        n = stop - start
-        views = []
-        for w, source in zip(wide, (flat_base, *flat_tasks)):
-            w[:n].copy_(source[start:stop])  # exact: float16/bfloat16/float32 -> float32
-            views.append(w[:n].numpy())
-        taskvec.sum_and_masks_into(views[0], views[1:], lambdas, mtv_np[start:stop], [m[start:stop] for m in masks],
-                                   taus, scratch)
+    with np.errstate(all="ignore"):  # NaN/Inf inputs are refused by the caller (pack_jobs), not warned about
+        for start in range(0, count, size):
+            stop = min(count, start + size)
+            n = stop - start
+            for row, (kind, source) in zip(wide, sources):
+                _widen(kind, source[start:stop], row[:n])
+            taskvec.sum_and_masks_into(wide[0, :n], wide[1:, :n], lams, mtv_np[start:stop], masks[:, start:stop],
+                                       taus[:, :n], others[:, :n])
     packed = [np.packbits(m, bitorder="little") for m in masks]
     return mtv.view(base.shape), packed, [int(np.count_nonzero(m)) for m in masks]
+
+
+def _widenable(tensor: torch.Tensor):
+    """(how to widen, flat numpy view): bfloat16 as its uint16 bits, float16/32/64 as themselves."""
+    flat = tensor.reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        return "bf16", flat.view(torch.int16).numpy().view(np.uint16)
+    return "float", flat.numpy()
+
+
+def _widen(kind, source, out):
+    if kind == "bf16":  # a bfloat16 is the top half of the float32 of the same value
+        np.left_shift(source, 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        out[...] = source
 
 
 def _finish_masks(mtv, masks):
