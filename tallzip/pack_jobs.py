@@ -61,7 +61,7 @@ class ChunkResult:
 
 
 def _buffer(key, count, dtype):
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     buf = _BUFFERS.get((key, dtype), max(count, 1) * itemsize,
                        lambda n: torch.empty(n // itemsize, dtype=dtype))
     return buf[:count]
