@@ -24,11 +24,10 @@ from .codecs import (PayloadReader, check_crc, crc32, decoder_errors_as_codec_er
 # bfloat16. The rotation is a bijection on any unsigned integer, so it is lossless whatever the
 # array holds. Plane 0 is the least significant byte.
 
-def _rotate_sign_to_lsb(values):
-    one, top = values.dtype.type(1), values.dtype.type(values.dtype.itemsize * 8 - 1)
-    rotated = values << one
-    rotated |= values >> top
-    return rotated
+# Both directions work in blocks of PLANE_BLOCK elements through small reused scratch: whole-array
+# temporaries (the rotated copy, the shifted copy, the transposed bytes) cost their page faults
+# and a pass through main memory each, and planes are cut and joined for every chunk.
+PLANE_BLOCK = 1 << 16
 
 
 def split_planes(array):
@@ -38,8 +37,23 @@ def split_planes(array):
     if itemsize == 1:
         return flat.view(np.uint8).reshape(1, -1)
     unsigned = flat.view(np.dtype(f"u{itemsize}").newbyteorder(flat.dtype.byteorder))
-    values = _rotate_sign_to_lsb(unsigned.astype(f"<u{itemsize}", copy=False))
-    return np.ascontiguousarray(values.view(np.uint8).reshape(-1, itemsize).T)
+    values = unsigned.astype(f"<u{itemsize}", copy=False)
+    count = values.size
+    planes = np.empty((itemsize, count), dtype=np.uint8)
+    one, top = values.dtype.type(1), values.dtype.type(itemsize * 8 - 1)
+    size = max(1, min(PLANE_BLOCK, count))
+    rotated, carry = np.empty(size, dtype=values.dtype), np.empty(size, dtype=values.dtype)
+    for start in range(0, count, size):
+        stop = min(count, start + size)
+        n = stop - start
+        block = values[start:stop]
+        np.left_shift(block, one, out=rotated[:n])
+        np.right_shift(block, top, out=carry[:n])
+        rotated[:n] |= carry[:n]
+        as_bytes = rotated[:n].view(np.uint8).reshape(n, itemsize)
+        for i in range(itemsize):
+            planes[i, start:stop] = as_bytes[:, i]
+    return planes
 
 
 def join_planes(planes, dtype):
@@ -50,14 +64,22 @@ def join_planes(planes, dtype):
     if itemsize == 1:
         return planes.reshape(-1).view(dtype)
     utype = np.dtype(f"<u{itemsize}")
-    interleaved = np.empty((planes.shape[1], itemsize), dtype=np.uint8)
-    for i in range(itemsize):
-        interleaved[:, i] = planes[i]
-    values = interleaved.view(utype).reshape(-1)
-    rotated = values >> utype.type(1)
-    values <<= utype.type(itemsize * 8 - 1)
-    rotated |= values
-    return rotated.view(dtype.newbyteorder("<")).astype(dtype, copy=False)
+    count = planes.shape[1]
+    out = np.empty(count, dtype=utype)
+    size = max(1, min(PLANE_BLOCK, count))
+    interleaved = np.empty((size, itemsize), dtype=np.uint8)
+    carry = np.empty(size, dtype=utype)
+    one, top = utype.type(1), utype.type(itemsize * 8 - 1)
+    for start in range(0, count, size):
+        stop = min(count, start + size)
+        n = stop - start
+        for i in range(itemsize):
+            interleaved[:n, i] = planes[i, start:stop]
+        values = interleaved[:n].reshape(-1).view(utype)
+        np.right_shift(values, one, out=out[start:stop])
+        np.left_shift(values, top, out=carry[:n])
+        out[start:stop] |= carry[:n]
+    return out.view(dtype.newbyteorder("<")).astype(dtype, copy=False)
 
 
 def _little_endian_bytes(array):
@@ -74,7 +96,7 @@ def _little_endian_bytes(array):
 
 def _planes_zstd_encode(array, *, level, threads, **_):
     compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_content_size=True, write_checksum=True)
-    frames = [compressor.compress(plane.tobytes()) for plane in split_planes(array)]
+    frames = [compressor.compress(plane) for plane in split_planes(array)]  # each row is contiguous: no copy
     return b"".join(frames), {"sizes": [len(frame) for frame in frames]}
 
 

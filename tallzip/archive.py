@@ -38,22 +38,45 @@ def open(path, *, base=None, memory=None) -> "Archive":  # noqa: A001 - mirrors 
 
 def rebuild_from_bits(base: torch.Tensor, bits: np.ndarray, mtv: torch.Tensor, device: torch.device) -> torch.Tensor:
     """taskvec.rebuild(base, mask, mtv) with the mask given bit-packed; computed on `device`, where
-    the packed mask is unpacked (an eighth of the bytes of a bool mask cross to a GPU)."""
+    the packed mask is unpacked (an eighth of the bytes of a bool mask cross to a GPU). `mtv` may
+    be in its stored dtype or the compute dtype: the sum is taken in the compute dtype either way."""
     count = base.numel()
     if device.type == "cpu":
         mask = torch.from_numpy(np.unpackbits(bits, count=count, bitorder="little").view(bool)).view(base.shape)
-        base_c = taskvec.as_compute(base)
-        out = torch.add(base_c, mtv)  # base + mtv; the unmasked entries then take the base's bits back:
-        # where(mask, out, base) done on the bits, base ^ (mask * (out ^ base)), which vectorizes on
-        # a CPU (torch.where branches per element there and runs several times slower).
+        if mtv.dtype == base.dtype:
+            # float32, or a bfloat16/float16 base and mtv: torch adds these by widening to float32
+            # and rounding the sum back, exactly taskvec.rebuild's (base + mtv).to(base.dtype), in
+            # half the bytes and with no float32 temporaries
+            out = torch.add(base, mtv.reshape(base.shape))
+        else:
+            out = torch.add(taskvec.as_compute(base), mtv.reshape(base.shape))
+            if out.dtype != base.dtype:
+                out = out.to(base.dtype)
+        # the unmasked entries then take the base's bits back: where(mask, out, base) done on the
+        # bits, base ^ (mask * (out ^ base)), which vectorizes on a CPU (torch.where branches per
+        # element there and runs several times slower)
         view = torch_bits_dtype(out.element_size())
-        out_bits, base_bits = out.view(view), base_c.view(view)
+        out_bits, base_bits = out.view(view), base.view(view)
         out_bits.bitwise_xor_(base_bits).mul_(mask).bitwise_xor_(base_bits)
-        return out.to(base.dtype)
+        return out
     packed = torch.empty(bits.shape, dtype=torch.uint8, pin_memory=True)
     packed.numpy()[:] = bits
     mask = unpack_bits(packed.to(device, non_blocking=True), count).view(base.shape)
     return taskvec.rebuild(base.to(device, non_blocking=True), mask, mtv.to(device, non_blocking=True))
+
+
+class _LazyContext:
+    """A mask chunk's codec context (reader.chunk_context), built the first time a mask codec asks
+    for it: 'bits+zstd' needs none, and building it costs a float32 copy of the mtv chunk."""
+
+    def __init__(self, reader, entry, chunk, bits):
+        self._args, self._value = (reader, entry, chunk, bits), None
+
+    def value(self) -> dict:
+        if self._value is None:
+            reader, entry, chunk, bits = self._args
+            self._value = reader.chunk_context(entry, chunk, bits)
+        return self._value
 
 
 class Archive:
@@ -143,16 +166,24 @@ class Archive:
         return from_bits(self.reader.read_chunk(entry, chunk), entry["dtype"], (chunk.count,))
 
     def mtv_chunk(self, name: str, index: int):
-        """Chunk `index` of the stored mtv: (flat, in the compute dtype; the mask codecs' context)."""
+        """Chunk `index` of the stored mtv: (flat, in the compute dtype; the mask codecs' context,
+        which mask_chunk_bits takes)."""
+        mtv, context = self._stored_mtv_chunk(name, index)
+        return taskvec.as_compute(mtv), context
+
+    def _stored_mtv_chunk(self, name: str, index: int):
+        """mtv_chunk with the mtv in its stored dtype (rebuild_from_bits widens it as it adds)."""
         entry = self._section(ROLE_MTV, name)
         chunk = self.reader.chunks(entry)[index]
         bits = self.reader.read_chunk(entry, chunk)
-        context = self.reader.chunk_context(entry, chunk, bits)
-        return taskvec.as_compute(from_bits(bits, entry["dtype"], (chunk.count,))), context
+        return from_bits(bits, entry["dtype"], (chunk.count,)), _LazyContext(self.reader, entry, chunk, bits)
 
-    def mask_chunk_bits(self, task: str, name: str, index: int, context: dict) -> np.ndarray:
-        """Chunk `index` of a task's mask, bit-packed (uint8, little bit order)."""
+    def mask_chunk_bits(self, task: str, name: str, index: int, context) -> np.ndarray:
+        """Chunk `index` of a task's mask, bit-packed (uint8, little bit order); `context` as
+        mtv_chunk gives it (or the context dict itself)."""
         entry = self._section(ROLE_MASK, name, task)
+        if isinstance(context, _LazyContext):
+            context = None if entry["codec"] == "bits+zstd" else context.value()
         return self.reader.read_chunk_mask_bits(entry, self.reader.chunks(entry)[index], context)
 
     def _chunk_parts(self, task: str, name: str, index: int, shared=None):
@@ -174,7 +205,7 @@ class Archive:
         if info["kind"] == KIND_SHARED:
             return dtype, shared[0] if shared else self.base_chunk(name, index), None
         if info["kind"] == KIND_MASKED:
-            base, mtv, context = shared if shared else (self.base_chunk(name, index), *self.mtv_chunk(name, index))
+            base, mtv, context = shared if shared else (self.base_chunk(name, index), *self._stored_mtv_chunk(name, index))
             return dtype, base, (mtv, self.mask_chunk_bits(task, name, index, context))
         raise CorruptArchiveError(f"{self.path}: damaged archive (tensor {name!r} of unknown kind)")
 
@@ -236,10 +267,15 @@ class Archive:
         device = resolve_device(device)
         names = [n for n, _ in self.task_entry(task)["tensors"]] if names is None else names
         items = [(name, i, start, count) for name in names for i, (start, count) in enumerate(self.plan(task, name))]
-        job = lambda item: (item, self._chunk_parts(task, item[0], item[1]))  # noqa: E731
+        # on a CPU the rebuild runs on the pool's threads too; a GPU is fed from this thread
+        here = device.type != "cpu"
+        job = lambda item: (item, self._assembled_in_worker(self._chunk_parts(task, item[0], item[1]), device))  # noqa: E731
         for (name, _, start, _), parts in ordered_map(job, items, cost=lambda it: self._chunk_cost(it[0], it[3]),
                                                        budget=self.memory):
-            yield name, start, self._assemble(parts, device).reshape(-1)
+            yield name, start, (self._assemble(parts, device) if here else parts).reshape(-1)
+
+    def _assembled_in_worker(self, parts, device: torch.device):
+        return parts if device.type != "cpu" else self._assemble(parts, device)
 
     def iter_tasks_chunks(self, tasks: list, device="cpu"):
         """Yield (name, start, {task: flat tensor}) for several tasks at once, each chunk's base and
@@ -263,12 +299,16 @@ class Archive:
             info = self.tensors[name]
             base = self.base_chunk(name, index)
             tall = any(self.representation(t) == REPRESENTATION_TALL for t in having[name])
-            shared = (base, *self.mtv_chunk(name, index)) if info["kind"] == KIND_MASKED and tall else (base,)
+            shared = (base, *self._stored_mtv_chunk(name, index)) if info["kind"] == KIND_MASKED and tall else (base,)
             return {t: self._chunk_parts(t, name, index, shared) for t in having[name]}
 
+        def assembled(item):  # on a CPU the rebuilds run on the pool's threads too
+            return item, {t: self._assembled_in_worker(p, device) for t, p in job(item).items()}
+
+        here = device.type != "cpu"
         cost = lambda it: self._chunk_cost(it[0], it[4], len(having[it[0]]))  # noqa: E731
-        for (name, _, _, start, _), parts in ordered_map(lambda it: (it, job(it)), items, cost=cost, budget=self.memory):
-            yield name, start, {t: self._assemble(p, device).reshape(-1) for t, p in parts.items()}
+        for (name, _, _, start, _), parts in ordered_map(assembled, items, cost=cost, budget=self.memory):
+            yield name, start, {t: (self._assemble(p, device) if here else p).reshape(-1) for t, p in parts.items()}
 
     # --- whole tensors (assembled from their chunks) ----------------------------------------
     def base_tensor(self, name: str) -> torch.Tensor:

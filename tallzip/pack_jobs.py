@@ -5,6 +5,7 @@ any order, on any thread (or, later, machine), and give the same bytes.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,7 +61,7 @@ class ChunkResult:
 
 
 def _buffer(key, count, dtype):
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     buf = _BUFFERS.get((key, dtype), max(count, 1) * itemsize,
                        lambda n: torch.empty(n // itemsize, dtype=dtype))
     return buf[:count]
@@ -76,6 +77,14 @@ def mask_context(stored_mtv: torch.Tensor, shape) -> dict:
     """The mask codecs' side information for one chunk, built from its stored mtv exactly as the
     reader builds it from the bits it reads (formats.chunking.mask_context)."""
     return chunk_mask_context(to_bits(stored_mtv), dtype_name(stored_mtv.dtype), shape)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite: a NaN or an infinity anywhere makes the sum NaN or infinite,
+    so a finite sum proves it in one cheap reduction (only an overflowing sum needs the full check)."""
+    if not tensor.is_floating_point() or math.isfinite(float(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def _check_finite(name, tensors, labels):
@@ -147,12 +156,14 @@ def _masked_chunk(job: ChunkJob, family, settings: PackSettings, masked_tensor) 
                   for j, ckpt in enumerate(tasks)]
         if identical:
             identical = all(torch.equal(base_s, t) for t in task_s)
-        mtv_s, packed_s, ones_s = masked_tensor(settings.merger, base_s, task_s, settings.lambdas, settings.device)
-        if not settings.allow_nonfinite and not (settings.merger.method == "sum" and bool(torch.isfinite(mtv_s).all())):
+        mtv_s, packed_s, ones_s = masked_tensor(settings.merger, base_s, task_s, settings.lambdas, settings.device,
+                                                mtv_out=mtv[s:s + m] if settings.device.type == "cpu" else None)
+        if not settings.allow_nonfinite and not (settings.merger.method == "sum" and all_finite(mtv_s)):
             # A sum of task vectors is finite only if the base and every task are (one check instead
             # of N + 1); TIES trims NaNs away, so there each input is checked.
             _check_finite(name, [base_s, *task_s], ["base", *labels])
-        mtv[s:s + m].copy_(mtv_s.reshape(-1))
+        if mtv_s.data_ptr() != mtv[s:s + m].data_ptr():
+            mtv[s:s + m].copy_(mtv_s.reshape(-1))
         for j in range(n):
             packed[j][s // 8:s // 8 + packed_s[j].size] = packed_s[j]
             ones[j] += int(ones_s[j])
@@ -165,7 +176,8 @@ def _masked_chunk(job: ChunkJob, family, settings: PackSettings, masked_tensor) 
     if "tall" in reps:  # the mtv and masks only when some task is rebuilt from them
         result.pieces.append(("mtv", None, encode_chunk(float_codec, to_bits(stored), settings.level), None))
         # The decoder sees the stored mtv: it is the mask codecs' side information.
-        context = mask_context(stored, chunk_shape(job.shape, start, count))
+        # ('bits+zstd' codes the packed bits alone: no context to build)
+        context = None if settings.codecs["mask"] == "bits+zstd" else mask_context(stored, chunk_shape(job.shape, start, count))
         for task, rep, bits, n_ones in zip(settings.task_names, reps, packed, ones):
             if rep == "tall":
                 coded = encode_packed_mask_chunk(settings.codecs["mask"], bits, count, settings.level, context)

@@ -463,12 +463,13 @@ def _single_torch_thread(device: torch.device):
 
 # --- the masked tensors: mtv, masks and bit-packing, streamed --------------------------------------
 
-CPU_CHUNK = 1 << 16  # elements: the slices of all inputs stay in the CPU's caches between their uses
+CPU_CHUNK = 1 << 15  # elements: the slices of all inputs stay in the CPU's caches between their uses
 
 
-def masked_tensor(merger, base: torch.Tensor, tasks: list, lambdas: list, device: torch.device):
+def masked_tensor(merger, base: torch.Tensor, tasks: list, lambdas: list, device: torch.device, mtv_out=None):
     """The mtv of one tensor (compute dtype, on the CPU) and every task's mask, bit-packed (numpy
-    uint8, little bit order), with each mask's count of ones.
+    uint8, little bit order), with each mask's count of ones. `mtv_out`: a flat CPU tensor of the
+    compute dtype to write the mtv into (it is then returned, shaped as the base).
 
     Bit for bit what taskvec.sum_task_vectors / ties_merge and taskvec.tall_mask give, computed
     with fewer passes over memory: (base + mtv) once per tensor rather than once per task, and on a
@@ -480,7 +481,9 @@ def masked_tensor(merger, base: torch.Tensor, tasks: list, lambdas: list, device
         tasks_d = [t.to(device) for t in tasks]
         mtv = merger.mtv(base_c, tasks_d)
         masks = [taskvec.tall_mask(base_c, t, mtv, lam) for t, lam in zip(tasks_d, lambdas)]
-        return _finish_masks(mtv, masks)
+        return _finish_masks(_into(mtv, mtv_out), masks)
+    if device.type == "cpu" and merger.method == "sum":
+        return _summed_masks_cpu(base, tasks, lambdas, compute, mtv_out)
     count = base.numel()
     if device.type == "cpu":
         chunk = CPU_CHUNK
@@ -515,7 +518,55 @@ def masked_tensor(merger, base: torch.Tensor, tasks: list, lambdas: list, device
             own_j = taus[j][:n].abs_() if taus is not None else torch.sub(base_c, task_c, out=own[:n]).abs_()
             torch.sub(plus[:n], task_c, out=others[:n]).abs_().mul_(lam)
             torch.gt(own_j, others[:n], out=mask[start:stop])
-    return _finish_masks(mtv.view(base.shape), [m.view(base.shape) for m in masks])
+    return _finish_masks(_into(mtv, mtv_out).view(base.shape), [m.view(base.shape) for m in masks])
+
+
+def _into(mtv: torch.Tensor, out):
+    if out is None:
+        return mtv
+    out.copy_(mtv.reshape(-1))
+    return out
+
+
+def _summed_masks_cpu(base, tasks, lambdas, compute, mtv_out):
+    """The sum merge's mtv and masks on a CPU, in numpy (taskvec.sum_and_masks_into): the inputs
+    widened slice by slice into reused scratch, exactly (bfloat16 by shifting its bits, float16 by
+    numpy's conversion), so the loop holds the GIL only for a few numpy calls per slice."""
+    count, n_tasks = base.numel(), len(tasks)
+    mtv = torch.empty(count, dtype=compute) if mtv_out is None else mtv_out.reshape(-1)
+    dtype = np.float64 if compute == torch.float64 else np.float32
+    masks = np.empty((n_tasks, count), dtype=bool)
+    size = max(1, min(CPU_CHUNK, count))
+    wide = np.empty((n_tasks + 1, size), dtype=dtype)  # base, then each task
+    taus, others = np.empty((n_tasks, size), dtype=dtype), np.empty((n_tasks + 1, size), dtype=dtype)
+    lams = np.array(lambdas, dtype=dtype).reshape(-1, 1)
+    sources = [_widenable(t) for t in (base, *tasks)]
+    mtv_np = mtv.numpy()
+    with np.errstate(all="ignore"):  # NaN/Inf inputs are refused by the caller (pack_jobs), not warned about
+        for start in range(0, count, size):
+            stop = min(count, start + size)
+            n = stop - start
+            for row, (kind, source) in zip(wide, sources):
+                _widen(kind, source[start:stop], row[:n])
+            taskvec.sum_and_masks_into(wide[0, :n], wide[1:, :n], lams, mtv_np[start:stop], masks[:, start:stop],
+                                       taus[:, :n], others[:, :n])
+    packed = [np.packbits(m, bitorder="little") for m in masks]
+    return mtv.view(base.shape), packed, [int(np.count_nonzero(m)) for m in masks]
+
+
+def _widenable(tensor: torch.Tensor):
+    """(how to widen, flat numpy view): bfloat16 as its uint16 bits, float16/32/64 as themselves."""
+    flat = tensor.reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        return "bf16", flat.view(torch.int16).numpy().view(np.uint16)
+    return "float", flat.numpy()
+
+
+def _widen(kind, source, out):
+    if kind == "bf16":  # a bfloat16 is the top half of the float32 of the same value
+        np.left_shift(source, 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        out[...] = source
 
 
 def _finish_masks(mtv, masks):
