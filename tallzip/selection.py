@@ -1,9 +1,16 @@
 """Choosing each task's representation on the user's data: `tallzip.select_representation(evaluate)`.
 
-For each task the smallest candidate (q2, q3, q4, q8, then exact, which is the fine-tuned model itself)
-whose score is within `tolerance` of the fine-tuned model's: score >= finetuned - tolerance * |finetuned|
-(with accuracy, 0.005 is half a percent of it). Each candidate is rebuilt in memory exactly as the archive
-will rebuild it (the same chunks, codes and scales), so the score recorded is the stored model's.
+For each task the smallest candidate (tall, q2, q3, q4, q8, then exact, which is the fine-tuned model
+itself) whose score is within `tolerance` of the fine-tuned model's: score >= finetuned - tolerance *
+|finetuned| (with accuracy, 0.005 is half a percent of it). Each candidate is rebuilt in memory exactly as
+the archive will rebuild it (the same chunks, codes and scales; for tall the mask from the full-precision
+mtv, the mtv as pack stores it, e.g. bfloat16, and the task's lambda), so the score recorded is the stored
+model's.
+
+tall is tried first: beyond the mtv, which every tall task shares, a tall task costs only its mask (about
+1 bit per weight, against 2.25 for q2). The mtv itself (16 bits per weight in bfloat16) is only stored when
+some task is tall, so with few tall tasks q2 everywhere can be smaller: pass candidates without "tall" to
+choose among the quantized ones only (benchmarks/RESULTS.md, the frontier, compares both).
 """
 from __future__ import annotations
 
@@ -15,8 +22,9 @@ import torch
 from .errors import TallzipError
 from .formats.chunking import chunk_plan, chunk_shape
 from .representations import QUANT_GROUP, dequantize_chunk, quantize_chunk, rebuild_quantized
+from .taskvec import as_compute, rebuild as tall_rebuild, tall_mask
 
-CANDIDATES = ("q2", "q3", "q4", "q8")  # smallest first; exact is the fallback and needs no evaluation
+CANDIDATES = ("tall", "q2", "q3", "q4", "q8")  # smallest first; exact is the fallback and needs no evaluation
 
 
 @dataclass
@@ -37,6 +45,25 @@ def select_representation(evaluate, tolerance: float = 0.005, candidates=CANDIDA
     if unknown:
         raise TallzipError(f"candidate {unknown[0]!r} is not one of {', '.join(CANDIDATES)} (exact is always the last)")
     return RepresentationSelector(evaluate, float(tolerance), tuple(candidates))
+
+
+def tall_state(family, task: str, merger, lam: float, mtv_dtype: str) -> dict:
+    """The task's state dict as a tall archive rebuilds it: base + mask * stored mtv, where the mask
+    comes from the full-precision mtv (as pack computes it) and the mtv is rounded to `mtv_dtype`.
+    One tensor of every task is read at a time (the mtv of that tensor), so memory stays one model."""
+    ckpt = family.tasks[task]
+    state = {}
+    for name in ckpt.names:
+        if name not in family.base or not family.is_mergeable(name):
+            state[name] = ckpt.get(name)
+            continue
+        base, tasks = family.tensors(name)
+        mtv = merger.mtv(base, tasks)
+        own = ckpt.get(name)
+        mask = tall_mask(base, own, mtv, lam)
+        stored = mtv if mtv_dtype == "float32" or mtv.dtype == torch.float64 else mtv.to(getattr(torch, mtv_dtype))
+        state[name] = tall_rebuild(base, mask, as_compute(stored)).to(own.dtype)
+    return state
 
 
 def quantized_state(family, task: str, rep: str, chunk_elements: int) -> dict:
@@ -68,15 +95,24 @@ def _score(selector, task, state) -> float:
     return value
 
 
-def choose(family, selector: RepresentationSelector, chunk_elements: int, progress=None) -> dict:
-    """{task: representation}, filling in selector.scores and selector.chosen."""
+def choose(family, selector: RepresentationSelector, chunk_elements: int, progress=None, *, tall=None) -> dict:
+    """{task: representation}, filling in selector.scores and selector.chosen.
+    tall: (merger, {task: lambda}, mtv_dtype) as pack will store the mtv; needed when "tall" is a candidate."""
+    if "tall" in selector.candidates and tall is None:
+        raise TallzipError("choosing 'tall' needs the mtv and the lambdas pack will use")
     for i, task in enumerate(family.names):
         finetuned = _score(selector, task, {n: family.tasks[task].get(n) for n in family.tasks[task].names})
         scores = selector.scores[task] = {"finetuned": finetuned}
         floor = finetuned - selector.tolerance * abs(finetuned)
         selector.chosen[task] = "exact"
         for rep in selector.candidates:
-            scores[rep] = _score(selector, task, quantized_state(family, task, rep, chunk_elements))
+            if rep == "tall":
+                merger, lambdas, mtv_dtype = tall
+                state = tall_state(family, task, merger, lambdas[task], mtv_dtype)
+            else:
+                state = quantized_state(family, task, rep, chunk_elements)
+            scores[rep] = _score(selector, task, state)
+            del state
             if scores[rep] >= floor:
                 selector.chosen[task] = rep
                 break
