@@ -15,7 +15,12 @@ The metric is the paper's (appendix A): normalized accuracy = mean over tasks of
 accuracy divided by the fine-tuned model's test accuracy.  Storage is bytes on disk; the ratio is
 the N fine-tuned files against the row's bytes.
 
+With --only frontier (or by default, after these rows) it also measures the storage-accuracy frontier of
+issue 13 (benchmarks/frontier.py: tall, q8..q2, exact, the automatic choice, the paper's layout, EMR-style,
+merges; written by benchmarks/frontier_report.py).
+
 Usage:  python -m benchmarks.accuracy                  (default: 8 tasks, ~15 min on 2 CPU cores from a clean cache)
+        python -m benchmarks.accuracy --only frontier [--tasks 20]
         python -m benchmarks.accuracy --tasks 20
         python -m benchmarks.accuracy --tasks 30 --preset gpu --device cuda   (the larger setting)
 
@@ -464,18 +469,22 @@ def markdown_block(bench: Bench, command: str, timings: dict, table: str) -> str
     return "\n".join(lines)
 
 
-def update_results_md(path: Path, n_tasks: int, block: str) -> None:
-    """Replace (or add) this setting's subsection of the "Accuracy (issue 4)" section; leave the rest as is."""
+ACCURACY_INTRO = ("Command: `python -m benchmarks.accuracy [--tasks 8|14|20]` (see benchmarks/accuracy.py). "
+                  "Plots: benchmarks/results/accuracy.png and agreement.png (default, 8 tasks), "
+                  "accuracy-<N>tasks.png and agreement-<N>tasks.png (--tasks N); "
+                  "all numbers: benchmarks/results/accuracy.json.\n")
+
+
+def update_results_md(path: Path, n_tasks: int, block: str, title: str = SECTION_TITLE,
+                      intro: str = ACCURACY_INTRO) -> None:
+    """Replace (or add) this setting's subsection of section `title` (default "Accuracy (issue 4)"); leave the
+    rest as is."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    intro = ("Command: `python -m benchmarks.accuracy [--tasks 8|14|20]` (see benchmarks/accuracy.py). "
-             "Plots: benchmarks/results/accuracy.png and agreement.png (default, 8 tasks), "
-             "accuracy-<N>tasks.png and agreement-<N>tasks.png (--tasks N); "
-             "all numbers: benchmarks/results/accuracy.json.\n")
-    start = text.find(SECTION_TITLE)
+    start = text.find(title)
     if start < 0:
-        text = text.rstrip("\n") + f"\n\n{SECTION_TITLE}\n\n{intro}\n"
-        start = text.find(SECTION_TITLE)
-    end = text.find("\n## ", start + len(SECTION_TITLE))
+        text = text.rstrip("\n") + f"\n\n{title}\n\n{intro}\n"
+        start = text.find(title)
+    end = text.find("\n## ", start + len(title))
     end = len(text) if end < 0 else end + 1
     section = text[start:end]
     subsections = {}
@@ -494,8 +503,9 @@ def update_results_md(path: Path, n_tasks: int, block: str) -> None:
 
 
 def run(n_tasks: int, *, preset: str = "cpu", device: str = "cpu", work_dir: Path, config=None, cache_dir=None,
-        alphas=ALPHAS, log=print) -> tuple[Bench, dict]:
-    """Every row on a family of n_tasks; returns the bench (rows) and the elapsed seconds per phase."""
+        alphas=ALPHAS, log=print, rows: bool = True, threads: int = 2) -> tuple[Bench, dict]:
+    """Every row on a family of n_tasks (rows=False: the family and the bench only, for the frontier);
+    returns the bench (rows) and the elapsed seconds per phase."""
     timings: dict[str, float] = OrderedDict()
     clock = time.perf_counter()
 
@@ -508,7 +518,8 @@ def run(n_tasks: int, *, preset: str = "cpu", device: str = "cpu", work_dir: Pat
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FinetuneRegressionWarning)  # printed below, one line per task
-        family = build_family(n_tasks, cache_dir, config=config or PRESETS[preset], device=device, log=log)
+        family = build_family(n_tasks, cache_dir, config=config or PRESETS[preset], device=device, log=log,
+                              num_threads=threads)
     phase("family (build or load)")
     for task in family.regressions():
         acc = family.info["tasks"][task]["accuracy"]
@@ -519,6 +530,9 @@ def run(n_tasks: int, *, preset: str = "cpu", device: str = "cpu", work_dir: Pat
     bench.extra["family_trained_now"] = list(family.trained_now)
     bench.extra["family_train_seconds_recorded"] = round(
         family.info["base"]["train_seconds"] + sum(family.info["tasks"][t]["train_seconds"] for t in family.tasks), 1)
+    if not rows:
+        phase("fine-tuned accuracies")
+        return bench, timings
     reference_rows(bench)
     phase("reference rows")
     archives = compression_rows(bench)
@@ -558,17 +572,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda, for training, packing and merging")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--no-results-md", action="store_true", help="do not write the table into benchmarks/RESULTS.md")
+    parser.add_argument("--only", choices=("all", "accuracy", "frontier"), default="all",
+                        help="the accuracy rows (issue 4), the storage-accuracy frontier (issue 13), or both (default)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args(argv)
 
     command = "python -m benchmarks.accuracy" + ("" if argv is None and len(sys.argv) == 1 else
                                                   " " + shlex.join(sys.argv[1:] if argv is None else argv))
     print(f"$ {command}", flush=True)
     start = time.perf_counter()
+    results_md = None if args.no_results_md else RESULTS_MD
     with tempfile.TemporaryDirectory(prefix="tallzip-accuracy-") as work_dir:
         bench, timings = run(args.tasks, preset=args.preset, device=args.device, work_dir=Path(work_dir),
-                             log=lambda *a: print(*a, flush=True))
+                             log=lambda *a: print(*a, flush=True), rows=args.only != "frontier", threads=args.threads)
+        if args.only != "accuracy":
+            from benchmarks.frontier import run_frontier, targets_met
+            from benchmarks.frontier_report import write_frontier_outputs
+            frontier = run_frontier(bench, timings=timings)
+            timings["total"] = round(time.perf_counter() - start, 1)
+            print("\n" + write_frontier_outputs(frontier, command, timings, args.results_dir, results_md))
+            print("\n".join(targets_met(frontier)))
+            print(f"wrote {args.results_dir}/frontier.json, frontier-{args.tasks}tasks.png"
+                  + ("" if results_md is None else f" and the frontier's {args.tasks}-task table into {RESULTS_MD}"))
+            if args.only == "frontier":
+                return 0
         timings["total"] = round(time.perf_counter() - start, 1)
-        table = write_outputs(bench, timings, command, args.results_dir, None if args.no_results_md else RESULTS_MD)
+        table = write_outputs(bench, timings, command, args.results_dir, results_md)
     print()
     print(table)
     print()

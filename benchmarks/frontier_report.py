@@ -1,0 +1,127 @@
+"""The frontier's outputs: the table, the plot (one PNG per number of tasks), the JSON and the RESULTS.md section."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.accuracy import update_results_md, write_json
+from benchmarks.frontier import Frontier, pareto_front, targets_met
+
+SECTION_TITLE = "## Storage-accuracy frontier (issue 13)"
+INTRO = ("Command: `python -m benchmarks.accuracy --only frontier [--tasks 8|14|20]` (benchmarks/frontier.py; "
+         "`python -m benchmarks.accuracy` runs the accuracy rows above and the frontier). Plots: "
+         "benchmarks/results/frontier-<N>tasks.png; all numbers: benchmarks/results/frontier.json. Every tallzip "
+         "row is a real `tallzip.pack` (bytes = the archive on disk), each task rebuilt from it and evaluated on "
+         "the test split; normalized = mean over tasks of test accuracy / the fine-tuned model's (the paper's "
+         "metric), min task = the worst task's; ratio = the N fp32 fine-tuned files / the row's bytes, "
+         "'no base' = the same with the base not counted (`pack --base-ref`: the pretrained model is public). "
+         "Rows marked * are on the Pareto front (self-contained bytes).\n")
+
+
+def short_representations(point) -> str:
+    if not point.representations:
+        return ""
+    counts: dict[str, int] = {}
+    for rep in point.representations.values():
+        counts[rep] = counts.get(rep, 0) + 1
+    return " ".join(f"{n}x{rep}" for rep, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def format_table(fr: Frontier) -> str:
+    ft_bytes = fr.bench.finetuned_bytes
+    front = {id(p) for p in pareto_front(fr.points)}
+    headers = ["", "row", "bytes", "ratio", "no base", "normalized", "min task", "tasks kept as"]
+    lines = []
+    for p in sorted(fr.points, key=lambda p: p.bytes):
+        lines.append(["*" if id(p) in front else "", p.label, f"{p.bytes:,}", f"{ft_bytes / p.bytes:.2f}x",
+                      f"{ft_bytes / (p.bytes - p.base_bytes):.2f}x", f"{p.normalized:.2%}", f"{p.min_task:.2%}",
+                      short_representations(p)])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i in (0, 1, 7) else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([fmt(headers), "  ".join("-" * w for w in widths), *(fmt(line) for line in lines)])
+
+
+COLOURS = {"tall": "tab:blue", "quantized": "tab:green", "exact": "tab:purple", "auto": "tab:red",
+           "lossless file coder": "0.5", "reference": "tab:brown", "merge": "tab:orange"}
+
+
+def plot_frontier(fr: Frontier, path: Path) -> None:
+    """Two panels side by side: the self-contained bytes, and the base not counted; ratio on a log x axis,
+    normalized test accuracy on y, the Pareto front as a step line, every point labelled. A lower panel
+    zooms on the top of the accuracy axis, where the compressed points crowd."""
+    from matplotlib.figure import Figure
+
+    ft_bytes = fr.bench.finetuned_bytes
+    fig = Figure(figsize=(16, 11), layout="constrained")
+    axes = fig.subplots(2, 2, height_ratios=(1, 1.6))
+    bases = (("self-contained (base counted)", lambda p: p.bytes),
+             ("base not counted (by reference)", lambda p: p.bytes - p.base_bytes))
+    top = max(100 * p.normalized for p in fr.points)
+    for column, (title, size) in enumerate(bases):
+        for row, ax in enumerate(axes[:, column]):
+            points = fr.points if row == 0 else [p for p in fr.points if 100 * p.normalized >= top - 4.0]
+            for kind, colour in COLOURS.items():
+                chosen = [p for p in points if p.kind == kind]
+                if chosen:
+                    ax.scatter([ft_bytes / size(p) for p in chosen], [100 * p.normalized for p in chosen],
+                               color=colour, label=kind, zorder=3, s=22)
+            front = pareto_front(fr.points, size=size)
+            xs = [ft_bytes / size(p) for p in front]
+            ys = [100 * p.normalized for p in front]
+            # the front in ratio terms: better (higher accuracy) as the ratio falls; a step at each point
+            ax.step(xs, ys, where="post", color="k", linewidth=0.8, alpha=0.6, label="Pareto front", zorder=2)
+            for i, p in enumerate(sorted(points, key=lambda p: (size(p), p.normalized))):
+                ax.annotate(p.label, (ft_bytes / size(p), 100 * p.normalized), xytext=(4, 5 if i % 2 else -9),
+                            textcoords="offset points", fontsize=6.5 if row else 6, color=COLOURS[p.kind])
+            ax.set_xscale("log")
+            ax.set_xlabel(f"ratio: the {len(fr.tasks)} fp32 fine-tuned files' bytes / the row's bytes (log scale)")
+            ax.set_ylabel("normalized test accuracy (% of fine-tuned)")
+            ax.grid(True, which="both", linewidth=0.3)
+            if row == 0:
+                ax.set_title(f"{len(fr.tasks)} tasks, {title}", fontsize=10)
+                ax.legend(loc="lower left", fontsize=7)
+            else:
+                ax.set_title(f"zoom: the rows within 4 points of the best, {title}", fontsize=9)
+                ax.axhline(99.5, color="tab:red", linestyle=":", linewidth=0.8)
+    fig.savefig(path, dpi=110)
+
+
+def results_json(fr: Frontier, command: str, timings: dict) -> dict:
+    ft_bytes = fr.bench.finetuned_bytes
+    return {"command": command, "n_tasks": len(fr.tasks), "tasks": fr.tasks, "finetuned_bytes": ft_bytes,
+            "finetuned_test": fr.bench.finetuned["test"],
+            "family": {"config_hash": fr.bench.family.info["config_hash"],
+                       "parameters": fr.bench.family.info["parameters"]},
+            "points": [p.as_dict(ft_bytes) for p in fr.points],
+            "pareto_front": [p.label for p in pareto_front(fr.points)],
+            "pareto_front_without_base": [p.label for p in pareto_front(fr.points, size=lambda p: p.bytes - p.base_bytes)],
+            "targets": targets_met(fr), "timings_seconds": timings, **fr.extra}
+
+
+def markdown_block(fr: Frontier, command: str, timings: dict, table: str) -> str:
+    n = len(fr.tasks)
+    total = sum(v for k, v in timings.items() if k.startswith("frontier"))
+    zipnn = [p for p in fr.points if p.label.startswith("zipnn")]
+    lines = [f"### {n} tasks", "", "```", f"$ {command}", table, "```", "",
+             f"Family: {fr.bench.family.info['parameters']:,}-parameter ViT, config "
+             f"{fr.bench.family.info['config_hash']}, {n} tasks; the frontier's points took {total:.0f} s here.",
+             "", *(f"- {line}" for line in targets_met(fr))]
+    if zipnn and not zipnn[0].settings.get("roundtrip", True):
+        lines.append("- zipnn's decode did not give the files back here, so its size is no lossless reference.")
+    if "zipnn" in fr.extra:
+        lines.append(f"- zipnn: {fr.extra['zipnn']}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_frontier_outputs(fr: Frontier, command: str, timings: dict, results_dir: Path,
+                           results_md: Path | None) -> str:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    table = format_table(fr)
+    write_json(results_json(fr, command, timings), results_dir / "frontier.json")
+    plot_frontier(fr, results_dir / f"frontier-{len(fr.tasks)}tasks.png")
+    if results_md is not None:
+        update_results_md(results_md, len(fr.tasks), markdown_block(fr, command, timings, table),
+                          title=SECTION_TITLE, intro=INTRO)
+    return table
