@@ -63,16 +63,28 @@ class Point:
     kind: str  # "tall", "quantized", "exact", "auto", "lossless file coder", "reference", "merge"
     bytes: int
     base_bytes: int  # of those, the base's (0 where the point has no separate base)
+    overhead_bytes: int  # of those, the archive's header and JSON manifest (per section, not per weight)
     test: dict
     representations: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     normalized: float = 0.0
     min_task: float = 0.0
 
+    @property
+    def payload_bytes(self) -> int:
+        """Without the base and the archive's manifest: what the ratio tends to on a model with far more
+        weights per tensor than this benchmark's small ViT (the manifest grows with tensors, not weights)."""
+        return self.bytes - self.base_bytes - self.overhead_bytes
+
     def as_dict(self, finetuned_bytes: int) -> dict:
         return {**self.__dict__, "ratio": finetuned_bytes / self.bytes,
                 "ratio_without_base": finetuned_bytes / (self.bytes - self.base_bytes),
+                "ratio_coded_sections_without_base": finetuned_bytes / self.payload_bytes,
                 "mean_test": mean_accuracy(self.test)}
+
+
+BASES = (("self-contained", lambda p: p.bytes), ("base not counted", lambda p: p.bytes - p.base_bytes),
+         ("coded sections, no base", lambda p: p.payload_bytes))
 
 
 class Frontier:
@@ -84,10 +96,10 @@ class Frontier:
         self.sum_lambdas: dict | None = None
         self.base_bytes = 0  # the base section of the archives (the same in every archive)
 
-    def add(self, label, kind, nbytes, base_bytes, test, **settings) -> Point:
+    def add(self, label, kind, nbytes, base_bytes, test, overhead_bytes=0, **settings) -> Point:
         ft = self.bench.finetuned["test"]
         reps = settings.pop("representations", {})
-        point = Point(label, kind, int(nbytes), int(base_bytes), dict(test), reps, settings,
+        point = Point(label, kind, int(nbytes), int(base_bytes), int(overhead_bytes), dict(test), reps, settings,
                       normalized_accuracy(test, ft), min_normalized_accuracy(test, ft))
         self.points.append(point)
         self.bench.log(f"  {label:48s} {nbytes:>11,} B  {self.bench.finetuned_bytes / nbytes:6.2f}x  "
@@ -154,7 +166,8 @@ def pack_point(fr: Frontier, label: str, kind: str, name: str, *, exact_check: b
     if choice:
         settings["choice"] = choice
     path.unlink()
-    return fr.add(label, kind, nbytes, base_bytes, test, representations=reps, **settings)
+    return fr.add(label, kind, nbytes, base_bytes, test, nbytes - sum(settings["sections"].values()),
+                  representations=reps, **settings)
 
 
 def tall_points(fr: Frontier) -> None:
@@ -235,38 +248,42 @@ def coded_float_bytes(tensor: torch.Tensor) -> int:
     return len(payload)
 
 
-def emr_point(fr: Frontier) -> None:
-    bench = fr.bench
-    base = bench.base_state
+def emr_rebuild(base: dict, tasks: list[dict]):
+    """EMR-style, on the float tensors flattened: (rebuilt state per task, unified vector, masks, rescalers).
+    unified = sign(sum tau) * max |tau_t| over the tasks agreeing with that sign; mask_t = tau_t * unified > 0;
+    rescaler_t = sum |tau_t| / sum |mask_t * unified|; rebuilt_t = base + rescaler_t * mask_t * unified."""
     names = [n for n, v in base.items() if v.is_floating_point()]
     flat_base = torch.cat([base[n].reshape(-1).to(torch.float32) for n in names])
-    taus = []
-    for task in fr.tasks:
-        state = bench.family.load(task)
-        taus.append(torch.cat([state[n].reshape(-1).to(torch.float32) for n in names]) - flat_base)
-    stacked = torch.stack(taus)
+    stacked = torch.stack([torch.cat([t[n].reshape(-1).to(torch.float32) for n in names]) - flat_base for t in tasks])
     sign = torch.sign(stacked.sum(0))
-    agreeing = stacked * sign > 0
-    unified = sign * torch.where(agreeing, stacked.abs(), torch.zeros(())).amax(0)
-    test, mask_bytes, rescalers = {}, 0, {}
-    for task, tau in zip(fr.tasks, taus):
+    unified = sign * torch.where(stacked * sign > 0, stacked.abs(), torch.zeros(())).amax(0)
+    states, masks, rescalers = [], [], []
+    for tau in stacked:
         mask = tau * unified > 0
         rescaler = float(tau.abs().sum() / (mask * unified).abs().sum())
-        rebuilt_flat = flat_base + rescaler * mask * unified
+        flat = flat_base + rescaler * mask * unified
         state, offset = dict(base), 0
         for n in names:
             count = base[n].numel()
-            state[n] = rebuilt_flat[offset:offset + count].reshape(base[n].shape).to(base[n].dtype)
+            state[n] = flat[offset:offset + count].reshape(base[n].shape).to(base[n].dtype)
             offset += count
-        test[task] = fr.on_test(task, state)
-        payload, _ = codecs.encode("bits+zstd", mask.numpy(), level=DEFAULT_LEVEL)
-        mask_bytes += len(payload)
-        rescalers[task] = rescaler
-    base_bytes = sum(coded_float_bytes(base[n]) for n in names)
+        states.append(state)
+        masks.append(mask)
+        rescalers.append(rescaler)
+    return states, unified, masks, rescalers
+
+
+def emr_point(fr: Frontier) -> Point:
+    bench = fr.bench
+    base = bench.base_state
+    states, unified, masks, rescalers = emr_rebuild(base, [bench.family.load(t) for t in fr.tasks])
+    test = {task: fr.on_test(task, state) for task, state in zip(fr.tasks, states)}
+    mask_bytes = sum(len(codecs.encode("bits+zstd", m.numpy(), level=DEFAULT_LEVEL)[0]) for m in masks)
+    base_bytes = sum(coded_float_bytes(v) for v in base.values() if v.is_floating_point())
     unified_bytes = coded_float_bytes(unified)
-    fr.add("EMR-style (unified + masks + rescalers)", "reference",
-           base_bytes + unified_bytes + mask_bytes + 4 * len(fr.tasks), base_bytes, test,
-           unified_bytes=unified_bytes, mask_bytes=mask_bytes, rescalers=rescalers)
+    return fr.add("EMR-style (unified + masks + rescalers)", "reference",
+                  base_bytes + unified_bytes + mask_bytes + 4 * len(fr.tasks), base_bytes, test,
+                  unified_bytes=unified_bytes, mask_bytes=mask_bytes, rescalers=dict(zip(fr.tasks, rescalers)))
 
 
 def merge_points(fr: Frontier, alphas=ALPHAS) -> None:
@@ -327,7 +344,7 @@ def targets_met(fr: Frontier) -> list[str]:
     lossy = [p for p in fr.points if p.kind in ("tall", "quantized", "auto", "exact")]
     lines = []
     first, second = TARGETS
-    for basis, size in (("self-contained", lambda p: p.bytes), ("base not counted", lambda p: p.bytes - p.base_bytes)):
+    for basis, size in BASES:
         good = [p for p in lossy if p.normalized >= first["normalized"] and p.min_task >= first["min_task"]]
         best = max(good, key=lambda p: ft_bytes / size(p), default=None)
         if best is None:

@@ -394,7 +394,8 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
             manifest["merge"].update(thresholds=merger.thresholds, majority=merger.majority)
         if selector is not None:
             manifest["representation_choice"] = {"tolerance": selector.tolerance, "candidates": list(selector.candidates),
-                                                 "scores": selector.scores}
+                                                 "scores": selector.scores,
+                                                 **({"mtv_weighed": selector.mtv_weighed} if selector.mtv_weighed else {})}
         if isinstance(lambdas, LambdaSelector):
             manifest["lambda_scores"] = {t: {str(k): v for k, v in s.items()} for t, s in lambdas.scores.items()}
         return writer.finish(manifest)

@@ -320,7 +320,7 @@ def test_select_representation_picks_tall_within_tolerance_else_falls_back(famil
     def score(task, state):
         return 1.0 - weight[task] * _relative_error(tasks[task], {n: v.numpy() for n, v in state.items()})
 
-    selector = tallzip.select_representation(score, tolerance=tolerance)
+    selector = tallzip.select_representation(score, tolerance=tolerance, weigh_mtv=False)
     out = tmp_path / "tall-sel.tallz"
     tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep=selector, chunk_elements=CHUNK,
                  mtv_dtype=mtv_dtype)
@@ -341,6 +341,45 @@ def test_select_representation_picks_tall_within_tolerance_else_falls_back(famil
         rebuilt = {n: v.numpy() for n, v in arc.load("t0").items()}
         want = np_tall_state(base, tasks, "t0", mtv_dtype=mtv_dtype)
         assert all(np.array_equal(rebuilt[n], want[n]) for n in want)  # scored what the archive rebuilds
+
+
+def test_weighing_the_mtv_drops_tall_when_it_does_not_pay(family):
+    """One tall task cannot pay for a 16-bit mtv with what a 1-bit mask saves against q*: it takes its fallback
+    (the numpy-computed first q* within the tolerance) and no mtv is stored. Three tasks whose only acceptable
+    model is their exact tall rebuild (the fallback exact: 31 bits saved each) keep tall."""
+    tmp_path, base, tasks = family
+    tolerance = 0.01
+    tall_error = {t: _relative_error(o, np_tall_state(base, tasks, t)) for t, o in tasks.items()}
+    weight = {t: (0.5 if t == "t0" else 2.0) * tolerance / tall_error[t] for t in tasks}
+    selector = tallzip.select_representation(
+        lambda task, sd: 1.0 - weight[task] * _relative_error(tasks[task], {n: v.numpy() for n, v in sd.items()}),
+        tolerance=tolerance)
+    out = tmp_path / "weighed.tallz"
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep=selector, chunk_elements=CHUNK)
+    fallback = "exact"
+    for rep, bits in (("q2", 2), ("q3", 3), ("q4", 4), ("q8", 8)):
+        state = {n: (np_quant_rebuild(base[n], v, bits, ROWS[n]) if n in ROWS else v) for n, v in tasks["t0"].items()}
+        if 1.0 - weight["t0"] * _relative_error(tasks["t0"], state) >= 1.0 - tolerance:
+            fallback = rep
+            break
+    with tallzip.open(out) as arc:
+        assert arc.representation("t0") == fallback != "tall"
+        assert not any(s["role"] in ("mtv", "mask") for s in arc.manifest["sections"])
+        assert arc.manifest["representation_choice"]["mtv_weighed"]["kept_tall"] is False
+
+    def only_tall(task, sd):  # 1 for the task's own tall rebuild (numpy) or the fine-tuned model, else 0
+        want = np_tall_state(base, tasks, task)
+        got = {n: v.numpy() for n, v in sd.items()}
+        return float(all(np.array_equal(got[n], want[n]) for n in want)
+                     or all(np.array_equal(got[n], tasks[task][n]) for n in tasks[task]))
+
+    selector = tallzip.select_representation(only_tall, tolerance=tolerance)
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep=selector, chunk_elements=CHUNK,
+                 force=True)
+    with tallzip.open(out) as arc:
+        assert {arc.representation(t) for t in arc.tasks} == {"tall"}
+    assert selector.mtv_weighed["fallbacks"] == {t: "exact" for t in tasks}
+    assert selector.mtv_weighed["kept_tall"] is True
 
 
 def test_select_representation_without_tall_stores_no_mtv(family):
