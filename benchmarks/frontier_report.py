@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.accuracy import update_results_md, write_json
+from benchmarks.accuracy_report import update_results_md, write_json
 from benchmarks.frontier import BASES, Frontier, pareto_front, targets_met
 
 SECTION_TITLE = "## Storage-accuracy frontier (issue 13)"
@@ -50,44 +50,59 @@ COLOURS = {"tall": "tab:blue", "quantized": "tab:green", "exact": "tab:purple", 
            "lossless file coder": "0.5", "reference": "tab:brown", "merge": "tab:orange"}
 
 
-def plot_frontier(fr: Frontier, path: Path) -> None:
-    """Two panels side by side: the self-contained bytes, and the base not counted; ratio on a log x axis,
-    normalized test accuracy on y, the Pareto front as a step line, every point labelled. A lower panel
-    zooms on the top of the accuracy axis, where the compressed points crowd."""
+def plot_frontier(points, n_tasks: int, finetuned_bytes: int, path: Path) -> None:
+    """Two columns: the self-contained bytes, and the base not counted; ratio on a log x axis, normalized
+    test accuracy on y, the Pareto front as a step line, every point numbered (the key on the right names
+    them). The lower row zooms on the top of the accuracy axis, where the compressed points crowd."""
     from matplotlib.figure import Figure
 
-    ft_bytes = fr.bench.finetuned_bytes
-    fig = Figure(figsize=(16, 11), layout="constrained")
-    axes = fig.subplots(2, 2, height_ratios=(1, 1.6))
-    bases = BASES[:2]
-    top = max(100 * p.normalized for p in fr.points)
-    for column, (title, size) in enumerate(bases):
+    fig = Figure(figsize=(18, 11), layout="constrained")
+    plots, key = fig.subfigures(1, 2, width_ratios=(3.2, 1))
+    axes = plots.subplots(2, 2, height_ratios=(1, 1.6))
+    order = sorted(points, key=lambda p: p.bytes)
+    number = {id(p): i for i, p in enumerate(order, 1)}
+    top = max(100 * p.normalized for p in points)
+    for column, (title, size) in enumerate(BASES[:2]):
+        front = pareto_front(points, size=size)
         for row, ax in enumerate(axes[:, column]):
-            points = fr.points if row == 0 else [p for p in fr.points if 100 * p.normalized >= top - 4.0]
+            shown = points if row == 0 else [p for p in points if 100 * p.normalized >= top - 4.0]
             for kind, colour in COLOURS.items():
-                chosen = [p for p in points if p.kind == kind]
+                chosen = [p for p in shown if p.kind == kind]
                 if chosen:
-                    ax.scatter([ft_bytes / size(p) for p in chosen], [100 * p.normalized for p in chosen],
-                               color=colour, label=kind, zorder=3, s=22)
-            front = pareto_front(fr.points, size=size)
-            xs = [ft_bytes / size(p) for p in front]
-            ys = [100 * p.normalized for p in front]
-            # the front in ratio terms: better (higher accuracy) as the ratio falls; a step at each point
-            ax.step(xs, ys, where="post", color="k", linewidth=0.8, alpha=0.6, label="Pareto front", zorder=2)
-            for i, p in enumerate(sorted(points, key=lambda p: (size(p), p.normalized))):
-                ax.annotate(p.label, (ft_bytes / size(p), 100 * p.normalized), xytext=(4, 5 if i % 2 else -9),
-                            textcoords="offset points", fontsize=6.5 if row else 6, color=COLOURS[p.kind])
+                    ax.scatter([finetuned_bytes / size(p) for p in chosen], [100 * p.normalized for p in chosen],
+                               color=colour, label=kind, zorder=3, s=24)
+            # the front in ratio terms: the best accuracy reachable at a ratio or less; a step at each point
+            ax.step([finetuned_bytes / size(p) for p in front], [100 * p.normalized for p in front], where="post",
+                    color="k", linewidth=0.8, alpha=0.6, label="Pareto front", zorder=2)
+            for i, p in enumerate(sorted(shown, key=lambda p: (size(p), p.normalized))):
+                ax.annotate(str(number[id(p)]), (finetuned_bytes / size(p), 100 * p.normalized),
+                            xytext=(4, 4 if i % 2 else -10), textcoords="offset points", fontsize=7,
+                            color=COLOURS[p.kind])
+            if row == 1:
+                low = min(100 * p.normalized for p in shown)
+                ax.set_ylim(low - 0.1 * (top - low + 0.1), top + 0.1 * (top - low + 0.1))
             ax.set_xscale("log")
-            ax.set_xlabel(f"ratio: the {len(fr.tasks)} fp32 fine-tuned files' bytes / the row's bytes (log scale)")
+            ax.set_xlabel(f"ratio: the {n_tasks} fp32 fine-tuned files' bytes / the row's bytes (log scale)")
             ax.set_ylabel("normalized test accuracy (% of fine-tuned)")
             ax.grid(True, which="both", linewidth=0.3)
             if row == 0:
-                ax.set_title(f"{len(fr.tasks)} tasks, {title}", fontsize=10)
+                ax.set_title(f"{n_tasks} tasks, {title}", fontsize=10)
                 ax.legend(loc="lower left", fontsize=7)
             else:
                 ax.set_title(f"zoom: the rows within 4 points of the best, {title}", fontsize=9)
                 ax.axhline(99.5, color="tab:red", linestyle=":", linewidth=0.8)
+    lines = [f"{number[id(p)]:2d} {p.label}\n   {100 * p.normalized:.2f}% (min {100 * p.min_task:.2f}%), "
+             f"{finetuned_bytes / p.bytes:.2f}x / {finetuned_bytes / (p.bytes - p.base_bytes):.2f}x no base"
+             for p in order]
+    key.text(0.0, 0.99, "\n".join(lines), va="top", ha="left", fontsize=7, family="monospace")
     fig.savefig(path, dpi=110)
+
+
+def points_from_json(run: dict) -> list:
+    """The Points of one run of frontier.json (to plot again without measuring again)."""
+    from benchmarks.frontier import Point
+    names = set(Point.__dataclass_fields__)
+    return [Point(**{"overhead_bytes": 0, **{k: v for k, v in point.items() if k in names}}) for point in run["points"]]
 
 
 def results_json(fr: Frontier, command: str, timings: dict) -> dict:
@@ -110,6 +125,9 @@ def markdown_block(fr: Frontier, command: str, timings: dict, table: str) -> str
              f"Family: {fr.bench.family.info['parameters']:,}-parameter ViT, config "
              f"{fr.bench.family.info['config_hash']}, {n} tasks; the frontier's points took {total:.0f} s here.",
              "", *(f"- {line}" for line in targets_met(fr))]
+    if "frontier: merges" not in timings:
+        done = [k.split(": ", 1)[1] for k in timings if k.startswith("frontier")]
+        lines.insert(2, f"(PARTIAL: this run was stopped after: {', '.join(done)}.)\n")
     if zipnn and not zipnn[0].settings.get("roundtrip", True):
         lines.append("- zipnn's decode did not give the files back here, so its size is no lossless reference.")
     if "zipnn" in fr.extra:
@@ -122,8 +140,24 @@ def write_frontier_outputs(fr: Frontier, command: str, timings: dict, results_di
     results_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(fr)
     write_json(results_json(fr, command, timings), results_dir / "frontier.json")
-    plot_frontier(fr, results_dir / f"frontier-{len(fr.tasks)}tasks.png")
+    plot_frontier(fr.points, len(fr.tasks), fr.bench.finetuned_bytes, results_dir / f"frontier-{len(fr.tasks)}tasks.png")
     if results_md is not None:
         update_results_md(results_md, len(fr.tasks), markdown_block(fr, command, timings, table),
                           title=SECTION_TITLE, intro=INTRO)
     return table
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    parser = argparse.ArgumentParser(description="Plot every run in frontier.json again, without measuring again")
+    parser.add_argument("results_dir", nargs="?", type=Path, default=Path(__file__).resolve().parent / "results")
+    results_dir = parser.parse_args(argv).results_dir
+    for n, run in json.loads((results_dir / "frontier.json").read_text())["runs"].items():
+        plot_frontier(points_from_json(run), int(n), run["finetuned_bytes"], results_dir / f"frontier-{n}tasks.png")
+        print(f"wrote {results_dir}/frontier-{n}tasks.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

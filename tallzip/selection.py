@@ -114,7 +114,7 @@ def choose(family, selector: RepresentationSelector, chunk_elements: int, progre
         raise TallzipError("choosing 'tall' needs the mtv and the lambdas pack will use")
     for i, task in enumerate(family.names):
         finetuned = _score(selector, task, {n: family.tasks[task].get(n) for n in family.tasks[task].names})
-        scores = selector.scores[task] = {"finetuned": finetuned}
+        selector.scores[task] = {"finetuned": finetuned}
         floor = finetuned - selector.tolerance * abs(finetuned)
         selector.chosen[task] = _first_within(family, selector, task, selector.candidates, floor, chunk_elements, tall)
         if progress:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import tallzip
-from benchmarks import accuracy as bench_module
+from benchmarks import accuracy as bench_module, accuracy_report
 from benchmarks import storage
 from benchmarks.accuracy import Bench, compression_rows, merging_rows, reference_rows, scaled, select_alpha
 from benchmarks.family import PRESETS, FinetuneRegressionWarning, build_family
@@ -164,16 +164,16 @@ def test_outputs_feed_the_storage_benchmark_and_results_md(bench, tmp_path, monk
     md = tmp_path / "RESULTS.md"
     md.write_text("# Benchmark results\n\n## Storage (issue 7)\n\nkeep me\n\n## Accuracy (issue 4)\n\nintro\n\n"
                   "### 99 tasks\n\nanother setting's table\n\n## Later section\n\nme too\n")
-    table = bench_module.write_outputs(bench, {"total": 1.0}, "python -m benchmarks.accuracy --test", tmp_path, md)
+    table = accuracy_report.write_outputs(bench, {"total": 1.0}, "python -m benchmarks.accuracy --test", tmp_path, md)
     assert "TALL masks, sum mtv, lambda on val" in table
-    assert all((tmp_path / name).stat().st_size > 0 for name in bench_module.plot_names(len(bench.tasks)))
+    assert all((tmp_path / name).stat().st_size > 0 for name in accuracy_report.plot_names(len(bench.tasks)))
     monkeypatch.setattr(storage, "ACCURACY_JSON", tmp_path / "accuracy.json")
     found = storage.accuracy_lookup()
     n = len(bench.tasks)
     assert found == {(n, "float32"): row(bench, "TALL masks, sum mtv, lambda on val").normalized_test,
                      (n, "bfloat16"): row(bench, "TALL masks, sum mtv as bfloat16, lambda on val").normalized_test}
     # Writing again replaces this setting's table and leaves the other sections alone.
-    bench_module.write_outputs(bench, {"total": 2.0}, "python -m benchmarks.accuracy --test", tmp_path, md)
+    accuracy_report.write_outputs(bench, {"total": 2.0}, "python -m benchmarks.accuracy --test", tmp_path, md)
     text = md.read_text()
     assert "keep me" in text and "me too" in text and "another setting's table" in text
     assert text.count(f"### {n} tasks") == 1 and text.count("## Accuracy (issue 4)") == 1
@@ -185,7 +185,7 @@ def test_outputs_feed_the_storage_benchmark_and_results_md(bench, tmp_path, monk
 
 # --- the storage-accuracy frontier (issue 13) ------------------------------------------------------------
 
-from benchmarks import frontier as frontier_module  # noqa: E402
+from benchmarks import frontier as frontier_module, frontier_report  # noqa: E402
 from benchmarks.frontier_report import SECTION_TITLE as FRONTIER_TITLE, write_frontier_outputs  # noqa: E402
 
 
@@ -305,3 +305,6 @@ def test_frontier_outputs(frontier, tmp_path):
     text = md.read_text()
     assert "keep me" in text and text.index("## Accuracy (issue 4)") < text.index(FRONTIER_TITLE)
     assert f"### {n} tasks" in text and "every task q2" in table
+    (tmp_path / f"frontier-{n}tasks.png").unlink()
+    frontier_report.main([str(tmp_path)])  # plotted again from the JSON alone
+    assert (tmp_path / f"frontier-{n}tasks.png").stat().st_size > 0
