@@ -370,7 +370,7 @@ def targets_met(fr: Frontier) -> list[str]:
             ratio = ft_bytes / size(best)
             verdict = "MET" if ratio >= first["ratio"] else "NOT MET"
             lines.append(f"{basis}: >= 99.5% (no task under 99%) at >= 12x: {verdict} -- best such point "
-                         f"'{best.label}' {best.normalized:.2%} (min task {best.min_task:.2%}) at {ratio:.2f}x.")
+                         f"'{best.label}' {best.normalized:.3%} (min task {best.min_task:.2%}) at {ratio:.2f}x.")
         top = [p for p in lossy if p.normalized >= second["normalized"]]
         best = max(top, key=lambda p: ft_bytes / size(p), default=None)
         if best is not None:
