@@ -374,6 +374,6 @@ def targets_met(fr: Frontier) -> list[str]:
         top = [p for p in lossy if p.normalized >= second["normalized"]]
         best = max(top, key=lambda p: ft_bytes / size(p), default=None)
         if best is not None:
-            lines.append(f"{basis}: >= 99.9% at the best ratio: '{best.label}' {best.normalized:.2%} "
+            lines.append(f"{basis}: >= 99.9% at the best ratio: '{best.label}' {best.normalized:.3%} "
                          f"(min task {best.min_task:.2%}) at {ft_bytes / size(best):.2f}x.")
     return lines
