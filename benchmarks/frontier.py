@@ -177,7 +177,7 @@ def pack_point(fr: Frontier, label: str, kind: str, name: str, *, exact_check: b
     settings = {"lambdas": lambdas, "task_bytes": {t: sizes["tasks"][t]["representation_bytes"] +
                                                       sizes["tasks"][t]["mask_bytes"] for t in fr.tasks},
                 "sections": {role: s["bytes"] for role, s in sizes["sections"].items()},
-                **{k: v for k, v in pack_options.items() if k in ("merge", "mtv_dtype")}}
+                **{k: v for k, v in pack_options.items() if k in ("merge", "mtv_dtype", "codecs")}}
     if choice:
         settings["choice"] = choice
     path.unlink()
@@ -191,6 +191,9 @@ def tall_points(fr: Frontier) -> None:
                            merge=merge_method, lambdas=tallzip.select_lambdas(fr.on_val))
         if merge_method == "sum":
             fr.sum_lambdas = point.settings["lambdas"]
+        # the same masks coded by the context coder (pack --mask-codec bits-ctx): fewer bits, the same models
+        pack_point(fr, f"tall, {name} mtv (bf16), bits-ctx masks", "tall", f"tall-{merge_method}-ctx",
+                   merge=merge_method, lambdas=point.settings["lambdas"], codecs={"mask": "bits-ctx"})
     pack_point(fr, "tall, sum mtv (fp32), lambda on val", "tall", "tall-sum-fp32", merge="sum",
                lambdas=fr.sum_lambdas, mtv_dtype="float32")
 
