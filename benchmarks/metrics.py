@@ -31,3 +31,10 @@ def mean_accuracy(acc: Mapping[str, float]) -> float:
     if not acc:
         raise ValueError("mean_accuracy needs at least one task")
     return sum(acc.values()) / len(acc)
+
+
+def min_normalized_accuracy(acc: Mapping[str, float], finetuned_acc: Mapping[str, float]) -> float:
+    """The worst task's acc_t / finetuned_acc_t: how much the least well kept task lost."""
+    if not acc:
+        raise ValueError("min_normalized_accuracy needs at least one task")
+    return min(normalized_accuracy({task: value}, finetuned_acc) for task, value in acc.items())

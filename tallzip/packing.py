@@ -277,12 +277,14 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
             raise TallzipError(f"task name {t!r} cannot be a file name (no '/', '\\', NUL, '.' or '..')")
     lam = _task_lambdas(lambdas, task_names)
     selector = keep if isinstance(keep, RepresentationSelector) else None
-    if selector is not None:
-        keep = choose_representations(family, selector, chunk_elements, progress)
-    reps = task_representations(keep, task_names)
+    if selector is None:
+        reps = task_representations(keep, task_names)  # refuses a bad --keep before any computing
     merger = _Merger(family, merge, density, device, progress)
     if lam is None:
         lam = _selected_lambdas(family, merger, lambdas, device, progress)
+    if selector is not None:  # after the mtv's method and the lambdas: the tall candidate is rebuilt from them
+        keep = choose_representations(family, selector, chunk_elements, progress, tall=(merger, lam, mtv_dtype))
+        reps = task_representations(keep, task_names)
     settings = PackSettings(tuple(task_names), tuple(lam[t] for t in task_names), merger, mtv_dtype, codecs, level,
                             device, allow_nonfinite, base_ref, tuple(reps[t] for t in task_names))
 
@@ -392,7 +394,8 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
             manifest["merge"].update(thresholds=merger.thresholds, majority=merger.majority)
         if selector is not None:
             manifest["representation_choice"] = {"tolerance": selector.tolerance, "candidates": list(selector.candidates),
-                                                 "scores": selector.scores}
+                                                 "scores": selector.scores,
+                                                 **({"mtv_weighed": selector.mtv_weighed} if selector.mtv_weighed else {})}
         if isinstance(lambdas, LambdaSelector):
             manifest["lambda_scores"] = {t: {str(k): v for k, v in s.items()} for t, s in lambdas.scores.items()}
         return writer.finish(manifest)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import tallzip
-from benchmarks import accuracy as bench_module
+from benchmarks import accuracy as bench_module, accuracy_report
 from benchmarks import storage
 from benchmarks.accuracy import Bench, compression_rows, merging_rows, reference_rows, scaled, select_alpha
 from benchmarks.family import PRESETS, FinetuneRegressionWarning, build_family
@@ -164,16 +164,16 @@ def test_outputs_feed_the_storage_benchmark_and_results_md(bench, tmp_path, monk
     md = tmp_path / "RESULTS.md"
     md.write_text("# Benchmark results\n\n## Storage (issue 7)\n\nkeep me\n\n## Accuracy (issue 4)\n\nintro\n\n"
                   "### 99 tasks\n\nanother setting's table\n\n## Later section\n\nme too\n")
-    table = bench_module.write_outputs(bench, {"total": 1.0}, "python -m benchmarks.accuracy --test", tmp_path, md)
+    table = accuracy_report.write_outputs(bench, {"total": 1.0}, "python -m benchmarks.accuracy --test", tmp_path, md)
     assert "TALL masks, sum mtv, lambda on val" in table
-    assert all((tmp_path / name).stat().st_size > 0 for name in bench_module.plot_names(len(bench.tasks)))
+    assert all((tmp_path / name).stat().st_size > 0 for name in accuracy_report.plot_names(len(bench.tasks)))
     monkeypatch.setattr(storage, "ACCURACY_JSON", tmp_path / "accuracy.json")
     found = storage.accuracy_lookup()
     n = len(bench.tasks)
     assert found == {(n, "float32"): row(bench, "TALL masks, sum mtv, lambda on val").normalized_test,
                      (n, "bfloat16"): row(bench, "TALL masks, sum mtv as bfloat16, lambda on val").normalized_test}
     # Writing again replaces this setting's table and leaves the other sections alone.
-    bench_module.write_outputs(bench, {"total": 2.0}, "python -m benchmarks.accuracy --test", tmp_path, md)
+    accuracy_report.write_outputs(bench, {"total": 2.0}, "python -m benchmarks.accuracy --test", tmp_path, md)
     text = md.read_text()
     assert "keep me" in text and "me too" in text and "another setting's table" in text
     assert text.count(f"### {n} tasks") == 1 and text.count("## Accuracy (issue 4)") == 1
@@ -181,3 +181,130 @@ def test_outputs_feed_the_storage_benchmark_and_results_md(bench, tmp_path, monk
             < text.index("### 99 tasks") < text.index("## Later section"))
     assert "total 2 s" in text and "total 1 s" not in text
     assert list(json.loads((tmp_path / "accuracy.json").read_text())["runs"]) == [str(n)]
+
+
+# --- the storage-accuracy frontier (issue 13) ------------------------------------------------------------
+
+from benchmarks import frontier as frontier_module, frontier_report  # noqa: E402
+from benchmarks.frontier_report import SECTION_TITLE as FRONTIER_TITLE, write_frontier_outputs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def frontier(bench, tmp_path_factory):
+    b = Bench(bench.family, tmp_path_factory.mktemp("frontier"), log=lambda *a: None)
+    return frontier_module.run_frontier(b, alphas=ALPHAS, tolerances=(0.005,))
+
+
+class P:  # a point as pareto_front sees it
+    def __init__(self, name, size, acc):
+        self.label, self.bytes, self.normalized = name, size, acc
+
+
+def test_pareto_front_by_hand_and_against_the_definition():
+    points = [P("a", 10, 0.5), P("b", 20, 0.4), P("c", 20, 0.9), P("d", 30, 0.9), P("e", 40, 0.95),
+              P("f", 5, 0.3), P("a2", 10, 0.5), P("g", 50, 0.94)]
+    # by hand: b is beaten by c (same size, better), d by c (smaller, as good), a2 ties a (the first kept),
+    # g by e (smaller, better); f, a, c, e remain, smallest first
+    assert [p.label for p in frontier_module.pareto_front(points)] == ["f", "a", "c", "e"]
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        pts = [P(str(i), int(s), float(a)) for i, (s, a) in
+               enumerate(zip(rng.integers(1, 8, 12), rng.integers(0, 6, 12) / 5))]
+        dominated = {p.label for p in pts for q in pts if q is not p and q.bytes <= p.bytes
+                     and q.normalized >= p.normalized and (q.bytes < p.bytes or q.normalized > p.normalized)}
+        undominated = [p for p in pts if p.label not in dominated]
+        # exact duplicates are equal: the definition keeps both, the front the first of them
+        distinct = {(p.bytes, p.normalized) for p in undominated}
+        got = frontier_module.pareto_front(pts)
+        assert {(p.bytes, p.normalized) for p in got} == distinct and len(got) == len(distinct)
+
+
+def test_frontier_points_against_independent_computations(frontier):
+    import zstandard
+    b = frontier.bench
+    fam = b.family
+    points = {p.label: p for p in frontier.points}
+    ft = {t: accuracy_by_hand(fam, t, fam.load(t), "test") for t in b.tasks}
+    for p in frontier.points:  # the paper's metric, by hand
+        assert p.normalized == pytest.approx(sum(p.test[t] / ft[t] for t in b.tasks) / len(b.tasks), abs=1e-12)
+        assert p.min_task == pytest.approx(min(p.test[t] / ft[t] for t in b.tasks), abs=1e-12)
+    files = [open(fam.task_paths[t], "rb").read() for t in b.tasks]
+    assert points["zstd -19 of the files"].bytes == sum(len(zstandard.ZstdCompressor(level=19).compress(d)) for d in files)
+    params = sum(v.size for v in numpy_state(fam.base_path).values())
+    assert points["paper's layout (base + fp32 mtv + 1-bit masks)"].bytes == 8 * params + len(b.tasks) * -(-params // 8)
+    exact = points["every task exact"]
+    assert exact.representations == {t: "exact" for t in b.tasks} and exact.normalized == 1.0
+    for rep in ("q8", "q4", "q3", "q2"):
+        assert points[f"every task {rep}"].representations == {t: rep for t in b.tasks}
+    # the automatic choice: each task's representation is the first candidate within 0.5% of its val score
+    # (tall only if the tall tasks' savings against their fallbacks, in nominal bits, pay for the bf16 mtv)
+    auto = points["auto 0.5% on val"]
+    choice = auto.settings["choice"]
+    first = {}
+    for task, scores in choice["scores"].items():
+        floor = scores["finetuned"] * (1 - 0.005)
+        within = [rep for rep in ("tall", "q2", "q3", "q4", "q8") if scores.get(rep, -1) >= floor]
+        first[task] = within[0] if within else "exact"
+    tall_tasks = [t for t, rep in first.items() if rep == "tall"]
+    if tall_tasks and len(tall_tasks) * 1.25 <= 16:  # the fallbacks were evaluated and weighed
+        nominal = {"q2": 2.25, "q3": 3.125, "q4": 4.125, "q8": 8.125, "exact": 32.0}
+        fallbacks = choice["mtv_weighed"]["fallbacks"]
+        if sum(nominal[fallbacks[t]] - 1 for t in tall_tasks) <= 16:
+            first.update(fallbacks)
+    assert auto.representations == first
+    assert "tall" not in points["auto 0.5% on val, no tall"].settings["choice"]["candidates"]
+
+
+def test_emr_rebuild_is_the_formula_in_numpy(frontier):
+    b = frontier.bench
+    fam = b.family
+    base = numpy_state(fam.base_path)
+    tasks = [numpy_state(fam.task_paths[t]) for t in b.tasks]
+    names = list(base)
+    flat = np.concatenate([base[n].reshape(-1) for n in names])
+    taus = np.stack([np.concatenate([t[n].reshape(-1) for n in names]) - flat for t in tasks])
+    sign = np.sign(taus.sum(0))
+    unified = sign * np.where(taus * sign > 0, np.abs(taus), 0).max(0)
+    states, got_unified, masks, rescalers = frontier_module.emr_rebuild(
+        {n: torch.from_numpy(v) for n, v in base.items()}, [{n: torch.from_numpy(v) for n, v in t.items()} for t in tasks])
+    np.testing.assert_array_equal(got_unified.numpy(), unified)
+    emr = next(p for p in frontier.points if p.label.startswith("EMR"))
+    for i, task in enumerate(b.tasks):
+        mask = taus[i] * unified > 0
+        rescaler = np.abs(taus[i]).astype(np.float64).sum() / np.abs(mask * unified).astype(np.float64).sum()
+        assert rescalers[i] == pytest.approx(rescaler, rel=1e-5)
+        np.testing.assert_array_equal(masks[i].numpy(), mask)
+        rebuilt = flat + np.float32(rescalers[i]) * mask * unified
+        offset = 0
+        for n in names:
+            np.testing.assert_allclose(states[i][n].numpy().reshape(-1), rebuilt[offset:offset + base[n].size], atol=1e-6)
+            offset += base[n].size
+        assert emr.test[task] == accuracy_by_hand(fam, task, states[i], "test")
+
+
+def test_targets_say_not_met_when_short(frontier):
+    fr = frontier_module.Frontier(frontier.bench)
+    ft = frontier.bench.finetuned["test"]
+    n_bytes = frontier.bench.finetuned_bytes
+    worse = {t: 0.98 * v for t, v in ft.items()}
+    fr.add("close", "quantized", n_bytes // 20, 0, worse)          # 20x but 98%
+    fr.add("good", "quantized", n_bytes // 10, n_bytes // 40, ft)   # 100% at 10x, 13.3x without the base
+    lines = frontier_module.targets_met(fr)
+    assert "self-contained: >= 99.5% (no task under 99%) at >= 12x: NOT MET" in lines[0] and "'good'" in lines[0]
+    assert "base not counted: >= 99.5% (no task under 99%) at >= 12x: MET" in lines[2]
+
+
+def test_frontier_outputs(frontier, tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Benchmark results\n\n## Accuracy (issue 4)\n\nkeep me\n")
+    table = write_frontier_outputs(frontier, "python -m benchmarks.accuracy --only frontier", {}, tmp_path, md)
+    n = len(frontier.tasks)
+    assert (tmp_path / f"frontier-{n}tasks.png").stat().st_size > 0
+    data = json.loads((tmp_path / "frontier.json").read_text())["runs"][str(n)]
+    assert {p["label"] for p in data["points"]} == {p.label for p in frontier.points}
+    text = md.read_text()
+    assert "keep me" in text and text.index("## Accuracy (issue 4)") < text.index(FRONTIER_TITLE)
+    assert f"### {n} tasks" in text and "every task q2" in table
+    (tmp_path / f"frontier-{n}tasks.png").unlink()
+    frontier_report.main([str(tmp_path)])  # plotted again from the JSON alone
+    assert (tmp_path / f"frontier-{n}tasks.png").stat().st_size > 0

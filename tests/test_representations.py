@@ -261,8 +261,9 @@ def test_select_representation_picks_the_smallest_within_tolerance(family, toler
     expected = {}
     for t, original in tasks.items():  # the same choice from numpy rebuilds
         expected[t] = "exact"
-        for rep, bits in (("q2", 2), ("q3", 3), ("q4", 4), ("q8", 8)):
-            state = {n: (np_quant_rebuild(base[n], v, bits, ROWS[n]) if n in ROWS else v) for n, v in original.items()}
+        for rep, bits in (("tall", None), ("q2", 2), ("q3", 3), ("q4", 4), ("q8", 8)):
+            state = np_tall_state(base, tasks, t) if rep == "tall" else \
+                {n: (np_quant_rebuild(base[n], v, bits, ROWS[n]) if n in ROWS else v) for n, v in original.items()}
             if scorers[t](state) >= 1.0 - tolerance:
                 expected[t] = rep
                 break
@@ -276,11 +277,129 @@ def test_select_representation_picks_the_smallest_within_tolerance(family, toler
         assert "exact" not in expected.values()
 
 
+def _bf16_nearest(x: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest bfloat16 (ties to even), as float32 (numpy, on the bits; finite x)."""
+    u = x.astype(np.float32).view(np.uint32)
+    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return rounded.view(np.float32)
+
+
+def np_tall_state(base, tasks, task, lam=0.4, mtv_dtype="bfloat16"):
+    """SPEC's tall rebuild in numpy: mtv = sum of task vectors (task order), mask = |b - t| > lam * |(b + mtv) - t|
+    from the float32 mtv, rebuilt = where(mask, b + stored mtv, b) with the mtv stored as `mtv_dtype`."""
+    out = {}
+    for n, original in tasks[task].items():
+        if n not in base or base[n].dtype != np.float32:
+            out[n] = original
+            continue
+        b = base[n]
+        mtv = np.zeros_like(b)
+        for name in sorted(tasks):
+            mtv = mtv + (tasks[name][n] - b)
+        mask = np.abs(b - original) > np.float32(lam) * np.abs((b + mtv) - original)
+        stored = _bf16_nearest(mtv) if mtv_dtype == "bfloat16" else mtv
+        out[n] = np.where(mask, b + stored, b)
+    return out
+
+
+def _relative_error(original, state):
+    num = sum(float(np.sum((np.asarray(state[n], np.float64) - v.astype(np.float64)) ** 2)) for n, v in original.items())
+    return (num / sum(float(np.sum(v.astype(np.float64) ** 2)) for v in original.values())) ** 0.5
+
+
+@pytest.mark.parametrize("mtv_dtype", ["bfloat16", "float32"])
+def test_select_representation_picks_tall_within_tolerance_else_falls_back(family, mtv_dtype):
+    """Scores weighted per task so that tall is within the tolerance for t0 only: t0 must be kept tall, the
+    others fall back to the first quantized candidate within it; the recorded tall score is the numpy
+    rebuild's (the mask from the float32 mtv, the mtv as stored)."""
+    tmp_path, base, tasks = family
+    tolerance = 0.01
+    tall_error = {t: _relative_error(o, np_tall_state(base, tasks, t, mtv_dtype=mtv_dtype)) for t, o in tasks.items()}
+    weight = {t: (0.5 if t == "t0" else 2.0) * tolerance / tall_error[t] for t in tasks}
+
+    def score(task, state):
+        return 1.0 - weight[task] * _relative_error(tasks[task], {n: v.numpy() for n, v in state.items()})
+
+    selector = tallzip.select_representation(score, tolerance=tolerance, weigh_mtv=False)
+    out = tmp_path / "tall-sel.tallz"
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep=selector, chunk_elements=CHUNK,
+                 mtv_dtype=mtv_dtype)
+    expected = {}
+    for t, original in tasks.items():
+        expected[t] = "exact"
+        for rep, bits in (("tall", None), ("q2", 2), ("q3", 3), ("q4", 4), ("q8", 8)):
+            state = np_tall_state(base, tasks, t, mtv_dtype=mtv_dtype) if rep == "tall" else \
+                {n: (np_quant_rebuild(base[n], v, bits, ROWS[n]) if n in ROWS else v) for n, v in original.items()}
+            if 1.0 - weight[t] * _relative_error(original, state) >= 1.0 - tolerance:
+                expected[t] = rep
+                break
+    assert expected["t0"] == "tall" and "tall" not in (expected["t1"], expected["t2"])
+    assert selector.scores["t0"]["tall"] == pytest.approx(0.995, abs=1e-9)
+    assert selector.scores["t1"]["tall"] == pytest.approx(0.98, abs=1e-9)
+    with tallzip.open(out) as arc:
+        assert {t: arc.representation(t) for t in arc.tasks} == expected
+        rebuilt = {n: v.numpy() for n, v in arc.load("t0").items()}
+        want = np_tall_state(base, tasks, "t0", mtv_dtype=mtv_dtype)
+        assert all(np.array_equal(rebuilt[n], want[n]) for n in want)  # scored what the archive rebuilds
+
+
+def test_weighing_the_mtv_drops_tall_when_it_does_not_pay(family):
+    """One tall task cannot pay for a 16-bit mtv with what a 1-bit mask saves against q*: it takes its fallback
+    (the numpy-computed first q* within the tolerance) and no mtv is stored. Three tasks whose only acceptable
+    model is their exact tall rebuild (the fallback exact: 31 bits saved each) keep tall."""
+    tmp_path, base, tasks = family
+    tolerance = 0.01
+    tall_error = {t: _relative_error(o, np_tall_state(base, tasks, t)) for t, o in tasks.items()}
+    weight = {t: (0.5 if t == "t0" else 2.0) * tolerance / tall_error[t] for t in tasks}
+    selector = tallzip.select_representation(
+        lambda task, sd: 1.0 - weight[task] * _relative_error(tasks[task], {n: v.numpy() for n, v in sd.items()}),
+        tolerance=tolerance)
+    out = tmp_path / "weighed.tallz"
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep=selector, chunk_elements=CHUNK)
+    fallback = "exact"
+    for rep, bits in (("q2", 2), ("q3", 3), ("q4", 4), ("q8", 8)):
+        state = {n: (np_quant_rebuild(base[n], v, bits, ROWS[n]) if n in ROWS else v) for n, v in tasks["t0"].items()}
+        if 1.0 - weight["t0"] * _relative_error(tasks["t0"], state) >= 1.0 - tolerance:
+            fallback = rep
+            break
+    with tallzip.open(out) as arc:
+        assert arc.representation("t0") == fallback != "tall"
+        assert not any(s["role"] in ("mtv", "mask") for s in arc.manifest["sections"])
+        assert arc.manifest["representation_choice"]["mtv_weighed"]["kept_tall"] is False
+
+    def only_tall(task, sd):  # 1 for the task's own tall rebuild (numpy) or the fine-tuned model, else 0
+        want = np_tall_state(base, tasks, task)
+        got = {n: v.numpy() for n, v in sd.items()}
+        return float(all(np.array_equal(got[n], want[n]) for n in want)
+                     or all(np.array_equal(got[n], tasks[task][n]) for n in tasks[task]))
+
+    selector = tallzip.select_representation(only_tall, tolerance=tolerance)
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep=selector, chunk_elements=CHUNK,
+                 force=True)
+    with tallzip.open(out) as arc:
+        assert {arc.representation(t) for t in arc.tasks} == {"tall"}
+    assert selector.mtv_weighed["fallbacks"] == {t: "exact" for t in tasks}
+    assert selector.mtv_weighed["kept_tall"] is True
+
+
+def test_select_representation_without_tall_stores_no_mtv(family):
+    tmp_path, base, tasks = family
+    selector = tallzip.select_representation(lambda t, s: 1.0, tolerance=0.005, candidates=("q2", "q3"))
+    out = tmp_path / "q.tallz"
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep=selector, chunk_elements=CHUNK)
+    with tallzip.open(out) as arc:
+        assert {arc.representation(t) for t in arc.tasks} == {"q2"}
+        assert not any(s["role"] in ("mtv", "mask") for s in arc.manifest["sections"])
+        assert "tall" not in selector.scores["t0"]
+
+
 def test_select_representation_refuses_bad_settings():
     with pytest.raises(TallzipError, match="tolerance"):
         tallzip.select_representation(lambda t, s: 0.0, tolerance=-1)
-    with pytest.raises(TallzipError, match="'tall' is not one of"):
-        tallzip.select_representation(lambda t, s: 0.0, candidates=("tall",))
+    with pytest.raises(TallzipError, match="'q5' is not one of"):
+        tallzip.select_representation(lambda t, s: 0.0, candidates=("tall", "q5"))
+    with pytest.raises(TallzipError, match="'exact' is not one of"):
+        tallzip.select_representation(lambda t, s: 0.0, candidates=("exact",))
 
 
 @pytest.mark.parametrize("fraction,verdict", [(0.25, "matches"), (0.45, "matches"), (0.55, "differs"), (0.75, "differs")])
