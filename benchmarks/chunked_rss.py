@@ -1,9 +1,11 @@
-"""Peak RSS and wall time of pack / extract on a generated bf16 family with one 32000x4096 tensor.
+"""Peak RSS and wall time of pack / extract / verify --against / merge on a generated bf16 family with
+one 32000x4096 tensor, for several N read from one family (the first N of its tasks).
 
-    python -m benchmarks.chunked_rss --tasks 4 --work /tmp/rss [--python OTHER-VENV/bin/python] [--keep]
+    python -m benchmarks.chunked_rss --tasks 2 8 20 --work /tmp/rss [--python OTHER-VENV/bin/python] [--keep]
 
 Writes base + N task checkpoints (a 32000x4096 bf16 embedding, a 4096x4096 bf16 matrix and a small
 LayerNorm vector each), then runs `tallzip pack` and `tallzip extract` of one task as subprocesses
+(and verify --against the inputs, and a consensus merge from the archive)
 under /usr/bin/time -v and prints their peak RSS and wall time. One run each: a quick check of the
 memory bound, not a speed benchmark. Files are deleted at the end unless --keep.
 
@@ -65,29 +67,54 @@ def timed(cmd):
     return wall, rss, cpu
 
 
+def commands(tallzip, fam: Path, tasks: Path, archive: Path, out: Path, merged: Path, pack_args: str):
+    """The bounded commands, in order: pack, extract of one task, verify against the inputs, merge."""
+    return {
+        "pack": [*tallzip, "pack", str(tasks), "--base", str(fam / "base.safetensors"), "-o", str(archive),
+                 "--force", *pack_args.split()],
+        "extract": [*tallzip, "extract", str(archive), "--task", "task0", "-o", str(out), "--force"],
+        "verify": [*tallzip, "verify", str(archive), "--against", str(tasks)],
+        "merge": [*tallzip, "merge", str(archive), "-o", str(merged), "--force"],
+    }
+
+
+def subset(fam: Path, n: int) -> Path:
+    """A folder of the first n task checkpoints (symbolic links), so every N reads the same files."""
+    folder = fam / f"first{n}"
+    folder.mkdir(exist_ok=True)
+    for t in range(n):
+        link = folder / f"task{t}.safetensors"
+        if not link.exists():
+            link.symlink_to(fam / "tasks" / f"task{t}.safetensors")
+    return folder
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tasks", type=int, default=2)
+    parser.add_argument("--tasks", type=int, nargs="+", default=[2], help="family sizes (one family of the largest)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/tallzip-rss"))
     parser.add_argument("--python", default=sys.executable, help="the interpreter whose tallzip runs (another venv: before/after)")
     parser.add_argument("--pack-args", default="", help="extra pack arguments, e.g. '--memory 256M'")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
-    fam = args.work / f"fam{args.tasks}"
-    if not (fam / "base.safetensors").exists():
-        write_family(fam, args.tasks)
-    archive = args.work / f"fam{args.tasks}.tallz"
-    out = args.work / "task0.safetensors"
+    largest = max(args.tasks)
+    fam = args.work / f"fam{largest}"
+    if not (fam / "tasks" / f"task{largest - 1}.safetensors").exists():
+        write_family(fam, largest)
     tallzip = [args.python, "-m", "tallzip.cli.main"]
     try:
-        pack = timed([*tallzip, "pack", str(fam / "tasks"), "--base", str(fam / "base.safetensors"),
-                      "-o", str(archive), "--force", *args.pack_args.split()])
-        extract = timed([*tallzip, "extract", str(archive), "--task", "task0", "-o", str(out), "--force"])
-        inputs = sum(p.stat().st_size for p in (fam / "tasks").iterdir())
-        print(f"N={args.tasks} inputs {inputs / 2**30:.2f} GiB, archive {archive.stat().st_size / 2**30:.3f} GiB")
-        for label, (wall, rss, cpu) in (("pack", pack), ("extract", extract)):
-            print(f"  {label:8s} wall {wall:7.1f} s  peak RSS {rss / 2**30:5.2f} GiB  CPU {cpu:7.1f} s "
-                  f"(mean CPUs used {cpu / wall:.2f})")
+        for n in sorted(args.tasks):
+            tasks = subset(fam, n)
+            archive = args.work / f"fam{n}.tallz"
+            runs = {label: timed(cmd) for label, cmd in commands(
+                tallzip, fam, tasks, archive, args.work / "task0.safetensors", args.work / "merged.safetensors",
+                args.pack_args).items()}
+            inputs = sum(p.stat().st_size for p in tasks.iterdir())
+            print(f"N={n} inputs {inputs / 2**30:.2f} GiB, archive {archive.stat().st_size / 2**30:.3f} GiB", flush=True)
+            for label, (wall, rss, cpu) in runs.items():
+                print(f"  {label:8s} wall {wall:7.1f} s  peak RSS {rss / 2**30:5.2f} GiB  CPU {cpu:7.1f} s "
+                      f"(mean CPUs used {cpu / wall:.2f})", flush=True)
+            archive.unlink()
     finally:
         if not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)
