@@ -74,7 +74,7 @@ def commands(tallzip, fam: Path, tasks: Path, archive: Path, out: Path, merged: 
                  "--force", *pack_args.split()],
         "extract": [*tallzip, "extract", str(archive), "--task", "task0", "-o", str(out), "--force"],
         "verify": [*tallzip, "verify", str(archive), "--against", str(tasks)],
-        "merge": [*tallzip, "merge", str(archive), "-o", str(merged), "--force"],
+        "merge": [*tallzip, "merge", str(archive), "--method", "consensus-ta", "-o", str(merged), "--force"],
     }
 
 
