@@ -9,9 +9,10 @@ HEADER_STRUCT = "<8sIIQQ32s8s"
 # Header flags (u32 bit set); a reader refuses any bit it does not know.
 FLAG_MANIFEST_ZSTD = 1  # bit 0: the stored manifest is one zstandard frame of the JSON
 KNOWN_FLAGS = FLAG_MANIFEST_ZSTD
-# zstd level of the manifest: on a 1.3 MB manifest (ViT family, 8 q2 tasks) level 19 takes ~0.4 s and
-# stores it in 1/9 (level 9: 0.03 s, 1/7); the manifest is written once per pack, so the smaller wins.
-MANIFEST_ZSTD_LEVEL = 19
+# zstd level of the manifest (benchmarks/manifest_size.py, 1.08 MB manifest: ViT family, 20 q2 tasks):
+# level 9 stores it 8.1x smaller in 23 ms, level 19 9.1x in 1.2 s (an LLM's few-MB manifest: seconds, at
+# every pack, add and remove) for 0.01 bits per weight and task less: level 9.
+MANIFEST_ZSTD_LEVEL = 9
 SECTION_ALIGNMENT = 64  # sections start on 64-byte boundaries so they can be memory-mapped as arrays
 
 # Hard limits checked before any allocation, so a hostile manifest cannot make the reader allocate wildly.

@@ -29,7 +29,7 @@ def check_flags(flags: int, where) -> None:
         raise CorruptArchiveError(f"{where}: damaged header (unknown flags {flags:#x})")
 
 
-def decode_manifest(stored: bytes, flags: int, where) -> bytes:
+def decode_manifest(stored: bytes, flags: int, where) -> bytes | bytearray:
     """The manifest's JSON bytes from its stored bytes (already checked against the header's sha256)."""
     check_flags(flags, where)
     if not flags & FLAG_MANIFEST_ZSTD:
@@ -58,4 +58,4 @@ def decode_manifest(stored: bytes, flags: int, where) -> bytes:
     complete = decoder.eof and not decoder.unused_data and fed >= len(stored)
     if not complete or (declared >= 0 and len(out) != declared):
         raise CorruptArchiveError(f"{where}: damaged archive (manifest is not exactly one whole zstd frame)")
-    return bytes(out)
+    return out  # not copied: json.loads and the value count take a bytearray
