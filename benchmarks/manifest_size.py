@@ -27,9 +27,12 @@ from tallzip.formats.constants import FLAG_MANIFEST_ZSTD, HEADER_SIZE, HEADER_ST
 from .vit import ViTConfig, VisionTransformer
 
 
-def vit_family(folder: Path, n_tasks: int, seed: int = 0) -> tuple[Path, Path, int]:
+def vit_family(folder: Path, n_tasks: int, seed: int = 0, config: ViTConfig | None = None) -> tuple[Path, Path, int]:
+    """base.safetensors (a fresh ViT's state dict) and tasks/ (base + 1% noise each) under `folder`;
+    returns (tasks folder, base path, weights)."""
     torch.manual_seed(seed)
-    base = {k: v.detach().clone().contiguous() for k, v in VisionTransformer(ViTConfig()).state_dict().items()}
+    model = VisionTransformer(config or ViTConfig())
+    base = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     (folder / "tasks").mkdir(parents=True)
     save_file(base, str(folder / "base.safetensors"))
     g = torch.Generator().manual_seed(seed + 1)

@@ -1,8 +1,8 @@
 """The manifest as stored: JSON bytes, plain (header flags 0) or one zstandard frame (flag bit 0).
 
-Decompression is bounded: a frame that declares more than MAX_MANIFEST_BYTES is refused from its
-header, and the rest is decoded a few compressed bytes at a time, so a frame that inflates past
-the limit without declaring it is stopped within a few MiB of the limit, never allocated whole.
+Decompression is bounded: the frame must declare its content size, at most MAX_MANIFEST_BYTES
+(checked from its header, before anything is allocated), and it is decoded a few compressed bytes
+at a time, so a frame that inflates past what it declares is stopped within a few MiB of that.
 """
 from __future__ import annotations
 
@@ -38,10 +38,12 @@ def decode_manifest(stored: bytes, flags: int, where) -> bytes | bytearray:
         declared = zstandard.frame_content_size(stored)
     except zstandard.ZstdError:
         raise CorruptArchiveError(f"{where}: damaged archive (manifest is not a zstd frame)") from None
-    if declared > MAX_MANIFEST_BYTES:  # -1 (not declared) goes on to the bounded decode
+    if declared < 0:  # writers declare it: the decode below is then bounded by it
+        raise CorruptArchiveError(f"{where}: damaged archive (manifest frame declares no content size)")
+    if declared > MAX_MANIFEST_BYTES:
         raise CorruptArchiveError(f"{where}: damaged archive (manifest frame declares {declared} bytes, "
                                   f"more than {MAX_MANIFEST_BYTES})")
-    limit = MAX_MANIFEST_BYTES if declared < 0 else declared
+    limit = declared
     decoder = zstandard.ZstdDecompressor().decompressobj()
     out = bytearray()
     fed = 0

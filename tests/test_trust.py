@@ -171,11 +171,12 @@ def test_manifest_bombs_refused(tmp_path, small_archive, what, edit, match):
     refused_cheaply(tmp_path / "bomb.tallz", match)
 
 
-def test_deep_json_refused(tmp_path, small_archive):
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "zstd"])
+def test_deep_json_refused(tmp_path, small_archive, compress):
     data, _ = small_archive
     for depth, match in [(17, "nested deeper than 16"), (100_000, "not valid JSON")]:
         blob = b'{"sections":[],"x":' + b"[" * depth + b"]" * depth + b"}"
-        fuzz.write_with_manifest(data, None, tmp_path / "deep.tallz", blob=blob)
+        fuzz.write_with_manifest(data, None, tmp_path / "deep.tallz", blob=blob, compress=compress)
         refused_cheaply(tmp_path / "deep.tallz", match)
 
 
