@@ -33,7 +33,8 @@ def read_archive(path):
     assert magic == b"TALLZIP\0" and version == 2 and flags in (0, 1)  # SPEC 'Flags': bit 0 only
     blob = data[m_off:m_off + m_len]
     assert m_off + m_len == len(data) and hashlib.sha256(blob).digest() == m_sha  # over the stored bytes
-    if flags & 1:  # one zstandard frame of the JSON
+    if flags & 1:  # one zstandard frame of the JSON, declaring its size, at most 256 MiB
+        assert 0 <= zstandard.frame_content_size(blob) <= 256 << 20
         blob = zstandard.ZstdDecompressor().decompress(blob, max_output_size=256 << 20)
     return data, json.loads(blob)
 
