@@ -25,6 +25,7 @@ from .constants import (DTYPE_SIZES, FLOAT_DTYPES, HEADER_SIZE, HEADER_STRUCT, K
                         MIN_CHUNK_ELEMENTS, QUANT_BITS, READABLE_VERSIONS, REPRESENTATION_TALL, REPRESENTATIONS,
                         ROLE_BASE, ROLE_DELTA, ROLE_FILE, ROLE_MASK, ROLE_MTV, ROLE_OWN, ROLE_QCODES, ROLE_QOFFSETS,
                         ROLE_QSCALES, SCALE_DTYPES)
+from .manifest_blob import check_flags, decode_manifest
 from .quant_layout import scales_plan
 from .sources import is_url, location, open_source
 from .errors import CorruptArchiveError, FormatError, UnsupportedVersionError
@@ -155,13 +156,13 @@ class ArchiveReader:
                 f"{self.path}: archive format version {version}; this tallzip reads versions "
                 f"{', '.join(map(str, READABLE_VERSIONS))}")
         self.version = version
-        if flags != 0:
-            raise CorruptArchiveError(f"{self.path}: damaged header (unknown flags {flags:#x})")
+        check_flags(flags, self.path)
         if length > MAX_MANIFEST_BYTES or offset < HEADER_SIZE or offset + length != self.size:
             raise CorruptArchiveError(f"{self.path}: damaged or truncated archive (manifest out of bounds)")
         blob = self._pread(offset, length)
         if hashlib.sha256(blob).digest() != digest:
             raise CorruptArchiveError(f"{self.path}: damaged archive (manifest checksum mismatch)")
+        blob = decode_manifest(blob, flags, self.path)  # checked above as stored: damage caught before decoding
         if blob.count(b",") + blob.count(b"[") + blob.count(b"{") > MAX_MANIFEST_VALUES:
             raise CorruptArchiveError(f"{self.path}: damaged archive (manifest holds more than "
                                       f"{MAX_MANIFEST_VALUES:,} values)")

@@ -8,7 +8,6 @@ which makes the archive's bytes independent of how the coding was scheduled.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import struct
 
@@ -16,6 +15,7 @@ import blake3
 import numpy as np
 
 from . import codecs
+from .manifest_blob import encode_manifest
 from .outputs import atomic_output
 from .constants import (DEFAULT_CHUNK_ELEMENTS, FORMAT_VERSION, HEADER_SIZE, HEADER_STRUCT, MAGIC,
                         SECTION_ALIGNMENT)
@@ -97,12 +97,12 @@ class ArchiveWriter:
     def finish(self, manifest: dict):
         """Write the manifest and the header, then move the archive onto its target path."""
         manifest = dict(manifest, version=FORMAT_VERSION, chunk_elements=self.chunk_elements, sections=self.sections)
-        blob = json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode()
+        blob, flags = encode_manifest(manifest)
         self._position += -self._position % SECTION_ALIGNMENT
         offset = self._position
         self._pwrite(blob, offset)
         os.ftruncate(self._fd, offset + len(blob))  # the manifest runs to the end of the file
-        header = struct.pack(HEADER_STRUCT, MAGIC, FORMAT_VERSION, 0, offset, len(blob),
+        header = struct.pack(HEADER_STRUCT, MAGIC, FORMAT_VERSION, flags, offset, len(blob),
                              hashlib.sha256(blob).digest(), b"\0" * 8)
         self._pwrite(header, 0)  # last: an interrupted write leaves no valid header
         os.close(self._fd)

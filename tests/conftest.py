@@ -1,13 +1,16 @@
 """Shared fixtures: small families of checkpoints written to disk, and the TALL formula in plain numpy."""
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zstandard
 from safetensors.numpy import save_file as np_save_file
 
 
@@ -32,6 +35,49 @@ def import_or_skip(name: str):
     except Exception as error:  # noqa: BLE001 - a broken optional install is a skip, not a failure
         pytest.skip(f"{name} does not import here: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
                     allow_module_level=True)
+
+
+# The archive's header and manifest as formats/SPEC.md lays them out, read and written here with
+# struct, hashlib and zstandard only (not through tallzip's reader or writer).
+HEADER = "<8sIIQQ32s8s"
+HEADER_BYTES = 72
+FLAG_MANIFEST_ZSTD = 1  # SPEC 'Flags', bit 0: the stored manifest is one zstd frame of the JSON
+
+
+def read_manifest(path) -> tuple[dict, int]:
+    """(manifest, header flags) of the archive at `path`; checks the magic, the layout and the sha256."""
+    data = Path(path).read_bytes()
+    magic, _, flags, offset, length, digest, _ = struct.unpack_from(HEADER, data)
+    assert magic == b"TALLZIP\0" and offset + length == len(data) and flags & ~FLAG_MANIFEST_ZSTD == 0
+    stored = data[offset:offset + length]
+    assert hashlib.sha256(stored).digest() == digest
+    if flags & FLAG_MANIFEST_ZSTD:
+        stored = zstandard.ZstdDecompressor().decompress(stored, max_output_size=256 << 20)
+    return json.loads(stored), flags
+
+
+def write_manifest(path, manifest: dict | None, *, compress: bool = True, blob: bytes | None = None,
+                   flags: int | None = None, extra: bytes = b""):
+    """Replace the manifest of the archive at `path` in place (its chunks kept, `extra` bytes placed
+    after them, 64-aligned), header fixed up so the checksum matches: what a hostile writer can make.
+    The JSON of `manifest` (or the raw `blob`) is stored zstd-compressed when `compress`; `flags`
+    overrides the header's flags. Returns the offset where `extra` starts."""
+    data = Path(path).read_bytes()
+    _, version, _, offset, _, _, _ = struct.unpack_from(HEADER, data)
+    body = bytearray(data[:offset])
+    extra_at = len(body)
+    body += extra
+    body += b"\0" * (-len(body) % 64)
+    if blob is None:
+        blob = json.dumps(manifest, separators=(",", ":")).encode()
+        if compress:
+            blob = zstandard.ZstdCompressor(write_content_size=True).compress(blob)
+    if flags is None:
+        flags = FLAG_MANIFEST_ZSTD if compress else 0
+    body[:HEADER_BYTES] = struct.pack(HEADER, b"TALLZIP\0", version, flags, len(body), len(blob),
+                                      hashlib.sha256(blob).digest(), b"\0" * 8)
+    Path(path).write_bytes(bytes(body) + blob)
+    return extra_at
 
 
 def numpy_family(n_tasks=3, seed=0, shapes=None):

@@ -30,9 +30,12 @@ NP = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "I8": np.int8, "U
 def read_archive(path):
     data = open(path, "rb").read()
     magic, version, flags, m_off, m_len, m_sha, _ = struct.unpack("<8sIIQQ32s8s", data[:72])
-    assert magic == b"TALLZIP\0" and version == 2 and flags == 0
+    assert magic == b"TALLZIP\0" and version == 2 and flags in (0, 1)  # SPEC 'Flags': bit 0 only
     blob = data[m_off:m_off + m_len]
-    assert m_off + m_len == len(data) and hashlib.sha256(blob).digest() == m_sha
+    assert m_off + m_len == len(data) and hashlib.sha256(blob).digest() == m_sha  # over the stored bytes
+    if flags & 1:  # one zstandard frame of the JSON, declaring its size, at most 256 MiB
+        assert 0 <= zstandard.frame_content_size(blob) <= 256 << 20
+        blob = zstandard.ZstdDecompressor().decompress(blob, max_output_size=256 << 20)
     return data, json.loads(blob)
 
 
@@ -229,6 +232,7 @@ def test_a_decoder_from_the_spec_alone_reads_q4_and_exact(tmp_path, packed, floa
         tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep={"t0": "q4", "t1": "exact"},
                      chunk_elements=CHUNK, codecs={"float": float_codec})
     data, manifest = read_archive(out)
+    assert struct.unpack_from("<I", data, 12)[0] == 1  # tallzip writes the manifest zstd-compressed
     assert not {s["role"] for s in manifest["sections"]} & {"mtv", "mask"}
     for name in ("w", "v", "b", "z"):
         got = spec_q4_tensor(data, manifest, name, "t0")

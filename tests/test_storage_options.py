@@ -3,11 +3,9 @@ the --float-codec / --mask-codec options work and refuse the wrong kind of codec
 reports bits per parameter and the ratio as the manifest's own numbers give them."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
-import struct
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from tallzip.errors import TallzipError
 from tallzip.packing import FLOAT_CODECS, MASK_CODECS
 
 from conftest import DEFAULT_MTV_DTYPE, np_mask, np_mtv, np_rebuilt, np_round_mtv, numpy_family, write_family
+from conftest import read_manifest as conftest_read_manifest
 
 # enc.w is big enough for the context and ANS codecs to code rather than fall back to plain bits
 SHAPES = {"enc.w": (128, 96), "enc.b": (128,), "blk.0.w": (37, 29), "frozen.emb": (40, 16)}
@@ -222,12 +221,9 @@ def test_pack_refuses_bad_codecs(fam, tmp_path, choice, message):
 
 def read_manifest(path):
     """The manifest, read as formats/SPEC.md lays the file out (not through tallzip's reader)."""
-    data = path.read_bytes()
-    magic, version, flags, offset, length, digest, _ = struct.unpack_from("<8sIIQQ32s8s", data)
-    assert (magic, version, flags) == (b"TALLZIP\0", 2, 0) and offset + length == len(data)
-    manifest = data[offset:offset + length]
-    assert hashlib.sha256(manifest).digest() == digest
-    return json.loads(manifest)
+    manifest, flags = conftest_read_manifest(path)
+    assert flags == 1  # written zstd-compressed
+    return manifest
 
 
 @pytest.mark.parametrize("options", [[], ["--float-codec", "planes+ans", "--mtv-dtype", "bfloat16", "--base-ref"]])

@@ -171,20 +171,24 @@ def test_manifest_bombs_refused(tmp_path, small_archive, what, edit, match):
     refused_cheaply(tmp_path / "bomb.tallz", match)
 
 
-def test_deep_json_refused(tmp_path, small_archive):
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "zstd"])
+def test_deep_json_refused(tmp_path, small_archive, compress):
     data, _ = small_archive
     for depth, match in [(17, "nested deeper than 16"), (100_000, "not valid JSON")]:
         blob = b'{"sections":[],"x":' + b"[" * depth + b"]" * depth + b"}"
-        fuzz.write_with_manifest(data, None, tmp_path / "deep.tallz", blob=blob)
+        fuzz.write_with_manifest(data, None, tmp_path / "deep.tallz", blob=blob, compress=compress)
         refused_cheaply(tmp_path / "deep.tallz", match)
 
 
-def test_manifest_of_millions_of_values_refused_before_parsing(tmp_path, small_archive):
-    """17M empty objects (51 MB) would take ~1.3 GB once parsed; refused on a count of the bytes."""
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "zstd"])
+def test_manifest_of_millions_of_values_refused_before_parsing(tmp_path, small_archive, compress):
+    """17M empty objects (51 MB) would take ~1.3 GB once parsed; refused on a count of the bytes
+    (compressed: of the decompressed bytes, which cost their own size and no more)."""
     data, _ = small_archive
     blob = b'{"sections":[' + b"{}," * 17_000_000 + b'{}]}'
-    fuzz.write_with_manifest(data, None, tmp_path / "values.tallz", blob=blob)
-    refused_cheaply(tmp_path / "values.tallz", "more than 16,000,000 values", budget=4 << 20)
+    fuzz.write_with_manifest(data, None, tmp_path / "values.tallz", blob=blob, compress=compress)
+    budget = (4 << 20) + (len(blob) * 5 // 4 if compress else 0)
+    refused_cheaply(tmp_path / "values.tallz", "more than 16,000,000 values", budget=budget)
 
 
 def test_zstd_frame_declaring_more_than_the_section_refused_before_decoding(tmp_path, small_archive):
