@@ -22,7 +22,7 @@ from . import taskvec
 from .archive import Archive
 from .errors import TallzipError, TaskMismatchError
 from .formats.checkpoints import open_checkpoint
-from .formats.constants import (FLOAT_DTYPES, KIND_MASKED, KIND_PER_TASK, KIND_SHARED, REPRESENTATION_TALL,
+from .formats.constants import (FLOAT_DTYPES, KIND_PER_TASK, KIND_SHARED, REPRESENTATION_TALL,
                                 REPRESENTATIONS, ROLE_FILE, ROLE_MASK, ROLE_MTV, ROLE_OWN)
 from .formats.reader import is_plain_file_name
 from .formats.writer import ArchiveWriter, encode_chunk

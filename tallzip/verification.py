@@ -34,7 +34,6 @@ from .family import Family
 from .formats.checkpoints import discover_tasks, open_checkpoint
 from .formats.constants import KIND_PER_TASK, ROLE_MTV, ROLE_OWN
 from .formats.tensors import torch_dtype
-from .formats.writer import available_cpus
 from .packing import _Merger
 from .rep_verify import guarantee_of
 from .verify_chunks import TaskFindings, UnitResult, UnitRunner, stored_bytes, unit_cost, units
