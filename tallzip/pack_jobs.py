@@ -18,6 +18,7 @@ from .formats.chunking import mask_context as chunk_mask_context
 from .formats.tensors import dtype_name, to_bits, torch_dtype
 from .formats.writer import encode_chunk, encode_packed_mask_chunk
 from .representations import quantize_chunk
+from .taskvec import stored_mtv
 
 # Elements of every input read and combined at once inside a chunk: a few MB of scratch per task,
 # reused from job to job (a multiple of 8, so each slice's mask bits start on a byte).
@@ -65,12 +66,6 @@ def _buffer(key, count, dtype):
     buf = _BUFFERS.get((key, dtype), max(count, 1) * itemsize,
                        lambda n: torch.empty(n // itemsize, dtype=dtype))
     return buf[:count]
-
-
-def _stored_mtv(mtv: torch.Tensor, mtv_dtype: str) -> torch.Tensor:
-    if mtv_dtype == "float32" or mtv.dtype == torch.float64:
-        return mtv
-    return mtv.to(getattr(torch, mtv_dtype))
 
 
 def mask_context(stored_mtv: torch.Tensor, shape) -> dict:
@@ -167,7 +162,7 @@ def _masked_chunk(job: ChunkJob, family, settings: PackSettings, masked_tensor) 
         for j in range(n):
             packed[j][s // 8:s // 8 + packed_s[j].size] = packed_s[j]
             ones[j] += int(ones_s[j])
-    stored = _stored_mtv(mtv, settings.mtv_dtype)
+    stored = stored_mtv(mtv, settings.mtv_dtype)
     result = ChunkResult(job, identical=identical, mtv_dtype=dtype_name(stored.dtype))
     float_codec = settings.codecs["float"]
     if not settings.base_ref:

@@ -26,7 +26,7 @@ import torch
 from .errors import TallzipError
 from .formats.chunking import chunk_plan, chunk_shape
 from .representations import QUANT_GROUP, dequantize_chunk, quantize_chunk, rebuild_quantized
-from .taskvec import as_compute, rebuild as tall_rebuild, tall_mask
+from .taskvec import as_compute, rebuild as tall_rebuild, stored_mtv, tall_mask
 
 CANDIDATES = ("tall", "q2", "q3", "q4", "q8")  # smallest first; exact is the fallback and needs no evaluation
 # Bits per weight before entropy coding, to weigh the mtv against what tall saves: a mask bit; q* codes plus
@@ -73,8 +73,7 @@ def tall_state(family, task: str, merger, lam: float, mtv_dtype: str) -> dict:
         mtv = merger.mtv(base, tasks)
         own = ckpt.get(name)
         mask = tall_mask(base, own, mtv, lam)
-        stored = mtv if mtv_dtype == "float32" or mtv.dtype == torch.float64 else mtv.to(getattr(torch, mtv_dtype))
-        state[name] = tall_rebuild(base, mask, as_compute(stored)).to(own.dtype)
+        state[name] = tall_rebuild(base, mask, as_compute(stored_mtv(mtv, mtv_dtype))).to(own.dtype)
     return state
 
 

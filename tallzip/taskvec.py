@@ -22,6 +22,14 @@ def as_compute(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(compute_dtype(tensor.dtype))
 
 
+def stored_mtv(mtv: torch.Tensor, mtv_dtype: str) -> torch.Tensor:
+    """The mtv as an archive stores it: rounded to `mtv_dtype` ("float32" keeps it, and so does a
+    float64 mtv, which is stored as it is)."""
+    if mtv_dtype == "float32" or mtv.dtype == torch.float64:
+        return mtv
+    return mtv.to(getattr(torch, mtv_dtype))
+
+
 def task_vector(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
     return as_compute(finetuned) - as_compute(base)
 
