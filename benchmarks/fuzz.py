@@ -172,25 +172,28 @@ def run_damage(archive: Path, cases: int, seed: int, workdir: Path) -> tuple[Cou
 # --- hostile manifests (valid checksums) ---------------------------------------------------------
 
 def write_with_manifest(data: bytes, manifest, path: Path, *, blob: bytes | None = None, extra: bytes = b"",
-                        compress: bool | None = None):
+                        compress: bool | None = None, flags: int | None = None) -> int:
     """The archive `data` with its manifest replaced (and `extra` bytes placed before it), header
     fixed up so that every checksum matches: what a hostile writer can make. The JSON (`manifest`,
     or the bytes `blob`) is stored as one zstd frame (header flag bit 0) when `compress`, plain when
-    not; None: as `data`'s own manifest is stored."""
-    _, version, flags, old_offset, _, _, _ = struct.unpack(HEADER_STRUCT, data[:HEADER_SIZE])
+    not; None: as `data`'s own manifest is stored. `flags` overrides the header's flags. Returns the
+    offset where `extra` starts."""
+    _, version, data_flags, old_offset, _, _, _ = struct.unpack(HEADER_STRUCT, data[:HEADER_SIZE])
     body = bytearray(data[:old_offset]) + extra
     body += b"\0" * (-len(body) % SECTION_ALIGNMENT)
     if blob is None:
         blob = json.dumps(manifest, separators=(",", ":")).encode()
     if compress is None:
-        compress = bool(flags & FLAG_MANIFEST_ZSTD)
+        compress = bool(data_flags & FLAG_MANIFEST_ZSTD)
     if compress:
         blob = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(blob)
-    flags = FLAG_MANIFEST_ZSTD if compress else 0
+    if flags is None:
+        flags = FLAG_MANIFEST_ZSTD if compress else 0
     header = struct.pack(HEADER_STRUCT, b"TALLZIP\0", version, flags, len(body), len(blob), hashlib.sha256(blob).digest(),
                          b"\0" * 8)
     body[:HEADER_SIZE] = header
     path.write_bytes(bytes(body) + blob)
+    return old_offset
 
 
 def _leaves(value, path=()):

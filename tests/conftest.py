@@ -37,10 +37,9 @@ def import_or_skip(name: str):
                     allow_module_level=True)
 
 
-# The archive's header and manifest as formats/SPEC.md lays them out, read and written here with
-# struct, hashlib and zstandard only (not through tallzip's reader or writer).
+# The archive's header and manifest as formats/SPEC.md lays them out, read here with struct, hashlib
+# and zstandard only (not through tallzip's reader); written by benchmarks.fuzz's hostile writer.
 HEADER = "<8sIIQQ32s8s"
-HEADER_BYTES = 72
 FLAG_MANIFEST_ZSTD = 1  # SPEC 'Flags', bit 0: the stored manifest is one zstd frame of the JSON
 
 
@@ -59,25 +58,16 @@ def read_manifest(path) -> tuple[dict, int]:
 def write_manifest(path, manifest: dict | None, *, compress: bool = True, blob: bytes | None = None,
                    flags: int | None = None, extra: bytes = b""):
     """Replace the manifest of the archive at `path` in place (its chunks kept, `extra` bytes placed
-    after them, 64-aligned), header fixed up so the checksum matches: what a hostile writer can make.
-    The JSON of `manifest` (or the raw `blob`) is stored zstd-compressed when `compress`; `flags`
-    overrides the header's flags. Returns the offset where `extra` starts."""
-    data = Path(path).read_bytes()
-    _, version, _, offset, _, _, _ = struct.unpack_from(HEADER, data)
-    body = bytearray(data[:offset])
-    extra_at = len(body)
-    body += extra
-    body += b"\0" * (-len(body) % 64)
-    if blob is None:
-        blob = json.dumps(manifest, separators=(",", ":")).encode()
-        if compress:
-            blob = zstandard.ZstdCompressor(write_content_size=True).compress(blob)
-    if flags is None:
+    after them, 64-aligned), header fixed up so the checksum matches (benchmarks.fuzz's hostile
+    writer). The JSON of `manifest` is stored zstd-compressed when `compress`, a raw `blob` as it is;
+    `flags` overrides the header's flags (default: bit 0 when `compress`). Returns the offset where
+    `extra` starts."""
+    from benchmarks.fuzz import write_with_manifest
+    if blob is not None and flags is None:
         flags = FLAG_MANIFEST_ZSTD if compress else 0
-    body[:HEADER_BYTES] = struct.pack(HEADER, b"TALLZIP\0", version, flags, len(body), len(blob),
-                                      hashlib.sha256(blob).digest(), b"\0" * 8)
-    Path(path).write_bytes(bytes(body) + blob)
-    return extra_at
+    path = Path(path)
+    return write_with_manifest(path.read_bytes(), manifest, path, blob=blob, extra=extra,
+                               compress=compress and blob is None, flags=flags)
 
 
 def numpy_family(n_tasks=3, seed=0, shapes=None):
