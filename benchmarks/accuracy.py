@@ -46,11 +46,11 @@ import torch
 from safetensors.torch import save_file
 
 import tallzip
-from tallzip.formats.constants import ROLE_BASE
-from tallzip.inspect import summary
-from tallzip.merging import merge
-from tallzip.packing import LambdaSelector
-from tallzip.taskvec import DEFAULT_LAMBDA
+from tallzip.formats.container.constants import ROLE_BASE
+from tallzip.verify.info import summary
+from tallzip.merge.merging import merge
+from tallzip.pack.packing import LambdaSelector
+from tallzip.ops.taskvec import DEFAULT_LAMBDA
 
 from benchmarks.family import PRESETS, TASK_SETTINGS, Family, FinetuneRegressionWarning, build_family
 from benchmarks.metrics import mean_accuracy, normalized_accuracy

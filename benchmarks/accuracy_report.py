@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from tallzip.taskvec import DEFAULT_LAMBDA
+from tallzip.ops.taskvec import DEFAULT_LAMBDA
 
 from benchmarks.accuracy import CONSENSUS_KS, DEFAULT_TASKS, PAPER_TALL_CLAIM, SECTION_TITLE, Bench, Row
 from benchmarks.metrics import mean_accuracy

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from benchmarks.codecs import SYNTHETIC_BLOCK, bf16_rounded, masks_of, synthetic_family, timed, uint_view
-from tallzip.formats import codecs, float_codecs, mask_codecs, mask_levels
+from tallzip.formats.codecs import registry as codecs, floats as float_codecs, mask_ctx as mask_codecs, mask_levels
 
 CHUNK = 1 << 22
 VIT_B32_PARAMS = 87_849_216

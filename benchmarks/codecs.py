@@ -44,7 +44,7 @@ import numpy as np
 import zstandard
 
 from tallzip.demo import VIT_B32, vit_shapes
-from tallzip.formats import codecs, float_codecs, mask_codecs
+from tallzip.formats.codecs import registry as codecs, floats as float_codecs, mask_ctx as mask_codecs
 
 CACHE_ROOT = Path(__file__).resolve().parent / ".cache"
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tallzip.engines import Job, LocalEngine, RayEngine
-from tallzip.formats.sources import open_source
+from tallzip.run.engines import Job, LocalEngine, RayEngine
+from tallzip.formats.checkpoints.sources import open_source
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "benchmarks" / ".cache"

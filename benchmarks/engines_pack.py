@@ -24,7 +24,7 @@ from pathlib import Path
 
 import tallzip
 from tallzip.demo import make_family
-from tallzip.engines import RayEngine
+from tallzip.run.engines import RayEngine
 
 ROUTES = ("local1", "local2", "ray1", "ray2")
 

@@ -39,13 +39,13 @@ import zstandard
 from safetensors.torch import save_file
 
 import tallzip
-from formats import codecs
-from formats.tensors import to_bits
-from tallzip.formats.constants import ROLE_BASE
-from tallzip.inspect import summary
-from tallzip.merging import merge
-from tallzip.packing import DEFAULT_CODECS, DEFAULT_LEVEL
-from tallzip.selection import CANDIDATES
+from tallzip.formats.codecs import registry as codecs
+from tallzip.formats.tensors import to_bits
+from tallzip.formats.container.constants import ROLE_BASE
+from tallzip.verify.info import summary
+from tallzip.merge.merging import merge
+from tallzip.pack.packing import DEFAULT_CODECS, DEFAULT_LEVEL
+from tallzip.pack.selection import CANDIDATES
 
 from benchmarks.accuracy import ALPHAS, Bench, merge_vector, scaled, select_alpha
 from benchmarks.metrics import mean_accuracy, min_normalized_accuracy, normalized_accuracy

@@ -37,11 +37,11 @@ import torch
 import zstandard
 
 import tallzip
-from formats import codecs, delta_codec
-from formats.tensors import to_bits
-from tallzip import quantize as qz
-from tallzip.inspect import summary
-from tallzip.taskvec import DEFAULT_LAMBDA, task_vector
+from tallzip.formats.codecs import registry as codecs, delta as delta_codec
+from tallzip.formats.tensors import to_bits
+from tallzip.ops import quantize as qz
+from tallzip.verify.info import summary
+from tallzip.ops.taskvec import DEFAULT_LAMBDA, task_vector
 
 from benchmarks.accuracy import Bench, pack_and_rebuild
 from benchmarks.family import PRESETS, build_family

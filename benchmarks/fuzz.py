@@ -41,7 +41,7 @@ import zstandard
 import tallzip
 from tallzip.demo import make_family
 from tallzip.errors import TallzipError
-from tallzip.formats.constants import FLAG_MANIFEST_ZSTD, HEADER_SIZE, HEADER_STRUCT, SECTION_ALIGNMENT
+from tallzip.formats.container.constants import FLAG_MANIFEST_ZSTD, HEADER_SIZE, HEADER_STRUCT, SECTION_ALIGNMENT
 from tallzip.formats.errors import FormatError
 
 DAMAGE_KINDS = ("bit flip", "byte run", "truncation", "swapped sections", "header", "unprotected")

@@ -42,8 +42,8 @@ from statistics import NormalDist
 
 import torch
 
-from tallzip.formats.checkpoints import SHARD_INDEX
-from tallzip.formats.outputs import SafetensorsStream
+from tallzip.formats.checkpoints.checkpoint import SHARD_INDEX
+from tallzip.formats.checkpoints.outputs import SafetensorsStream
 from tallzip.formats.tensors import dtype_name
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}

@@ -22,7 +22,7 @@ import zstandard
 from safetensors.torch import save_file
 
 import tallzip
-from tallzip.formats.constants import FLAG_MANIFEST_ZSTD, HEADER_SIZE, HEADER_STRUCT
+from tallzip.formats.container.constants import FLAG_MANIFEST_ZSTD, HEADER_SIZE, HEADER_STRUCT
 
 from .vit import ViTConfig, VisionTransformer
 

@@ -164,13 +164,13 @@ def _op_load(spec):
 
 def _op_verify(spec):
     import tallzip
-    from tallzip.inspect import verify
+    from tallzip.verify.info import verify
     with tallzip.open(spec["archive"]) as arc:
         verify(arc)
 
 
 def _op_merge(spec):
-    from tallzip import merging
+    from tallzip.merge import merging
     merging.merge_to_file(spec["archive"], spec["output"], method="consensus-ta", force=True, device=spec["device"])
 
 
@@ -181,7 +181,7 @@ def _original_files(path: Path) -> list[Path]:
 
 
 def _op_load_original(spec):
-    from tallzip.formats.checkpoints import open_checkpoint
+    from tallzip.formats.checkpoints.checkpoint import open_checkpoint
     ckpt = open_checkpoint(spec["original"])
     state = {name: ckpt.get(name) for name in ckpt.names}
     spec["loaded_bytes"] = sum(t.numel() * t.element_size() for t in state.values())
@@ -392,9 +392,9 @@ def measure_stages(base: Path, task_paths: list, n: int = 8, blocks: int = 2) ->
     import hashlib
     import numpy as np
     import torch
-    from tallzip import packing
+    from tallzip.pack import packing
     from tallzip.family import Family
-    from tallzip.formats import codecs
+    from tallzip.formats.codecs import registry as codecs
     from tallzip.formats.tensors import to_bits
     family = Family.open({p.stem: p for p in task_paths[:n]}, base)
     names = [name for name in family.base.names
@@ -518,8 +518,8 @@ def main(argv=None):
     import torch
     import tallzip
     from tallzip.demo import VIT_B32, vit_shapes
-    from tallzip.formats.writer import available_cpus
-    from tallzip.packing import DEFAULT_CODECS, resolve_device
+    from tallzip.formats.container.writer import available_cpus
+    from tallzip.pack.packing import DEFAULT_CODECS, resolve_device
 
     command = "python -m benchmarks.speed " + " ".join(sys.argv[1:] if argv is None else argv)
     print("$ " + command)

@@ -59,14 +59,14 @@ import numpy as np
 import torch
 
 import tallzip
-from tallzip import taskvec
+from tallzip.ops import taskvec
 from tallzip.demo import CLIP_TEXT_FROZEN, VIT_B32, make_base, make_task, vit_shapes
 from tallzip.family import Family
-from tallzip.formats import codecs
-from tallzip.formats.outputs import save_tensors
-from tallzip.packing import DEFAULT_CODECS, DEFAULT_MTV_DTYPE
+from tallzip.formats.codecs import registry as codecs
+from tallzip.formats.checkpoints.outputs import save_tensors
+from tallzip.pack.packing import DEFAULT_CODECS, DEFAULT_MTV_DTYPE
 from tallzip.formats.tensors import to_bits
-from tallzip.formats.writer import available_cpus
+from tallzip.formats.container.writer import available_cpus
 
 HERE = Path(__file__).resolve().parent
 CACHE_ROOT = HERE / ".cache"

@@ -12,14 +12,15 @@ from pathlib import Path
 import click
 
 import tallzip
-from tallzip import packing, taskvec
+from tallzip.pack import packing
+from tallzip.ops import taskvec
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import FormatError
-from tallzip.formats.sources import is_url
-from tallzip.inspect import agreement, summary, verify
-from tallzip import merging
+from tallzip.formats.checkpoints.sources import is_url
+from tallzip.verify.info import agreement, summary, verify
+from tallzip.merge import merging
 
-from .report import format_agreement, format_info, format_merge, format_verify, human_bytes, plot_agreement
+from tallzip.cli.report import format_agreement, format_info, format_merge, format_verify, human_bytes, plot_agreement
 
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -140,7 +141,7 @@ def _parse_lambdas(values) -> float | dict:
 
 def _parse_keep(values) -> dict | None:
     """`--keep q4` for all tasks, `--keep TASK=exact` for one; later values win."""
-    from tallzip.formats.constants import REPRESENTATIONS
+    from tallzip.formats.container.constants import REPRESENTATIONS
     out: dict[str, str] = {}
     for value in values:
         task, _, rep = value.rpartition("=")
@@ -431,7 +432,7 @@ def add(archive, checkpoint, task, keep, base, as_json):
     The archive is rewritten beside itself and renamed over the old one when complete: an
     interruption leaves the old archive as it was.
     """
-    from tallzip.editing import add as add_task
+    from tallzip.edit.editing import add as add_task
     add_task(archive, checkpoint, task, keep=keep, base=base)
     with tallzip.open(archive) as arc:
         data = summary(arc)
@@ -455,7 +456,7 @@ def remove(archive, task, as_json):
     task is left, when it goes. The archive is rewritten and renamed over the old one: the removed
     task's bytes are gone, nothing needs compacting.
     """
-    from tallzip.editing import remove as remove_task
+    from tallzip.edit.editing import remove as remove_task
     remove_task(archive, task)
     with tallzip.open(archive) as arc:
         data = summary(arc)

@@ -3,15 +3,15 @@
     tallzip.pack(tasks_dir, base=base_path, output="family.tallz")
     archive = tallzip.open("family.tallz"); archive.tasks; archive.load("cars", device="cpu")
 """
-__version__ = "0.1.0"
+from tallzip.version import __version__
 
-from .errors import TallzipError  # noqa: E402
-from .packing import pack, select_lambdas  # noqa: E402
-from .archive import Archive, open  # noqa: E402,A001
-from .merging import merge  # noqa: E402
-from .inspect import agreement  # noqa: E402
-from .selection import select_representation  # noqa: E402
-from . import editing  # noqa: E402
-from .editing import add, remove  # noqa: E402
+from tallzip.errors import TallzipError  # noqa: E402
+from tallzip.pack.packing import pack, select_lambdas  # noqa: E402
+from tallzip.archive.archive import Archive, open  # noqa: E402,A001
+from tallzip.merge.merging import merge  # noqa: E402
+from tallzip.verify.info import agreement  # noqa: E402
+from tallzip.pack.selection import select_representation  # noqa: E402
+from tallzip.edit import editing  # noqa: E402
+from tallzip.edit.editing import add, remove  # noqa: E402
 
 __all__ = ["pack", "open", "Archive", "select_lambdas", "select_representation", "merge", "agreement", "add", "remove", "TallzipError", "__version__"]

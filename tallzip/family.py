@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import TallzipError, TaskMismatchError
-from .formats.checkpoints import Checkpoint, discover_tasks, open_checkpoint
-from .formats.tensors import torch_dtype
+from tallzip.errors import TallzipError, TaskMismatchError
+from tallzip.formats.checkpoints.checkpoint import Checkpoint, discover_tasks, open_checkpoint
+from tallzip.formats.tensors import torch_dtype
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
@@ -61,7 +61,7 @@ class Family:
 
 def base_digest(ckpt, chunk_elements: int = 1 << 22) -> str:
     """tensors_digest of a checkpoint, read chunk by chunk (the same bytes, bounded memory)."""
-    from .formats.chunking import chunk_plan
+    from tallzip.formats.container.chunking import chunk_plan
     digest = hashlib.sha256()
     for name in sorted(ckpt.names):
         dtype = torch_dtype(ckpt.dtypes[name])

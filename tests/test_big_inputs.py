@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tallzip.formats import torch_zip
-from tallzip.formats.checkpoints import open_checkpoint
+from tallzip.formats.checkpoints import torch_zip
+from tallzip.formats.checkpoints.checkpoint import open_checkpoint
 from tallzip.formats.errors import FormatError
-from tallzip.formats.safe_pickle import load_state_dict
+from tallzip.formats.checkpoints.safe_pickle import load_state_dict
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

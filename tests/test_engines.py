@@ -17,7 +17,7 @@ import pytest
 import zstandard
 
 from benchmarks import engines as bench
-from tallzip.engines import Job, LocalEngine, MissingExtraError, RayEngine, make_engine
+from tallzip.run.engines import Job, LocalEngine, MissingExtraError, RayEngine, make_engine
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import FormatError
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from tallzip import taskvec
-from tallzip.archive import rebuild_from_bits
-from tallzip.formats import float_codecs
-from tallzip.pack_jobs import all_finite
+from tallzip.ops import taskvec
+from tallzip.archive.archive import rebuild_from_bits
+from tallzip.formats.codecs import floats as float_codecs
+from tallzip.pack.jobs import all_finite
 
 
 def test_all_finite_says_no_to_nan_and_infinity():

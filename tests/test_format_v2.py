@@ -20,11 +20,11 @@ from click.testing import CliRunner
 from safetensors.numpy import load_file as np_load_file
 
 import tallzip
-from tallzip.chunks import ordered_map, parse_memory
+from tallzip.run.chunks import ordered_map, parse_memory
 from tallzip.cli.main import cli
 from tallzip.errors import TallzipError
-from tallzip.formats.chunking import chunk_plan
-from tallzip.formats.checkpoints import open_checkpoint
+from tallzip.formats.container.chunking import chunk_plan
+from tallzip.formats.checkpoints.checkpoint import open_checkpoint
 from tallzip.formats.errors import CorruptArchiveError
 
 from conftest import np_rebuilt, write_big_family, write_family
@@ -325,7 +325,7 @@ def test_ties_statistics_are_found_chunk_by_chunk_and_recorded(tmp_path):
 
 def test_whole_tensor_readers_work_on_chunked_archives(chunked):
     """verify --against, the resident switcher and merging read tensors whole: from chunks too."""
-    from tallzip.inspect import verify
+    from tallzip.verify.info import verify
     base, tasks, _, tasks_dir, out, _ = chunked
     with tallzip.open(out) as archive:
         report = verify(archive, tasks_dir)
@@ -338,7 +338,7 @@ def test_whole_tensor_readers_work_on_chunked_archives(chunked):
 
 def test_mask_context_widens_the_stored_mtv_exactly():
     import torch
-    from tallzip.formats.chunking import mask_context
+    from tallzip.formats.container.chunking import mask_context
     from tallzip.formats.tensors import to_bits
     values = torch.tensor([0.0, -0.0, 1e-30, -3.5, 65000.0, float("inf"), 1e-8, 0.1], dtype=torch.float32)
     for dtype, name in ((torch.bfloat16, "BF16"), (torch.float16, "F16"), (torch.float32, "F32"), (torch.float64, "F64")):

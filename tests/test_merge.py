@@ -14,8 +14,8 @@ from safetensors.numpy import load_file, save_file
 import tallzip
 from tallzip.cli.main import cli
 from tallzip.errors import TallzipError
-from tallzip.inspect import layer_kind
-from tallzip.merging import merge_with_report
+from tallzip.verify.info import layer_kind
+from tallzip.merge.merging import merge_with_report
 
 F32 = np.float32
 N_TASKS = 4

@@ -16,7 +16,7 @@ import pytest
 
 import tallzip
 from tallzip.demo import make_family
-from tallzip.engines import Job, RayEngine
+from tallzip.run.engines import Job, RayEngine
 from tallzip.errors import TallzipError
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

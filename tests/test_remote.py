@@ -18,9 +18,9 @@ from safetensors.numpy import load_file
 import tallzip
 from tallzip.cli.main import cli
 from tallzip.demo import make_family
-from tallzip.formats.constants import HEADER_SIZE, HEADER_STRUCT
-from tallzip.formats.reader import ArchiveReader
-from tallzip.formats.sources import MissingExtraError
+from tallzip.formats.container.constants import HEADER_SIZE, HEADER_STRUCT
+from tallzip.formats.container.reader import ArchiveReader
+from tallzip.formats.checkpoints.sources import MissingExtraError
 
 from test_sources import RangeHandler  # tests/ is on sys.path (rootdir conftest)
 

@@ -13,15 +13,16 @@ from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import load_file
 
 import tallzip
-from tallzip import bits, packing
+from tallzip.ops import bits
+from tallzip.pack import packing
 from tallzip.errors import TallzipError
 from tallzip.family import Family
-from tallzip.formats import codecs
-from tallzip.formats.checkpoints import open_checkpoint
-from tallzip.formats.outputs import SafetensorsStream
+from tallzip.formats.codecs import registry as codecs
+from tallzip.formats.checkpoints.checkpoint import open_checkpoint
+from tallzip.formats.checkpoints.outputs import SafetensorsStream
 from tallzip.formats.errors import FormatError
-from tallzip.formats.reader import ArchiveReader
-from tallzip.formats.writer import ArchiveWriter, encode_chunk, encode_packed_mask_chunk
+from tallzip.formats.container.reader import ArchiveReader
+from tallzip.formats.container.writer import ArchiveWriter, encode_chunk, encode_packed_mask_chunk
 
 from conftest import np_mask, np_mtv, np_rebuilt, numpy_family, write_family
 
@@ -84,7 +85,7 @@ def test_masked_tensor_is_the_formula_in_numpy(packed, monkeypatch, chunk):
 
 
 def test_masked_tensor_ties_agrees_with_the_whole_tensor_formula(packed, monkeypatch):
-    from tallzip import taskvec
+    from tallzip.ops import taskvec
     base, tasks, base_path, tasks_dir, _ = packed
     monkeypatch.setattr(packing, "CPU_CHUNK", 7)
     family = Family.open(tasks_dir, base_path)

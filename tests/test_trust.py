@@ -35,8 +35,8 @@ from safetensors.numpy import load_file as np_load_file
 
 import tallzip
 from tallzip.cli.main import cli
-from tallzip.formats.outputs import atomic_output, remove_stale_temporaries
-from tallzip.formats.constants import HEADER_SIZE, HEADER_STRUCT
+from tallzip.formats.checkpoints.outputs import atomic_output, remove_stale_temporaries
+from tallzip.formats.container.constants import HEADER_SIZE, HEADER_STRUCT
 from tallzip.formats.errors import FormatError
 
 from conftest import np_rebuilt, numpy_family, write_family
