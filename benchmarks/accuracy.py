@@ -49,7 +49,7 @@ import tallzip
 from tallzip.formats.container.constants import ROLE_BASE
 from tallzip.verify.info import summary
 from tallzip.merge.merging import merge
-from tallzip.pack.packing import LambdaSelector
+from tallzip.pack.lambdas import LambdaSelector
 from tallzip.ops.taskvec import DEFAULT_LAMBDA
 
 from benchmarks.family import PRESETS, TASK_SETTINGS, Family, FinetuneRegressionWarning, build_family

@@ -44,7 +44,7 @@ from tallzip.formats.tensors import to_bits
 from tallzip.formats.container.constants import ROLE_BASE
 from tallzip.verify.info import summary
 from tallzip.merge.merging import merge
-from tallzip.pack.packing import DEFAULT_CODECS, DEFAULT_LEVEL
+from tallzip.options import DEFAULT_CODECS, DEFAULT_LEVEL
 from tallzip.pack.selection import CANDIDATES
 
 from benchmarks.accuracy import ALPHAS, Bench, merge_vector, scaled, select_alpha

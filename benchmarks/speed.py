@@ -392,7 +392,8 @@ def measure_stages(base: Path, task_paths: list, n: int = 8, blocks: int = 2) ->
     import hashlib
     import numpy as np
     import torch
-    from tallzip.pack import packing
+    from tallzip.ops import tall as packing
+    from tallzip.ops.ties import MtvMerger
     from tallzip.family import Family
     from tallzip.formats.codecs import registry as codecs
     from tallzip.formats.tensors import to_bits
@@ -407,7 +408,7 @@ def measure_stages(base: Path, task_paths: list, n: int = 8, blocks: int = 2) ->
     torch.set_num_threads(1)
     stages = {"tasks": n, "scaled_from_params": params, "params": whole}
     try:
-        merger = packing._Merger(family, "sum", 0.2, torch.device("cpu"), None)
+        merger = MtvMerger(family, "sum", 0.2, torch.device("cpu"), None)
         start = time.thread_time()
         made = [packing.masked_tensor(merger, b, ts, [0.4] * n, torch.device("cpu")) for b, ts in data]
         stages[f"mtv + {n} masks + bit-packing (s)"] = (time.thread_time() - start) * scale
@@ -518,8 +519,9 @@ def main(argv=None):
     import torch
     import tallzip
     from tallzip.demo import VIT_B32, vit_shapes
-    from tallzip.formats.container.writer import available_cpus
-    from tallzip.pack.packing import DEFAULT_CODECS, resolve_device
+    from tallzip.run.threads import available_cpus
+    from tallzip.options import DEFAULT_CODECS
+    from tallzip.run.threads import resolve_device
 
     command = "python -m benchmarks.speed " + " ".join(sys.argv[1:] if argv is None else argv)
     print("$ " + command)

@@ -59,14 +59,14 @@ import numpy as np
 import torch
 
 import tallzip
-from tallzip.ops import taskvec
+from tallzip.ops import tall, taskvec
 from tallzip.demo import CLIP_TEXT_FROZEN, VIT_B32, make_base, make_task, vit_shapes
 from tallzip.family import Family
 from tallzip.formats.codecs import registry as codecs
 from tallzip.formats.checkpoints.outputs import save_tensors
-from tallzip.pack.packing import DEFAULT_CODECS, DEFAULT_MTV_DTYPE
+from tallzip.options import DEFAULT_CODECS, DEFAULT_MTV_DTYPE
 from tallzip.formats.tensors import to_bits
-from tallzip.formats.container.writer import available_cpus
+from tallzip.run.threads import available_cpus
 
 HERE = Path(__file__).resolve().parent
 CACHE_ROOT = HERE / ".cache"
@@ -267,7 +267,7 @@ def measure(base_path: Path, task_paths: dict, task_counts, lam: float, log) -> 
             # one context dict per stored mtv, shared by all tasks of the tensor (the codec caches its grouping)
             contexts = {d: {"mtv": stored[d].to(torch.float32).reshape(-1).numpy(), "shape": tuple(base.shape)}
                         for d in MTV_DTYPES}
-            masks = [taskvec.tall_mask(base, t, mtv, lam) for t in tasks[:n]]
+            masks = [tall.tall_mask(base, t, mtv, lam) for t in tasks[:n]]
             # the first task here: it builds the contexts' groupings, which the other tasks' jobs then share
             first = _mask_sizes(masks[0], contexts)
             mask_jobs = [pool.submit(_mask_sizes, m, contexts) for m in masks[1:]]
@@ -329,7 +329,7 @@ def pack_checked(base_path, task_paths, n, sizes: Sizes, lam, out_dir: Path, log
         family = Family.open({t: task_paths[t] for t in list(task_paths)[:n]}, base_path)
         base, tasks = family.tensors(name)
         mtv = taskvec.sum_task_vectors(base, tasks)
-        mask = taskvec.tall_mask(base, tasks[-1], mtv, lam)
+        mask = tall.tall_mask(base, tasks[-1], mtv, lam)
         expected = taskvec.rebuild(base, mask, mtv.to(torch.bfloat16).to(torch.float32))
         if not torch.equal(archive.task_tensor(task, name), expected):
             raise SystemExit(f"N={n}: task {task!r} tensor {name!r} does not rebuild as base + mask * bf16(mtv)")

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 import tallzip
-from tallzip.pack import packing
+from tallzip import options as packing
 from tallzip.ops import taskvec
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import FormatError

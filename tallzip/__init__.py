@@ -6,7 +6,8 @@
 from tallzip.version import __version__
 
 from tallzip.errors import TallzipError  # noqa: E402
-from tallzip.pack.packing import pack, select_lambdas  # noqa: E402
+from tallzip.pack.packing import pack  # noqa: E402
+from tallzip.pack.lambdas import select_lambdas  # noqa: E402
 from tallzip.archive.archive import Archive, open  # noqa: E402,A001
 from tallzip.merge.merging import merge  # noqa: E402
 from tallzip.verify.info import agreement  # noqa: E402

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file as np_load_file
 import tallzip
 from tallzip.cli.main import cli
 from tallzip.errors import TallzipError
-from tallzip.pack.packing import FLOAT_CODECS, MASK_CODECS
+from tallzip.options import FLOAT_CODECS, MASK_CODECS
 
 from conftest import DEFAULT_MTV_DTYPE, np_mask, np_mtv, np_rebuilt, np_round_mtv, numpy_family, write_family
 from conftest import read_manifest as conftest_read_manifest

@@ -17,12 +17,12 @@ from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 
 import tallzip
-from tallzip.pack.packing import DEFAULT_CODECS
+from tallzip.options import DEFAULT_CODECS
 from tallzip.cli.main import cli
 from tallzip.errors import TallzipError
 from tallzip.verify.info import summary, verify
 from tallzip.merge.merging import merge_with_report
-from tallzip.verify.verification import mask_check
+from tallzip.verify.compare import mask_check
 
 from conftest import np_mask, np_mtv, np_rebuild, np_round_mtv, numpy_family, write_family
 

@@ -20,13 +20,6 @@ from tallzip.formats.checkpoints.outputs import atomic_output
 from tallzip.formats.container.constants import (DEFAULT_CHUNK_ELEMENTS, FORMAT_VERSION, HEADER_SIZE, HEADER_STRUCT, MAGIC, SECTION_ALIGNMENT)
 
 
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def chunk_digest(data) -> str:
     return blake3.blake3(data).hexdigest()
 

@@ -27,7 +27,7 @@ from tallzip.formats.checkpoints.sources import is_url, location
 from tallzip.formats.container.reader import ArchiveReader
 from tallzip.formats.tensors import from_bits, to_bits, torch_bits_dtype, torch_dtype
 from tallzip.ops.representations import dequantize_chunk, rebuild_quantized
-from tallzip.pack.packing import resolve_device
+from tallzip.run.threads import resolve_device
 
 
 def open(path, *, base=None, memory=None) -> "Archive":  # noqa: A001 - mirrors the builtin on purpose

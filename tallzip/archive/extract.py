@@ -20,7 +20,8 @@ from tallzip.errors import TallzipError
 from tallzip.formats.checkpoints.checkpoint import SAFETENSORS_EXT, SHARD_INDEX, TORCH_EXTS
 from tallzip.formats.checkpoints.outputs import SafetensorsStream, atomic_output, save_tensors, write_shard_index
 from tallzip.formats.errors import CorruptArchiveError
-from tallzip.pack.packing import ROLE_FILE, resolve_device
+from tallzip.formats.container.constants import ROLE_FILE
+from tallzip.run.threads import resolve_device
 
 FORMATS = ("safetensors", "pt")
 

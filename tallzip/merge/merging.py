@@ -34,7 +34,10 @@ from tallzip.formats.checkpoints.checkpoint import CHECKPOINT_EXTS, TORCH_EXTS
 from tallzip.formats.container.constants import (DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES, FLOAT_DTYPES, KIND_MASKED, KIND_PER_TASK, KIND_SHARED, ROLE_MTV)
 from tallzip.formats.checkpoints.outputs import SafetensorsStream, atomic_output, save_tensors
 from tallzip.formats.tensors import torch_dtype
-from tallzip.pack.packing import LambdaSelector, _Merger, _task_lambdas, resolve_device
+from tallzip.ops.tall import tall_mask
+from tallzip.ops.ties import MtvMerger
+from tallzip.pack.lambdas import LambdaSelector, task_lambdas
+from tallzip.run.threads import resolve_device
 
 METHODS = ("task-arithmetic", "ties", "consensus-ta", "consensus-ties", "average")
 CONSENSUS_METHODS = ("consensus-ta", "consensus-ties")
@@ -245,12 +248,12 @@ def _from_family(family: Family, source: str, opt: _Options, device, progress, b
     if method in TIES_METHODS:
         density = taskvec.DEFAULT_TIES_DENSITY if opt.density is None else opt.density
         report.density = density
-        merger = _Merger(family, "ties", density, device, progress)  # whole-vector thresholds, chunk by chunk
+        merger = MtvMerger(family, "ties", density, device, progress)  # whole-vector thresholds, chunk by chunk
     elif method in CONSENSUS_METHODS:
-        merger = _Merger(family, "sum", taskvec.DEFAULT_TIES_DENSITY, device, progress)
+        merger = MtvMerger(family, "sum", taskvec.DEFAULT_TIES_DENSITY, device, progress)
     if method in CONSENSUS_METHODS:
         lambdas = taskvec.DEFAULT_LAMBDA if opt.lambdas is None else opt.lambdas
-        report.lambdas = _task_lambdas(lambdas, family.names)
+        report.lambdas = task_lambdas(lambdas, family.names)
     report.task_only = sorted({n for t in family.names for n in family.own_names(t)})
     _check_k(opt, len(family.names))
 
@@ -270,7 +273,7 @@ def _from_family(family: Family, source: str, opt: _Options, device, progress, b
             return name, start, base_t, (0, 0, 0)
         task_ts = [ckpt.read_range(name, start, count) for ckpt in tasks]
         if not opt.allow_nonfinite:
-            _refuse_nonfinite(name, [base_t, *task_ts], labels)
+            taskvec.refuse_nonfinite(name, [base_t, *task_ts], labels, "merge")
         base_d, tasks_d = base_t.to(device), [t.to(device) for t in task_ts]
         del task_ts
         kept = total = 0
@@ -283,7 +286,7 @@ def _from_family(family: Family, source: str, opt: _Options, device, progress, b
             vector = taskvec.ties_merge(taus, merger.thresholds, merger.majority, reduce="mean")
         else:  # consensus: the same mtv the masks were made with
             mtv = merger.mtv(base_d, tasks_d)
-            masks = [taskvec.tall_mask(base_d, t, mtv, report.lambdas[task])
+            masks = [tall_mask(base_d, t, mtv, report.lambdas[task])
                      for task, t in zip(family.names, tasks_d)]
             vector, kept, total = _consensus(mtv, masks, opt.k)
         merged, changed = _merged(base_d, vector, name, opt)
@@ -376,7 +379,7 @@ def _from_archive(archive: Archive, opt: _Options, device, progress, memory) -> 
             return name, start, base_t, (kept, count if counted else 0, 0)
         mtv, context = archive.mtv_chunk(name, index)
         if not opt.allow_nonfinite:
-            _refuse_nonfinite(name, [base_t, mtv], labels)
+            taskvec.refuse_nonfinite(name, [base_t, mtv], labels, "merge")
         kept = total = 0
         if consensus:
             masks = [torch.from_numpy(np.unpackbits(archive.mask_chunk_bits(t, name, index, context), count=count,
@@ -406,18 +409,11 @@ def _check_k(opt: _Options, n_tasks: int):
                            f"tasks' masks, so the merge would give back the plain base (choose k from 0 to {n_tasks})")
 
 
-def _refuse_nonfinite(name: str, tensors, labels):
-    """pack's rule: NaN or Inf in an input is refused, naming where, unless allow_nonfinite."""
-    for tensor, label in zip(tensors, labels):
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise TallzipError(f"{label}: tensor {name!r} holds NaN or Inf (use --allow-nonfinite to merge anyway)")
-
-
 def _merged(base: torch.Tensor, vector: torch.Tensor, name: str, opt: _Options) -> tuple[torch.Tensor, int]:
     """(base + alpha * vector in the base's dtype, the weights it changes), refused where it overflows
     that dtype (unless allowed)."""
     merged = taskvec.apply_vector(base, vector, opt.alpha)
-    if not opt.allow_nonfinite and not bool(torch.isfinite(merged).all()):
+    if not opt.allow_nonfinite and not taskvec.all_finite(merged):
         raise TallzipError(f"merged tensor {name!r}: base + {opt.alpha:g} x the merged vector overflows "
                            f"{str(base.dtype).replace('torch.', '')} (use --allow-nonfinite to write it anyway)")
     return merged.cpu(), int((merged != base).sum())

@@ -6,12 +6,14 @@ reference code uses, so masks agree with theirs bit for bit.
 """
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import torch
 
-LAMBDA_CANDIDATES = (0.2, 0.3, 0.4, 0.5, 0.6)
-DEFAULT_LAMBDA = 0.4
-DEFAULT_TIES_DENSITY = 0.2
+from tallzip.errors import TallzipError
+
+from tallzip.options import DEFAULT_LAMBDA, DEFAULT_TIES_DENSITY, LAMBDA_CANDIDATES  # noqa: F401 - used as taskvec.X
+
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -40,14 +42,6 @@ def sum_task_vectors(base: torch.Tensor, finetuned: list[torch.Tensor]) -> torch
     for tensor in finetuned[1:]:
         total = total + task_vector(base, tensor)
     return total
-
-
-def tall_mask(base: torch.Tensor, finetuned: torch.Tensor, mtv: torch.Tensor, lam: float) -> torch.Tensor:
-    """m_t = |theta_0 - theta_t| > lambda * |(theta_0 + mtv) - theta_t| (strict, as the authors' code)."""
-    base_c, task_c = as_compute(base), as_compute(finetuned)
-    own = (base_c - task_c).abs()
-    others = ((base_c + mtv) - task_c).abs()
-    return own > others * lam
 
 
 def rebuild(base: torch.Tensor, mask: torch.Tensor, mtv: torch.Tensor) -> torch.Tensor:
@@ -172,27 +166,20 @@ def consensus_mask(masks: list[torch.Tensor], k: int) -> torch.Tensor:
 
 # --- the sum merge and every task's TALL mask in one pass (pack's hot loop) ---------------------
 
-def sum_and_masks_into(base, tasks, lambdas, mtv, masks, taus, others):
-    """sum_task_vectors and tall_mask of one slice, on numpy float arrays, into the given outputs.
 
-    base: (n,) in the compute dtype; tasks: (N, n); lambdas: (N, 1) in the compute dtype; mtv (out):
-    (n,), the sum in task order; masks (out): (N, n) bool; taus (N, n), others (N + 1, n): work. The
-    same operations in the same order as the torch formulas above, so bit for bit their result,
-    in a few numpy calls for all tasks at once (numpy's comparison loop alone is ~5x faster than
-    torch's on one CPU thread). NaN/Inf give numpy warnings: call under np.errstate(all="ignore").
-    """
-    np.subtract(tasks, base, out=taus)
-    if len(taus) == 1:
-        mtv[...] = taus[0]
-    else:  # (t0 - base) + (t1 - base) + ..., left to right
-        np.add(taus[0], taus[1], out=mtv)
-        for tau in taus[2:]:
-            np.add(mtv, tau, out=mtv)
-    # mask = |base - task| > lambda * |(base + mtv) - task|; |base - task| is exactly |task - base|
-    plus = np.add(base, mtv, out=others[-1])
-    others = others[:-1]
-    np.subtract(plus, tasks, out=others)
-    np.abs(others, out=others)
-    np.multiply(others, lambdas, out=others)
-    np.abs(taus, out=taus)
-    np.greater(taus, others, out=masks)
+# --- finite inputs --------------------------------------------------------------------------------
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite: a NaN or an infinity anywhere makes the sum NaN or infinite,
+    so a finite sum proves it in one cheap reduction (only an overflowing sum needs the full check)."""
+    if not tensor.is_floating_point() or math.isfinite(float(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+def refuse_nonfinite(name: str, tensors, labels, verb: str = "pack"):
+    """The rule of pack and merge: NaN or Inf in an input is refused, naming where (unless the caller
+    allows it and does not call this)."""
+    for tensor, label in zip(tensors, labels):
+        if not all_finite(tensor):
+            raise TallzipError(f"{label}: tensor {name!r} holds NaN or Inf (use --allow-nonfinite to {verb} anyway)")

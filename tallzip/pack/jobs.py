@@ -5,19 +5,19 @@ any order, on any thread (or, later, machine), and give the same bytes.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from tallzip.run.chunks import BufferPool
-from tallzip.errors import TallzipError
 from tallzip.formats.container.chunking import chunk_shape
 from tallzip.formats.container.chunking import mask_context as chunk_mask_context
 from tallzip.formats.tensors import dtype_name, to_bits, torch_dtype
 from tallzip.formats.container.writer import encode_chunk, encode_packed_mask_chunk
 from tallzip.ops.representations import quantize_chunk
+from tallzip.ops import taskvec
+from tallzip.ops.tall import masked_tensor
 from tallzip.ops.taskvec import stored_mtv
 
 # Elements of every input read and combined at once inside a chunk: a few MB of scratch per task,
@@ -31,7 +31,7 @@ class PackSettings:
     """What every chunk job of one pack shares (the manifest records all of it)."""
     task_names: tuple
     lambdas: tuple            # per task, in task order
-    merger: object            # packing._Merger: sum, or TIES with its thresholds and majority
+    merger: object            # ops.ties.MtvMerger: sum, or TIES with its thresholds and majority
     mtv_dtype: str
     codecs: dict
     level: int
@@ -74,23 +74,9 @@ def mask_context(stored_mtv: torch.Tensor, shape) -> dict:
     return chunk_mask_context(to_bits(stored_mtv), dtype_name(stored_mtv.dtype), shape)
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every element is finite: a NaN or an infinity anywhere makes the sum NaN or infinite,
-    so a finite sum proves it in one cheap reduction (only an overflowing sum needs the full check)."""
-    if not tensor.is_floating_point() or math.isfinite(float(tensor.sum())):
-        return True
-    return bool(torch.isfinite(tensor).all())
-
-
-def _check_finite(name, tensors, labels):
-    for tensor, label in zip(tensors, labels):
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise TallzipError(f"{label}: tensor {name!r} holds NaN or Inf (use --allow-nonfinite to pack anyway)")
-
-
-def run_job(job: ChunkJob, family, settings: PackSettings, masked_tensor) -> ChunkResult:
+def run_job(job: ChunkJob, family, settings: PackSettings) -> ChunkResult:
     if job.kind == "masked":
-        return _masked_chunk(job, family, settings, masked_tensor)
+        return _masked_chunk(job, family, settings)
     result = ChunkResult(job)
     codecs = settings.codecs
     if job.kind == "file":
@@ -101,21 +87,21 @@ def run_job(job: ChunkJob, family, settings: PackSettings, masked_tensor) -> Chu
     if job.kind == "own":
         tensor = family.tasks[job.task].read_range(job.name, job.start, job.count)
         if not settings.allow_nonfinite:
-            _check_finite(job.name, [tensor], [f"task {job.task!r}"])
+            taskvec.refuse_nonfinite(job.name, [tensor], [f"task {job.task!r}"])
         codec = codecs["float"] if tensor.is_floating_point() else codecs["other"]
         result.pieces.append(("own", job.task, encode_chunk(codec, to_bits(tensor), settings.level), None))
         return result
     base = family.base.read_range(job.name, job.start, job.count)
     codec = codecs["float"] if base.is_floating_point() else codecs["other"]
     if not settings.allow_nonfinite:
-        _check_finite(job.name, [base], ["base"])
+        taskvec.refuse_nonfinite(job.name, [base], ["base"])
     if not settings.base_ref:
         result.pieces.append(("base", None, encode_chunk(codec, to_bits(base), settings.level), None))
     if job.kind == "per-task":
         for task in settings.task_names:
             tensor = family.tasks[task].read_range(job.name, job.start, job.count)
             if not settings.allow_nonfinite:
-                _check_finite(job.name, [tensor], [f"task {task!r}"])
+                taskvec.refuse_nonfinite(job.name, [tensor], [f"task {task!r}"])
             result.pieces.append(("own", task, encode_chunk(settings.codecs["other"], to_bits(tensor),
                                                             settings.level), None))
     return result
@@ -124,14 +110,13 @@ def run_job(job: ChunkJob, family, settings: PackSettings, masked_tensor) -> Chu
 def run_shared_job(job: ChunkJob, shared) -> ChunkResult:
     """A chunk job on an engine's worker: `shared` is (family, settings), sent once per pack. One
     PyTorch thread per job on a CPU, as the local route (the engine runs one job per CPU)."""
-    from tallzip.pack.packing import masked_tensor  # packing imports this module
     family, settings = shared
     if settings.device.type == "cpu" and torch.get_num_threads() != 1:
         torch.set_num_threads(1)
-    return run_job(job, family, settings, masked_tensor)
+    return run_job(job, family, settings)
 
 
-def _masked_chunk(job: ChunkJob, family, settings: PackSettings, masked_tensor) -> ChunkResult:
+def _masked_chunk(job: ChunkJob, family, settings: PackSettings) -> ChunkResult:
     name, start, count = job.name, job.start, job.count
     tasks = [family.tasks[t] for t in settings.task_names]
     n = len(tasks)
@@ -153,10 +138,10 @@ def _masked_chunk(job: ChunkJob, family, settings: PackSettings, masked_tensor) 
             identical = all(torch.equal(base_s, t) for t in task_s)
         mtv_s, packed_s, ones_s = masked_tensor(settings.merger, base_s, task_s, settings.lambdas, settings.device,
                                                 mtv_out=mtv[s:s + m] if settings.device.type == "cpu" else None)
-        if not settings.allow_nonfinite and not (settings.merger.method == "sum" and all_finite(mtv_s)):
+        if not settings.allow_nonfinite and not (settings.merger.method == "sum" and taskvec.all_finite(mtv_s)):
             # A sum of task vectors is finite only if the base and every task are (one check instead
             # of N + 1); TIES trims NaNs away, so there each input is checked.
-            _check_finite(name, [base_s, *task_s], ["base", *labels])
+            taskvec.refuse_nonfinite(name, [base_s, *task_s], ["base", *labels])
         if mtv_s.data_ptr() != mtv[s:s + m].data_ptr():
             mtv[s:s + m].copy_(mtv_s.reshape(-1))
         for j in range(n):

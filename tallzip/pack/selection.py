@@ -26,7 +26,8 @@ import torch
 from tallzip.errors import TallzipError
 from tallzip.formats.container.chunking import chunk_plan, chunk_shape
 from tallzip.ops.representations import QUANT_GROUP, dequantize_chunk, quantize_chunk, rebuild_quantized
-from tallzip.ops.taskvec import as_compute, rebuild as tall_rebuild, stored_mtv, tall_mask
+from tallzip.ops.tall import tall_mask
+from tallzip.ops.taskvec import as_compute, rebuild as tall_rebuild, stored_mtv
 
 CANDIDATES = ("tall", "q2", "q3", "q4", "q8")  # smallest first; exact is the fallback and needs no evaluation
 # Bits per weight before entropy coding, to weigh the mtv against what tall saves: a mask bit; q* codes plus

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 from tallzip.errors import TallzipError
 from tallzip.formats.container.chunking import chunk_plan, chunk_shape, chunk_step  # noqa: F401 - re-exported
 from tallzip.formats.container.constants import DEFAULT_CHUNK_ELEMENTS, MAX_CHUNK_ELEMENTS, MIN_CHUNK_ELEMENTS
-from tallzip.formats.container.writer import available_cpus
+from tallzip.run.threads import available_cpus
 
 # Above the interpreter and the model a command is asked to hold (load() holds the model itself).
 DEFAULT_MEMORY = 3 << 29  # 1.5 GiB

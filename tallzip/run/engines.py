@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from tallzip.errors import TallzipError
+from tallzip.run.threads import available_cpus
 
 RAY_EXTRA_HINT = "pip install 'tallzip[ray]'"
 ENGINES = ("local", "ray")
@@ -45,14 +46,6 @@ def run_job(fn, *args, **kwargs):
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else "") or type(exc).__name__
-
-
-def cpu_count() -> int:
-    """The CPUs this process may use (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 class Engine:
@@ -141,7 +134,7 @@ class LocalEngine(Engine):
     def __init__(self, workers: int | None = None):
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise TallzipError(f"workers must be a positive whole number, not {workers!r}")
-        self.workers = workers or cpu_count()
+        self.workers = workers or available_cpus()
         self._pool = None
 
     def _start(self):

@@ -37,8 +37,7 @@ from tallzip.ops.bits import unpack_bits
 from tallzip.errors import TallzipError
 from tallzip.formats.container.constants import (KIND_MASKED, KIND_SHARED, REPRESENTATION_EXACT, REPRESENTATION_TALL, ROLE_DELTA, ROLE_MASK, ROLE_OWN, ROLE_QCODES)
 from tallzip.formats.tensors import torch_bits_dtype, torch_dtype
-from tallzip.formats.container.writer import available_cpus
-from tallzip.pack.packing import resolve_device
+from tallzip.run.threads import available_cpus, resolve_device
 from tallzip.serve.quant import GroupLayout, QuantTask, quant_covered, runs
 
 _ALIGN = 64  # elements: every tensor starts on a whole byte of mask bits and an aligned address

@@ -22,8 +22,6 @@ task.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from tallzip.ops import taskvec
@@ -34,7 +32,8 @@ from tallzip.family import Family
 from tallzip.formats.checkpoints.checkpoint import discover_tasks, open_checkpoint
 from tallzip.formats.container.constants import KIND_PER_TASK, ROLE_MTV, ROLE_OWN
 from tallzip.formats.tensors import torch_dtype
-from tallzip.pack.packing import _Merger
+from tallzip.ops.ties import MtvMerger
+from tallzip.run.threads import single_torch_thread
 from tallzip.verify.representations import guarantee_of
 from tallzip.verify.chunks import TaskFindings, UnitResult, UnitRunner, stored_bytes, unit_cost, units
 from tallzip.verify.compare import (MTV_ROUNDING, count_unequal, mask_check, mtv_rounding_bound, select, split_disagreement, within_rounding)
@@ -106,7 +105,7 @@ class _Folder:
         elif self.complete:
             try:
                 family = Family(_ArchiveBase(archive), self.checkpoints)
-                self.merger = _Merger(family, archive.merge_info["method"],
+                self.merger = MtvMerger(family, archive.merge_info["method"],
                                       archive.merge_info.get("density", taskvec.DEFAULT_TIES_DENSITY), "cpu", progress)
             except TaskMismatchError as exc:  # the per-task checks name it too
                 self.not_recomputed = str(exc)
@@ -139,17 +138,6 @@ class _Folder:
 
 # --- the run ------------------------------------------------------------------------------------
 
-@contextmanager
-def _single_torch_thread():
-    """Parallel over chunks, so each torch op runs on one thread (no oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def verify(archive: Archive, against=None, progress=None, workers: int | None = None) -> dict:
     """Check every section's checksum and decoding; with `against` (a folder of original task
     checkpoints) also give each task the archive holds a verdict, "matches" or "differs", and the
@@ -170,7 +158,7 @@ def verify(archive: Archive, against=None, progress=None, workers: int | None = 
     cost = {id(u): unit_cost(archive, u, folder_tasks) for u in work}
     workers = workers_within(archive.memory, max(cost.values(), default=1), workers)
     done = 0
-    with _single_torch_thread():
+    with single_torch_thread(torch.device("cpu")):
         results = ordered_map(lambda u: (stored_bytes(archive, u), runner.run(u)), work,
                               cost=lambda u: cost[id(u)], budget=archive.memory, workers=workers)
         for i, (size, result) in enumerate(results, 1):
