@@ -93,7 +93,7 @@ class Archive:
             self.merge_info: dict = m["merge"]
         except (KeyError, TypeError):
             raise CorruptArchiveError(f"{self.path}: damaged archive (manifest lacks tasks, tensors or base)") from None
-        self._base_ckpt = None
+        self.base_checkpoint = None
         self._dtypes: dict = {}
         self._context_cache = None
         if self.base_info.get("by_reference"):
@@ -127,16 +127,16 @@ class Archive:
         digest = base_digest(ckpt)
         if digest != self.base_info.get("sha256"):
             raise TallzipError(f"{base}: is not the base this archive was packed with (sha256 differs)")
-        self._base_ckpt = ckpt
+        self.base_checkpoint = ckpt
 
-    def _section(self, role, name, task=None) -> dict:
+    def section_entry(self, role, name, task=None) -> dict:
         entry = self.reader.section(role, name, task)
         if entry is None:
             what = f"{role} of tensor {name!r}" + (f" for task {task!r}" if task else "")
             raise CorruptArchiveError(f"{self.path}: damaged archive (no section for the {what})")
         return entry
 
-    def _read_tensor(self, entry, context=None) -> torch.Tensor:
+    def read_tensor(self, entry, context=None) -> torch.Tensor:
         if entry["role"] == ROLE_MASK:
             return torch.from_numpy(self.reader.read(entry, context)).reshape(entry["shape"])
         return from_bits(self.reader.read(entry, context), entry["dtype"], entry["shape"])
@@ -147,7 +147,7 @@ class Archive:
         for a task's own or per-task tensor)."""
         info = self.tensors.get(name)
         if info is None or info["kind"] == KIND_PER_TASK:
-            return [(c.start, c.count) for c in self.reader.chunks(self._section(ROLE_OWN, name, task))]
+            return [(c.start, c.count) for c in self.reader.chunks(self.section_entry(ROLE_OWN, name, task))]
         if self.reader.version < 2:
             return [(0, math.prod(info["shape"]))]
         return chunk_plan(info["shape"], self.reader.chunk_elements)
@@ -155,11 +155,11 @@ class Archive:
     def base_chunk(self, name: str, index: int) -> torch.Tensor:
         """Chunk `index` of the base tensor, flat, in the base's dtype."""
         if self.base_info.get("by_reference"):
-            if self._base_ckpt is None:
+            if self.base_checkpoint is None:
                 raise TallzipError(f"{self.path}: was packed with --base-ref; give the base checkpoint (--base PATH)")
             start, count = self.plan(None, name)[index]
-            return self._base_ckpt.read_range(name, start, count)
-        entry = self._section(ROLE_BASE, name)
+            return self.base_checkpoint.read_range(name, start, count)
+        entry = self.section_entry(ROLE_BASE, name)
         chunk = self.reader.chunks(entry)[index]
         return from_bits(self.reader.read_chunk(entry, chunk), entry["dtype"], (chunk.count,))
 
@@ -171,7 +171,7 @@ class Archive:
 
     def _stored_mtv_chunk(self, name: str, index: int):
         """mtv_chunk with the mtv in its stored dtype (rebuild_from_bits widens it as it adds)."""
-        entry = self._section(ROLE_MTV, name)
+        entry = self.section_entry(ROLE_MTV, name)
         chunk = self.reader.chunks(entry)[index]
         bits = self.reader.read_chunk(entry, chunk)
         return from_bits(bits, entry["dtype"], (chunk.count,)), _LazyContext(self.reader, entry, chunk, bits)
@@ -179,25 +179,25 @@ class Archive:
     def mask_chunk_bits(self, task: str, name: str, index: int, context) -> np.ndarray:
         """Chunk `index` of a task's mask, bit-packed (uint8, little bit order); `context` as
         mtv_chunk gives it (or the context dict itself)."""
-        entry = self._section(ROLE_MASK, name, task)
+        entry = self.section_entry(ROLE_MASK, name, task)
         if isinstance(context, _LazyContext):
             context = None if entry["codec"] == "bits+zstd" else context.value()
         return self.reader.read_chunk_mask_bits(entry, self.reader.chunks(entry)[index], context)
 
-    def _chunk_parts(self, task: str, name: str, index: int, shared=None):
+    def chunk_parts(self, task: str, name: str, index: int, shared=None):
         """What one chunk of one tensor of a task is made of, decoded on the CPU (thread-safe: the
         reader uses pread, and decoding releases the GIL). `shared`: (base, mtv, context) of this
         chunk already decoded for another task."""
-        dtype = self._task_dtypes(task).get(name)
+        dtype = self.task_dtypes(task).get(name)
         if dtype is None:
             raise UnknownTaskError(f"task {task!r} has no tensor {name!r}")
         info = self.tensors.get(name)
         if info is None or info["kind"] == KIND_PER_TASK or self.reader.section(ROLE_OWN, name, task) is not None:
-            entry = self._section(ROLE_OWN, name, task)
+            entry = self.section_entry(ROLE_OWN, name, task)
             chunk = self.reader.chunks(entry)[index]
             return dtype, from_bits(self.reader.read_chunk(entry, chunk), entry["dtype"], (chunk.count,)), None
         rep = self.representation(task)
-        if rep != REPRESENTATION_TALL and (info["kind"] == KIND_MASKED or self._has_own_rebuild(task, name)):
+        if rep != REPRESENTATION_TALL and (info["kind"] == KIND_MASKED or self.has_own_rebuild(task, name)):
             base = shared[0] if shared else self.base_chunk(name, index)
             return dtype, self._represented_chunk(task, rep, name, index, base), None
         if info["kind"] == KIND_SHARED:
@@ -211,7 +211,7 @@ class Archive:
         """How the task is rebuilt: tall, q8, q4, q3, q2 or exact (SPEC.md)."""
         return self.task_entry(task).get("representation", REPRESENTATION_TALL)
 
-    def _has_own_rebuild(self, task: str, name: str) -> bool:
+    def has_own_rebuild(self, task: str, name: str) -> bool:
         """A q*/exact task added later may carry sections for a tensor the other tasks share."""
         return any(self.reader.section(role, name, task) is not None for role in (ROLE_QCODES, ROLE_DELTA))
 
@@ -220,13 +220,13 @@ class Archive:
         tensor, range-checked."""
         quant = self.task_entry(task)["quant"]
         symmetric = quant["grid"] == "symmetric"
-        codes_entry = self._section(ROLE_QCODES, name, task)
+        codes_entry = self.section_entry(ROLE_QCODES, name, task)
         chunk = self.reader.chunks(codes_entry)[index]
         codes = torch.from_numpy(self.reader.read_chunk(codes_entry, chunk).view(np.int8 if symmetric else np.uint8)
                                  .astype(np.int16))
 
         def side(role):
-            entry = self._section(role, name, task)
+            entry = self.section_entry(role, name, task)
             part = self.reader.chunks(entry)[index]
             return from_bits(self.reader.read_chunk(entry, part), entry["dtype"], (part.count,)).to(torch.float32)
 
@@ -244,7 +244,7 @@ class Archive:
     def _represented_chunk(self, task: str, rep: str, name: str, index: int, base: torch.Tensor) -> torch.Tensor:
         """One chunk of a q* or exact task, flat, in the compute dtype (q*) or the task's dtype (exact)."""
         if rep == REPRESENTATION_EXACT:
-            entry = self._section(ROLE_DELTA, name, task)
+            entry = self.section_entry(ROLE_DELTA, name, task)
             chunk = self.reader.chunks(entry)[index]
             bits = self.reader.read_chunk(entry, chunk, {"base": to_bits(base)})
             return from_bits(bits, entry["dtype"], (chunk.count,))
@@ -267,20 +267,20 @@ class Archive:
         items = [(name, i, start, count) for name in names for i, (start, count) in enumerate(self.plan(task, name))]
         # on a CPU the rebuild runs on the pool's threads too; a GPU is fed from this thread
         here = device.type != "cpu"
-        job = lambda item: (item, self._assembled_in_worker(self._chunk_parts(task, item[0], item[1]), device))  # noqa: E731
+        job = lambda item: (item, self._assembled_in_worker(self.chunk_parts(task, item[0], item[1]), device))  # noqa: E731
         for (name, _, start, _), parts in ordered_map(job, items, cost=lambda it: self._chunk_cost(it[0], it[3]),
                                                        budget=self.memory):
-            yield name, start, (self._assemble(parts, device) if here else parts).reshape(-1)
+            yield name, start, (self.assemble(parts, device) if here else parts).reshape(-1)
 
     def _assembled_in_worker(self, parts, device: torch.device):
-        return parts if device.type != "cpu" else self._assemble(parts, device)
+        return parts if device.type != "cpu" else self.assemble(parts, device)
 
     def iter_tasks_chunks(self, tasks: list, device="cpu"):
         """Yield (name, start, {task: flat tensor}) for several tasks at once, each chunk's base and
         mtv decoded once for all of them (tensors in the order of their first appearance)."""
         device = resolve_device(device)
         names = list(dict.fromkeys(n for t in tasks for n, _ in self.task_entry(t)["tensors"]))
-        having = {n: [t for t in tasks if n in self._task_dtypes(t)] for n in names}
+        having = {n: [t for t in tasks if n in self.task_dtypes(t)] for n in names}
         items = []
         for name in names:
             info = self.tensors.get(name)
@@ -293,12 +293,12 @@ class Archive:
         def job(item):
             name, only, index, _, _ = item
             if only is not None:
-                return {only: self._chunk_parts(only, name, index)}
+                return {only: self.chunk_parts(only, name, index)}
             info = self.tensors[name]
             base = self.base_chunk(name, index)
             tall = any(self.representation(t) == REPRESENTATION_TALL for t in having[name])
             shared = (base, *self._stored_mtv_chunk(name, index)) if info["kind"] == KIND_MASKED and tall else (base,)
-            return {t: self._chunk_parts(t, name, index, shared) for t in having[name]}
+            return {t: self.chunk_parts(t, name, index, shared) for t in having[name]}
 
         def assembled(item):  # on a CPU the rebuilds run on the pool's threads too
             return item, {t: self._assembled_in_worker(p, device) for t, p in job(item).items()}
@@ -306,26 +306,26 @@ class Archive:
         here = device.type != "cpu"
         cost = lambda it: self._chunk_cost(it[0], it[4], len(having[it[0]]))  # noqa: E731
         for (name, _, _, start, _), parts in ordered_map(assembled, items, cost=cost, budget=self.memory):
-            yield name, start, {t: (self._assemble(p, device) if here else p).reshape(-1) for t, p in parts.items()}
+            yield name, start, {t: (self.assemble(p, device) if here else p).reshape(-1) for t, p in parts.items()}
 
     # --- whole tensors (assembled from their chunks) ----------------------------------------
     def base_tensor(self, name: str) -> torch.Tensor:
         if self.base_info.get("by_reference"):
-            if self._base_ckpt is None:
+            if self.base_checkpoint is None:
                 raise TallzipError(f"{self.path}: was packed with --base-ref; give the base checkpoint (--base PATH)")
-            return self._base_ckpt.get(name)
-        return self._read_tensor(self._section(ROLE_BASE, name))
+            return self.base_checkpoint.get(name)
+        return self.read_tensor(self.section_entry(ROLE_BASE, name))
 
     def mtv(self, name: str) -> torch.Tensor:
         """The stored multi-task vector of a masked tensor, in the compute dtype."""
-        return taskvec.as_compute(self._read_tensor(self._section(ROLE_MTV, name)))
+        return taskvec.as_compute(self.read_tensor(self.section_entry(ROLE_MTV, name)))
 
     def mask(self, task: str, name: str, mtv: torch.Tensor | None = None) -> torch.Tensor:
         if mtv is None:
             mtv = self.mtv(name)
-        return self._read_tensor(self._section(ROLE_MASK, name, task), self._mask_context(name, mtv))
+        return self.read_tensor(self.section_entry(ROLE_MASK, name, task), self.mask_context(name, mtv))
 
-    def _mask_context(self, name: str, mtv: torch.Tensor) -> dict:
+    def mask_context(self, name: str, mtv: torch.Tensor) -> dict:
         """The decoded mtv (whole tensor, float32) as the mask codecs' side information; the reader
         cuts it into each chunk's context as it decodes. Kept while the same mtv is asked about (a
         one-chunk tensor's codec then derives its grouping once for all tasks)."""
@@ -339,25 +339,25 @@ class Archive:
         """The task's mask of `name` bit-packed (uint8, little bit order): what a GPU unpacks."""
         if mtv is None:
             mtv = self.mtv(name)
-        return self.reader.read_mask_bits(self._section(ROLE_MASK, name, task), self._mask_context(name, mtv))
+        return self.reader.read_mask_bits(self.section_entry(ROLE_MASK, name, task), self.mask_context(name, mtv))
 
     # --- rebuilding tasks -------------------------------------------------------------------
     def task_tensor(self, task: str, name: str, device="cpu") -> torch.Tensor:
         """One tensor of a rebuilt task, in the task's dtype."""
-        return self._assemble(self._task_parts(task, name), resolve_device(device))
+        return self.assemble(self._task_parts(task, name), resolve_device(device))
 
     def _task_parts(self, task: str, name: str):
         """What one whole tensor of a task is made of (for callers that want tensors whole)."""
         entry = self.task_entry(task)
-        dtype = self._task_dtypes(task).get(name)
+        dtype = self.task_dtypes(task).get(name)
         if dtype is None:
             raise UnknownTaskError(f"task {task!r} has no tensor {name!r}")
         info = self.tensors.get(name)
         if info is None or info["kind"] == KIND_PER_TASK or self.reader.section(ROLE_OWN, name, task) is not None:
-            return dtype, self._read_tensor(self._section(ROLE_OWN, name, entry["name"])), None
+            return dtype, self.read_tensor(self.section_entry(ROLE_OWN, name, entry["name"])), None
         if self.representation(task) != REPRESENTATION_TALL and (info["kind"] == KIND_MASKED
-                                                                 or self._has_own_rebuild(task, name)):
-            flats = [self._assemble(self._chunk_parts(task, name, i), torch.device("cpu")).reshape(-1)
+                                                                 or self.has_own_rebuild(task, name)):
+            flats = [self.assemble(self.chunk_parts(task, name, i), torch.device("cpu")).reshape(-1)
                      for i in range(len(self.plan(task, name)))]
             return dtype, torch.cat(flats).reshape(info["shape"]), None
         if info["kind"] == KIND_SHARED:
@@ -368,23 +368,23 @@ class Archive:
         raise CorruptArchiveError(f"{self.path}: damaged archive (tensor {name!r} of unknown kind)")
 
     @staticmethod
-    def _assemble(parts, device: torch.device) -> torch.Tensor:
+    def assemble(parts, device: torch.device) -> torch.Tensor:
         dtype, tensor, masked = parts
         if masked is not None:
             mtv, bits = masked
             tensor = rebuild_from_bits(tensor, bits, mtv, device)
         return tensor.to(device=device, dtype=torch_dtype(dtype))
 
-    def _task_dtypes(self, task: str) -> dict:
+    def task_dtypes(self, task: str) -> dict:
         if task not in self._dtypes:
             self._dtypes[task] = dict(self.task_entry(task)["tensors"])
         return self._dtypes[task]
 
-    def _task_shape(self, task: str, name: str) -> list:
+    def task_shape(self, task: str, name: str) -> list:
         info = self.tensors.get(name)
         if info is not None and info["kind"] != KIND_PER_TASK:
             return info["shape"]
-        return self._section(ROLE_OWN, name, task)["shape"]
+        return self.section_entry(ROLE_OWN, name, task)["shape"]
 
     def iter_task(self, task: str, device="cpu"):
         """Yield (name, tensor) of one rebuilt task, in its original order.
@@ -393,7 +393,7 @@ class Archive:
         chunks is assembled in place, so only it and the budget's chunks are held."""
         device = resolve_device(device)
         entry = self.task_entry(task)
-        shapes = {name: self._task_shape(task, name) for name, _ in entry["tensors"]}
+        shapes = {name: self.task_shape(task, name) for name, _ in entry["tensors"]}
         current, filled = None, 0
         for name, start, flat in self.iter_task_chunks(task, device):
             shape, total = shapes[name], math.prod(shapes[name])
@@ -443,11 +443,11 @@ class Archive:
         from tallzip.archive import extract as extracting
         return extracting.extract_all(self, folder, fmt=fmt, force=force, device=device, progress=progress)
 
-    def _extract_together(self, files: dict, device: torch.device, tick=None):
+    def extract_together(self, files: dict, device: torch.device, tick=None):
         """Write several tasks as safetensors files at once, chunk by chunk, so that each base and
         mtv chunk is read and decoded once for all of them rather than once per task."""
         tasks = list(files)
-        specs = {t: [(n, d, self._task_shape(t, n)) for n, d in self.task_entry(t)["tensors"]] for t in tasks}
+        specs = {t: [(n, d, self.task_shape(t, n)) for n, d in self.task_entry(t)["tensors"]] for t in tasks}
         streams = {}
         try:
             for t in tasks:
@@ -456,7 +456,7 @@ class Archive:
                 done = 0
                 for task, flat in parts.items():
                     streams[task].write_part(name, start, flat)
-                    done += start + flat.numel() == math.prod(self._task_shape(task, name))
+                    done += start + flat.numel() == math.prod(self.task_shape(task, name))
                 if tick and done:
                     tick(done)
             for stream in streams.values():

@@ -158,7 +158,7 @@ def extract_all(archive, folder, *, fmt=None, force=False, device="cpu", progres
             else:
                 _write_file(archive, task, tmp / outputs[task], task_fmt, device, tick)
         if together:
-            archive._extract_together(together, device, tick=tick)
+            archive.extract_together(together, device, tick=tick)
     return _finish(ExtractReport(folder, tasks, [folder / outputs[t] for t in tasks], [folder / f for f in files]),
                    begin)
 
@@ -184,7 +184,7 @@ def _write_folder(archive, task: str, root: Path, fmt: str, device, tick):
     else:
         _write_file(archive, task, root / _model_file_name(entry, fmt), fmt, device, tick)
     for name in entry.get("files", []):
-        data = archive._read_tensor(archive._section(ROLE_FILE, name, task))
+        data = archive.read_tensor(archive.section_entry(ROLE_FILE, name, task))
         (root / name).write_bytes(data.numpy().tobytes())
 
 
@@ -207,7 +207,7 @@ def _stream(archive, task: str, files: dict, metadata, device, tick):
             if unknown:
                 raise CorruptArchiveError(f"{archive.path}: damaged archive (shard {path.name} of task {task!r} "
                                           f"names tensor {unknown[0]!r}, which the task lacks)")
-            stream = SafetensorsStream(path, [(n, dtypes[n], archive._task_shape(task, n)) for n in names], metadata)
+            stream = SafetensorsStream(path, [(n, dtypes[n], archive.task_shape(task, n)) for n in names], metadata)
             streams.append(stream)
             where.update(dict.fromkeys(names, stream))
         # chunk by chunk: each chunk is written in place while the next ones are decoded, so no
@@ -217,7 +217,7 @@ def _stream(archive, task: str, files: dict, metadata, device, tick):
                 raise CorruptArchiveError(f"{archive.path}: damaged archive (tensor {name!r} of task {task!r} "
                                           "is in none of its shards)")
             where[name].write_part(name, start, flat)
-            if start + flat.numel() == math.prod(archive._task_shape(task, name)):
+            if start + flat.numel() == math.prod(archive.task_shape(task, name)):
                 tick()
         for stream in streams:
             stream.close()

@@ -73,7 +73,7 @@ def _open_v2(path, base, need_base: bool = True) -> Archive:
     if arc.reader.version < 2:
         arc.close()
         raise TallzipError(f"{path}: a version-1 archive; add and remove need version 2 (repack it)")
-    if need_base and arc.base_info.get("by_reference") and arc._base_ckpt is None:
+    if need_base and arc.base_info.get("by_reference") and arc.base_checkpoint is None:
         arc.close()
         raise TallzipError(f"{path}: was packed with --base-ref; give the base checkpoint (--base PATH)")
     return arc

@@ -183,8 +183,8 @@ class Resident:
         if archive.tensors[name]["kind"] != KIND_MASKED or not self._tall:
             return archive.base_tensor(name), None, []
         mtv = archive.mtv(name)
-        context = archive._mask_context(name, mtv)  # one context for all tasks: the codec reuses what it derives
-        bits = [archive.reader.read_mask_bits(archive._section(ROLE_MASK, name, task), context) for task in self._tall]
+        context = archive.mask_context(name, mtv)  # one context for all tasks: the codec reuses what it derives
+        bits = [archive.reader.read_mask_bits(archive.section_entry(ROLE_MASK, name, task), context) for task in self._tall]
         return archive.base_tensor(name), mtv, bits
 
     # --- switching --------------------------------------------------------------------------

@@ -84,7 +84,7 @@ class UnitResult:
 
 
 def _representation_roles(archive, task, name) -> list[str]:
-    """The sections a q*/exact task's rebuild of `name` reads (Archive._chunk_parts)."""
+    """The sections a q*/exact task's rebuild of `name` reads (Archive.chunk_parts)."""
     if archive.reader.section(ROLE_OWN, name, task) is not None:
         return [ROLE_OWN]
     if archive.representation(task) == REPRESENTATION_EXACT:
@@ -118,7 +118,7 @@ def units(archive) -> list[tuple]:
         mtv = section(ROLE_MTV, name) if masked else None
         # q*/exact tasks with sections of their own for this tensor (rep_verify.py checks them)
         represented = [t for t in archive.tasks if archive.representation(t) != REPRESENTATION_TALL
-                       and (masked or archive._has_own_rebuild(t, name))]
+                       and (masked or archive.has_own_rebuild(t, name))]
         tall = [t for t in archive.tasks if archive.representation(t) == REPRESENTATION_TALL] if mtv else []
         copies = [t for t in archive.tasks if t not in represented and section(ROLE_OWN, name, t) is not None]
         entries = [e for e in [section(ROLE_BASE, name), mtv] if e is not None]
@@ -198,7 +198,7 @@ class UnitRunner:
 
     def _own(self, name, task, index, start, count, result):
         archive = self.archive
-        stored = archive._assemble(archive._chunk_parts(task, name, index), torch.device("cpu"))
+        stored = archive.assemble(archive.chunk_parts(task, name, index), torch.device("cpu"))
         for t, original in self._originals(name, start, count, [task]).items():
             self._compare(t, name, stored, original, result)
 
@@ -213,9 +213,9 @@ class UnitRunner:
                 outside = check_task_chunk(archive, task, name, index, base, originals[task], result.task(task).error)
                 result.count(task, name, archive.representation(task), outside, count)
             else:  # decoded (and so checked) all the same
-                archive._chunk_parts(task, name, index, shared)
+                archive.chunk_parts(task, name, index, shared)
         for task in spec["copies"]:
-            stored = archive._assemble(archive._chunk_parts(task, name, index), torch.device("cpu"))
+            stored = archive.assemble(archive.chunk_parts(task, name, index), torch.device("cpu"))
             if task in originals:
                 self._compare(task, name, stored, originals[task], result)
         if not spec["mtv"]:
@@ -228,7 +228,7 @@ class UnitRunner:
         reader = archive.reader
         masks = {}
         for task in spec["tall"]:  # decoded with the stored mtv chunk as their context
-            entry = archive._section(ROLE_MASK, name, task)
+            entry = archive.section_entry(ROLE_MASK, name, task)
             masks[task] = torch.from_numpy(reader.read_chunk(entry, reader.chunks(entry)[index], context))
         if self.folder is None:
             return

@@ -46,14 +46,14 @@ def check_task_chunk(arc, task: str, name: str, index: int, base_c: torch.Tensor
     the rebuild error into `error` (verify_math.ErrorSums) and returns how many weights break the
     representation's guarantee."""
     if arc.representation(task) == REPRESENTATION_EXACT or arc.reader.section("own", name, task) is not None:
-        rebuilt = arc._assemble(arc._chunk_parts(task, name, index, (base_c,)), torch.device("cpu")).reshape(-1)
+        rebuilt = arc.assemble(arc.chunk_parts(task, name, index, (base_c,)), torch.device("cpu")).reshape(-1)
         error.add(rebuilt, orig_c)
         return int(np.count_nonzero(to_bits(rebuilt) != to_bits(orig_c.to(rebuilt.dtype))))
     # the archive's q* rebuild (Archive._represented_chunk), the codes decoded once for it and the check
     codes, scales, offsets, shape = arc.quant_chunk(task, name, index)
     group = arc.task_entry(task)["quant"]["group"]
     value = dequantize_chunk(codes, scales, shape, group, offsets)
-    error.add(rebuild_quantized(base_c, value).to(torch_dtype(arc._task_dtypes(task)[name])), orig_c)
+    error.add(rebuild_quantized(base_c, value).to(torch_dtype(arc.task_dtypes(task)[name])), orig_c)
     return quant_outside(as_compute(orig_c) - as_compute(base_c), value, scales, shape, group)
 
 

@@ -62,9 +62,9 @@ class _ArchiveBase:
         """Elements start .. start+count of a base tensor, from the archive's chunks that hold them."""
         archive = self.archive
         if archive.base_info.get("by_reference"):
-            if archive._base_ckpt is None:
+            if archive.base_checkpoint is None:
                 archive.base_tensor(name)  # raises: the base must be given (--base)
-            piece = archive._base_ckpt.read_range(name, start, count)
+            piece = archive.base_checkpoint.read_range(name, start, count)
         elif archive.tensors[name]["kind"] == KIND_PER_TASK:  # small integer buffers
             piece = archive.base_tensor(name).reshape(-1)[start:start + count]
         else:
