@@ -47,9 +47,9 @@ from safetensors.torch import save_file
 
 import tallzip
 from tallzip.formats.container.constants import ROLE_BASE
-from tallzip.verify.info import summary
-from tallzip.merge.merging import merge
-from tallzip.pack.lambdas import LambdaSelector
+from tallzip.verification.info import summary
+from tallzip.merging.merge import merge
+from tallzip.packing.lambdas import LambdaSelector
 from tallzip.ops.taskvec import DEFAULT_LAMBDA
 
 from benchmarks.family import PRESETS, TASK_SETTINGS, Family, FinetuneRegressionWarning, build_family

@@ -42,10 +42,10 @@ import tallzip
 from tallzip.formats.codecs import registry as codecs
 from tallzip.formats.tensors import to_bits
 from tallzip.formats.container.constants import ROLE_BASE
-from tallzip.verify.info import summary
-from tallzip.merge.merging import merge
+from tallzip.verification.info import summary
+from tallzip.merging.merge import merge
 from tallzip.options import DEFAULT_CODECS, DEFAULT_LEVEL
-from tallzip.pack.selection import CANDIDATES
+from tallzip.packing.selection import CANDIDATES
 
 from benchmarks.accuracy import ALPHAS, Bench, merge_vector, scaled, select_alpha
 from benchmarks.metrics import mean_accuracy, min_normalized_accuracy, normalized_accuracy

@@ -40,7 +40,7 @@ import tallzip
 from tallzip.formats.codecs import registry as codecs, delta as delta_codec
 from tallzip.formats.tensors import to_bits
 from tallzip.ops import quantize as qz
-from tallzip.verify.info import summary
+from tallzip.verification.info import summary
 from tallzip.ops.taskvec import DEFAULT_LAMBDA, task_vector
 
 from benchmarks.accuracy import Bench, pack_and_rebuild

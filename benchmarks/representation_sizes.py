@@ -32,7 +32,7 @@ from safetensors.numpy import load_file
 
 import tallzip
 from tallzip.demo import make_family
-from tallzip.verify.info import summary
+from tallzip.verification.info import summary
 
 KEEPS = ("tall", "q8", "q4", "q3", "q2", "exact")
 

@@ -164,13 +164,13 @@ def _op_load(spec):
 
 def _op_verify(spec):
     import tallzip
-    from tallzip.verify.info import verify
+    from tallzip.verification.info import verify
     with tallzip.open(spec["archive"]) as arc:
         verify(arc)
 
 
 def _op_merge(spec):
-    from tallzip.merge import merging
+    from tallzip.merging import merge as merging
     merging.merge_to_file(spec["archive"], spec["output"], method="consensus-ta", force=True, device=spec["device"])
 
 

@@ -13,13 +13,10 @@ import click
 
 import tallzip
 from tallzip import options as packing
-from tallzip.ops import taskvec
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import FormatError
-from tallzip.formats.checkpoints.sources import is_url
-from tallzip.verify.info import agreement, summary, verify
-from tallzip.merge import merging
 
+from tallzip.cli.params import PATH_OR_URL, CodecChoice, base_for_folder_source, parse_keep, parse_lambdas
 from tallzip.cli.report import format_agreement, format_info, format_merge, format_verify, human_bytes, plot_agreement
 
 
@@ -125,73 +122,24 @@ class Progress:
             self._bar, self._label = None, None
 
 
-def _parse_lambdas(values) -> float | dict:
-    """`--lambda 0.3` for all tasks, `--lambda TASK=0.3` for one; later values win."""
-    out: dict[str, float] = {}
-    for value in values:
-        task, _, number = value.rpartition("=")
-        try:
-            out[task or "*"] = float(number)
-        except ValueError:
-            raise click.BadParameter(f"{value!r} is neither a number nor TASK=NUMBER", param_hint="--lambda")
-    if set(out) == {"*"}:
-        return out["*"]
-    return out or taskvec.DEFAULT_LAMBDA
+# The model code loads torch: imported when a command runs, not for `tallzip --help` or a usage error.
+def summary(archive):
+    from tallzip.verification.info import summary as archive_summary
+    return archive_summary(archive)
 
 
-def _parse_keep(values) -> dict | None:
-    """`--keep q4` for all tasks, `--keep TASK=exact` for one; later values win."""
-    from tallzip.formats.container.constants import REPRESENTATIONS
-    out: dict[str, str] = {}
-    for value in values:
-        task, _, rep = value.rpartition("=")
-        if rep not in REPRESENTATIONS:
-            raise click.BadParameter(f"{value!r}: {rep!r} is not one of {', '.join(REPRESENTATIONS)}",
-                                     param_hint="--keep")
-        out[task or "*"] = rep
-    return out or None
+def agreement(archive, progress=None):
+    from tallzip.verification.info import agreement as task_agreement
+    return task_agreement(archive, progress=progress)
+
+
+def verify(archive, against=None, progress=None):
+    from tallzip.verification.verify import verify as verify_archive
+    return verify_archive(archive, against, progress=progress)
 
 
 def _echo_json(obj):
     click.echo(json.dumps(obj, indent=2, default=str))
-
-
-class CodecChoice(click.Choice):
-    """A codec for one kind of section; a registered codec meant for the other kind says so."""
-
-    def __init__(self, allowed, kind: str, other_option: str):
-        super().__init__(allowed)
-        self.kind, self.other_option = kind, other_option
-
-    def convert(self, value, param, ctx):
-        if value not in self.choices and value in (*packing.FLOAT_CODECS, *packing.MASK_CODECS):
-            self.fail(f"{value!r} is not a codec for {self.kind} (it belongs to {self.other_option}); "
-                      f"choose from {', '.join(self.choices)}", param, ctx)
-        return super().convert(value, param, ctx)
-
-
-def _base_for_folder_source(ctx, param, base):
-    """merge: a folder of checkpoints has no base of its own, so --base is required with one (a usage
-    error, exit 2, as for pack); an archive holds its base."""
-    source = ctx.params.get("source")
-    if base is None and source is not None and Path(source).is_dir():
-        raise click.UsageError(f"Missing option '--base': {source} is a folder of checkpoints, and merging "
-                               f"them needs the pretrained checkpoint they were fine-tuned from.", ctx)
-    return base
-
-
-class PathOrUrl(click.ParamType):
-    """A local path (a Path) or a URL (s3://, https://, memory://..., kept as text: a Path would fold its '//')."""
-
-    name = "path"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (Path, str)) and is_url(value):
-            return str(value)
-        return Path(value)
-
-
-PATH_OR_URL = PathOrUrl()
 
 
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
@@ -244,11 +192,11 @@ def pack(checkpoints_dir, base, output, lambdas, keep, merge, density, mtv_dtype
     """Pack the fine-tuned checkpoints in CHECKPOINTS_DIR into one archive."""
     progress = Progress(not as_json)
     try:
-        tallzip.pack(checkpoints_dir, base, output, lambdas=_parse_lambdas(lambdas), merge=merge, density=density,
+        tallzip.pack(checkpoints_dir, base, output, lambdas=parse_lambdas(lambdas), merge=merge, density=density,
                      mtv_dtype=mtv_dtype, base_ref=base_ref, device=device, force=force, level=level,
                      codecs={"float": float_codec, "mask": mask_codec},
                      allow_nonfinite=allow_nonfinite, progress=progress, memory=memory,
-                     chunk_elements=chunk_elements, engine=engine, address=address, keep=_parse_keep(keep))
+                     chunk_elements=chunk_elements, engine=engine, address=address, keep=parse_keep(keep))
     finally:
         progress.close()
     with tallzip.open(output) as archive:
@@ -298,9 +246,9 @@ def extract(archive, task, all_tasks, output, fmt, base, memory, device, force, 
     try:
         with tallzip.open(archive, base=base, memory=memory) as arc:
             if task:
-                report = arc.extract_with_report(task, output, fmt=fmt, force=force, device=device, progress=progress)
+                report = arc.extract(task, output, fmt=fmt, force=force, device=device, progress=progress)
             else:
-                report = arc.extract_all_with_report(output, fmt=fmt, force=force, device=device, progress=progress)
+                report = arc.extract(None, output, fmt=fmt, force=force, device=device, progress=progress)
     finally:
         progress.close()
     if as_json:
@@ -345,12 +293,12 @@ def info(archive, show_agreement, plot, as_json):
 
 @cli.command()
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--base", type=click.Path(path_type=Path), callback=_base_for_folder_source,
+@click.option("--base", type=click.Path(path_type=Path), callback=base_for_folder_source,
               help="the pretrained checkpoint  [required when SOURCE is a folder; for an archive only if "
                    "packed with --base-ref]")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="merged model to write (.safetensors, or .pt/.pth/.bin for a torch state dict)")
-@click.option("--method", type=click.Choice(merging.METHODS), required=True)
+@click.option("--method", type=click.Choice(packing.MERGE_VERB_METHODS), required=True)
 @click.option("--alpha", type=float, help="scaling of the merged vector, in (0, 2] (default 0.3; 1.0 for ties and average)")
 @click.option("--k", type=int, help="consensus: keep the weights at least k tasks use (default 2)")
 @click.option("--lambda", "lambdas", multiple=True, metavar="[TASK=]L",
@@ -378,8 +326,9 @@ def merge(source, base, output, method, alpha, k, lambdas, density, allow_nonfin
     """
     progress = Progress(not as_json)
     try:
+        from tallzip.merging import merge as merging  # torch: loaded when the command runs
         report = merging.merge_to_file(source, output, method=method, base=base, alpha=alpha, k=k,
-                                       lambdas=_parse_lambdas(lambdas) if lambdas else None, density=density,
+                                       lambdas=parse_lambdas(lambdas) if lambdas else None, density=density,
                                        device=device, force=force, allow_nonfinite=allow_nonfinite,
                                        progress=progress, memory=memory)
     finally:
@@ -488,7 +437,7 @@ def demo(folder, n_tasks, force):
     tallzip.pack(tasks_dir, base, archive, force=True)
     with tallzip.open(archive) as arc:
         first = arc.tasks[0]
-        out = arc.extract(first, extracted, force=True)
+        out = arc.extract(first, extracted, force=True).output
         click.echo(f"extracted task {first!r} to {out}\n")
         click.echo(format_info(summary(arc)))
         click.echo("")

@@ -18,6 +18,8 @@ DEFAULT_MTV_DTYPE = "bfloat16"
 LAMBDA_CANDIDATES = (0.2, 0.3, 0.4, 0.5, 0.6)
 DEFAULT_LAMBDA = 0.4
 DEFAULT_TIES_DENSITY = 0.2
+# the methods of `merge` (tallzip/merging/merge.py), named here so the command line lists them without torch
+MERGE_VERB_METHODS = ("task-arithmetic", "ties", "consensus-ta", "consensus-ties", "average")
 
 # Measured side by side in benchmarks/defaults.py (benchmarks/RESULTS.md): byte planes beat plain
 # zstandard by ~10% on float weights; zstandard level 1 is both smaller and faster than level 3 on

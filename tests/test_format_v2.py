@@ -201,7 +201,7 @@ def test_v1_fixture_still_extracts_bit_identical(tmp_path):
     with tallzip.open(FIXTURES / "v1-family.tallz") as archive:
         assert archive.reader.version == 1 and archive.manifest["version"] == 1
         for task in tasks:
-            out = archive.extract(task, tmp_path / f"{task}.safetensors")
+            out = archive.extract(task, tmp_path / f"{task}.safetensors").output
             got = np_load_file(str(out))
             assert set(got) == set(tasks[task])
             for name, original in tasks[task].items():
@@ -325,7 +325,7 @@ def test_ties_statistics_are_found_chunk_by_chunk_and_recorded(tmp_path):
 
 def test_whole_tensor_readers_work_on_chunked_archives(chunked):
     """verify --against, the resident switcher and merging read tensors whole: from chunks too."""
-    from tallzip.verify.info import verify
+    from tallzip.verification.info import verify
     base, tasks, _, tasks_dir, out, _ = chunked
     with tallzip.open(out) as archive:
         report = verify(archive, tasks_dir)

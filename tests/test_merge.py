@@ -14,8 +14,8 @@ from safetensors.numpy import load_file, save_file
 import tallzip
 from tallzip.cli.main import cli
 from tallzip.errors import TallzipError
-from tallzip.verify.info import layer_kind
-from tallzip.merge.merging import merge_with_report
+from tallzip.verification.info import layer_kind
+from tallzip.merging.merge import merge_with_report
 
 F32 = np.float32
 N_TASKS = 4

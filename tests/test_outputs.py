@@ -313,7 +313,7 @@ def test_extract_reports_progress_and_json(packed, tmp_path):
     _, tasks, archive = packed
     calls = []
     with tallzip.open(archive) as opened:
-        opened.extract_all(tmp_path / "all", progress=lambda *call: calls.append(call))
+        opened.extract(None, tmp_path / "all", progress=lambda *call: calls.append(call))
         total = sum(len(opened.task_entry(t)["tensors"]) for t in opened.tasks)
     assert calls and {label for label, _, _ in calls} == {"extracting"}
     assert [done for _, done, _ in calls] == sorted(done for _, done, _ in calls)

@@ -151,7 +151,7 @@ def test_extract_all_writes_every_task_as_the_formula(packed, fmt):
     tallzip.pack(tasks_dir, base_path, out, lambdas=lambdas)
     folder = out.parent / "all"
     with tallzip.open(out) as archive:
-        paths = archive.extract_all(folder, fmt=fmt)
+        paths = archive.extract(None, folder, fmt=fmt).paths
     assert sorted(p.name for p in paths) == sorted(f"{t}.{fmt or 'safetensors'}" for t in tasks)
     for path in paths:
         task = path.name.split(".")[0]

@@ -62,7 +62,7 @@ def expected_task(base, tasks, task, mtv_dtype=DEFAULT_MTV_DTYPE):
 
 def extract_all(archive_path, folder, base=None):
     with tallzip.open(archive_path, base=base) as archive:
-        archive.extract_all(folder)
+        archive.extract(None, folder)
     return {p.stem: np_load_file(str(p)) for p in folder.iterdir()}
 
 

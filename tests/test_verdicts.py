@@ -20,9 +20,9 @@ import tallzip
 from tallzip.options import DEFAULT_CODECS
 from tallzip.cli.main import cli
 from tallzip.errors import TallzipError
-from tallzip.verify.info import summary, verify
-from tallzip.merge.merging import merge_with_report
-from tallzip.verify.compare import mask_check
+from tallzip.verification.info import summary, verify
+from tallzip.merging.merge import merge_with_report
+from tallzip.verification.compare import mask_check
 
 from conftest import np_mask, np_mtv, np_rebuild, np_round_mtv, numpy_family, write_family
 

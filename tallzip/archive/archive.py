@@ -8,6 +8,7 @@ more than the budget, and load() the model plus the budget.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -61,6 +62,10 @@ def rebuild_from_bits(base: torch.Tensor, bits: np.ndarray, mtv: torch.Tensor, d
     packed.numpy()[:] = bits
     mask = unpack_bits(packed.to(device, non_blocking=True), count).view(base.shape)
     return taskvec.rebuild(base.to(device, non_blocking=True), mask, mtv.to(device, non_blocking=True))
+
+
+def _deprecated(old: str, new: str):
+    warnings.warn(f"{old} is deprecated and goes in the next release: use {new}", DeprecationWarning, stacklevel=3)
 
 
 class _LazyContext:
@@ -420,28 +425,43 @@ class Archive:
         from tallzip.serve.resident import Resident
         return Resident(self, device, tasks)
 
-    def extract(self, task: str, output, *, fmt: str | None = None, force: bool = False, device="cpu",
-                progress=None) -> Path:
-        """Write one task at `output`: `.safetensors` or `.pt`/`.pth`/`.bin` make one file in that
-        format (`fmt` must agree); any other name is a folder holding the task as it came (shards,
-        side files), its model file in `fmt` (default: the task's input format). See extracting.py."""
-        return self.extract_with_report(task, output, fmt=fmt, force=force, device=device, progress=progress).output
+    def extract(self, task: str | None, output, *, fmt: str | None = None, force: bool = False, device="cpu",
+                progress=None):
+        """Write one task (or, with task None, every task) and return the ExtractReport: the output, every
+        file written, bytes, seconds.
+
+        Args:
+            task: the task to rebuild; None writes every task into the folder `output`, each named as
+                its input was (an existing folder keeps every file this does not write).
+            output: `.safetensors` or `.pt`/`.pth`/`.bin` make one file in that format (`fmt` must agree);
+                any other name is a folder holding the task as it came (shards, side files), its model
+                file in `fmt` (default: the task's input format).
+            force: replace files of the same names as those written.
+        Returns:
+            ExtractReport (`.output`, `.paths`, `.files`, `.bytes`, `.seconds`, `.as_dict()`).
+        Example:
+            report = tallzip.open("family.tallz").extract("cars", "cars.safetensors")
+        """
+        from tallzip.archive import extract as extracting
+        if task is None:
+            return extracting.extract_all(self, output, fmt=fmt, force=force, device=device, progress=progress)
+        return extracting.extract_task(self, task, output, fmt=fmt, force=force, device=device, progress=progress)
 
     def extract_with_report(self, task: str, output, *, fmt=None, force=False, device="cpu", progress=None):
-        """`extract`, returning the ExtractReport: every file written, bytes, seconds."""
-        from tallzip.archive import extract as extracting
-        return extracting.extract_task(self, task, output, fmt=fmt, force=force, device=device, progress=progress)
+        """Deprecated alias of `extract` (which now returns the report); goes in the next release."""
+        _deprecated("Archive.extract_with_report", "Archive.extract")
+        return self.extract(task, output, fmt=fmt, force=force, device=device, progress=progress)
 
     def extract_all(self, folder, *, fmt: str | None = None, force: bool = False, device="cpu",
                     progress=None) -> list[Path]:
-        """Every task into `folder`, each named as its input was; returns each task's path. An
-        existing folder keeps every file this does not write; `force` replaces same-named ones."""
-        return self.extract_all_with_report(folder, fmt=fmt, force=force, device=device, progress=progress).paths
+        """Deprecated: `extract(None, folder).paths`; goes in the next release."""
+        _deprecated("Archive.extract_all", "Archive.extract(None, folder)")
+        return self.extract(None, folder, fmt=fmt, force=force, device=device, progress=progress).paths
 
     def extract_all_with_report(self, folder, *, fmt=None, force=False, device="cpu", progress=None):
-        """`extract_all`, returning the ExtractReport."""
-        from tallzip.archive import extract as extracting
-        return extracting.extract_all(self, folder, fmt=fmt, force=force, device=device, progress=progress)
+        """Deprecated alias of `extract(None, folder)`; goes in the next release."""
+        _deprecated("Archive.extract_all_with_report", "Archive.extract(None, folder)")
+        return self.extract(None, folder, fmt=fmt, force=force, device=device, progress=progress)
 
     def extract_together(self, files: dict, device: torch.device, tick=None):
         """Write several tasks as safetensors files at once, chunk by chunk, so that each base and

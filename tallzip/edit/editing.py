@@ -27,7 +27,7 @@ from tallzip.formats.container.reader import is_plain_file_name
 from tallzip.formats.container.writer import ArchiveWriter, encode_chunk
 from tallzip.formats.container.chunking import chunk_plan
 from tallzip.formats.tensors import to_bits
-from tallzip.pack.jobs import representation_pieces
+from tallzip.packing.jobs import representation_pieces
 from tallzip.ops.representations import ADD_DEFAULT, representation_fields, representation_section
 
 _SECTION_FIELDS = ("role", "tensor", "task", "dtype", "shape", "codec", "length", "chunks", "ones")

@@ -36,10 +36,11 @@ from tallzip.formats.checkpoints.outputs import SafetensorsStream, atomic_output
 from tallzip.formats.tensors import torch_dtype
 from tallzip.ops.tall import tall_mask
 from tallzip.ops.ties import MtvMerger
-from tallzip.pack.lambdas import LambdaSelector, task_lambdas
+from tallzip.packing.lambdas import LambdaSelector, task_lambdas
+from tallzip.options import MERGE_VERB_METHODS
 from tallzip.run.threads import resolve_device
 
-METHODS = ("task-arithmetic", "ties", "consensus-ta", "consensus-ties", "average")
+METHODS = MERGE_VERB_METHODS
 CONSENSUS_METHODS = ("consensus-ta", "consensus-ties")
 TIES_METHODS = ("ties", "consensus-ties")
 # Without a validation set to pick alpha on: 0.3 for the methods that add up whole task vectors (task

@@ -34,9 +34,9 @@ from tallzip.formats.container.constants import KIND_PER_TASK, ROLE_MTV, ROLE_OW
 from tallzip.formats.tensors import torch_dtype
 from tallzip.ops.ties import MtvMerger
 from tallzip.run.threads import single_torch_thread
-from tallzip.verify.representations import guarantee_of
-from tallzip.verify.chunks import TaskFindings, UnitResult, UnitRunner, stored_bytes, unit_cost, units
-from tallzip.verify.compare import (MTV_ROUNDING, count_unequal, mask_check, mtv_rounding_bound, select, split_disagreement, within_rounding)
+from tallzip.verification.representations import guarantee_of
+from tallzip.verification.chunks import TaskFindings, UnitResult, UnitRunner, stored_bytes, unit_cost, units
+from tallzip.verification.compare import (MTV_ROUNDING, count_unequal, mask_check, mtv_rounding_bound, select, split_disagreement, within_rounding)
 
 
 # --- the checkpoints folder ---------------------------------------------------------------------

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from tallzip.formats.container.constants import (DTYPE_SIZES, KIND_MASKED, KIND_PER_TASK, REPRESENTATION_EXACT, REPRESENTATION_TALL, ROLE_BASE, ROLE_DELTA, ROLE_FILE, ROLE_MASK, ROLE_MTV, ROLE_OWN, ROLE_QCODES, ROLE_QOFFSETS, ROLE_QSCALES)
-from tallzip.verify.representations import check_task_chunk, difference_text
-from tallzip.verify.compare import SLICE, ErrorSums, compare_masked_chunk, count_unequal
+from tallzip.verification.representations import check_task_chunk, difference_text
+from tallzip.verification.compare import SLICE, ErrorSums, compare_masked_chunk, count_unequal
 
 _OVERHEAD = 1 << 20
 # Bytes per element a unit holds besides the tasks' chunks: the base as stored and in float32, the mtv

@@ -26,9 +26,9 @@ from tallzip.ops.representations import (REPRESENTATION_ROLES, representation_fi
                                          task_representations)
 from tallzip.ops.ties import MtvMerger
 from tallzip.options import DEFAULT_LEVEL, DEFAULT_MTV_DTYPE, MTV_DTYPES, checked_codecs
-from tallzip.pack.jobs import ChunkJob, PackSettings, dtype_of, job_cost, run_job
-from tallzip.pack.lambdas import LambdaSelector, selected_lambdas, task_lambdas
-from tallzip.pack.selection import RepresentationSelector, choose as choose_representations
+from tallzip.packing.jobs import ChunkJob, PackSettings, dtype_of, job_cost, run_job
+from tallzip.packing.lambdas import LambdaSelector, selected_lambdas, task_lambdas
+from tallzip.packing.selection import RepresentationSelector, choose as choose_representations
 
 MASK_RULE = "mask = |base - task| > lambda * |(base + mtv) - task|, float32"
 
@@ -223,7 +223,7 @@ def _engine_results(engine, own_engine, jobs, family, settings, budget):
     """The chunk jobs' results, in order, from `engine`: (family, settings) are shared once (Ray's object
     store), each job carries only its tensor name and element range. An engine made here closes after."""
     from tallzip.run.engines import Job
-    from tallzip.pack.jobs import run_shared_job
+    from tallzip.packing.jobs import run_shared_job
     from tallzip.formats.checkpoints.checkpoint import TorchCheckpoint
     if engine.name != "local":
         for label, ckpt in [("base", family.base), *family.tasks.items()]:

@@ -11,7 +11,7 @@ import torch
 from tallzip.archive.archive import Archive
 from tallzip.run.chunks import ordered_map
 from tallzip.formats.container.constants import FLOAT_DTYPES, KIND_MASKED, KIND_SHARED, QUANT_BITS, ROLE_MASK, ROLE_MTV
-from tallzip.verify.verification import verify  # noqa: F401 - `tallzip.inspect.verify` is where callers find it
+from tallzip.verification.verify import verify  # noqa: F401 - `tallzip.inspect.verify` is where callers find it
 
 # Every codec an archive can name codes its bytes exactly; one not listed here is not called lossless.
 LOSSLESS_CODECS = frozenset({"raw", "zstd", "bits+zstd", "planes+zstd", "planes+ans", "bits-ctx", "bits-ctx-prior",
