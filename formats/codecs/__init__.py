@@ -5,4 +5,5 @@ codecs raw, zstd, bits+zstd); each other module imports it and registers its cod
 imports them all, so every codec is registered before any archive is read or written.
 """
 from tallzip.formats.codecs import delta, floats, mask_ctx, mask_levels  # noqa: F401 - imported to register
-from tallzip.formats.codecs.registry import CodecError, decode, encode, names  # noqa: F401
+from tallzip.formats.codecs.registry import (CodecError, codes_packed_bits, decode, decode_packed, encode,  # noqa: F401
+                                            encode_packed, names, uses_context)

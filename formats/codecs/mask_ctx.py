@@ -178,5 +178,5 @@ def _bits_ctx_prior_decode(data, *, dtype, count, params, context, **_):
     return mask_from_payload(PayloadReader(data, what), grouping.order, grouping.sizes, count, dtype, what)
 
 
-register("bits-ctx", _bits_ctx_encode, _bits_ctx_decode)
-register("bits-ctx-prior", _bits_ctx_prior_encode, _bits_ctx_prior_decode)
+register("bits-ctx", _bits_ctx_encode, _bits_ctx_decode, uses_context=True)
+register("bits-ctx-prior", _bits_ctx_prior_encode, _bits_ctx_prior_decode, uses_context=True)

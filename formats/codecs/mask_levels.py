@@ -131,4 +131,4 @@ def _bits_lvl_decode(data, *, dtype, count, params, context, **_):
     return mask_from_payload(PayloadReader(data, what), grouping.order, sizes, count, dtype, what)
 
 
-register("bits-lvl", _bits_lvl_encode, _bits_lvl_decode)
+register("bits-lvl", _bits_lvl_encode, _bits_lvl_decode, uses_context=True)

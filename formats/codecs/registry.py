@@ -6,14 +6,17 @@ count, and — for context codecs — the same side information the encoder saw 
 Float tensors arrive as unsigned-integer views of their bits (bfloat16 as uint16), so codecs never
 depend on numpy knowing a float format.
 
-This module holds the registry, the encode/decode dispatch, the payload helpers every codec shares
-and the three plain codecs (raw, zstd, bits+zstd). The others live one idea per file and register
-themselves when this module is imported:
+This module holds the registry (with what each codec can do: decode with a context, code bit-packed
+masks as they are), the encode/decode dispatch, the payload helpers every codec shares and the three plain
+codecs (raw, zstd, bits+zstd). It imports no other codec: each of the others, one idea per file, imports it
+and registers itself, and the package (formats/codecs/__init__) imports them all:
 
-    float_codecs   planes+zstd, planes+ans: byte planes of float bits
-    mask_codecs    bits-ctx, bits-ctx-prior: masks grouped by quantiles of |mtv| (format v1)
-    mask_levels    bits-lvl: masks grouped by fixed |mtv| level buckets (linear, per chunk)
-    ans            the entropy coder (constriction) they share
+    floats        planes+zstd, planes+ans: byte planes of float bits
+    mask_ctx      bits-ctx, bits-ctx-prior: masks grouped by quantiles of |mtv| (format v1)
+    mask_levels   bits-lvl: masks grouped by fixed |mtv| level buckets (linear, per chunk)
+    mask_groups   the grouping and payloads those two share
+    delta         delta: an exact task's tensor given the base
+    ans           the entropy coder (constriction) they share
 """
 from __future__ import annotations
 
@@ -27,9 +30,41 @@ _ENCODERS = {}
 _DECODERS = {}
 
 
-def register(name, encoder, decoder):
+_CONTEXT = set()       # codecs whose decoding needs the mtv's side information (mask_context)
+_PACKED = {}           # mask codecs that code bit-packed bytes directly: name -> (encoder, decoder)
+
+
+def register(name, encoder, decoder, *, uses_context: bool = False, packed=None):
+    """Every codec registers here when its module is imported (formats/codecs/__init__ imports them all).
+
+    uses_context: decoding needs the side information built from the decoded mtv (mask codecs).
+    packed: (encode(packed_bits, level, threads) -> (bytes, params), decode(data, count) -> packed bits)
+    for a mask codec that stores the bit-packed bytes (little bit order) as they are."""
     _ENCODERS[name] = encoder
     _DECODERS[name] = decoder
+    if uses_context:
+        _CONTEXT.add(name)
+    if packed is not None:
+        _PACKED[name] = packed
+
+
+def uses_context(codec: str) -> bool:
+    """Whether decoding `codec` needs the mtv's side information (building it costs a float32 copy)."""
+    return codec in _CONTEXT
+
+
+def codes_packed_bits(codec: str) -> bool:
+    """Whether a mask codec stores bit-packed bytes as they are (no unpacking to booleans and back)."""
+    return codec in _PACKED
+
+
+def encode_packed(codec: str, packed: np.ndarray, *, level: int = 3, threads: int = 0):
+    return _PACKED[codec][0](np.ascontiguousarray(packed), level=level, threads=threads)
+
+
+def decode_packed(codec: str, data, *, count: int) -> np.ndarray:
+    """A mask's bit-packed bytes (uint8, little bit order) from a codec that stores them as they are."""
+    return _PACKED[codec][1](data, count=count)
 
 
 def names():
@@ -174,5 +209,15 @@ def bits_decode(data, *, dtype, count, **_):
 
 register("raw", _raw_encode, _raw_decode)
 register("zstd", _zstd_encode, _zstd_decode)
-register("bits+zstd", bits_encode, bits_decode)
+
+
+def _bits_encode_packed(packed, *, level, threads=0):
+    return zstd_compress(packed.tobytes(), level, threads), {}
+
+
+def _bits_decode_packed(data, *, count):
+    return np.frombuffer(zstd_decompress(data, (count + 7) // 8), dtype=np.uint8)
+
+
+register("bits+zstd", bits_encode, bits_decode, packed=(_bits_encode_packed, _bits_decode_packed))
 

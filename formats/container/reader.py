@@ -380,16 +380,16 @@ class ArchiveReader:
     def read_chunk_mask_bits(self, entry: dict, chunk: Chunk, context=None) -> np.ndarray:
         """A mask chunk as bit-packed bytes (uint8, little bit order, as np.packbits).
 
-        'bits+zstd' stores exactly these bytes compressed, so they are only decompressed; other mask
-        codecs decode to booleans, packed here."""
-        if entry["codec"] != "bits+zstd":
+        A codec that stores these bytes as they are (bits+zstd) only decompresses them; other mask codecs
+        decode to booleans, packed here."""
+        if not codecs.codes_packed_bits(entry["codec"]):
             return np.packbits(self.read_chunk(entry, chunk, context), bitorder="little")
         data = self.read_chunk_bytes(entry, chunk)
         try:
-            packed = codecs.zstd_decompress(data, (chunk.count + 7) // 8)
+            packed = codecs.decode_packed(entry["codec"], data, count=chunk.count)
         except codecs.CodecError as exc:
             self._refuse_chunk(entry, chunk, str(exc))
-        return np.frombuffer(packed, dtype=np.uint8)
+        return packed
 
     def check(self, entry: dict):
         """Every chunk's checksum, one chunk in memory at a time; raises naming the section and chunk."""

@@ -32,12 +32,12 @@ def encode_chunk(codec: str, array: np.ndarray, level: int = 3, context=None):
 
 
 def encode_packed_mask_chunk(codec: str, packed: np.ndarray, count: int, level: int = 3, context=None):
-    """A mask chunk handed over bit-packed (little bit order). 'bits+zstd' is zstandard over exactly
-    these bytes; any other mask codec gets the booleans back."""
+    """A mask chunk handed over bit-packed (little bit order): a codec that stores these bytes as they are
+    (bits+zstd) codes them directly; any other mask codec gets the booleans back."""
     if packed.dtype != np.uint8 or packed.size != (count + 7) // 8:
         raise ValueError(f"packed mask: expected {(count + 7) // 8} uint8 bytes, got {packed.size} x {packed.dtype}")
-    if codec == "bits+zstd":
-        data, params = codecs.encode("zstd", packed, level=level)
+    if codecs.codes_packed_bits(codec):
+        data, params = codecs.encode_packed(codec, packed, level=level)
     else:
         mask = np.unpackbits(packed, count=count, bitorder="little").view(bool)
         data, params = codecs.encode(codec, mask, level=level, context=context)

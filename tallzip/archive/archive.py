@@ -20,6 +20,7 @@ from tallzip.errors import TallzipError, UnknownTaskError
 from tallzip.run.chunks import chunk_plan, ordered_map, parse_memory
 from tallzip.family import base_digest
 from tallzip.ops.bits import unpack_bits
+from tallzip.formats import codecs as codec_registry
 from tallzip.formats.checkpoints.checkpoint import open_checkpoint
 from tallzip.formats.checkpoints.outputs import SafetensorsStream
 from tallzip.formats.container.constants import (DTYPE_SIZES, KIND_MASKED, KIND_PER_TASK, KIND_SHARED, REPRESENTATION_EXACT, REPRESENTATION_TALL, ROLE_BASE, ROLE_DELTA, ROLE_MASK, ROLE_MTV, ROLE_OWN, ROLE_QCODES, ROLE_QOFFSETS, ROLE_QSCALES)
@@ -186,7 +187,7 @@ class Archive:
         mtv_chunk gives it (or the context dict itself)."""
         entry = self.section_entry(ROLE_MASK, name, task)
         if isinstance(context, _LazyContext):
-            context = None if entry["codec"] == "bits+zstd" else context.value()
+            context = context.value() if codec_registry.uses_context(entry["codec"]) else None
         return self.reader.read_chunk_mask_bits(entry, self.reader.chunks(entry)[index], context)
 
     def chunk_parts(self, task: str, name: str, index: int, shared=None):

@@ -16,6 +16,7 @@ from tallzip.formats.container.chunking import mask_context as chunk_mask_contex
 from tallzip.formats.tensors import dtype_name, to_bits, torch_dtype
 from tallzip.formats.container.writer import encode_chunk, encode_packed_mask_chunk
 from tallzip.ops.representations import quantize_chunk
+from tallzip.formats import codecs as codec_registry
 from tallzip.ops import taskvec
 from tallzip.ops.tall import masked_tensor
 from tallzip.ops.taskvec import stored_mtv
@@ -156,8 +157,8 @@ def _masked_chunk(job: ChunkJob, family, settings: PackSettings) -> ChunkResult:
     if "tall" in reps:  # the mtv and masks only when some task is rebuilt from them
         result.pieces.append(("mtv", None, encode_chunk(float_codec, to_bits(stored), settings.level), None))
         # The decoder sees the stored mtv: it is the mask codecs' side information.
-        # ('bits+zstd' codes the packed bits alone: no context to build)
-        context = None if settings.codecs["mask"] == "bits+zstd" else mask_context(stored, chunk_shape(job.shape, start, count))
+        # (a codec without context, bits+zstd, codes the packed bits alone: none to build)
+        context = None if not codec_registry.uses_context(settings.codecs["mask"]) else mask_context(stored, chunk_shape(job.shape, start, count))
         for task, rep, bits, n_ones in zip(settings.task_names, reps, packed, ones):
             if rep == "tall":
                 coded = encode_packed_mask_chunk(settings.codecs["mask"], bits, count, settings.level, context)
