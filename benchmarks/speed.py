@@ -164,7 +164,7 @@ def _op_load(spec):
 
 def _op_verify(spec):
     import tallzip
-    from tallzip.verification.info import verify
+    from tallzip.verification.verify import verify
     with tallzip.open(spec["archive"]) as arc:
         verify(arc)
 

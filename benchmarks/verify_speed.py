@@ -48,7 +48,7 @@ def timed_run(args: list, pythonpath: str | None) -> tuple[float, float, int]:
 
 def progress_gaps(archive: Path, against: Path) -> dict:
     import tallzip
-    from tallzip.verification.info import verify
+    from tallzip.verification.verify import verify
     stamps = []
     start = time.perf_counter()
     with tallzip.open(archive) as arc:

@@ -325,7 +325,7 @@ def test_ties_statistics_are_found_chunk_by_chunk_and_recorded(tmp_path):
 
 def test_whole_tensor_readers_work_on_chunked_archives(chunked):
     """verify --against, the resident switcher and merging read tensors whole: from chunks too."""
-    from tallzip.verification.info import verify
+    from tallzip.verification.verify import verify
     base, tasks, _, tasks_dir, out, _ = chunked
     with tallzip.open(out) as archive:
         report = verify(archive, tasks_dir)

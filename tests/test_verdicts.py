@@ -20,7 +20,8 @@ import tallzip
 from tallzip.options import DEFAULT_CODECS
 from tallzip.cli.main import cli
 from tallzip.errors import TallzipError
-from tallzip.verification.info import summary, verify
+from tallzip.verification.info import summary
+from tallzip.verification.verify import verify
 from tallzip.merging.merge import merge_with_report
 from tallzip.verification.compare import mask_check
 

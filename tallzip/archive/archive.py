@@ -19,7 +19,7 @@ from tallzip.ops import taskvec
 from tallzip.errors import TallzipError, UnknownTaskError
 from tallzip.run.chunks import chunk_plan, ordered_map, parse_memory
 from tallzip.family import base_digest
-from tallzip.ops.bits import unpack_bits
+from tallzip.ops.bits import bit_select, unpack_bits
 from tallzip.formats import codecs as codec_registry
 from tallzip.formats.checkpoints.checkpoint import open_checkpoint
 from tallzip.formats.checkpoints.outputs import SafetensorsStream
@@ -27,7 +27,7 @@ from tallzip.formats.container.constants import (DTYPE_SIZES, KIND_MASKED, KIND_
 from tallzip.formats.errors import CorruptArchiveError
 from tallzip.formats.checkpoints.sources import is_url, location
 from tallzip.formats.container.reader import ArchiveReader
-from tallzip.formats.tensors import from_bits, to_bits, torch_bits_dtype, torch_dtype
+from tallzip.formats.tensors import from_bits, to_bits, torch_dtype
 from tallzip.ops.representations import dequantize_chunk, rebuild_quantized
 from tallzip.run.threads import resolve_device
 
@@ -52,13 +52,8 @@ def rebuild_from_bits(base: torch.Tensor, bits: np.ndarray, mtv: torch.Tensor, d
             out = torch.add(taskvec.as_compute(base), mtv.reshape(base.shape))
             if out.dtype != base.dtype:
                 out = out.to(base.dtype)
-        # the unmasked entries then take the base's bits back: where(mask, out, base) done on the
-        # bits, base ^ (mask * (out ^ base)), which vectorizes on a CPU (torch.where branches per
-        # element there and runs several times slower)
-        view = torch_bits_dtype(out.element_size())
-        out_bits, base_bits = out.view(view), base.view(view)
-        out_bits.bitwise_xor_(base_bits).mul_(mask).bitwise_xor_(base_bits)
-        return out
+        # the unmasked entries then take the base's bits back: where(mask, out, base), as a bit-select
+        return bit_select(mask, out, base, in_place=True)
     packed = torch.empty(bits.shape, dtype=torch.uint8, pin_memory=True)
     packed.numpy()[:] = bits
     mask = unpack_bits(packed.to(device, non_blocking=True), count).view(base.shape)

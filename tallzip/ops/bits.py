@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tallzip.formats.tensors import torch_bits_dtype
+
 _BIT_WEIGHTS = {}  # device -> uint8 tensor [1, 2, 4, ..., 128]
 
 
@@ -52,3 +54,23 @@ def unpack_bits_tensor(packed: torch.Tensor, count: int) -> torch.Tensor:
     """unpack_bits with tensor ops only (what runs on a GPU)."""
     bits = packed.reshape(-1, 1).bitwise_and(_weights(packed.device)).ne(0)
     return bits.reshape(-1)[:count]
+
+
+# --- THE bit-select: torch.where(mask, a, b) on the bits ---------------------------------------------
+# b ^ (mask * (a ^ b)) vectorizes on a CPU, where torch.where branches per element and runs several times
+# slower; it is exact for any dtype (it moves bits, not values). Rebuilds, verify and resident use it.
+
+def bit_select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
+    """torch.where(mask, a, b) for tensors of one dtype; `in_place` writes it into `a` (and returns `a`)."""
+    view = torch_bits_dtype(a.element_size())
+    a_bits, b_bits = a.view(view), b.view(view)
+    if in_place:
+        a_bits.bitwise_xor_(b_bits).mul_(mask).bitwise_xor_(b_bits)
+        return a
+    return (a_bits ^ b_bits).mul_(mask).bitwise_xor_(b_bits).view(a.dtype)
+
+
+def flip_select_into(out_bits: torch.Tensor, flip_bits: torch.Tensor, mask: torch.Tensor, b_bits: torch.Tensor):
+    """The bit-select with a ^ b already computed (`flip_bits`, kept resident): out = b ^ (mask * flip),
+    all as integer views of the same width."""
+    torch.mul(flip_bits, mask, out=out_bits).bitwise_xor_(b_bits)

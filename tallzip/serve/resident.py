@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from tallzip.ops import taskvec
-from tallzip.ops.bits import unpack_bits
+from tallzip.ops.bits import flip_select_into, unpack_bits
 from tallzip.errors import TallzipError
 from tallzip.formats.container.constants import (KIND_MASKED, KIND_SHARED, REPRESENTATION_EXACT, REPRESENTATION_TALL, ROLE_DELTA, ROLE_MASK, ROLE_OWN, ROLE_QCODES)
 from tallzip.formats.tensors import torch_bits_dtype, torch_dtype
@@ -222,7 +222,7 @@ class Resident:
         for start in range(0, group.size, _CPU_SLICE):  # slices keep the unpacked mask in cache
             stop = min(group.size, start + _CPU_SLICE)
             mask = unpack_bits(bits[start // 8:stop // 8], stop - start)
-            torch.mul(flip_i[start:stop], mask, out=live_i[start:stop]).bitwise_xor_(base_i[start:stop])
+            flip_select_into(live_i[start:stop], flip_i[start:stop], mask, base_i[start:stop])
 
     def state_dict(self, task: str | None = None) -> "OrderedDict[str, torch.Tensor]":
         """The live task's tensors, in its original order: views of the resident buffers (they

@@ -15,6 +15,7 @@ import torch
 from tallzip.ops import taskvec
 from tallzip.errors import TallzipError
 from tallzip.formats.tensors import torch_bits_dtype, torch_dtype
+from tallzip.ops.bits import bit_select
 
 # Unit roundoff of the dtype the mtv is stored at (round to nearest): |mtv - stored| <= u * |mtv|.
 MTV_ROUNDING = {"BF16": 2.0 ** -8, "F16": 2.0 ** -11, "F32": 0.0, "F64": 0.0}
@@ -80,14 +81,6 @@ def _flags(indices: torch.Tensor, shape) -> torch.Tensor:
     flags = torch.zeros(math.prod(shape), dtype=torch.bool)
     flags[indices] = True
     return flags.reshape(shape)
-
-
-def select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """torch.where(mask, a, b) for float tensors of one dtype, done on the bits: b ^ (mask * (a ^ b)),
-    which vectorizes on a CPU (torch.where branches per element there and runs several times slower)."""
-    view = torch_bits_dtype(a.element_size())
-    a_bits, b_bits = a.view(view), b.view(view)
-    return (a_bits ^ b_bits).mul_(mask).bitwise_xor_(b_bits).view(a.dtype)
 
 
 def as_bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -174,8 +167,8 @@ def compare_masked_chunk(base, mtv, mtv_dtype: str, masks: dict, originals: dict
                 unlike = (own > (plus_exact - task_c).abs_().mul_(lam)) != stored if rounded else disagree
                 counts[t][2] += int(torch.count_nonzero(unlike if all_agree else unlike & agree))
             if same_dtype[t]:  # rebuilt - original: (base + mtv) - task where masked, base - task elsewhere
-                errors[t].add_difference(select(stored, d_plus, d_own), task_c)
+                errors[t].add_difference(bit_select(stored, d_plus, d_own), task_c)
             else:
-                rebuilt = select(stored, plus, base_c).to(base.dtype).to(originals[t].dtype)
+                rebuilt = bit_select(stored, plus, base_c).to(base.dtype).to(originals[t].dtype)
                 errors[t].add(rebuilt, originals[t][start:stop])
     return counts, mtv_differing

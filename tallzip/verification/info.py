@@ -1,6 +1,6 @@
 """What an archive holds (sizes, densities, bits per parameter, codecs) and how tasks use its weights.
 
-`verify` (intact, and faithful to the checkpoints) lives in verification.py."""
+`verify` (intact, and faithful to the checkpoints) lives in verify.py."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,6 @@ import torch
 from tallzip.archive.archive import Archive
 from tallzip.run.chunks import ordered_map
 from tallzip.formats.container.constants import FLOAT_DTYPES, KIND_MASKED, KIND_SHARED, QUANT_BITS, ROLE_MASK, ROLE_MTV
-from tallzip.verification.verify import verify  # noqa: F401 - `tallzip.inspect.verify` is where callers find it
 
 # Every codec an archive can name codes its bytes exactly; one not listed here is not called lossless.
 LOSSLESS_CODECS = frozenset({"raw", "zstd", "bits+zstd", "planes+zstd", "planes+ans", "bits-ctx", "bits-ctx-prior",

@@ -36,7 +36,7 @@ from tallzip.ops.ties import MtvMerger
 from tallzip.run.threads import single_torch_thread
 from tallzip.verification.representations import guarantee_of
 from tallzip.verification.chunks import TaskFindings, UnitResult, UnitRunner, stored_bytes, unit_cost, units
-from tallzip.verification.compare import (MTV_ROUNDING, count_unequal, mask_check, mtv_rounding_bound, select, split_disagreement, within_rounding)
+from tallzip.verification.compare import MTV_ROUNDING
 
 
 # --- the checkpoints folder ---------------------------------------------------------------------
