@@ -11,9 +11,9 @@ import torch
 
 from tallzip.errors import TallzipError, TaskMismatchError
 from tallzip.formats.checkpoints.checkpoint import Checkpoint, discover_tasks, open_checkpoint
+from tallzip.formats.container.constants import FLOAT_DTYPES
 from tallzip.formats.tensors import torch_dtype
 
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
 class Family:

@@ -360,7 +360,7 @@ def test_iterating_read_range_over_a_pt_holds_far_less_than_the_file(tmp_path):
     del tensors
     script = textwrap.dedent(f"""
         import resource, torch
-        from tallzip.formats.checkpoints import open_checkpoint
+        from tallzip.formats.checkpoints.checkpoint import open_checkpoint
         ckpt = open_checkpoint({str(path)!r})
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         sums, chunk = [], 1 << 20

@@ -17,7 +17,8 @@ import pytest
 import zstandard
 
 from benchmarks import engines as bench
-from tallzip.run.engines import Job, LocalEngine, MissingExtraError, RayEngine, make_engine
+from tallzip.errors import MissingExtraError
+from tallzip.run.engines import Job, LocalEngine, RayEngine, make_engine
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import FormatError
 

@@ -20,7 +20,7 @@ from tallzip.cli.main import cli
 from tallzip.demo import make_family
 from tallzip.formats.container.constants import HEADER_SIZE, HEADER_STRUCT
 from tallzip.formats.container.reader import ArchiveReader
-from tallzip.formats.checkpoints.sources import MissingExtraError
+from tallzip.errors import MissingExtraError
 
 from test_sources import RangeHandler  # tests/ is on sys.path (rootdir conftest)
 

@@ -22,11 +22,12 @@ from tallzip.formats.container.constants import (DTYPE_SIZES, FLOAT_DTYPES, FORM
                                                  KIND_SHARED, ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV)
 from tallzip.formats.container.reader import is_plain_file_name
 from tallzip.formats.container.writer import ArchiveWriter
-from tallzip.ops.representations import (REPRESENTATION_ROLES, representation_fields, representation_section,
+from tallzip.ops.representations import (REPRESENTATION_ROLES, representation_section,
                                          task_representations)
 from tallzip.ops.ties import MtvMerger
 from tallzip.options import DEFAULT_LEVEL, DEFAULT_MTV_DTYPE, MTV_DTYPES, checked_codecs
 from tallzip.packing.jobs import ChunkJob, PackSettings, dtype_of, job_cost, run_job
+from tallzip.packing.manifest import task_entry
 from tallzip.packing.lambdas import LambdaSelector, selected_lambdas, task_lambdas
 from tallzip.packing.selection import RepresentationSelector, choose as choose_representations
 
@@ -164,18 +165,7 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
             if progress:
                 progress("packing", done, len(jobs))
 
-        task_entries = []
-        for t in task_names:
-            ckpt = family.tasks[t]
-            task_entries.append({
-                "name": t, "representation": reps[t], **representation_fields(reps[t]), "lambda": lam[t],
-                "format": ckpt.format,
-                "metadata": ckpt.metadata, "sharding": ckpt.sharding,
-                "layout": "folder" if (ckpt.sharding or ckpt.extra_files) else "file",
-                "file_name": ckpt.path.name if not ckpt.sharding else None,
-                "tensors": [[n, ckpt.dtypes[n]] for n in ckpt.names],
-                "files": list(ckpt.extra_files), "input_bytes": ckpt.nbytes,
-            })
+        task_entries = [task_entry(t, family.tasks[t], reps[t], lam[t]) for t in task_names]
         manifest = {
             "format": "tallzip", "version": FORMAT_VERSION, "created_by": f"tallzip {__version__}",
             "merge": {"method": merge, **({"density": density} if merge == "ties" else {})},
