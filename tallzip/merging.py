@@ -164,7 +164,7 @@ def merge_to_file(source, output, *, method: str, base=None, alpha=None, k=None,
         raise TallzipError(f"{output}: already exists (use --force to overwrite)")
     options = _options(method, alpha, k, density, lambdas, allow_nonfinite)
     with _merge_run(source, options, base, device, progress, memory) as run:
-        with atomic_output(output, force=force) as tmp:
+        with atomic_output(output, force=force, inputs=run.inputs) as tmp:
             if fmt == "safetensors":
                 with SafetensorsStream(tmp, run.specs, run.metadata) as stream:
                     for name, start, flat in run.chunks:
@@ -191,6 +191,7 @@ class _MergeRun:
     metadata: dict | None
     report: MergeReport
     chunks: object
+    inputs: list = field(default_factory=list)  # the files read: never an output
 
 
 def _assembled(run: _MergeRun) -> "OrderedDict[str, torch.Tensor]":
@@ -297,7 +298,7 @@ def _from_family(family: Family, source: str, opt: _Options, device, progress, b
     sizes = {n: math.prod(family.base.shapes[n]) for n in names}
     specs = [(n, family.base.dtypes[n], tuple(family.base.shapes[n])) for n in names]
     chunks = _streamed(items, job, cost, budget, report, sizes, progress)
-    return _MergeRun(specs, family.base.metadata, report, chunks)
+    return _MergeRun(specs, family.base.metadata, report, chunks, family.local_files())
 
 
 # --- from an archive -----------------------------------------------------------------------------
@@ -395,7 +396,7 @@ def _from_archive(archive: Archive, opt: _Options, device, progress, memory) -> 
     sizes = {n: math.prod(archive.tensors[n]["shape"]) for n in names}
     specs = [(n, archive.tensors[n]["dtype"], tuple(archive.tensors[n]["shape"])) for n in names]
     chunks = _streamed(items, job, cost, budget, report, sizes, progress)
-    return _MergeRun(specs, archive.base_info.get("metadata"), report, chunks)
+    return _MergeRun(specs, archive.base_info.get("metadata"), report, chunks, archive.local_files())
 
 
 # --- shared pieces -------------------------------------------------------------------------------
