@@ -348,7 +348,8 @@ def info(archive, show_agreement, plot, as_json):
               help="the pretrained checkpoint  [required when SOURCE is a folder; for an archive only if "
                    "packed with --base-ref]")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="merged model to write (.safetensors, or .pt/.pth/.bin for a torch state dict)")
+              help="merged model to write: .safetensors, .pt/.pth/.bin (a torch state dict), or any other name for "
+                   "a folder in the base's layout (its shards and index, its config.json and other side files)")
 @click.option("--method", type=click.Choice(merging.METHODS), required=True)
 @click.option("--alpha", type=float, help="scaling of the merged vector, in (0, 2] (default 0.3; 1.0 for ties and average)")
 @click.option("--k", type=int, help="consensus: keep the weights at least k tasks use (default 2)")

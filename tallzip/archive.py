@@ -128,6 +128,11 @@ class Archive:
         return own + (self._base_ckpt.local_files() if self._base_ckpt is not None else [])
 
     # --- the base ---------------------------------------------------------------------------
+    @property
+    def attached_base(self):
+        """The base checkpoint given for an archive packed with base_ref (None otherwise)."""
+        return self._base_ckpt
+
     def attach_base(self, base):
         """For an archive packed with base_ref: use this checkpoint as the base, if its hash matches."""
         ckpt = open_checkpoint(base)

@@ -259,3 +259,87 @@ def test_the_base_inside_a_task_folder_is_no_side_file(tmp_path):
     assert sorted(p.name for p in (tmp_path / "back").iterdir()) == ["nonlinear_finetuned.pt"]
     report = json.loads(run("verify", out, "--against", tmp_path / "release", "--json").output)
     assert report["verdict"] == "matches"
+
+
+# ---- item 6: merge -o DIR writes a folder in the base's layout --------------------------------------
+
+def _hf_merge_family(tmp_path, sharded: bool):
+    base = tensors(0)
+    base_side = {"config.json": b'{"model_type": "llama"}\n', "tokenizer.json": b'{"v": 1}'}
+    save_hf_folder(tmp_path / "base", base, sharded=sharded, side=base_side)
+    tasks = {f"t{i}": tensors(10 + i, base) for i in range(N_TASKS)}
+    for name, state in tasks.items():
+        save_hf_folder(tmp_path / "tasks" / name, state, sharded=sharded, side={"training_args.bin": b"x"})
+    return base, tasks
+
+
+def _folder_state(folder: Path) -> dict:
+    state = {}
+    for p in folder.glob("*.safetensors"):
+        state.update(np_load_file(str(p)))
+    return state
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "single"])
+def test_merge_into_a_folder_takes_the_base_layout(tmp_path, sharded):
+    base, tasks = _hf_merge_family(tmp_path, sharded)
+    out = tmp_path / "merged"
+    run("merge", tmp_path / "tasks", "--base", tmp_path / "base", "--method", "task-arithmetic", "--alpha", "0.5",
+        "-o", out)
+    original = folder_bytes(tmp_path / "base")
+    written = folder_bytes(out)
+    assert sorted(written) == sorted(original)  # the same shard names and index, or model.safetensors
+    for name in ("config.json", "tokenizer.json") + ((checkpoints.SHARD_INDEX,) if sharded else ()):
+        assert written[name] == original[name]  # the base's side files, their very bytes
+    if sharded:  # each shard holds the tensors the base's shard of that name holds
+        for shard in (n for n in original if n.endswith(".safetensors")):
+            assert sorted(np_load_file(str(out / shard))) == sorted(np_load_file(str(tmp_path / "base" / shard)))
+    merged = _folder_state(out)
+    for name, b in base.items():  # task arithmetic, in numpy: base + alpha * sum of task vectors
+        expected = b + np.float32(0.5) * sum(t[name] - b for t in tasks.values())
+        np.testing.assert_allclose(merged[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_folder_from_an_archive_holds_the_model(tmp_path):
+    base, tasks = _hf_merge_family(tmp_path, sharded=True)
+    run("pack", tmp_path / "tasks", "--base", tmp_path / "base", "-o", tmp_path / "f.tallz", "--mtv-dtype", "float32")
+    run("merge", tmp_path / "f.tallz", "--method", "task-arithmetic", "-o", tmp_path / "merged")
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["model.safetensors"]
+    assert sorted(_folder_state(tmp_path / "merged")) == sorted(base)
+
+
+def test_merge_folder_never_replaces_a_file_without_force(tmp_path):
+    _hf_merge_family(tmp_path, sharded=False)
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "config.json").write_text("mine")
+    result = run("merge", tmp_path / "tasks", "--base", tmp_path / "base", "--method", "average", "-o", out, code=1)
+    assert "config.json" in result.output and "already exists" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"] and (out / "config.json").read_text() == "mine"
+
+
+def test_merged_folder_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (optional: tallzip[hf])")
+    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=16, vocab_size=64,
+                                     tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    model.save_pretrained(tmp_path / "base", max_shard_size="20KB")  # sharded, with an index
+    assert (tmp_path / "base" / checkpoints.SHARD_INDEX).exists()
+    base_state = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    for i in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(base_state_param(base_state, model, p) + 1e-2 * torch.randn_like(p))
+        model.save_pretrained(tmp_path / "tasks" / f"t{i}", max_shard_size="20KB")
+    run("merge", tmp_path / "tasks", "--base", tmp_path / "base", "--method", "average", "-o", tmp_path / "merged")
+    merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged")
+    tasks = [transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "tasks" / f"t{i}").state_dict() for i in range(2)]
+    for name, tensor in merged.state_dict().items():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(tensor, (tasks[0][name] + tasks[1][name]) / 2, rtol=1e-5, atol=1e-6)
+
+
+def base_state_param(base_state: dict, model, param):
+    name = next(n for n, p in model.named_parameters() if p is param)
+    return base_state[name]
