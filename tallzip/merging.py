@@ -36,9 +36,10 @@ from .formats.constants import (DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES, FLOAT_DTYPE
                                 KIND_SHARED, ROLE_MTV)
 from .formats.outputs import SafetensorsStream, atomic_output, save_tensors, write_shard_index
 from .formats.tensors import torch_dtype
+from .choices import MODEL_MERGE_METHODS
 from .packing import LambdaSelector, _Merger, _task_lambdas, resolve_device
 
-METHODS = ("task-arithmetic", "ties", "consensus-ta", "consensus-ties", "average")
+METHODS = MODEL_MERGE_METHODS
 CONSENSUS_METHODS = ("consensus-ta", "consensus-ties")
 TIES_METHODS = ("ties", "consensus-ties")
 # Without a validation set to pick alpha on: 0.3 for the methods that add up whole task vectors (task

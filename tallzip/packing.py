@@ -22,7 +22,6 @@ from .family import Family, base_digest
 from .chunks import checked_chunk_elements, chunk_plan, ordered_map, parse_memory
 from .formats.constants import (DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES, FLOAT_DTYPES, FORMAT_VERSION, KIND_MASKED, KIND_PER_TASK, KIND_SHARED,
                                 ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV)
-from .formats.codecs import names as codec_names
 from .formats.reader import is_plain_file_name
 from .formats.writer import ArchiveWriter, available_cpus
 from .formats.outputs import refuse_inputs_as_output
@@ -30,23 +29,8 @@ from .bits import pack_bits
 from .pack_jobs import ChunkJob, PackSettings, dtype_of, job_cost, run_job
 from .selection import RepresentationSelector, choose as choose_representations
 from .representations import REPRESENTATION_ROLES, representation_fields, representation_section, task_representations
-MERGE_METHODS = ("sum", "ties")
-MTV_DTYPES = ("float32", "bfloat16", "float16")
-# bfloat16 by measurement: on the real-data benchmark (8, 14 and 20 tasks) the rebuilt tasks were exactly as
-# accurate with a bfloat16 mtv as with float32, for 20-25% fewer archive bytes (benchmarks/RESULTS.md).
-DEFAULT_MTV_DTYPE = "bfloat16"
-# Measured side by side in benchmarks/defaults.py (benchmarks/RESULTS.md): byte planes beat plain
-# zstandard by ~10% on float weights; zstandard level 1 is both smaller and faster than level 3 on
-# byte planes; and at level 1, bit-packed masks + zstd give an archive within 0.2% of the context
-# coders' at level 3 (ViT-B/32, N = 8) for half the pack CPU or less, where the context coders
-# (bits-ctx, bits-lvl: ~10% fewer mask bits) cost 2-5x the CPU of all the rest at LLM sizes.
-DEFAULT_CODECS = {"float": "planes+zstd", "mask": "bits+zstd", "other": "zstd"}
-DEFAULT_LEVEL = 1
-# Mask codecs code one bit per element. bits-ctx-prior also needs the earlier tasks' masks to
-# decode (no random access), so it is for measuring only and pack does not offer it.
-MASK_CODECS = ("bits+zstd", "bits-ctx", "bits-lvl")
-# delta codes a tensor given the base: only exact tasks use it (representations.py)
-FLOAT_CODECS = tuple(c for c in codec_names() if c not in MASK_CODECS and c not in ("bits-ctx-prior", "delta"))
+from .choices import (DEFAULT_CODECS, DEFAULT_LEVEL, DEFAULT_MTV_DTYPE, FLOAT_CODECS, MASK_CODECS,  # noqa: F401
+                      MERGE_METHODS, MTV_DTYPES)
 MASK_RULE = "mask = |base - task| > lambda * |(base + mtv) - task|, float32"
 
 
