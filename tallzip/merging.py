@@ -154,7 +154,8 @@ def merge_with_report(source, *, method: str, base=None, alpha=None, k=None, lam
 def merge_to_file(source, output, *, method: str, base=None, alpha=None, k=None, lambdas=None, density=None,
                   device="auto", force: bool = False, allow_nonfinite: bool = False, progress=None,
                   memory=None) -> MergeReport:
-    """Merge and write the model to `output`: safetensors, or a torch state dict for .pt/.pth/.bin.
+    """Merge and write the model to `output`: safetensors, a torch state dict for .pt/.pth/.bin, or for any
+    other name a folder in the base's layout (_write_folder). No input file is ever the output.
 
     The output keeps the base's tensor names, order, dtypes and (safetensors) metadata. A safetensors
     output is written chunk by chunk as the merge goes (memory: the budget); a torch output is one
