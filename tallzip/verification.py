@@ -31,7 +31,7 @@ from .archive import Archive
 from .chunks import ordered_map, workers_within
 from .errors import TallzipError, TaskMismatchError
 from .family import Family
-from .formats.checkpoints import shard_index, discover_tasks, open_checkpoint
+from .formats.checkpoints import discover_tasks, open_checkpoint, shard_index
 from .formats.constants import KIND_PER_TASK, ROLE_MTV, ROLE_OWN
 from .formats.tensors import torch_dtype
 from .packing import _Merger
