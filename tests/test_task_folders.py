@@ -343,3 +343,31 @@ def test_merged_folder_loads_in_transformers(tmp_path):
 def base_state_param(base_state: dict, model, param):
     name = next(n for n, p in model.named_parameters() if p is param)
     return base_state[name]
+
+
+def test_diffusers_sharded_folder_comes_back_with_its_own_index_name(tmp_path):
+    base = tensors(0)
+    for name, state in [("base", base)] + [(f"tasks/t{i}", tensors(1 + i, base)) for i in range(2)]:
+        save_hf_folder(tmp_path / name, state, sharded=True, side={"config.json": b"{}"})
+        folder = tmp_path / name
+        (folder / checkpoints.SHARD_INDEX).rename(folder / "diffusion_pytorch_model.safetensors.index.json")
+    ckpt = checkpoints.open_checkpoint(tmp_path / "tasks" / "t0")
+    assert ckpt.sharding["index"] == "diffusion_pytorch_model.safetensors.index.json"
+    run("pack", tmp_path / "tasks", "--base", tmp_path / "base", "-o", tmp_path / "f.tallz", "--keep", "exact")
+    run("extract", tmp_path / "f.tallz", "--task", "t1", "-o", tmp_path / "back")
+    assert folder_bytes(tmp_path / "back") == folder_bytes(tmp_path / "tasks" / "t1")
+
+
+def test_a_hostile_index_name_is_refused(tmp_path):
+    from conftest import read_manifest, write_manifest
+    base = tensors(0)
+    save_hf_folder(tmp_path / "base", base, sharded=True, side={})
+    for i in range(2):
+        save_hf_folder(tmp_path / "tasks" / f"t{i}", tensors(1 + i, base), sharded=True, side={})
+    out = tmp_path / "f.tallz"
+    run("pack", tmp_path / "tasks", "--base", tmp_path / "base", "-o", out)
+    manifest, _ = read_manifest(out)
+    manifest["tasks"][0]["sharding"]["index"] = "../escape.json"
+    write_manifest(out, manifest)
+    result = run("info", out, code=1)
+    assert not (tmp_path / "escape.json").exists() and "error:" in result.output
