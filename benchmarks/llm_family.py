@@ -42,7 +42,7 @@ from statistics import NormalDist
 
 import torch
 
-from tallzip.formats.checkpoints.checkpoint import SHARD_INDEX
+from tallzip.formats.checkpoints.folders import SHARD_INDEX
 from tallzip.formats.checkpoints.outputs import SafetensorsStream
 from tallzip.formats.tensors import dtype_name
 

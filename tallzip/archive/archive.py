@@ -121,6 +121,11 @@ class Archive:
             raise UnknownTaskError(f"no task {task!r} in {self.path.name}; tasks: {', '.join(self._tasks)}")
         return self._tasks[task]
 
+    def local_files(self) -> list:
+        """The files this archive reads: itself, and an attached base's."""
+        own = [self.path] if isinstance(self.path, Path) else []
+        return own + (self.base_checkpoint.local_files() if self.base_checkpoint is not None else [])
+
     # --- the base ---------------------------------------------------------------------------
     def attach_base(self, base):
         """For an archive packed with base_ref: use this checkpoint as the base, if its hash matches."""
