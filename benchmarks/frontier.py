@@ -39,8 +39,8 @@ import zstandard
 from safetensors.torch import save_file
 
 import tallzip
-from formats import codecs
-from formats.tensors import to_bits
+from tallzip.formats import codecs
+from tallzip.formats.tensors import to_bits
 from tallzip.formats.constants import ROLE_BASE
 from tallzip.inspect import summary
 from tallzip.merging import merge
