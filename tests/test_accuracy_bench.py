@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import tallzip
 from benchmarks import accuracy as bench_module, accuracy_report
-from benchmarks import storage
+from benchmarks.sizes import storage
 from benchmarks.accuracy import Bench, compression_rows, merging_rows, reference_rows, scaled, select_alpha
 from benchmarks.family import PRESETS, FinetuneRegressionWarning, build_family
 from benchmarks.vit import VisionTransformer, classify
