@@ -48,12 +48,9 @@ import torch
 from safetensors.torch import save_file
 
 import tallzip
-from tallzip.formats.constants import ROLE_BASE
-from tallzip.inspect import summary
-from tallzip.merging import merge
-from tallzip.packing import LambdaSelector
-from tallzip.taskvec import DEFAULT_LAMBDA
+from tallzip import merge
 
+from benchmarks.accuracy_library import DEFAULT_LAMBDA, ROLE_BASE, LambdaSelector, summary
 from benchmarks.family import PRESETS, TASK_SETTINGS, Family, FinetuneRegressionWarning, build_family
 from benchmarks.metrics import mean_accuracy, normalized_accuracy
 

@@ -28,10 +28,9 @@ import time
 import numpy as np
 import torch
 
-from tallzip.formats import codecs, float_codecs, mask_codecs, mask_levels
-
 from benchmarks.fixtures import Preset, arrays
 from benchmarks.sizes.codecs import SYNTHETIC_BLOCK, bf16_rounded, cpu_timed as timed, masks_of, synthetic_family, uint_view
+from benchmarks.sizes.library import codecs, float_codecs, mask_codecs, mask_levels
 
 CHUNK = 1 << 22
 VIT_B32_PARAMS = 87_849_216

@@ -40,9 +40,9 @@ import numpy as np
 import zstandard
 
 from tallzip.demo import VIT_B32, vit_shapes
-from tallzip.formats import codecs, float_codecs, mask_codecs
 
 from benchmarks.fixtures import Preset, arrays, timed
+from benchmarks.sizes.library import codecs, float_codecs, mask_codecs
 
 CACHE_ROOT = Path(__file__).resolve().parents[1] / ".cache"
 

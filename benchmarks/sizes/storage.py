@@ -59,16 +59,11 @@ import numpy as np
 import torch
 
 import tallzip
-from tallzip import taskvec
 from tallzip.demo import VIT_B32
-from tallzip.family import Family
-from tallzip.formats import codecs
-from tallzip.packing import DEFAULT_CODECS, DEFAULT_MTV_DTYPE
-from tallzip.formats.tensors import to_bits
-from tallzip.formats.writer import available_cpus
 
 from benchmarks.fixtures import generate
 from benchmarks.fixtures.families import vit_preset
+from benchmarks.sizes.library import DEFAULT_CODECS, DEFAULT_MTV_DTYPE, Family, available_cpus, codecs, taskvec, to_bits
 
 HERE = Path(__file__).resolve().parents[1]  # benchmarks/
 CACHE_ROOT = HERE / ".cache"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 
 def measure_stages(base: Path, task_paths: list, n: int = 8, blocks: int = 2) -> dict:
