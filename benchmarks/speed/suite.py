@@ -238,6 +238,10 @@ def _seconds(row, op, who) -> float:
     return (row.get(op) or {}).get(who, {}).get("seconds", float("nan"))
 
 
+def fmt_s(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds:.2f}s"
+
+
 def fmt_ratio(num, den):
     return f"{num / den:.2f}x" if num and den and not (math.isnan(num) or math.isnan(den)) else "-"
 
@@ -261,11 +265,11 @@ def report_commands(rows: list, cpus: int):
             g = lambda op: _seconds(r, op, who)  # noqa: E731
             size = r["archive_bytes"][who]
             print(f"  {r['family']:>9} {r['n']:>3} {who:>6} {r['input_bytes'] / 1e9:>7.2f}G {size / 1e9:>7.3f}G "
-                  f"{r['input_bytes'] / size:>5.2f}x | {r['read_s']:>5.2f}s {g('pack'):>6.2f}s "
-                  f"{fmt_ratio(g('pack'), r['read_s']):>6} | {g('extract'):>6.2f}s {ld_sv:>5.2f}s "
-                  f"{fmt_ratio(g('extract'), ld_sv):>6} | {g('load'):>5.2f}s {ld_orig:>6.2f}s "
-                  f"{fmt_ratio(g('load'), ld_orig):>6} | {g('verify'):>5.2f}s {g('verify_against'):>6.2f}s "
-                  f"{g('merge'):>5.2f}s")
+                  f"{r['input_bytes'] / size:>5.2f}x | {r['read_s']:>5.2f}s {fmt_s(g('pack')):>7} "
+                  f"{fmt_ratio(g('pack'), r['read_s']):>6} | {fmt_s(g('extract')):>7} {fmt_s(ld_sv):>6} "
+                  f"{fmt_ratio(g('extract'), ld_sv):>6} | {fmt_s(g('load')):>6} {fmt_s(ld_orig):>7} "
+                  f"{fmt_ratio(g('load'), ld_orig):>6} | {fmt_s(g('verify')):>6} {fmt_s(g('verify_against')):>7} "
+                  f"{fmt_s(g('merge')):>6}")
         if "archives_identical" in r:
             print(f"  {'':>9} {'':>3} archives of the trees byte-identical: {r['archives_identical']}")
     print()
