@@ -6,18 +6,20 @@ import functools
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
 import click
 
+# Light imports only: torch and the library's working modules (~1.4 s) are imported inside the commands
+# that use them, so `tallzip --help` and usage errors are quick, and a Ctrl-C during that import is the
+# one-line "interrupted" of friendly_errors.
 import tallzip
-from tallzip import packing, taskvec
+from tallzip import choices
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import FormatError
 from tallzip.formats.sources import is_url
-from tallzip.inspect import agreement, summary, verify
-from tallzip import merging
 
 from .report import format_agreement, format_info, format_merge, format_verify, human_bytes, plot_agreement
 
@@ -33,10 +35,19 @@ missing or invalid argument); {EXIT_INTERRUPTED} interrupted. Errors are one lin
 "error: "."""
 
 
-def _fail(message: str, code: int = EXIT_FAILED):
+def _fail(message: str, code: int = EXIT_FAILED, as_json: bool = False):
+    """One `error: ...` line on stderr and the exit code; with --json, also {"error", "exit_code"} on stdout."""
     message = re.sub(r"\s*\n\s*", " ", str(message).strip())  # one line, whatever the message held
     click.echo(f"error: {message}", err=True)
+    if as_json:
+        click.echo(json.dumps({"error": message, "exit_code": code}))
     sys.exit(code)
+
+
+def _asked_for_json(args) -> bool:
+    """--json among the command line's options (before a `--`), for errors click raises before the command runs."""
+    args = sys.argv[1:] if args is None else list(args)
+    return "--json" in (args[:args.index("--")] if "--" in args else args)
 
 
 def _usage_error_line(exc: click.ClickException) -> str:
@@ -59,15 +70,16 @@ class TallzipGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        as_json = _asked_for_json(args)
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except _NoArgsIsHelp as exc:  # bare `tallzip`: the help itself, as click shows it (exit 2)
             click.echo(exc.format_message(), err=True)
             sys.exit(EXIT_USAGE)
         except click.ClickException as exc:
-            _fail(_usage_error_line(exc), EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
-        except click.Abort:
-            _fail("interrupted", EXIT_INTERRUPTED)
+            _fail(_usage_error_line(exc), EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code, as_json)
+        except (click.Abort, KeyboardInterrupt):
+            _fail("interrupted", EXIT_INTERRUPTED, as_json)
         # `--help` and `--version` come back as their exit code; a command's return value is no code.
         sys.exit(result if isinstance(result, int) else EXIT_OK)
 
@@ -76,25 +88,26 @@ def friendly_errors(func):
     """One line and a non-zero exit for anything the user can fix; a traceback only with TALLZIP_DEBUG=1."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        fail = functools.partial(_fail, as_json=bool(kwargs.get("as_json")))
         try:
             return func(*args, **kwargs)
         except (TallzipError, FormatError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         except click.ClickException:
             raise  # a usage error from a command's body: TallzipGroup prints it like click's own
         except OSError as exc:
             # A full disk (or quota, or file size limit) while writing: the library has already
             # removed its temporary file, and the target was never touched.
             cleaned = " (nothing was written there)" if exc.errno in _WRITE_ERRNOS else ""
-            _fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}{cleaned}")
+            fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}{cleaned}")
         except MemoryError:
-            _fail("out of memory")
+            fail("out of memory")
         except KeyboardInterrupt:
-            _fail("interrupted", EXIT_INTERRUPTED)
+            fail("interrupted", EXIT_INTERRUPTED)
         except Exception as exc:  # a bug: still one line, unless debugging
             if os.environ.get("TALLZIP_DEBUG"):
                 raise
-            _fail(f"internal error: {type(exc).__name__}: {exc} (set TALLZIP_DEBUG=1 for a traceback)")
+            fail(f"internal error: {type(exc).__name__}: {exc} (set TALLZIP_DEBUG=1 for a traceback)")
     return wrapper
 
 
@@ -135,7 +148,8 @@ def _parse_lambdas(values) -> float | dict:
             raise click.BadParameter(f"{value!r} is neither a number nor TASK=NUMBER", param_hint="--lambda")
     if set(out) == {"*"}:
         return out["*"]
-    return out or taskvec.DEFAULT_LAMBDA
+    from tallzip.taskvec import DEFAULT_LAMBDA
+    return out or DEFAULT_LAMBDA
 
 
 def _parse_keep(values) -> dict | None:
@@ -163,7 +177,7 @@ class CodecChoice(click.Choice):
         self.kind, self.other_option = kind, other_option
 
     def convert(self, value, param, ctx):
-        if value not in self.choices and value in (*packing.FLOAT_CODECS, *packing.MASK_CODECS):
+        if value not in self.choices and value in (*choices.FLOAT_CODECS, *choices.MASK_CODECS):
             self.fail(f"{value!r} is not a codec for {self.kind} (it belongs to {self.other_option}); "
                       f"choose from {', '.join(self.choices)}", param, ctx)
         return super().convert(value, param, ctx)
@@ -214,18 +228,18 @@ def cli():
 @click.option("--keep", "keep", multiple=True, metavar="[TASK=]REP",
               help="how tasks are kept: REP for all, TASK=REP for one (TASK=exact, say); REP is tall (default; "
                    "base + mask * mtv), q8, q4, q3, q2 (the task's own vector quantized) or exact (lossless)")
-@click.option("--merge", type=click.Choice(packing.MERGE_METHODS), default="sum", show_default=True)
+@click.option("--merge", type=click.Choice(choices.MERGE_METHODS), default="sum", show_default=True)
 @click.option("--density", type=float, default=0.2, show_default=True, help="TIES: share of each task vector kept")
-@click.option("--mtv-dtype", type=click.Choice(packing.MTV_DTYPES), default=packing.DEFAULT_MTV_DTYPE, show_default=True,
+@click.option("--mtv-dtype", type=click.Choice(choices.MTV_DTYPES), default=choices.DEFAULT_MTV_DTYPE, show_default=True,
               help="precision of the stored mtv; float32 is lossless (bfloat16 cost no accuracy in benchmarks/)")
-@click.option("--float-codec", type=CodecChoice(packing.FLOAT_CODECS, "floats", "--mask-codec"),
-              default=packing.DEFAULT_CODECS["float"], show_default=True,
+@click.option("--float-codec", type=CodecChoice(choices.FLOAT_CODECS, "floats", "--mask-codec"),
+              default=choices.DEFAULT_CODECS["float"], show_default=True,
               help="codec of the base, the mtv and a task's own float tensors (planes+ans: smallest, slower)")
-@click.option("--mask-codec", type=CodecChoice(packing.MASK_CODECS, "masks", "--float-codec"),
-              default=packing.DEFAULT_CODECS["mask"], show_default=True,
+@click.option("--mask-codec", type=CodecChoice(choices.MASK_CODECS, "masks", "--float-codec"),
+              default=choices.DEFAULT_CODECS["mask"], show_default=True,
               help="codec of the masks (bits-ctx: entropy-coded with the mtv as context)")
 @click.option("--base-ref", is_flag=True, help="store only the base's hash; extract then needs --base")
-@click.option("--level", type=click.IntRange(1, 22), default=packing.DEFAULT_LEVEL, show_default=True, help="zstandard level")
+@click.option("--level", type=click.IntRange(1, 22), default=choices.DEFAULT_LEVEL, show_default=True, help="zstandard level")
 @click.option("--allow-nonfinite", is_flag=True, help="pack tensors holding NaN or Inf")
 @click.option("--chunk-elements", type=int, default=None,
               help="elements per chunk the archive is cut into (default 4194304 = 2^22)")
@@ -241,6 +255,7 @@ def cli():
 def pack(checkpoints_dir, base, output, lambdas, keep, merge, density, mtv_dtype, float_codec, mask_codec, base_ref, level,
          allow_nonfinite, chunk_elements, memory, device, engine, address, force, as_json):
     """Pack the fine-tuned checkpoints in CHECKPOINTS_DIR into one archive."""
+    from tallzip.inspect import summary
     progress = Progress(not as_json)
     try:
         tallzip.pack(checkpoints_dir, base, output, lambdas=_parse_lambdas(lambdas), merge=merge, density=density,
@@ -321,6 +336,7 @@ def extract(archive, task, all_tasks, output, fmt, base, memory, device, force, 
 @friendly_errors
 def info(archive, show_agreement, plot, as_json):
     """Tasks, lambdas, mask densities and the size of every section."""
+    from tallzip.inspect import agreement, summary
     progress = Progress(not as_json)
     try:
         with tallzip.open(archive) as arc:
@@ -348,8 +364,9 @@ def info(archive, show_agreement, plot, as_json):
               help="the pretrained checkpoint  [required when SOURCE is a folder; for an archive only if "
                    "packed with --base-ref]")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="merged model to write (.safetensors, or .pt/.pth/.bin for a torch state dict)")
-@click.option("--method", type=click.Choice(merging.METHODS), required=True)
+              help="merged model to write: .safetensors, .pt/.pth/.bin (a torch state dict), or any other name for "
+                   "a folder in the base's layout (its shards and index, its config.json and other side files)")
+@click.option("--method", type=click.Choice(choices.MODEL_MERGE_METHODS), required=True)
 @click.option("--alpha", type=float, help="scaling of the merged vector, in (0, 2] (default 0.3; 1.0 for ties and average)")
 @click.option("--k", type=int, help="consensus: keep the weights at least k tasks use (default 2)")
 @click.option("--lambda", "lambdas", multiple=True, metavar="[TASK=]L",
@@ -377,7 +394,8 @@ def merge(source, base, output, method, alpha, k, lambdas, density, allow_nonfin
     """
     progress = Progress(not as_json)
     try:
-        report = merging.merge_to_file(source, output, method=method, base=base, alpha=alpha, k=k,
+        from tallzip.merging import merge_to_file
+        report = merge_to_file(source, output, method=method, base=base, alpha=alpha, k=k,
                                        lambdas=_parse_lambdas(lambdas) if lambdas else None, density=density,
                                        device=device, force=force, allow_nonfinite=allow_nonfinite,
                                        progress=progress, memory=memory)
@@ -405,6 +423,7 @@ def verify_cmd(archive, against, base, memory, as_json):
     stored one must be that mtv cast to the stored dtype, bit for bit.
     Exit 0: intact (and every task matches); 1: damaged, or some task differs.
     """
+    from tallzip.inspect import verify
     progress = Progress(not as_json)
     try:
         with tallzip.open(archive, base=base, memory=memory) as arc:
@@ -431,6 +450,7 @@ def add(archive, checkpoint, task, keep, base, as_json):
     The archive is rewritten beside itself and renamed over the old one when complete: an
     interruption leaves the old archive as it was.
     """
+    from tallzip.inspect import summary
     from tallzip.editing import add as add_task
     add_task(archive, checkpoint, task, keep=keep, base=base)
     with tallzip.open(archive) as arc:
@@ -455,6 +475,7 @@ def remove(archive, task, as_json):
     task is left, when it goes. The archive is rewritten and renamed over the old one: the removed
     task's bytes are gone, nothing needs compacting.
     """
+    from tallzip.inspect import summary
     from tallzip.editing import remove as remove_task
     remove_task(archive, task)
     with tallzip.open(archive) as arc:
@@ -478,6 +499,7 @@ def demo(folder, n_tasks, force):
     It writes FOLDER/base.safetensors, FOLDER/finetuned/taskNN.safetensors, FOLDER/family.tallz and
     FOLDER/task00.extracted.safetensors; a non-empty FOLDER needs --force.
     """
+    from tallzip.inspect import summary, verify
     from tallzip.demo import check_demo_folder, demo_files, make_family
     archive, extracted = folder / "family.tallz", folder / "task00.extracted.safetensors"
     check_demo_folder(folder, [*demo_files(n_tasks), archive.name, extracted.name], force=force)
@@ -495,7 +517,14 @@ def demo(folder, n_tasks, force):
 
 
 def main():
-    cli(prog_name="tallzip")
+    # First of all: a Ctrl-C is a KeyboardInterrupt, which the group and every command turn into one line
+    # and exit 130, whatever handler came in (but an ignored SIGINT, a background job's, stays ignored)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        cli(prog_name="tallzip")
+    except KeyboardInterrupt:  # between click's own handlers
+        _fail("interrupted", EXIT_INTERRUPTED, _asked_for_json(None))
 
 
 if __name__ == "__main__":

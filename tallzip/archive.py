@@ -122,7 +122,17 @@ class Archive:
             raise UnknownTaskError(f"no task {task!r} in {self.path.name}; tasks: {', '.join(self._tasks)}")
         return self._tasks[task]
 
+    def local_files(self) -> list:
+        """The files this archive reads: itself, and an attached base's."""
+        own = [self.path] if isinstance(self.path, Path) else []
+        return own + (self._base_ckpt.local_files() if self._base_ckpt is not None else [])
+
     # --- the base ---------------------------------------------------------------------------
+    @property
+    def attached_base(self):
+        """The base checkpoint given for an archive packed with base_ref (None otherwise)."""
+        return self._base_ckpt
+
     def attach_base(self, base):
         """For an archive packed with base_ref: use this checkpoint as the base, if its hash matches."""
         ckpt = open_checkpoint(base)

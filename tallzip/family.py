@@ -40,7 +40,7 @@ class Family:
         base_ckpt = open_checkpoint(base)
         if isinstance(tasks, (str, Path)):
             tasks = discover_tasks(tasks, exclude=[base])
-        return cls(base_ckpt, {name: open_checkpoint(path) for name, path in tasks.items()})
+        return cls(base_ckpt, {name: open_checkpoint(path, exclude=[base]) for name, path in tasks.items()})
 
     def is_mergeable(self, name: str) -> bool:
         """Float in the base and in every task: the tensors that task vectors, masks and merges cover."""
@@ -53,6 +53,10 @@ class Family:
 
     def tensors(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return self.base.get(name), [ckpt.get(name) for ckpt in self.tasks.values()]
+
+    def local_files(self) -> list:
+        """Every local file the family is read from (base and tasks, model files and side files)."""
+        return [p for ckpt in (self.base, *self.tasks.values()) for p in ckpt.local_files()]
 
     @property
     def input_bytes(self) -> int:

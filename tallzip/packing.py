@@ -22,30 +22,15 @@ from .family import Family, base_digest
 from .chunks import checked_chunk_elements, chunk_plan, ordered_map, parse_memory
 from .formats.constants import (DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES, FLOAT_DTYPES, FORMAT_VERSION, KIND_MASKED, KIND_PER_TASK, KIND_SHARED,
                                 ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV)
-from .formats.codecs import names as codec_names
 from .formats.reader import is_plain_file_name
 from .formats.writer import ArchiveWriter, available_cpus
+from .formats.outputs import refuse_inputs_as_output
 from .bits import pack_bits
 from .pack_jobs import ChunkJob, PackSettings, dtype_of, job_cost, run_job
 from .selection import RepresentationSelector, choose as choose_representations
 from .representations import REPRESENTATION_ROLES, representation_fields, representation_section, task_representations
-MERGE_METHODS = ("sum", "ties")
-MTV_DTYPES = ("float32", "bfloat16", "float16")
-# bfloat16 by measurement: on the real-data benchmark (8, 14 and 20 tasks) the rebuilt tasks were exactly as
-# accurate with a bfloat16 mtv as with float32, for 20-25% fewer archive bytes (benchmarks/RESULTS.md).
-DEFAULT_MTV_DTYPE = "bfloat16"
-# Measured side by side in benchmarks/defaults.py (benchmarks/RESULTS.md): byte planes beat plain
-# zstandard by ~10% on float weights; zstandard level 1 is both smaller and faster than level 3 on
-# byte planes; and at level 1, bit-packed masks + zstd give an archive within 0.2% of the context
-# coders' at level 3 (ViT-B/32, N = 8) for half the pack CPU or less, where the context coders
-# (bits-ctx, bits-lvl: ~10% fewer mask bits) cost 2-5x the CPU of all the rest at LLM sizes.
-DEFAULT_CODECS = {"float": "planes+zstd", "mask": "bits+zstd", "other": "zstd"}
-DEFAULT_LEVEL = 1
-# Mask codecs code one bit per element. bits-ctx-prior also needs the earlier tasks' masks to
-# decode (no random access), so it is for measuring only and pack does not offer it.
-MASK_CODECS = ("bits+zstd", "bits-ctx", "bits-lvl")
-# delta codes a tensor given the base: only exact tasks use it (representations.py)
-FLOAT_CODECS = tuple(c for c in codec_names() if c not in MASK_CODECS and c not in ("bits-ctx-prior", "delta"))
+from .choices import (DEFAULT_CODECS, DEFAULT_LEVEL, DEFAULT_MTV_DTYPE, FLOAT_CODECS, MASK_CODECS,  # noqa: F401
+                      MERGE_METHODS, MTV_DTYPES)
 MASK_RULE = "mask = |base - task| > lambda * |(base + mtv) - task|, float32"
 
 
@@ -267,9 +252,11 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
     budget = parse_memory(memory)
     chunk_elements = checked_chunk_elements(chunk_elements)
     family = Family.open(tasks, base)
-    engine, own_engine = _pack_engine(engine, address, workers)
-    if engine is not None:
+    refuse_inputs_as_output([output], family.local_files())  # before any work (the writer checks again)
+    if not (isinstance(engine, str) and engine == "local"):  # tallzip's own refusals before Ray is looked for
         device = _engine_device(device)
+        _refuse_torch_pickles_elsewhere(engine if isinstance(engine, str) else engine.name, family)
+    engine, own_engine = _pack_engine(engine, address, workers)
     device = resolve_device(device)
     task_names = family.names
     for t in task_names:  # extract writes a file or folder per task, named after it
@@ -318,7 +305,7 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
 
     tensors_table = {name: {"kind": kinds[name], "dtype": family.base.dtypes[name],
                             "shape": list(family.base.shapes[name])} for name in family.base.names}
-    with ArchiveWriter(output, force=force, chunk_elements=chunk_elements) as writer, _single_torch_thread(device):
+    with ArchiveWriter(output, force=force, chunk_elements=chunk_elements, inputs=family.local_files()) as writer, _single_torch_thread(device):
         entries = {}  # (role, name, task) -> section entry, created in the order the archive lists them
 
         def entry_for(role, job, task, mtv_dtype_name=None):
@@ -422,17 +409,20 @@ def _engine_device(device):
     raise TallzipError(f"--device {device}: jobs on an engine run on its workers' CPUs (use --device cpu)")
 
 
+def _refuse_torch_pickles_elsewhere(engine_name: str, family):
+    from .formats.checkpoints import TorchCheckpoint
+    if engine_name != "local":
+        for label, ckpt in [("base", family.base), *family.tasks.items()]:
+            if isinstance(ckpt, TorchCheckpoint):  # its lazy reader holds a lock and an open zip: not sent
+                raise TallzipError(f"--engine {engine_name}: {label} {ckpt.path.name} is a torch pickle; chunk jobs "
+                                   f"elsewhere read safetensors only (convert it, or use --engine local)")
+
+
 def _engine_results(engine, own_engine, jobs, family, settings, budget):
     """The chunk jobs' results, in order, from `engine`: (family, settings) are shared once (Ray's object
     store), each job carries only its tensor name and element range. An engine made here closes after."""
     from .engines import Job
     from .pack_jobs import run_shared_job
-    from .formats.checkpoints import TorchCheckpoint
-    if engine.name != "local":
-        for label, ckpt in [("base", family.base), *family.tasks.items()]:
-            if isinstance(ckpt, TorchCheckpoint):  # its lazy reader holds a lock and an open zip: not sent
-                raise TallzipError(f"--engine {engine.name}: {label} {ckpt.path.name} is a torch pickle; chunk jobs "
-                                   f"elsewhere read safetensors only (convert it, or use --engine local)")
     with engine if own_engine else contextlib.nullcontext():
         shared = engine.share((family, settings))
         tasks = (Job(run_shared_job, (job, shared), label=f"{job.kind} {job.name} #{job.index}", nbytes=job.cost)

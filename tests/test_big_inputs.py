@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from tallzip.formats import torch_zip
-from tallzip.formats.checkpoints import open_checkpoint
+from tallzip.formats.checkpoints import SHARD_INDEX, open_checkpoint
 from tallzip.formats.errors import FormatError
 from tallzip.formats.safe_pickle import load_state_dict
 
@@ -414,7 +414,7 @@ def test_hf_sharded_folder_with_tied_embeddings(tmp_path, dtype):
     ckpt = open_checkpoint(tmp_path / "llm")
     assert sorted(ckpt.names) == sorted(expected) and "lm_head.weight" not in ckpt
     assert ckpt.tied == {}
-    assert set(ckpt.extra_files) == {"config.json", "tokenizer.json"}
+    assert set(ckpt.extra_files) == {"config.json", "tokenizer.json", SHARD_INDEX}  # the index, as bytes
     assert json.loads(ckpt.extra_files["config.json"].read_text())["tie_word_embeddings"] is True
     assert set(ckpt.sharding["files"]) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
     assert_ranges_match(ckpt, expected)
@@ -429,10 +429,12 @@ def test_folder_with_the_same_model_as_safetensors_and_bin_reads_the_safetensors
     (folder / "config.json").write_text("{}")
     ckpt = open_checkpoint(folder)
     assert ckpt.format == "safetensors" and ckpt.path.name == "model.safetensors"
-    assert set(ckpt.extra_files) == {"config.json"}
-    # two checkpoints that are not one model's two spellings stay ambiguous
-    save_file(tensors, str(folder / "other.safetensors"))
-    with pytest.raises(FormatError, match="3 checkpoint files"):
+    # the other spelling is kept too, as bytes (never unpickled): a task folder comes back whole
+    assert set(ckpt.extra_files) == {"config.json", "pytorch_model.bin"}
+    # without a Hugging Face model name, two checkpoints stay ambiguous
+    (folder / "model.safetensors").rename(folder / "a.safetensors")
+    (folder / "pytorch_model.bin").rename(folder / "b.bin")
+    with pytest.raises(FormatError, match="2 checkpoint files"):
         open_checkpoint(folder)
 
 
@@ -455,7 +457,7 @@ def test_generated_llm_family_is_a_hugging_face_family_with_realistic_masks(tmp_
     assert index["metadata"]["total_size"] == sum(math.prod(s) * 2 for s in base.shapes.values())
     assert "lm_head.weight" not in base and json.loads(
         base.extra_files["config.json"].read_text())["tie_word_embeddings"] is True
-    assert set(base.extra_files) == {"config.json", "tokenizer.json"}
+    assert set(base.extra_files) == {"config.json", "tokenizer.json", SHARD_INDEX}
     name = "model.layers.1.mlp.up_proj.weight"
     assert base.shapes[name] == (160, 64) and base.dtypes[name] == "BF16"
     # the same bytes whatever the thread count

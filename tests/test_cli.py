@@ -146,7 +146,7 @@ def test_a_bug_is_one_line_and_exit_1(family, tmp_path, monkeypatch):
     def broken(archive):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("tallzip.cli.main.summary", broken)
+    monkeypatch.setattr("tallzip.inspect.summary", broken)  # the command imports it when run
     assert_one_line_error(*run("info", out), r"internal error: RuntimeError: boom \(set TALLZIP_DEBUG=1", exit_code=1)
 
 
