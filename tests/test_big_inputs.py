@@ -439,13 +439,13 @@ def test_folder_with_the_same_model_as_safetensors_and_bin_reads_the_safetensors
         open_checkpoint(folder)
 
 
-# ---- the generated LLM-shaped family (benchmarks/llm_family.py) -------------------------------------
+# ---- the generated LLM-shaped family (benchmarks/fixtures/families.py) -------------------------------------
 
 TINY_LLM = dict(vocab=300, hidden=64, layers=2, mlp=160, heads=4, kv_heads=2, attention=True, tie=True)
 
 
 def test_generated_llm_family_is_a_hugging_face_family_with_realistic_masks(tmp_path):
-    from benchmarks.llm_family import generate
+    from benchmarks.fixtures import generate
     from conftest import np_mask, np_mtv
     result = generate(tmp_path / "fam", TINY_LLM, 8, "bf16", shard_bytes=40_000, threads=2, log=None)
     again = generate(tmp_path / "again", TINY_LLM, 8, "bf16", shard_bytes=40_000, threads=1, log=None)
