@@ -252,12 +252,15 @@ class Resident:
         """Point `module`'s parameters and buffers at the live weights (no copy), so that every
         switch() updates the module in place. Names are matched as prefix + the module's own name
         (prefix="visual." binds a vision tower to a CLIP state dict). Returns the bound names.
-        strict: every parameter and buffer of the module must be found in the archive."""
+        strict: every parameter and persistent buffer of the module must be found in the archive."""
         if self.current is None:
             self.switch(self.tasks[0])
         live = self._task_tensors(self.current)
         bound, missing = [], []
-        for local, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        # non-persistent buffers (rotary frequencies) are no part of a checkpoint: the module keeps its own
+        persistent = module.state_dict(keep_vars=True).keys()
+        buffers = [(local, b) for local, b in module.named_buffers() if local in persistent]
+        for local, tensor in [*module.named_parameters(), *buffers]:
             name = prefix + local
             if name not in live:
                 missing.append(local)
