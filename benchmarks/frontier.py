@@ -39,15 +39,10 @@ import zstandard
 from safetensors.torch import save_file
 
 import tallzip
-from tallzip.formats.codecs import registry as codecs
-from tallzip.formats.tensors import to_bits
-from tallzip.formats.container.constants import ROLE_BASE
-from tallzip.verification.info import summary
-from tallzip.merging.merge import merge
-from tallzip.options import DEFAULT_CODECS, DEFAULT_LEVEL
-from tallzip.packing.selection import CANDIDATES
+from tallzip import merge
 
 from benchmarks.accuracy import ALPHAS, Bench, merge_vector, scaled, select_alpha
+from benchmarks.accuracy_library import CANDIDATES, DEFAULT_CODECS, DEFAULT_LEVEL, ROLE_BASE, codecs, summary, to_bits
 from benchmarks.metrics import mean_accuracy, min_normalized_accuracy, normalized_accuracy
 
 AUTO_TOLERANCE = 0.005

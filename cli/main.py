@@ -6,11 +6,15 @@ import functools
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
 import click
 
+# Light imports only: torch and the library's working modules (~1.4 s) are imported inside the commands
+# that use them, so `tallzip --help` and usage errors are quick, and a Ctrl-C during that import is the
+# one-line "interrupted" of friendly_errors.
 import tallzip
 from tallzip import options as packing
 from tallzip.errors import TallzipError
@@ -31,10 +35,19 @@ missing or invalid argument); {EXIT_INTERRUPTED} interrupted. Errors are one lin
 "error: "."""
 
 
-def _fail(message: str, code: int = EXIT_FAILED):
+def _fail(message: str, code: int = EXIT_FAILED, as_json: bool = False):
+    """One `error: ...` line on stderr and the exit code; with --json, also {"error", "exit_code"} on stdout."""
     message = re.sub(r"\s*\n\s*", " ", str(message).strip())  # one line, whatever the message held
     click.echo(f"error: {message}", err=True)
+    if as_json:
+        click.echo(json.dumps({"error": message, "exit_code": code}))
     sys.exit(code)
+
+
+def _asked_for_json(args) -> bool:
+    """--json among the command line's options (before a `--`), for errors click raises before the command runs."""
+    args = sys.argv[1:] if args is None else list(args)
+    return "--json" in (args[:args.index("--")] if "--" in args else args)
 
 
 def _usage_error_line(exc: click.ClickException) -> str:
@@ -57,15 +70,16 @@ class TallzipGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        as_json = _asked_for_json(args)
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except _NoArgsIsHelp as exc:  # bare `tallzip`: the help itself, as click shows it (exit 2)
             click.echo(exc.format_message(), err=True)
             sys.exit(EXIT_USAGE)
         except click.ClickException as exc:
-            _fail(_usage_error_line(exc), EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
-        except click.Abort:
-            _fail("interrupted", EXIT_INTERRUPTED)
+            _fail(_usage_error_line(exc), EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code, as_json)
+        except (click.Abort, KeyboardInterrupt):
+            _fail("interrupted", EXIT_INTERRUPTED, as_json)
         # `--help` and `--version` come back as their exit code; a command's return value is no code.
         sys.exit(result if isinstance(result, int) else EXIT_OK)
 
@@ -74,25 +88,26 @@ def friendly_errors(func):
     """One line and a non-zero exit for anything the user can fix; a traceback only with TALLZIP_DEBUG=1."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        fail = functools.partial(_fail, as_json=bool(kwargs.get("as_json")))
         try:
             return func(*args, **kwargs)
         except (TallzipError, FormatError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         except click.ClickException:
             raise  # a usage error from a command's body: TallzipGroup prints it like click's own
         except OSError as exc:
             # A full disk (or quota, or file size limit) while writing: the library has already
             # removed its temporary file, and the target was never touched.
             cleaned = " (nothing was written there)" if exc.errno in _WRITE_ERRNOS else ""
-            _fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}{cleaned}")
+            fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}{cleaned}")
         except MemoryError:
-            _fail("out of memory")
+            fail("out of memory")
         except KeyboardInterrupt:
-            _fail("interrupted", EXIT_INTERRUPTED)
+            fail("interrupted", EXIT_INTERRUPTED)
         except Exception as exc:  # a bug: still one line, unless debugging
             if os.environ.get("TALLZIP_DEBUG"):
                 raise
-            _fail(f"internal error: {type(exc).__name__}: {exc} (set TALLZIP_DEBUG=1 for a traceback)")
+            fail(f"internal error: {type(exc).__name__}: {exc} (set TALLZIP_DEBUG=1 for a traceback)")
     return wrapper
 
 
@@ -297,7 +312,8 @@ def info(archive, show_agreement, plot, as_json):
               help="the pretrained checkpoint  [required when SOURCE is a folder; for an archive only if "
                    "packed with --base-ref]")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="merged model to write (.safetensors, or .pt/.pth/.bin for a torch state dict)")
+              help="merged model to write: .safetensors, .pt/.pth/.bin (a torch state dict), or any other name for "
+                   "a folder in the base's layout (its shards and index, its config.json and other side files)")
 @click.option("--method", type=click.Choice(packing.MERGE_VERB_METHODS), required=True)
 @click.option("--alpha", type=float, help="scaling of the merged vector, in (0, 2] (default 0.3; 1.0 for ties and average)")
 @click.option("--k", type=int, help="consensus: keep the weights at least k tasks use (default 2)")
@@ -445,7 +461,14 @@ def demo(folder, n_tasks, force):
 
 
 def main():
-    cli(prog_name="tallzip")
+    # First of all: a Ctrl-C is a KeyboardInterrupt, which the group and every command turn into one line
+    # and exit 130, whatever handler came in (but an ignored SIGINT, a background job's, stays ignored)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        cli(prog_name="tallzip")
+    except KeyboardInterrupt:  # between click's own handlers
+        _fail("interrupted", EXIT_INTERRUPTED, _asked_for_json(None))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ DEFAULT_TIES_DENSITY = 0.2
 # the methods of `merge` (tallzip/merging/merge.py), named here so the command line lists them without torch
 MERGE_VERB_METHODS = ("task-arithmetic", "ties", "consensus-ta", "consensus-ties", "average")
 
-# Measured side by side in benchmarks/defaults.py (benchmarks/RESULTS.md): byte planes beat plain
+# Measured side by side (benchmarks/RESULTS.md, "The default codecs and level"): byte planes beat plain
 # zstandard by ~10% on float weights; zstandard level 1 is both smaller and faster than level 3 on
 # byte planes; and at level 1, bit-packed masks + zstd give an archive within 0.2% of the context
 # coders' at level 3 (ViT-B/32, N = 8) for half the pack CPU or less, where the context coders

@@ -168,7 +168,7 @@ def test_one_damaged_chunk_is_refused_naming_the_tensor(chunked, tmp_path):
 
 def test_bytes_no_section_names_are_ignored(chunked, tmp_path):
     """Room for add/remove: chunks no longer listed may stay in the file."""
-    from benchmarks import fuzz
+    import fuzz
     base, tasks, _, _, out, manifest = chunked
     data = out.read_bytes()
     fuzz.write_with_manifest(data, manifest, tmp_path / "junk.tallz", extra=os.urandom(5000))
@@ -178,7 +178,7 @@ def test_bytes_no_section_names_are_ignored(chunked, tmp_path):
 
 
 def test_unknown_representation_is_refused(chunked, tmp_path):
-    from benchmarks import fuzz
+    import fuzz
     from tallzip.formats.errors import UnsupportedVersionError
     _, _, _, _, out, manifest = chunked
     manifest = json.loads(json.dumps(manifest))

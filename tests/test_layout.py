@@ -226,3 +226,20 @@ if __name__ == "__main__":  # a readable list of what is left: python tests/test
         print(f"== {title}: {len(found)}")
         for item in found:
             print("  ", item)
+
+
+def test_readme_layout_names_every_module():
+    """README's "Layout of the code" names every library file (by its file name, in its folder's line)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Layout of the code", 1)[1].split("\n## ", 1)[0]
+    missing = [str(p.relative_to(ROOT)) for p in library_modules().values()
+               if p.name != "__init__.py" and f"`{p.name}`" not in section]
+    folders = {p.parent.relative_to(ROOT).as_posix() for p in library_modules().values()}
+    missing += [f for f in sorted(folders) if f"`{f.rsplit('/', 1)[-1]}/`" not in section]
+    assert missing == []
+
+
+def test_each_package_says_what_it_holds():
+    empty = [str(p.relative_to(ROOT)) for p in library_modules().values()
+             if p.name == "__init__.py" and not ast.get_docstring(ast.parse(p.read_text()))]
+    assert empty == []

@@ -19,7 +19,7 @@ from safetensors.numpy import save_file as np_save_file
 import tallzip
 from tallzip.cli.main import cli
 from tallzip.formats.checkpoints import outputs
-from tallzip.formats.checkpoints.checkpoint import SHARD_INDEX
+from tallzip.formats.checkpoints.folders import SHARD_INDEX
 from tallzip.formats.checkpoints.outputs import atomic_output
 
 from conftest import np_rebuilt, numpy_family, write_family

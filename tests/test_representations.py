@@ -218,7 +218,7 @@ def test_exact_says_differs_on_one_ulp(family):
 
 def test_codes_beyond_the_grid_are_refused(family):
     """A hostile archive whose (checksummed) codes exceed +-Q builds a wrong model: refused."""
-    from benchmarks import fuzz
+    import fuzz
     from tallzip.formats.container.writer import encode_chunk
     tmp_path, _, _ = family
     out = _pack(tmp_path, "q2")

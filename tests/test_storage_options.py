@@ -253,10 +253,10 @@ def test_info_bits_per_param_and_ratio(fam, tmp_path, options):
 # --- the storage benchmark's arithmetic -----------------------------------------------------------
 
 def test_storage_benchmark_rows_add_up(fam, tmp_path):
-    """benchmarks/storage.py composes rows from sections coded one by one: its 'all together' row must
+    """benchmarks/sizes/storage.py composes rows from sections coded one by one: its 'all together' row must
     be a real archive's sections to the byte (pack_checked stops otherwise), and its paper layout the
     (64 + N) bits per parameter of the authors' flattened state dict."""
-    from benchmarks import storage
+    from benchmarks.sizes import storage
 
     base, tasks, base_path, tasks_dir = fam
     paths = {t: tasks_dir / f"{t}.safetensors" for t in tasks}

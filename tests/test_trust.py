@@ -41,8 +41,7 @@ from tallzip.formats.errors import FormatError
 
 from conftest import np_rebuilt, numpy_family, write_family
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside tests/
-from benchmarks import fuzz  # noqa: E402
+import fuzz
 
 REPO = Path(__file__).resolve().parents[1]
 

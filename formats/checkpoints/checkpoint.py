@@ -19,13 +19,9 @@ from tallzip.formats.errors import FormatError
 from tallzip.formats.container.constants import DTYPE_SIZES
 from tallzip.formats.checkpoints.sources import RemoteFile, RemotePath, is_url, list_folder, location, open_source
 from tallzip.formats.tensors import dtype_name, torch_dtype
+from tallzip.formats.checkpoints.folders import (CHECKPOINT_EXTS, SAFETENSORS_EXT, SHARD_INDEX, TORCH_EXTS, checked_side_file,
+                                                model_in, release_head)
 
-SAFETENSORS_EXT = ".safetensors"
-TORCH_EXTS = (".pt", ".pth", ".bin")
-CHECKPOINT_EXTS = (SAFETENSORS_EXT,) + TORCH_EXTS
-SHARD_INDEX = "model.safetensors.index.json"
-# config.json, tokenizer files and the like travel with a task (Gemma's tokenizer.json is 17-33 MB)
-MAX_EXTRA_FILE_BYTES = 64 * 1024 * 1024
 
 
 class Checkpoint:
@@ -80,6 +76,11 @@ class Checkpoint:
 
     def __contains__(self, name):
         return name in self.dtypes
+
+    def local_files(self) -> list:
+        """The files this checkpoint is read from: its model file or shards, and its side files."""
+        model = [self.path / f for f in self.sharding["files"]] if self.sharding else [self.path]
+        return [p for p in model + list(self.extra_files.values()) if isinstance(p, Path)]
 
 
 def _read_safetensors_header(path, source=None) -> tuple[dict, int]:
@@ -224,25 +225,25 @@ class SafetensorsCheckpoint(Checkpoint):
 class ShardedCheckpoint(Checkpoint):
     format = "safetensors-sharded"
 
-    def __init__(self, folder: Path, storage_options: dict | None = None):
+    def __init__(self, folder: Path, storage_options: dict | None = None, index_name: str = SHARD_INDEX):
         super().__init__(folder)
         self.path = location(folder)
         try:
             if is_url(folder):
-                with open_source(self.path / SHARD_INDEX, storage_options) as src:
+                with open_source(self.path / index_name, storage_options) as src:
                     index = json.loads(src.pread(0, src.size))
             else:
-                index = json.loads((self.path / SHARD_INDEX).read_text())
+                index = json.loads((self.path / index_name).read_text())
             weight_map = index["weight_map"]
         except (OSError, ValueError, KeyError, TypeError):
-            raise FormatError(f"{self.path / SHARD_INDEX}: not a valid shard index") from None
+            raise FormatError(f"{self.path / index_name}: not a valid shard index") from None
         files: dict[str, list[str]] = OrderedDict()
         for name, file in weight_map.items():
             files.setdefault(file, []).append(name)
         self._shards = {}
         for file in files:
             if Path(file).name != file:
-                raise FormatError(f"{self.path / SHARD_INDEX}: shard {file!r} is not a plain file name")
+                raise FormatError(f"{self.path / index_name}: shard {file!r} is not a plain file name")
             self._shards[file] = SafetensorsCheckpoint(self.path / file, storage_options)
         self._where = {}
         for file, shard in self._shards.items():
@@ -257,7 +258,8 @@ class ShardedCheckpoint(Checkpoint):
             raise FormatError(f"{self.path}: index names {missing[0]!r} but its shard does not hold it")
         self.metadata = next(iter(self._shards.values())).metadata
         self.sharding = {"files": {f: s.names for f, s in self._shards.items()},
-                         "metadata": index.get("metadata", {})}
+                         "metadata": index.get("metadata", {}),
+                         **({"index": index_name} if index_name != SHARD_INDEX else {})}
 
     @property
     def nbytes(self) -> int:
@@ -333,27 +335,6 @@ def _eager_aliases(tensors: dict) -> dict[str, str]:
     return tied
 
 
-def _checkpoint_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in CHECKPOINT_EXTS)
-
-
-_HF_SAME_MODEL = {"model.safetensors", "pytorch_model.bin"}
-
-
-def _pick_in_folder(folder: Path) -> Path:
-    """The one checkpoint file of a task folder (the paper's release keeps `nonlinear_finetuned.pt` there)."""
-    files = _checkpoint_files(folder)
-    if {p.name for p in files} == _HF_SAME_MODEL:
-        return folder / "model.safetensors"  # Hugging Face keeps one model in both spellings
-    if len(files) > 1:
-        finetuned = [p for p in files if "finetuned" in p.stem and not p.stem.startswith("linear")]
-        files = finetuned if len(finetuned) == 1 else files
-    if len(files) != 1:
-        what = "no checkpoint file" if not files else f"{len(files)} checkpoint files ({', '.join(p.name for p in files)})"
-        raise FormatError(f"{folder}: holds {what}; a task folder needs exactly one, or a sharded index")
-    return files[0]
-
-
 def _open_remote_checkpoint(url: str, storage_options: dict | None = None) -> Checkpoint:
     """A safetensors file or folder behind a URL (torch pickles are read locally only)."""
     url = RemotePath(str(url).rstrip("/"))
@@ -362,47 +343,47 @@ def _open_remote_checkpoint(url: str, storage_options: dict | None = None) -> Ch
     if url.suffix in TORCH_EXTS:
         raise FormatError(f"{url}: torch checkpoints are read from local files only; download it, or use safetensors")
     entries = {e.name: e for e in list_folder(url, storage_options)}
-    if SHARD_INDEX in entries:
-        ckpt = ShardedCheckpoint(url, storage_options)
-        checkpoint_files = set(ckpt.sharding["files"])
+    kind, name = model_in(url, {n for n, e in entries.items() if not e.is_dir and not n.startswith(".")})
+    if kind == "sharded":
+        ckpt = ShardedCheckpoint(url, storage_options, index_name=name)
+        model_files = set(ckpt.sharding["files"])
     else:
-        models = sorted(n for n, e in entries.items() if not e.is_dir and RemotePath(n).suffix in CHECKPOINT_EXTS)
-        if {*models} == _HF_SAME_MODEL:
-            models = ["model.safetensors"]
-        if len(models) != 1:
-            what = "no checkpoint file" if not models else f"{len(models)} checkpoint files ({', '.join(models)})"
-            raise FormatError(f"{url}: holds {what}; a task folder needs exactly one, or a sharded index")
-        ckpt = _open_remote_checkpoint(entries[models[0]].location, storage_options)
-        checkpoint_files = {models[0]}
+        ckpt = _open_remote_checkpoint(entries[name].location, storage_options)
+        model_files = {name}
     for name, e in entries.items():
-        if (not e.is_dir and name not in checkpoint_files and RemotePath(name).suffix not in CHECKPOINT_EXTS
-                and name != SHARD_INDEX and not name.startswith(".")
-                and (e.size or 0) <= MAX_EXTRA_FILE_BYTES):
+        if not e.is_dir and name not in model_files and not name.startswith("."):
+            checked_side_file(e.location, e.size or 0)
             ckpt.extra_files[name] = RemoteFile(e.location, e.size, storage_options)
     return ckpt
 
 
-def open_checkpoint(path) -> Checkpoint:
-    """A file (.safetensors, .pt/.pth/.bin) or a folder (sharded index, or one checkpoint file);
-    a URL (s3://, https://, memory://...: safetensors only) is read by ranged requests."""
+def open_checkpoint(path, exclude=()) -> Checkpoint:
+    """A file (.safetensors, .pt/.pth/.bin) or a folder (sharded index, or its model file, and side files);
+    a URL (s3://, https://, memory://...: safetensors only) is read by ranged requests. Files in
+    `exclude` (the family's base, kept inside a task folder by the paper's release) are not side files."""
     if is_url(path):
         return _open_remote_checkpoint(path)
     path = Path(path)
     if not path.exists():
         raise FormatError(f"{path}: no such file or folder")
     if path.is_dir():
-        if (path / SHARD_INDEX).exists():
-            ckpt = ShardedCheckpoint(path)
+        excluded = {Path(p).resolve() for p in exclude if not is_url(p)}
+        files = [p for p in sorted(path.iterdir())
+                 if p.is_file() and not p.name.startswith(".") and p.resolve() not in excluded]
+        kind, name = model_in(path, {p.name for p in files})
+        if kind == "sharded":
+            ckpt = ShardedCheckpoint(path, index_name=name)
+            model_files = set(ckpt.sharding["files"])
         else:
-            ckpt = open_checkpoint(_pick_in_folder(path))
-        checkpoint_files = set(ckpt.sharding["files"]) if ckpt.sharding else {ckpt.path.name}
-        for p in sorted(path.iterdir()):
-            if (p.is_file() and p.name not in checkpoint_files and p.suffix not in CHECKPOINT_EXTS
-                    and p.name != SHARD_INDEX and not p.name.startswith(".")
-                    and p.stat().st_size <= MAX_EXTRA_FILE_BYTES):
+            ckpt = open_checkpoint(path / name)
+            model_files = {name}
+        for p in files:
+            if p.name not in model_files:  # the shard index too: it comes back byte for byte
+                checked_side_file(p, p.stat().st_size)
                 ckpt.extra_files[p.name] = p
         head = release_head(path)
-        if head is not None and head.stat().st_size <= MAX_EXTRA_FILE_BYTES:
+        if head is not None:
+            checked_side_file(head, head.stat().st_size)
             ckpt.extra_files[head.name] = head  # kept as bytes, never unpickled
         return ckpt
     if path.suffix == SAFETENSORS_EXT:
@@ -410,71 +391,3 @@ def open_checkpoint(path) -> Checkpoint:
     if path.suffix in TORCH_EXTS:
         return TorchCheckpoint(path)
     raise FormatError(f"{path}: unknown checkpoint type (expected {', '.join(CHECKPOINT_EXTS)} or a folder)")
-
-
-def release_head(task_folder: Path) -> Path | None:
-    """The classification head that the authors' releases keep beside a task folder.
-
-    Both the task-vector release (`{model}/{Dataset}/finetuned.pt`, `{model}/head_{Dataset}.pt`) and
-    the TALL-mask release (`{model}/{Dataset}Val/nonlinear_finetuned.pt`, `{model}/head_{Dataset}Val.pt`)
-    do so; the head then travels with its task as a side file."""
-    for ext in TORCH_EXTS:
-        head = task_folder.parent / f"head_{task_folder.name}{ext}"
-        if head.is_file():
-            return head
-    return None
-
-
-def discover_tasks(folder, exclude=()) -> dict[str, Path]:
-    """Task name -> checkpoint path: each checkpoint file (name = stem) or sub-folder (name = folder name).
-
-    A `head_{X}.pt` beside a task folder `{X}/` is that task's classification head (the released
-    layouts), not a task of its own."""
-    if is_url(folder):
-        return _discover_remote_tasks(folder, exclude)
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FormatError(f"{folder}: not a folder of checkpoints")
-    excluded = {Path(p).resolve() for p in exclude}
-    tasks = {}
-    for entry in sorted(folder.iterdir()):
-        if entry.resolve() in excluded or entry.name.startswith("."):
-            continue
-        task_folder = folder / entry.stem[len("head_"):]
-        if entry.stem.startswith("head_") and task_folder.is_dir() and release_head(task_folder) == entry:
-            continue
-        if entry.is_file() and entry.suffix in CHECKPOINT_EXTS:
-            name = entry.stem
-        elif entry.is_dir() and ((entry / SHARD_INDEX).exists() or _checkpoint_files(entry)):
-            if any(p.resolve() in excluded for p in _checkpoint_files(entry)) and len(_checkpoint_files(entry)) == 1:
-                continue
-            name = entry.name
-        else:
-            continue
-        if name in tasks:
-            raise FormatError(f"{folder}: two checkpoints are named {name!r} ({tasks[name].name}, {entry.name})")
-        tasks[name] = entry
-    return tasks
-
-
-def _discover_remote_tasks(folder, exclude=()) -> dict:
-    """discover_tasks for a URL: each .safetensors file (name = stem) or sub-folder holding one or a
-    sharded index (name = folder name). Torch pickles and release heads are local-only."""
-    excluded = {str(p).rstrip("/") for p in exclude}
-    tasks = {}
-    for entry in list_folder(folder):
-        if entry.location.rstrip("/") in excluded or entry.name.startswith("."):
-            continue
-        if not entry.is_dir and RemotePath(entry.name).suffix == SAFETENSORS_EXT:
-            name = entry.name[:-len(SAFETENSORS_EXT)]
-        elif entry.is_dir and any(e.name == SHARD_INDEX or (not e.is_dir and RemotePath(e.name).suffix in CHECKPOINT_EXTS)
-                                  for e in list_folder(entry.location)):
-            name = entry.name
-        else:
-            continue
-        if name in tasks:
-            raise FormatError(f"{folder}: two checkpoints are named {name!r}")
-        tasks[name] = RemotePath(entry.location)
-    if not tasks and not list_folder(folder):
-        raise FormatError(f"{folder}: not a folder of checkpoints (empty or missing)")
-    return tasks

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from tallzip.formats.checkpoints.checkpoint import SHARD_INDEX
+from tallzip.formats.checkpoints.folders import shard_index
+from tallzip.formats.checkpoints.sources import is_url
 from tallzip.formats.container.constants import DTYPE_SIZES
 from tallzip.formats.errors import FormatError
 from tallzip.formats.tensors import dtype_name
@@ -95,8 +96,34 @@ def _name_the_target(exc: BaseException, tmp: Path | None, target: Path):
         exc.args = (exc.args[0].replace(str(tmp), str(target)),) + exc.args[1:]
 
 
-def _check_target(target: Path, *, force: bool, folder: bool, files):
+def _input_identities(inputs) -> set[tuple[int, int]]:
+    """(device, inode) of each local input file: the same file under any name, link or symlink."""
+    found = set()
+    for path in inputs:
+        if isinstance(path, (str, os.PathLike)) and not is_url(path):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            found.add((st.st_dev, st.st_ino))
+    return found
+
+
+def refuse_inputs_as_output(dests, inputs):
+    """A write never replaces a file its own command reads, not even with --force."""
+    identities = _input_identities(inputs)
+    for dest in dests:
+        try:
+            st = os.stat(dest)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in identities:
+            raise FormatError(f"{dest}: is one of this command's input files; write the output elsewhere")
+
+
+def _check_target(target: Path, *, force: bool, folder: bool, files, inputs=()):
     """Refuse, before any work, a target that this write must not or cannot replace."""
+    refuse_inputs_as_output([target] if not folder else [target / rel for rel in files or ()], inputs)
     if not folder:
         if target.is_dir():
             raise FormatError(f"{target}: is a folder (a file is written there)")
@@ -124,20 +151,21 @@ def _check_in_folder(target: Path, dest: Path, force: bool):
 
 
 @contextlib.contextmanager
-def atomic_output(target, *, force: bool = False, folder: bool = False, files=None):
+def atomic_output(target, *, force: bool = False, folder: bool = False, files=None, inputs=()):
     """Yield a temporary path for `target`; put it in place only if the block succeeds.
 
     A file is written beside the target and renamed onto it. A folder is built in a temporary
     folder: renamed into place if the target does not exist; else only the files the block wrote
     are moved into the existing folder (nothing else there is touched), replacing same-named files
-    only with `force`. `files` (relative paths) lets a clash be refused before the work starts.
+    only with `force`. `files` (relative paths) lets a clash be refused before the work starts. A target
+    (or, for a folder, one of `files` in it) that is one of `inputs` (the command's input files) is refused.
     A failure leaves the target as it was; an interrupted write leaves at most a hidden
     `.target.PID.*.tmp` (beside the target, or inside an existing target folder), which the next
     write to the same target removes once its writer is gone. Errors name the target, never the
     temporary.
     """
     target = Path(target)
-    _check_target(target, force=force, folder=folder, files=files)
+    _check_target(target, force=force, folder=folder, files=files, inputs=inputs)
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise FormatError(f"{parent}: no such folder")
@@ -429,7 +457,8 @@ def save_sharded(tensors: dict, folder: Path, sharding: dict, metadata: dict | N
 
 
 def write_shard_index(folder: Path, sharding: dict):
-    """The `model.safetensors.index.json` of the shards in `sharding` (its metadata kept)."""
+    """The index (`model.safetensors.index.json`) of the shards in `sharding`, its metadata kept: for an
+    archive that did not keep the input's index as bytes, and for merge's folder output."""
     weight_map = {n: file for file, names in sharding["files"].items() for n in names}
     index = {"metadata": sharding.get("metadata", {}), "weight_map": weight_map}
-    (folder / SHARD_INDEX).write_text(json.dumps(index, indent=2))
+    (folder / shard_index(sharding)).write_text(json.dumps(index, indent=2))

@@ -45,7 +45,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from tallzip.formats.errors import FormatError
+from tallzip.formats.errors import FormatError, one_line
 from tallzip.formats.checkpoints.torch_zip import CheckpointFormatError, TorchZip, is_zip
 
 __all__ = ["load_state_dict", "read_restricted", "read_lazy", "TensorSpec", "UnsafePickleError",
@@ -460,12 +460,6 @@ def _brief(value, limit=80):
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _one_line(error, with_type=True):
-    lines = str(error).strip().splitlines()
-    text = lines[0][:300] if lines else ""
-    return f"{type(error).__name__}: {text}" if with_type else text
-
-
 def load_state_dict(path) -> tuple[dict[str, torch.Tensor], str]:
     """Load a checkpoint as a flat state dict; kind is 'state_dict' or 'module'.
 
@@ -488,8 +482,8 @@ def load_state_dict(path) -> tuple[dict[str, torch.Tensor], str]:
     try:
         return _as_state_dict(read_restricted(path))
     except UnsafePickleError as error:
-        raise UnsafePickleError(f"{path}: refused: {_one_line(error, with_type=False)}") from None
+        raise UnsafePickleError(f"{path}: refused: {one_line(error)}") from None
     except CheckpointFormatError as error:
-        raise CheckpointFormatError(f"{path}: {_one_line(error, with_type=False)}") from None
+        raise CheckpointFormatError(f"{path}: {one_line(error)}") from None
     except Exception as error:  # pickle/zip internals: report in one line, no traceback chain
-        raise CheckpointFormatError(f"{path}: cannot read checkpoint: {_one_line(error)}") from None
+        raise CheckpointFormatError(f"{path}: cannot read checkpoint: {one_line(error, with_type=True)}") from None

@@ -20,17 +20,14 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from tallzip.formats.errors import FormatError
+from tallzip.errors import MissingExtraError
+from tallzip.formats.errors import FormatError, one_line
 
 REMOTE_EXTRA_HINT = "pip install 'tallzip[remote]'"
 # Linux moves at most 0x7ffff000 bytes per read call; stay under it and loop.
 MAX_PREAD_BYTES = 1 << 30
 # A scheme of two or more letters, so that a Windows drive ("C:\...") stays a path.
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
-
-
-class MissingExtraError(FormatError):
-    """An optional dependency that the request needs is not installed (the message names the extra)."""
 
 
 def is_url(path_or_url) -> bool:
@@ -206,14 +203,9 @@ def _url_to_fs(url: str, storage_options: dict | None):
     try:
         return fsspec.core.url_to_fs(url, **(storage_options or {}))
     except ImportError as exc:  # the protocol's backend package (s3fs, gcsfs...) is missing; fsspec names it
-        raise MissingExtraError(f"{url}: {_one_line(exc)}") from None
+        raise MissingExtraError(f"{url}: {one_line(exc)}") from None
     except ValueError as exc:  # a protocol fsspec does not know
-        raise FormatError(f"{url}: {_one_line(exc)}") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else "") or type(exc).__name__
+        raise FormatError(f"{url}: {one_line(exc)}") from None
 
 
 class FsspecSource(Source):
@@ -233,7 +225,7 @@ class FsspecSource(Source):
         except FileNotFoundError:
             raise FormatError(f"{self.name}: not found") from None
         except Exception as exc:  # network and permission errors differ per backend
-            raise FormatError(f"{self.name}: cannot read ({_one_line(exc)})") from None
+            raise FormatError(f"{self.name}: cannot read ({one_line(exc)})") from None
         if info.get("type") == "directory":
             raise FormatError(f"{self.name}: is a folder, not a file")
         size = info.get("size")
@@ -256,7 +248,7 @@ class FsspecSource(Source):
         except FileNotFoundError:
             raise FormatError(f"{self.name}: not found") from None
         except Exception as exc:
-            raise FormatError(f"{self.name}: read of {length} bytes at {offset} failed ({_one_line(exc)})") from None
+            raise FormatError(f"{self.name}: read of {length} bytes at {offset} failed ({one_line(exc)})") from None
         self.requests += 1
         self.bytes_read += len(data)
         if len(data) != length:
@@ -314,7 +306,7 @@ def list_folder(path_or_url, storage_options: dict | None = None) -> list[Entry]
     except FileNotFoundError:
         raise FormatError(f"{url}: not found") from None
     except Exception as exc:
-        raise FormatError(f"{url}: cannot list ({_one_line(exc)})") from None
+        raise FormatError(f"{url}: cannot list ({one_line(exc)})") from None
     entries = []
     own = path.rstrip("/")
     for info in infos:

@@ -9,7 +9,7 @@ HEADER_STRUCT = "<8sIIQQ32s8s"
 # Header flags (u32 bit set); a reader refuses any bit it does not know.
 FLAG_MANIFEST_ZSTD = 1  # bit 0: the stored manifest is one zstandard frame of the JSON
 KNOWN_FLAGS = FLAG_MANIFEST_ZSTD
-# zstd level of the manifest (benchmarks/manifest_size.py, 1.08 MB manifest: ViT family, 20 q2 tasks):
+# zstd level of the manifest (benchmarks/RESULTS.md, "The manifest stored zstd-compressed": 1.08 MB manifest: ViT family, 20 q2 tasks):
 # level 9 stores it 8.1x smaller in 23 ms, level 19 9.1x in 1.2 s (an LLM's few-MB manifest: seconds, at
 # every pack, add and remove) for 0.01 bits per weight and task less: level 9.
 MANIFEST_ZSTD_LEVEL = 9

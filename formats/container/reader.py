@@ -119,9 +119,10 @@ def _is_quant(value, bits: int) -> bool:
 
 
 def _is_sharding(value, names) -> bool:
-    """{"files": {shard file: [tensor names of this task]}, "metadata": {...}}."""
+    """{"files": {shard file: [tensor names of this task]}, "metadata": {...}, optional "index": file name}."""
     files = value.get("files") if isinstance(value, dict) else None
     return (isinstance(files, dict) and isinstance(value.get("metadata", {}), dict)
+            and (value.get("index") is None or is_plain_file_name(value["index"]))
             and all(is_plain_file_name(file) and isinstance(part, list)
                     and all(isinstance(n, str) and n in names for n in part)
                     for file, part in files.items()))

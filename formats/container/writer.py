@@ -45,10 +45,10 @@ def encode_packed_mask_chunk(codec: str, packed: np.ndarray, count: int, level: 
 
 
 class ArchiveWriter:
-    def __init__(self, target, *, force: bool = False, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+    def __init__(self, target, *, force: bool = False, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, inputs=()):
         self.chunk_elements = chunk_elements
         self.sections: list[dict] = []
-        self._output = atomic_output(target, force=force)
+        self._output = atomic_output(target, force=force, inputs=inputs)
         self._tmp = self._output.__enter__()
         self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._position = HEADER_SIZE

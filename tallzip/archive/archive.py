@@ -97,6 +97,11 @@ class Archive:
             raise UnknownTaskError(f"no task {task!r} in {self.path.name}; tasks: {', '.join(self._tasks)}")
         return self._tasks[task]
 
+    def local_files(self) -> list:
+        """The files this archive reads: itself, and an attached base's."""
+        own = [self.path] if isinstance(self.path, Path) else []
+        return own + (self.base_checkpoint.local_files() if self.base_checkpoint is not None else [])
+
     # --- the base ---------------------------------------------------------------------------
     def attach_base(self, base):
         """For an archive packed with base_ref: use this checkpoint as the base, if its hash matches."""
@@ -352,14 +357,6 @@ class Archive:
             tensor = rebuild_from_bits(tensor, bits, mtv, device)
         return tensor.to(device=device, dtype=torch_dtype(dtype))
 
-    @staticmethod
-    def assemble_into(parts, out: torch.Tensor) -> torch.Tensor:
-        """assemble on the CPU into `out` (flat, the task's dtype): rebuilt there, or else copied in."""
-        _, tensor, masked = parts
-        if masked is not None and tensor.dtype == out.dtype:  # masked: (mtv, bits)
-            return rebuild_from_bits(tensor, masked[1], masked[0], torch.device("cpu"), out=out)
-        return out.copy_(Archive.assemble(parts, torch.device("cpu")).reshape(-1))
-
     def task_dtypes(self, task: str) -> dict:
         if task not in self._dtypes:
             self._dtypes[task] = dict(self.task_entry(task)["tensors"])
@@ -402,7 +399,12 @@ class Archive:
 
         def job(item):
             name, index, start, count = item
-            self.assemble_into(self.chunk_parts(task, name, index), outputs[name][start:start + count])
+            _, tensor, masked = parts = self.chunk_parts(task, name, index)
+            out = outputs[name][start:start + count]
+            if masked is not None and tensor.dtype == out.dtype:  # masked: (mtv, bits), rebuilt in its slice
+                rebuild_from_bits(tensor, masked[1], masked[0], torch.device("cpu"), out=out)
+            else:
+                out.copy_(self.assemble(parts, torch.device("cpu")).reshape(-1))
             return item
 
         items = [(name, i, start, count) for name in names for i, (start, count) in enumerate(self.plan(task, name))]

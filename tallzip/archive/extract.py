@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tallzip.errors import TallzipError
-from tallzip.formats.checkpoints.checkpoint import SAFETENSORS_EXT, SHARD_INDEX, TORCH_EXTS
+from tallzip.formats.checkpoints.folders import SAFETENSORS_EXT, TORCH_EXTS, shard_index
 from tallzip.formats.checkpoints.outputs import SafetensorsStream, atomic_output, save_tensors, write_shard_index
 from tallzip.formats.errors import CorruptArchiveError
 from tallzip.formats.container.constants import ROLE_FILE
@@ -76,10 +76,16 @@ def folder_files(entry: dict, fmt: str | None) -> list[str]:
     fmt = _task_format(entry, fmt)
     sharding = entry.get("sharding")
     if sharding and fmt == "safetensors":
-        model = [*sharding["files"], SHARD_INDEX]
+        model = [*sharding["files"], shard_index(sharding)]
     else:
         model = [_model_file_name(entry, fmt)]
-    return model + [f for f in entry.get("files", []) if f not in model]
+    return model + [f for f in _side_files(entry, fmt) if f not in model]
+
+
+def _side_files(entry: dict, fmt: str) -> list[str]:
+    """The task's side files that come back; a shard index kept as bytes only with its shards."""
+    index = shard_index(entry.get("sharding"))
+    return [f for f in entry.get("files", []) if f != index or fmt == "safetensors"]
 
 
 class _Counter:
@@ -117,11 +123,11 @@ def extract_task(archive, task: str, output, *, fmt=None, force=False, device="c
     device = resolve_device(device)
     tick = _Counter(progress, _tensor_count(archive, [task]))
     if named:
-        with atomic_output(output, force=force) as tmp:
+        with atomic_output(output, force=force, inputs=archive.local_files()) as tmp:
             _write_file(archive, task, tmp, named, device, tick)
         return _finish(ExtractReport(output, [task], [output], [output]), begin)
     files = folder_files(entry, fmt)
-    with atomic_output(output, force=force, folder=True, files=files) as tmp:
+    with atomic_output(output, force=force, folder=True, files=files, inputs=archive.local_files()) as tmp:
         _write_folder(archive, task, tmp, _task_format(entry, fmt), device, tick)
     return _finish(ExtractReport(output, [task], [output], [output / f for f in files]), begin)
 
@@ -146,7 +152,7 @@ def extract_all(archive, folder, *, fmt=None, force=False, device="cpu", progres
             outputs[task] = _model_file_name(entry, _task_format(entry, fmt))
             files.append(outputs[task])
     tick = _Counter(progress, _tensor_count(archive, tasks))
-    with atomic_output(folder, force=force, folder=True, files=files) as tmp:
+    with atomic_output(folder, force=force, folder=True, files=files, inputs=archive.local_files()) as tmp:
         together = {}
         for task in tasks:
             entry = archive.task_entry(task)
@@ -180,10 +186,11 @@ def _write_folder(archive, task: str, root: Path, fmt: str, device, tick):
     if sharding and fmt == "safetensors":
         _stream(archive, task, {root / f: names for f, names in sharding["files"].items()},
                 entry.get("metadata"), device, tick)
-        write_shard_index(root, sharding)
+        if shard_index(sharding) not in entry.get("files", []):  # archives before the index was kept as bytes
+            write_shard_index(root, sharding)
     else:
         _write_file(archive, task, root / _model_file_name(entry, fmt), fmt, device, tick)
-    for name in entry.get("files", []):
+    for name in _side_files(entry, fmt):
         data = archive.read_tensor(archive.section_entry(ROLE_FILE, name, task))
         (root / name).write_bytes(data.numpy().tobytes())
 

@@ -28,8 +28,9 @@ from tallzip.formats.container.writer import ArchiveWriter, encode_chunk
 from tallzip.formats.container.chunking import chunk_plan
 from tallzip.formats.tensors import to_bits
 from tallzip.options import DEFAULT_CODECS
+from tallzip.packing.manifest import task_entry
 from tallzip.packing.jobs import representation_pieces
-from tallzip.ops.representations import ADD_DEFAULT, representation_fields, representation_section
+from tallzip.ops.representations import ADD_DEFAULT, representation_section
 
 _SECTION_FIELDS = ("role", "tensor", "task", "dtype", "shape", "codec", "length", "chunks", "ones")
 PAUSE_ENV = "TALLZIP_EDIT_PAUSE"  # tests: "STAGE:FILE" touches FILE and sleeps at STAGE (copied, added, written)
@@ -109,12 +110,7 @@ def add(archive, checkpoint, task: str, *, keep: str = ADD_DEFAULT, base=None, p
             _pause("copied")
             _write_task(arc, writer, ckpt, task, keep, level, float_codec, chunk_elements)
             _pause("added")
-            entry = {"name": task, "representation": keep, **representation_fields(keep),
-                     "lambda": taskvec.DEFAULT_LAMBDA, "format": ckpt.format, "metadata": ckpt.metadata,
-                     "sharding": ckpt.sharding, "layout": "folder" if (ckpt.sharding or ckpt.extra_files) else "file",
-                     "file_name": ckpt.path.name if not ckpt.sharding else None,
-                     "tensors": [[n, ckpt.dtypes[n]] for n in ckpt.names],
-                     "files": list(ckpt.extra_files), "input_bytes": ckpt.nbytes}
+            entry = task_entry(task, ckpt, keep, taskvec.DEFAULT_LAMBDA)
             manifest = writer.finish(_edited_manifest(arc, [*arc.manifest["tasks"], entry]))
         _pause("written")
         return manifest

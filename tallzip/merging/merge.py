@@ -15,6 +15,7 @@ trim threshold over its WHOLE task vector, exactly, by histograms read chunk by 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections import OrderedDict
@@ -30,9 +31,9 @@ from tallzip.archive.archive import Archive
 from tallzip.run.chunks import chunk_plan, ordered_map, parse_memory, workers_within
 from tallzip.errors import TallzipError
 from tallzip.family import Family
-from tallzip.formats.checkpoints.checkpoint import CHECKPOINT_EXTS, TORCH_EXTS
+from tallzip.formats.checkpoints.folders import CHECKPOINT_EXTS, HF_MODEL_FILES, SAFETENSORS_EXT, TORCH_EXTS, shard_index
 from tallzip.formats.container.constants import (DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES, FLOAT_DTYPES, KIND_MASKED, KIND_PER_TASK, KIND_SHARED, ROLE_MTV)
-from tallzip.formats.checkpoints.outputs import SafetensorsStream, atomic_output, save_tensors
+from tallzip.formats.checkpoints.outputs import SafetensorsStream, atomic_output, save_tensors, write_shard_index
 from tallzip.formats.tensors import torch_dtype
 from tallzip.ops.tall import tall_mask
 from tallzip.ops.ties import MtvMerger
@@ -155,7 +156,8 @@ def merge_with_report(source, *, method: str, base=None, alpha=None, k=None, lam
 def merge_to_file(source, output, *, method: str, base=None, alpha=None, k=None, lambdas=None, density=None,
                   device="auto", force: bool = False, allow_nonfinite: bool = False, progress=None,
                   memory=None) -> MergeReport:
-    """Merge and write the model to `output`: safetensors, or a torch state dict for .pt/.pth/.bin.
+    """Merge and write the model to `output`: safetensors, a torch state dict for .pt/.pth/.bin, or for any
+    other name a folder in the base's layout (_write_folder). No input file is ever the output.
 
     The output keeps the base's tensor names, order, dtypes and (safetensors) metadata. A safetensors
     output is written chunk by chunk as the merge goes (memory: the budget); a torch output is one
@@ -163,11 +165,15 @@ def merge_to_file(source, output, *, method: str, base=None, alpha=None, k=None,
     """
     output = Path(output)
     fmt = _output_format(output)
-    if output.exists() and not force:  # fail before the work, not after it
+    if fmt != "folder" and output.exists() and not force:  # fail before the work, not after it
         raise TallzipError(f"{output}: already exists (use --force to overwrite)")
     options = _options(method, alpha, k, density, lambdas, allow_nonfinite)
     with _merge_run(source, options, base, device, progress, memory) as run:
-        with atomic_output(output, force=force) as tmp:
+        if fmt == "folder":
+            _write_folder(run, output, force)
+            run.report.output = str(output)
+            return run.report
+        with atomic_output(output, force=force, inputs=run.inputs) as tmp:
             if fmt == "safetensors":
                 with SafetensorsStream(tmp, run.specs, run.metadata) as stream:
                     for name, start, flat in run.chunks:
@@ -179,11 +185,41 @@ def merge_to_file(source, output, *, method: str, base=None, alpha=None, k=None,
 
 
 def _output_format(output: Path) -> str:
+    """safetensors or pt by the extension; any other name is a folder in the base's layout."""
     if output.suffix == ".safetensors":
         return "safetensors"
     if output.suffix in TORCH_EXTS:
         return "pt"
-    raise TallzipError(f"{output}: the output must end in .safetensors or one of {', '.join(TORCH_EXTS)}")
+    return "folder"
+
+
+def _write_folder(run: "_MergeRun", output: Path, force: bool):
+    """The merged model as a Hugging Face-style folder in the base's layout: its shards (and their index)
+    or its one safetensors file, and a copy of the base's side files (config.json, tokenizer, ...), so
+    that from_pretrained(output) loads it. An existing folder takes the files written, as for extract."""
+    base = run.base
+    names = [name for name, _, _ in run.specs]
+    if base is not None and base.sharding:
+        shards = {f: [n for n in shard if n in set(names)] for f, shard in base.sharding["files"].items()}
+    else:
+        own = base is not None and base.path.name in HF_MODEL_FILES and base.path.suffix == SAFETENSORS_EXT
+        shards = {base.path.name if own else "model" + SAFETENSORS_EXT: names}
+    side = dict(base.extra_files) if base is not None else {}
+    index = shard_index(base.sharding) if base is not None else None
+    files = [*shards, *(f for f in side if f not in shards), *([index] if index and index not in side else [])]
+    specs = {name: (name, dtype, shape) for name, dtype, shape in run.specs}
+    with atomic_output(output, force=force, folder=True, files=files, inputs=run.inputs) as tmp:
+        with contextlib.ExitStack() as streams:  # each shard complete, or every one aborted
+            owner = {}
+            for f, part in shards.items():
+                stream = streams.enter_context(SafetensorsStream(tmp / f, [specs[n] for n in part], run.metadata))
+                owner.update((n, stream) for n in part)
+            for name, start, flat in run.chunks:
+                owner[name].write_part(name, start, flat)
+        for fname, path in side.items():  # the base's index among them: its very bytes
+            (tmp / fname).write_bytes(path.read_bytes())
+        if index and index not in side:
+            write_shard_index(tmp, base.sharding)
 
 
 @dataclass
@@ -194,6 +230,8 @@ class _MergeRun:
     metadata: dict | None
     report: MergeReport
     chunks: object
+    inputs: list = field(default_factory=list)  # the files read: never an output
+    base: object = None  # the base Checkpoint, when at hand: its layout and side files for a folder output
 
 
 def _assembled(run: _MergeRun) -> "OrderedDict[str, torch.Tensor]":
@@ -300,7 +338,7 @@ def _from_family(family: Family, source: str, opt: _Options, device, progress, b
     sizes = {n: math.prod(family.base.shapes[n]) for n in names}
     specs = [(n, family.base.dtypes[n], tuple(family.base.shapes[n])) for n in names]
     chunks = _streamed(items, job, cost, budget, report, sizes, progress)
-    return _MergeRun(specs, family.base.metadata, report, chunks)
+    return _MergeRun(specs, family.base.metadata, report, chunks, family.local_files(), family.base)
 
 
 # --- from an archive -----------------------------------------------------------------------------
@@ -398,7 +436,8 @@ def _from_archive(archive: Archive, opt: _Options, device, progress, memory) -> 
     sizes = {n: math.prod(archive.tensors[n]["shape"]) for n in names}
     specs = [(n, archive.tensors[n]["dtype"], tuple(archive.tensors[n]["shape"])) for n in names]
     chunks = _streamed(items, job, cost, budget, report, sizes, progress)
-    return _MergeRun(specs, archive.base_info.get("metadata"), report, chunks)
+    return _MergeRun(specs, archive.base_info.get("metadata"), report, chunks, archive.local_files(),
+                     archive.base_checkpoint)
 
 
 # --- shared pieces -------------------------------------------------------------------------------

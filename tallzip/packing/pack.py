@@ -22,11 +22,13 @@ from tallzip.formats.container.constants import (DTYPE_SIZES, FLOAT_DTYPES, FORM
                                                  KIND_SHARED, ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV)
 from tallzip.formats.container.reader import is_plain_file_name
 from tallzip.formats.container.writer import ArchiveWriter
-from tallzip.ops.representations import (REPRESENTATION_ROLES, representation_fields, representation_section,
+from tallzip.formats.checkpoints.outputs import refuse_inputs_as_output
+from tallzip.ops.representations import (REPRESENTATION_ROLES, representation_section,
                                          task_representations)
 from tallzip.ops.ties import MtvMerger
 from tallzip.options import DEFAULT_LEVEL, DEFAULT_MTV_DTYPE, MTV_DTYPES, checked_codecs
 from tallzip.packing.jobs import ChunkJob, PackSettings, dtype_of, job_cost, run_job
+from tallzip.packing.manifest import task_entry
 from tallzip.packing.lambdas import LambdaSelector, selected_lambdas, task_lambdas
 from tallzip.packing.selection import RepresentationSelector, choose as choose_representations
 
@@ -64,9 +66,11 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
     budget = parse_memory(memory)
     chunk_elements = checked_chunk_elements(chunk_elements)
     family = Family.open(tasks, base)
-    engine, own_engine = _pack_engine(engine, address, workers)
-    if engine is not None:
+    refuse_inputs_as_output([output], family.local_files())  # before any work (the writer checks again)
+    if not (isinstance(engine, str) and engine == "local"):  # tallzip's own refusals before Ray is looked for
         device = _engine_device(device)
+        _refuse_torch_pickles_elsewhere(engine if isinstance(engine, str) else engine.name, family)
+    engine, own_engine = _pack_engine(engine, address, workers)
     device = resolve_device(device)
     task_names = family.names
     for t in task_names:  # extract writes a file or folder per task, named after it
@@ -115,7 +119,7 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
 
     tensors_table = {name: {"kind": kinds[name], "dtype": family.base.dtypes[name],
                             "shape": list(family.base.shapes[name])} for name in family.base.names}
-    with ArchiveWriter(output, force=force, chunk_elements=chunk_elements) as writer, single_torch_thread(device):
+    with ArchiveWriter(output, force=force, chunk_elements=chunk_elements, inputs=family.local_files()) as writer, single_torch_thread(device):
         entries = {}  # (role, name, task) -> section entry, created in the order the archive lists them
 
         def entry_for(role, job, task, mtv_dtype_name=None):
@@ -164,18 +168,7 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
             if progress:
                 progress("packing", done, len(jobs))
 
-        task_entries = []
-        for t in task_names:
-            ckpt = family.tasks[t]
-            task_entries.append({
-                "name": t, "representation": reps[t], **representation_fields(reps[t]), "lambda": lam[t],
-                "format": ckpt.format,
-                "metadata": ckpt.metadata, "sharding": ckpt.sharding,
-                "layout": "folder" if (ckpt.sharding or ckpt.extra_files) else "file",
-                "file_name": ckpt.path.name if not ckpt.sharding else None,
-                "tensors": [[n, ckpt.dtypes[n]] for n in ckpt.names],
-                "files": list(ckpt.extra_files), "input_bytes": ckpt.nbytes,
-            })
+        task_entries = [task_entry(t, family.tasks[t], reps[t], lam[t]) for t in task_names]
         manifest = {
             "format": "tallzip", "version": FORMAT_VERSION, "created_by": f"tallzip {__version__}",
             "merge": {"method": merge, **({"density": density} if merge == "ties" else {})},
@@ -219,17 +212,20 @@ def _engine_device(device):
     raise TallzipError(f"--device {device}: jobs on an engine run on its workers' CPUs (use --device cpu)")
 
 
+def _refuse_torch_pickles_elsewhere(engine_name: str, family):
+    from tallzip.formats.checkpoints.checkpoint import TorchCheckpoint
+    if engine_name != "local":
+        for label, ckpt in [("base", family.base), *family.tasks.items()]:
+            if isinstance(ckpt, TorchCheckpoint):  # its lazy reader holds a lock and an open zip: not sent
+                raise TallzipError(f"--engine {engine_name}: {label} {ckpt.path.name} is a torch pickle; chunk jobs "
+                                   f"elsewhere read safetensors only (convert it, or use --engine local)")
+
+
 def _engine_results(engine, own_engine, jobs, family, settings, budget):
     """The chunk jobs' results, in order, from `engine`: (family, settings) are shared once (Ray's object
     store), each job carries only its tensor name and element range. An engine made here closes after."""
     from tallzip.run.engines import Job
     from tallzip.packing.jobs import run_shared_job
-    from tallzip.formats.checkpoints.checkpoint import TorchCheckpoint
-    if engine.name != "local":
-        for label, ckpt in [("base", family.base), *family.tasks.items()]:
-            if isinstance(ckpt, TorchCheckpoint):  # its lazy reader holds a lock and an open zip: not sent
-                raise TallzipError(f"--engine {engine.name}: {label} {ckpt.path.name} is a torch pickle; chunk jobs "
-                                   f"elsewhere read safetensors only (convert it, or use --engine local)")
     with engine if own_engine else contextlib.nullcontext():
         shared = engine.share((family, settings))
         tasks = (Job(run_shared_job, (job, shared), label=f"{job.kind} {job.name} #{job.index}", nbytes=job.cost)

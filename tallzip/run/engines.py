@@ -16,15 +16,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from tallzip.errors import TallzipError
+from tallzip.errors import MissingExtraError, TallzipError
+from tallzip.formats.errors import one_line
 from tallzip.run.threads import available_cpus
 
 RAY_EXTRA_HINT = "pip install 'tallzip[ray]'"
 ENGINES = ("local", "ray")
-
-
-class MissingExtraError(TallzipError):
-    """An optional dependency that the request needs is not installed (the message names the extra)."""
 
 
 @dataclass(frozen=True)
@@ -41,11 +38,6 @@ class Job:
 def run_job(fn, *args, **kwargs):
     """The body every engine runs: kept trivial so that a job behaves the same wherever it runs."""
     return fn(*args, **kwargs)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else "") or type(exc).__name__
 
 
 class Engine:
@@ -210,7 +202,7 @@ class RayEngine(Engine):
                 ray.init(address=self.address, **options)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise TallzipError(f"ray: cannot start or reach the cluster at {self.address or 'a new local cluster'}"
-                                   f" ({_one_line(exc)})") from None
+                                   f" ({one_line(exc)})") from None
             self._started_ray = True
         cpus = ray.cluster_resources().get("CPU", 1)
         self._workers = max(1, int(cpus // self.cpus_per_job))
@@ -233,10 +225,10 @@ class RayEngine(Engine):
             cause = exc.cause
             if isinstance(cause, Exception):  # the job's own error, raised as if it had run here
                 raise cause from None
-            raise TallzipError(f"job {job.label or job.fn.__name__}: {_one_line(exc)}") from None
+            raise TallzipError(f"job {job.label or job.fn.__name__}: {one_line(exc)}") from None
         except ray.exceptions.RayError as exc:  # a worker or node lost more often than max_retries, OOM...
             raise TallzipError(f"ray: job {job.label or job.fn.__name__} failed after {self.max_retries} "
-                               f"retries ({_one_line(exc)})") from None
+                               f"retries ({one_line(exc)})") from None
 
     def _cancel(self, ref):
         try:

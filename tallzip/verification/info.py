@@ -20,6 +20,16 @@ REPRESENTATION_SECTION_ROLES = (ROLE_MASK, "qcodes", "qscales", "qoffsets", "del
 FULL_PRECISION_MTV = ("F32", "F64")
 LOSSLESS_MEANS = ("every task rebuilds exactly as base + mask * mtv with the float32 mtv the masks were made "
                   "from (the TALL rule itself is not the fine-tuned model: see `verify --against`)")
+LOSSLESS_MEANS_EXACT = "every task is kept exact and comes back bit for bit (no mtv or mask is stored)"
+LOSSLESS_MEANS_MIXED = ("the tall tasks rebuild exactly as base + mask * mtv with the float32 mtv their masks were "
+                        "made from (the TALL rule itself is not the fine-tuned model: see `verify --against`); the "
+                        "exact tasks come back bit for bit")
+
+
+def lossless_means(representations) -> str:
+    """What "lossless" promises for an archive whose tasks are kept as `representations` (tall, exact)."""
+    kinds = set(representations)
+    return LOSSLESS_MEANS_EXACT if "tall" not in kinds else LOSSLESS_MEANS if kinds == {"tall"} else LOSSLESS_MEANS_MIXED
 NOT_CHECKED = "sections not checked: run `tallzip verify`"
 
 
@@ -83,7 +93,7 @@ def summary(archive: Archive) -> dict:
         "lossless": (all(d in FULL_PRECISION_MTV for d in mtv_dtypes) and all_codecs <= LOSSLESS_CODECS
                      and not any(r["representation"] in QUANT_BITS for r in tasks.values())),
         "representations": {t: r["representation"] for t, r in tasks.items()},
-        "lossless_means": LOSSLESS_MEANS,
+        "lossless_means": lossless_means(r["representation"] for r in tasks.values()),
         "checked": False, "not_checked": NOT_CHECKED,
         "merge": m["merge"], "base_by_reference": m["base"].get("by_reference", False),
         "parameters": {"base": all_params, "masked": masked_params, "by_kind": kinds},

@@ -29,7 +29,8 @@ from tallzip.archive.archive import Archive
 from tallzip.run.chunks import ordered_map, workers_within
 from tallzip.errors import TallzipError, TaskMismatchError
 from tallzip.family import Family
-from tallzip.formats.checkpoints.checkpoint import discover_tasks, open_checkpoint
+from tallzip.formats.checkpoints.checkpoint import open_checkpoint
+from tallzip.formats.checkpoints.folders import discover_tasks, shard_index
 from tallzip.formats.container.constants import KIND_PER_TASK, ROLE_MTV, ROLE_OWN
 from tallzip.formats.tensors import torch_dtype
 from tallzip.ops.ties import MtvMerger
@@ -91,8 +92,10 @@ class _Folder:
         self.missing = [t for t in archive.tasks if t not in paths]
         self.not_in_archive = sorted(set(paths) - set(archive.tasks))
         self.checkpoints = {}
+        # the paper's release keeps the base inside a task folder: it is no side file of that task
+        base_source = archive.base_info.get("source")
         for i, task in enumerate(self.tasks):
-            self.checkpoints[task] = open_checkpoint(paths[task])
+            self.checkpoints[task] = open_checkpoint(paths[task], exclude=[base_source] if base_source else ())
             if progress:
                 progress("opening checkpoints", i + 1, len(self.tasks))
         self.complete = not self.missing
@@ -187,6 +190,8 @@ def _verdicts(archive: Archive, folder: _Folder, total: UnitResult) -> dict:
             if name not in packed_names[task]:
                 findings[task].differences.append({"tensor": name, "what": "not in the archive"})
         for fname in ckpt.extra_files:
+            if fname == shard_index(entry.get("sharding")) and fname not in entry.get("files", []):
+                continue  # archives before the index was kept as bytes rebuild it from their sharding
             if fname not in entry.get("files", []):
                 findings[task].differences.append({"file": fname, "what": "side file not in the archive"})
         if (ckpt.metadata or None) != (entry.get("metadata") or None):

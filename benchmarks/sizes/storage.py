@@ -1,15 +1,15 @@
 """Storage of a TALL-mask family under each of issue 7's options, against the paper's layout.
 
-    python -m benchmarks.storage                          # ViT-B/32-shaped family, N = 8, 14, 20
-    python -m benchmarks.storage --layers 1 --tasks 8     # a quick look (one transformer block)
-    python -m benchmarks.storage --write-results          # also write the tables into benchmarks/RESULTS.md
+    python -m benchmarks.sizes storage                          # ViT-B/32-shaped family, N = 8, 14, 20
+    python -m benchmarks.sizes storage --layers 1 --tasks 8     # a quick look (one transformer block)
+    python -m benchmarks.sizes storage --write-results          # also write the tables into benchmarks/RESULTS.md
 
 The family: the visual tower of an open_clip ViT-B/32 (tallzip.demo.vit_shapes(**VIT_B32),
 87,849,216 parameters) plus the frozen text-side tensors that the paper's released image-encoder
 checkpoints carry (token embedding 49408 x 512, text positional embedding, final LayerNorm, text
 projection, logit scale: 25,599,489 parameters, 22.6% of 113,448,705), each task with its own small
-head. Task vectors are GENERATED (tallzip.demo.make_task: heavy-tailed, with a per-weight gain
-shared across tasks), not trained, so mask densities and how well |mtv| predicts them are modelled:
+head (benchmarks.fixtures, preset vit-b32-clip). Task vectors are GENERATED (the fixtures' fine-tune
+model: a share of 25-40% of each tensor's weights moved per task, plus a low-rank part), not trained, so mask densities and how well |mtv| predicts them are modelled:
 the real family (below) is the check on them. 20 task files are generated once (9.1 GB) into
 --work-dir and reused; N = 8 and 14 are the first 8 and 14 of them. The measured sizes are kept
 there too and reused while the inputs, the settings and the codecs' output on a fixed sample stay
@@ -59,16 +59,14 @@ import numpy as np
 import torch
 
 import tallzip
-from tallzip.ops import tall, taskvec
-from tallzip.demo import CLIP_TEXT_FROZEN, VIT_B32, make_base, make_task, vit_shapes
-from tallzip.family import Family
-from tallzip.formats.codecs import registry as codecs
-from tallzip.formats.checkpoints.outputs import save_tensors
-from tallzip.options import DEFAULT_CODECS, DEFAULT_MTV_DTYPE
-from tallzip.formats.tensors import to_bits
-from tallzip.run.threads import available_cpus
+from tallzip.demo import VIT_B32
 
-HERE = Path(__file__).resolve().parent
+from benchmarks.fixtures import generate
+from benchmarks.fixtures.families import vit_preset
+from benchmarks.sizes.library import (DEFAULT_CODECS, DEFAULT_MTV_DTYPE, Family, available_cpus, codecs, tall_mask,
+                                      taskvec, to_bits)
+
+HERE = Path(__file__).resolve().parents[1]  # benchmarks/
 CACHE_ROOT = HERE / ".cache"
 RESULTS_MD = HERE / "RESULTS.md"
 ACCURACY_JSON = HERE / "results" / "accuracy.json"
@@ -116,28 +114,21 @@ PACKED = LAYOUTS[-1]  # packed for real and checked byte for byte
 # --- the generated family ----------------------------------------------------------------------
 
 def synthetic_family(work_dir: Path, n_tasks: int, layers: int, log) -> tuple[Path, dict[str, Path]]:
-    """Write (or reuse) the base and n_tasks task files; returns (base path, {task: path})."""
-    settings = {"version": 1, "shapes": {**VIT_B32, "layers": layers}, "frozen": CLIP_TEXT_FROZEN, "seed": 0}
+    """Generate (once, then reuse) the base and n_tasks task files (benchmarks.fixtures, preset vit-b32-clip
+    cut to `layers` blocks); returns (base path, {task: path})."""
+    preset = vit_preset(clip=True, **{**VIT_B32, "layers": layers})
     folder = work_dir / f"vitb32-{layers}layers"
-    stamp = folder / "storage-family.json"
-    if not stamp.exists() or json.loads(stamp.read_text()).get("settings") != settings:
+    stamp = folder.with_name(folder.name + ".json")
+    settings = {"version": 2, "preset": repr(preset), "tasks": n_tasks, "seed": 0}
+    if not stamp.exists() or json.loads(stamp.read_text()) != settings:
         shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    base_path = folder / "base.safetensors"
-    paths = {f"task{i:02d}": folder / f"task{i:02d}.safetensors" for i in range(n_tasks)}
-    done = json.loads(stamp.read_text())["files"] if stamp.exists() else []
-    if all(p.name in done for p in [base_path, *paths.values()]):
-        return base_path, paths
-    start = time.perf_counter()
-    base = make_base(vit_shapes(**{**VIT_B32, "layers": layers}), **CLIP_TEXT_FROZEN, seed=0)
-    for path, make in [(base_path, lambda: base)] + [(p, lambda i=i: make_task(base, i, seed=0))
-                                                      for i, p in enumerate(paths.values())]:
-        if path.name not in done:
-            save_tensors(make(), path, "safetensors", {"generated_by": "benchmarks.storage"})
-            done.append(path.name)
-            stamp.write_text(json.dumps({"settings": settings, "files": done}))
-    log(f"generated the family in {folder} ({time.perf_counter() - start:.0f} s)")
-    return base_path, paths
+        stamp.unlink(missing_ok=True)
+        start = time.perf_counter()
+        generate(folder, preset, n_tasks, log=None)
+        stamp.write_text(json.dumps(settings))
+        log(f"generated the family in {folder} ({time.perf_counter() - start:.0f} s)")
+    paths = {p.name.split(".")[0]: p for p in sorted((folder / "tasks").glob("task*.safetensors"))}
+    return folder / "base.safetensors", paths
 
 
 def real_family(real_dir: Path | None) -> tuple[Path, Path, dict[str, Path], str] | None:
@@ -267,7 +258,7 @@ def measure(base_path: Path, task_paths: dict, task_counts, lam: float, log) -> 
             # one context dict per stored mtv, shared by all tasks of the tensor (the codec caches its grouping)
             contexts = {d: {"mtv": stored[d].to(torch.float32).reshape(-1).numpy(), "shape": tuple(base.shape)}
                         for d in MTV_DTYPES}
-            masks = [tall.tall_mask(base, t, mtv, lam) for t in tasks[:n]]
+            masks = [tall_mask(base, t, mtv, lam) for t in tasks[:n]]
             # the first task here: it builds the contexts' groupings, which the other tasks' jobs then share
             first = _mask_sizes(masks[0], contexts)
             mask_jobs = [pool.submit(_mask_sizes, m, contexts) for m in masks[1:]]
@@ -329,7 +320,7 @@ def pack_checked(base_path, task_paths, n, sizes: Sizes, lam, out_dir: Path, log
         family = Family.open({t: task_paths[t] for t in list(task_paths)[:n]}, base_path)
         base, tasks = family.tensors(name)
         mtv = taskvec.sum_task_vectors(base, tasks)
-        mask = tall.tall_mask(base, tasks[-1], mtv, lam)
+        mask = tall_mask(base, tasks[-1], mtv, lam)
         expected = taskvec.rebuild(base, mask, mtv.to(torch.bfloat16).to(torch.float32))
         if not torch.equal(archive.task_tensor(task, name), expected):
             raise SystemExit(f"N={n}: task {task!r} tensor {name!r} does not rebuild as base + mask * bf16(mtv)")
@@ -487,7 +478,7 @@ def main(argv=None) -> int:
     def log(text, end="\n"):
         print(text, end=end, file=sys.stderr, flush=True)
 
-    command = "python -m benchmarks.storage" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+    command = "python -m benchmarks.sizes storage" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
     out(f"$ {command}")
     started = time.perf_counter()
     accuracy = accuracy_lookup()
@@ -512,7 +503,7 @@ def main(argv=None) -> int:
     real = None if args.no_real else real_family(args.real_dir)
     out("")
     if real is None:
-        out("REAL family: none built (python -m benchmarks.family --tasks 20 builds one into benchmarks/.cache)")
+        out("REAL family: none built (python -m benchmarks.accuracy --only family --tasks 20 builds one into benchmarks/.cache)")
     else:
         root, real_base, real_tasks, description = real
         counts = [n for n in task_counts if n <= len(real_tasks)]
@@ -528,6 +519,7 @@ def main(argv=None) -> int:
 
     if args.clean:
         shutil.rmtree(args.work_dir / f"vitb32-{args.layers}layers", ignore_errors=True)
+        (args.work_dir / f"vitb32-{args.layers}layers.json").unlink(missing_ok=True)
     if args.write_results:
         write_results(lines)
     return 0
@@ -545,6 +537,3 @@ def write_results(lines):
         text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
     RESULTS_MD.write_text(text)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

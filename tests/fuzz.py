@@ -1,7 +1,7 @@
 """Fuzz the archive reader: damaged archives are refused or harmless, never silently wrong.
 
-    python -m benchmarks.fuzz                      # 10,000 random corruptions + 1,000 hostile manifests
-    python -m benchmarks.fuzz --cases 1000 --hostile 300 --seed 1
+    python tests/fuzz.py                           # 10,000 random corruptions + 1,000 hostile manifests
+    python tests/fuzz.py --cases 1000 --hostile 300 --seed 1
 
 Packs a small family (3 tasks, tiny ViT-shaped tensors), then for each case damages a copy of the
 archive, opens it with `tallzip.open` and loads every task. Kinds of damage:

@@ -1,20 +1,16 @@
 """Measure tallzip's codecs on a checkpoint family: floats (base, mtv) and TALL masks.
 
-    python -m benchmarks.codecs                       # synthetic family + the real one if cached (~30 s)
-    python -m benchmarks.codecs --tasks 8 --levels 3 --no-throughput
-    python -m benchmarks.codecs --family real --real-dir PATH   # a family folder built elsewhere
+    python -m benchmarks.sizes codecs                 # synthetic family + the real one if cached (~30 s)
+    python -m benchmarks.sizes codecs --tasks 8 --levels 3 --no-throughput
+    python -m benchmarks.sizes codecs --family real --real-dir PATH   # a family folder built elsewhere
 
 Two families:
 - SYNTHETIC (always): one ViT-B-sized transformer block (fused qkv 2304x768, out-proj 768x768,
-  MLP 3072x768 and 768x3072, their biases, two LayerNorms). Base weights ~ N(0, 0.02) float32
-  (LayerNorm weights ~ 1 + N(0, 0.02)). Each task vector is heavy-tailed (Student-t, 4 degrees of
-  freedom, plus a small direction shared by all tasks) times a scale that varies per task, per row,
-  per column and per weight; the per-weight "importance" is partly shared between tasks (a random
-  overlap per task), so the same weights tend to matter to several tasks. Fine-tuned weights are
-  rounded to float32 (theta_t = fl32(base + tau)) and task vectors recomputed from them, as the
-  archive does. This is a model of real fine-tuning, not real fine-tuning: use it to compare codecs,
-  not to predict absolute sizes.
-- REAL (when benchmarks/.cache/*/family.json exists, built by `python -m benchmarks.family`, or
+  MLP 3072x768 and 768x3072, their biases, two LayerNorms), its sides times --scale, float32, from
+  benchmarks.fixtures (the one family generator: base ~ N(0, 0.02), each task moving a share of 25-40%
+  of each tensor's weights by ~1e-3 and the rest 100x less, plus a low-rank part). This is a model of
+  real fine-tuning, not real fine-tuning: use it to compare codecs, not to predict absolute sizes.
+- REAL (when benchmarks/.cache/*/family.json exists, built by `python -m benchmarks.accuracy --only family`, or
   --real-dir): a small ViT pretrained on real images and fully fine-tuned on real-data tasks. Read,
   never built here. Its tensors are small (128 wide), so per-section overheads weigh more than in
   a ViT-B/32.
@@ -25,7 +21,7 @@ the mtv rounded to bfloat16 under zstd, planes+zstd (one frame per byte plane, a
 planes), planes+ans and zipnn (when installed); for the masks (lambda = --lam): the binary entropy of
 each task's density, conditional entropies given mtv contexts, bits+zstd, |mtv|-sorted bits + zstd,
 bits-ctx (format v1's context codec), bits-ctx with the bf16 mtv as context, bits-lvl (format v2's,
-here each tensor one chunk; benchmarks/chunk_codecs.py measures it by chunk) and bits-ctx-prior
+here each tensor one chunk; benchmarks/sizes/chunks.py measures it by chunk) and bits-ctx-prior
 (also conditions on earlier tasks' masks: breaks random access, measured only); a storage total; and
 speeds on one full-size ViT-B/32 tensor. Every coded section is decoded and compared bit for bit.
 """
@@ -44,9 +40,11 @@ import numpy as np
 import zstandard
 
 from tallzip.demo import VIT_B32, vit_shapes
-from tallzip.formats.codecs import registry as codecs, floats as float_codecs, mask_ctx as mask_codecs
 
-CACHE_ROOT = Path(__file__).resolve().parent / ".cache"
+from benchmarks.fixtures import Preset, arrays, timed
+from benchmarks.sizes.library import codecs, float_codecs, mask_codecs
+
+CACHE_ROOT = Path(__file__).resolve().parents[1] / ".cache"
 
 
 # --- families ---------------------------------------------------------------------------------
@@ -61,31 +59,10 @@ def _scaled_shape(shape, scale):
     return tuple(max(1, int(round(d * scale))) for d in shape)
 
 
-def synthetic_family(n_tasks, scale, seed, tau_scale=3e-4, names=None):
-    """(base, [fine-tuned]) dicts of float32 arrays; see the module docstring for the model."""
-    rng = np.random.default_rng(seed)
-    base, tuned = {}, [dict() for _ in range(n_tasks)]
-    task_scales = rng.lognormal(0.0, 0.4, n_tasks)
-    for name, shape in SYNTHETIC_BLOCK.items():
-        if names is not None and name not in names:
-            continue
-        shape = _scaled_shape(shape, scale)
-        rows, cols = (shape[0], int(np.prod(shape[1:]))) if len(shape) > 1 else (1, shape[0])
-        offset = 1.0 if name.startswith("ln_") and name.endswith("weight") else 0.0
-        base_weights = (offset + rng.normal(0.0, 0.02, (rows, cols))).astype(np.float32)
-        row_scale = rng.lognormal(0.0, 0.5, (rows, 1))
-        col_scale = rng.lognormal(0.0, 0.5, (1, cols))
-        shared_importance = rng.lognormal(0.0, 0.7, (rows, cols))
-        shared_direction = rng.laplace(size=(rows, cols))
-        base[name] = base_weights.reshape(shape)
-        for t in range(n_tasks):
-            overlap = rng.uniform(0.3, 0.8)
-            importance = shared_importance ** overlap * rng.lognormal(0.0, 0.7, (rows, cols)) ** (1.0 - overlap)
-            task_rows = rng.lognormal(0.0, 0.6, (rows, 1))
-            direction = rng.standard_t(4, (rows, cols)) + 0.3 * shared_direction
-            tau = tau_scale * task_scales[t] * row_scale * col_scale * task_rows * importance * direction
-            tuned[t][name] = (base_weights + tau.astype(np.float32)).reshape(shape)
-    return base, tuned
+def synthetic_family(n_tasks, scale, seed, names=None):
+    """(base, [fine-tuned]) dicts of float32 arrays: one ViT-B/32 block, sides x scale (benchmarks.fixtures)."""
+    shapes = tuple((name, _scaled_shape(shape, scale)) for name, shape in SYNTHETIC_BLOCK.items())
+    return arrays(Preset(shapes), n_tasks, seed, names=names)
 
 
 def cached_real_family(max_tasks, folder=None):
@@ -177,12 +154,9 @@ class Tally:
         return 8.0 * coded / max(elements, 1)
 
 
-def timed(function, *args, **kwargs):
-    """(result, CPU seconds of this process): the codecs run on one thread, and CPU time is not
-    inflated by other jobs sharing the machine the way wall time is."""
-    start = time.process_time()
-    result = function(*args, **kwargs)
-    return result, time.process_time() - start
+def cpu_timed(function, *args, **kwargs):
+    """(result, CPU seconds of this process): the codecs run on one thread."""
+    return timed(function, *args, clock=time.process_time, **kwargs)
 
 
 # --- float sections ---------------------------------------------------------------------------
@@ -230,16 +204,16 @@ def measure_float_section(tally, values, levels, zipnn, dtype_name):
     runs = [(f"{codec} L{level}", codec, level) for codec in ("zstd", "planes+zstd") for level in levels]
     runs.append(("planes+ans", "planes+ans", 0))
     for label, codec, level in runs:
-        (data, params), enc_s = timed(codecs.encode, codec, values, level=level)
-        decoded, dec_s = timed(codecs.decode, codec, data, dtype=values.dtype, count=values.size, params=params)
+        (data, params), enc_s = cpu_timed(codecs.encode, codec, values, level=level)
+        decoded, dec_s = cpu_timed(codecs.decode, codec, data, dtype=values.dtype, count=values.size, params=params)
         assert np.array_equal(decoded, values), codec
         tally.add(label, len(data), values.size, enc_s, dec_s, raw)
     tally.add(f"planes, one zstd frame L{levels[-1]}", one_frame_planes(values, levels[-1]), values.size, raw_bytes=raw)
     tally.add("order-0 entropy of planes", plane_entropy_bytes(values), values.size, raw_bytes=raw)
     if zipnn is not None and values.size >= 256:
         encode, decode = zipnn
-        data, enc_s = timed(encode, values.tobytes(), dtype_name)
-        decoded, dec_s = timed(decode, data, dtype_name)
+        data, enc_s = cpu_timed(encode, values.tobytes(), dtype_name)
+        decoded, dec_s = cpu_timed(decode, data, dtype_name)
         assert decoded == values.tobytes(), "zipnn round trip"
         tally.add("zipnn 0.5.4", len(data), values.size, enc_s, dec_s, raw)
 
@@ -283,8 +257,8 @@ def mask_context_groups(mask, context, params):
 
 
 def code_mask(tally, per_task, t, label, codec, mask, level, context=None):
-    (data, params), enc_s = timed(codecs.encode, codec, mask, level=level, context=context)
-    decoded, dec_s = timed(codecs.decode, codec, data, dtype=np.bool_, count=mask.size, params=params, context=context)
+    (data, params), enc_s = cpu_timed(codecs.encode, codec, mask, level=level, context=context)
+    decoded, dec_s = cpu_timed(codecs.decode, codec, data, dtype=np.bool_, count=mask.size, params=params, context=context)
     assert np.array_equal(decoded, mask), label
     tally.add(label, len(data), mask.size, enc_s, dec_s)
     per_task[t].add(label, len(data), mask.size)
@@ -296,7 +270,7 @@ def measure_masks(tensor_masks, mtv, mtv_bf16_f32, tally, per_task, level, choic
     flat_masks = [m.reshape(-1) for m in tensor_masks]
     count = mtv.size
     context = {"mtv": mtv}
-    _, build_s = timed(lambda: [mask_codecs.mtv_grouping(context, count, f, "bench") for f in mask_codecs.features_for(mtv.shape)])
+    _, build_s = cpu_timed(lambda: [mask_codecs.mtv_grouping(context, count, f, "bench") for f in mask_codecs.features_for(mtv.shape)])
     timings["context build"] += build_s
     context_bf16 = {"mtv": mtv_bf16_f32}
     context_lvl = {"mtv": mtv, "shape": mtv.shape}  # the whole tensor as one chunk
@@ -412,7 +386,7 @@ def full_size_throughput(args, zipnn):
     print(f"\n=== THROUGHPUT on one full-size tensor ({name} {theta_0.shape}, {args.tasks} tasks), one core;"
           f" seconds scaled to a ViT-B/32 vision tower ({VIT_B32_PARAMS:,} params)")
     context = {"mtv": mtv}
-    _, build_s = timed(lambda: [mask_codecs.mtv_grouping(context, count, f, "bench") for f in mask_codecs.features_for(mtv.shape)])
+    _, build_s = cpu_timed(lambda: [mask_codecs.mtv_grouping(context, count, f, "bench") for f in mask_codecs.features_for(mtv.shape)])
     print(f"  bits-ctx context build (once per tensor, all tasks share it): {count / build_s / 1e6:6.0f} M params/s"
           f" -> {VIT_B32_PARAMS / count * build_s:5.2f} s per model")
     print(f"  {'mask codec':22s} {'bits/param':>10s} {'enc Mbit/s':>10s} {'dec Mbit/s':>10s} {'enc s/task':>10s} {'dec s/task':>10s}")
@@ -421,9 +395,9 @@ def full_size_throughput(args, zipnn):
                                      ("bits-lvl", "bits-lvl", args.levels[-1], {"mtv": mtv})):
         coded, enc_s, dec_s = 0, 0.0, 0.0
         for mask in masks:
-            (data, params), seconds = timed(codecs.encode, codec, mask, level=level, context=ctx)
+            (data, params), seconds = cpu_timed(codecs.encode, codec, mask, level=level, context=ctx)
             enc_s += seconds
-            decoded, seconds = timed(codecs.decode, codec, data, dtype=np.bool_, count=count, params=params, context=ctx)
+            decoded, seconds = cpu_timed(codecs.decode, codec, data, dtype=np.bool_, count=count, params=params, context=ctx)
             dec_s += seconds
             assert np.array_equal(decoded, mask)
             coded += len(data)
@@ -437,18 +411,18 @@ def full_size_throughput(args, zipnn):
     for label, codec, level in runs:  # best of two runs: the first pays for page faults
         enc_s, dec_s = np.inf, np.inf
         for _ in range(2):
-            (data, params), seconds = timed(codecs.encode, codec, values, level=level)
+            (data, params), seconds = cpu_timed(codecs.encode, codec, values, level=level)
             enc_s = min(enc_s, seconds)
-            decoded, seconds = timed(codecs.decode, codec, data, dtype=values.dtype, count=values.size, params=params)
+            decoded, seconds = cpu_timed(codecs.decode, codec, data, dtype=values.dtype, count=values.size, params=params)
             dec_s = min(dec_s, seconds)
             assert np.array_equal(decoded, values)
         rows.append((label, len(data), enc_s, dec_s))
     if zipnn is not None:
         enc_s, dec_s = np.inf, np.inf
         for _ in range(2):
-            data, seconds = timed(zipnn[0], values.tobytes(), "float32")
+            data, seconds = cpu_timed(zipnn[0], values.tobytes(), "float32")
             enc_s = min(enc_s, seconds)
-            decoded, seconds = timed(zipnn[1], data, "float32")
+            decoded, seconds = cpu_timed(zipnn[1], data, "float32")
             dec_s = min(dec_s, seconds)
             assert decoded == values.tobytes()
         rows.append(("zipnn 0.5.4", len(data), enc_s, dec_s))
@@ -470,23 +444,20 @@ def main(argv=None):
     parser.add_argument("--no-throughput", dest="throughput", action="store_false", help="skip the full-size speed section")
     parser.add_argument("--family", choices=("auto", "synthetic", "real"), default="auto", help="auto: synthetic, plus the real one if cached")
     args = parser.parse_args(argv)
-    print("$ python -m benchmarks.codecs " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)))
+    print("$ python -m benchmarks.sizes codecs " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)))
     zipnn = zipnn_codec()
     print(f"zipnn: {'0.5.4 installed' if zipnn else 'not installed (pip install zipnn==0.5.4 to compare)'}")
     start = time.perf_counter()
     if args.family in ("auto", "synthetic"):
-        (base, tuned), seconds = timed(synthetic_family, args.tasks, args.scale, args.seed)
+        (base, tuned), seconds = cpu_timed(synthetic_family, args.tasks, args.scale, args.seed)
         analyse_family(f"SYNTHETIC family (scale {args.scale}, seed {args.seed}; generated in {seconds:.1f} s)", base, tuned, args, zipnn)
     if args.throughput:
         full_size_throughput(args, zipnn)
     if args.family in ("auto", "real"):
         real = cached_real_family(args.tasks, args.real_dir)
         if real is None:
-            print("\n=== REAL family: none cached under benchmarks/.cache (python -m benchmarks.family --tasks 20 builds it)")
+            print("\n=== REAL family: none cached under benchmarks/.cache (python -m benchmarks.accuracy --only family --tasks 20 builds it)")
         else:
             analyse_family(*real, args, zipnn)
     print(f"\ntotal {time.perf_counter() - start:.1f} s")
 
-
-if __name__ == "__main__":
-    main()

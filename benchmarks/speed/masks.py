@@ -2,8 +2,8 @@
 several implementations side by side (issue 21): CPU-seconds of one thread per chunk, median of
 --repeats; every result compared bit for bit with the plain numpy formula.
 
-    python -m benchmarks.mask_speed                  # ViT-B/32 fp32 and LLM bf16 chunk sizes, N = 8
-    python -m benchmarks.mask_speed --tasks 8 --repeats 7
+    python -m benchmarks.speed masks                  # ViT-B/32 fp32 and LLM bf16 chunk sizes, N = 8
+    python -m benchmarks.speed masks --tasks 8 --repeats 7
 
 The formula (taskvec.tall_mask, strict >, float32 as the authors' code):
     mtv = (t0 - b) + (t1 - b) + ...      m_t = |b - t| > lambda * |(b + mtv) - t|
@@ -310,7 +310,7 @@ def main(argv=None):
     parser.add_argument("--only", action="append", help="only these implementations")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print("$ python -m benchmarks.mask_speed " + " ".join(sys.argv[1:] if argv is None else argv))
+    print("$ python -m benchmarks.speed masks " + " ".join(sys.argv[1:] if argv is None else argv))
     lams = [0.2 + 0.05 * (t % 5) for t in range(args.tasks)]
     impls = {k: v for k, v in IMPLEMENTATIONS.items() if not args.only or k in args.only}
     for label, (count, kind) in SIZES.items():

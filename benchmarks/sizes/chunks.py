@@ -1,9 +1,9 @@
 """Mask and float codecs coded the way format v2 codes them: by chunk (2^22 elements, whole rows).
 
-    python -m benchmarks.chunk_codecs                  # both families, 8 tasks, median of 3 (~3 min)
-    python -m benchmarks.chunk_codecs --tasks 8 --repeats 3 --family llm
+    python -m benchmarks.sizes chunks                  # both families, 8 tasks, median of 3 (~3 min)
+    python -m benchmarks.sizes chunks --tasks 8 --repeats 3 --family llm
 
-Families (masks from the real TALL formula on synthetic task vectors, benchmarks/codecs.py's model):
+Families (masks from the real TALL formula on synthetic task vectors from benchmarks.fixtures):
 - VIT: one full-size ViT-B/32 transformer block (tallzip.demo.vit_shapes), fp32 checkpoints, the mtv
   stored as bfloat16 (tallzip's default): every tensor is one chunk. Per-model figures are the
   block's scaled by parameters to the 87.8M-parameter vision tower.
@@ -28,8 +28,9 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.codecs import SYNTHETIC_BLOCK, bf16_rounded, masks_of, synthetic_family, timed, uint_view
-from tallzip.formats.codecs import registry as codecs, floats as float_codecs, mask_ctx as mask_codecs, mask_levels
+from benchmarks.fixtures import Preset, arrays
+from benchmarks.sizes.codecs import SYNTHETIC_BLOCK, bf16_rounded, cpu_timed as timed, masks_of, synthetic_family, uint_view
+from benchmarks.sizes.library import codecs, float_codecs, mask_codecs, mask_levels
 
 CHUNK = 1 << 22
 VIT_B32_PARAMS = 87_849_216
@@ -43,31 +44,19 @@ def chunk_rows(shape):
     return max(1, CHUNK // row) if len(shape) > 1 else CHUNK
 
 
-def llm_chunk(shape, n_tasks, seed, tau_scale=3e-4, lam=0.4):
-    """(mtv as the reader holds it: bfloat16 widened to float32, [masks], base bf16 bits) of one chunk.
-
-    The generative model of benchmarks.codecs.synthetic_family, in bfloat16: fine-tuned weights are
-    rounded to bfloat16 and the task vectors recomputed from them, as a bfloat16 family has them."""
-    rng = np.random.default_rng(seed)
-    rows, cols = shape
-    task_scales = rng.lognormal(0.0, 0.4, n_tasks)
-    base = torch.from_numpy(rng.normal(0.0, 0.02, shape).astype(np.float32)).to(torch.bfloat16)
-    base_f = base.to(torch.float32)
-    row_scale, col_scale = rng.lognormal(0.0, 0.5, (rows, 1)), rng.lognormal(0.0, 0.5, (1, cols))
-    shared_importance, shared_direction = rng.lognormal(0.0, 0.7, shape), rng.laplace(size=shape)
-    taus = []
-    for t in range(n_tasks):
-        overlap = rng.uniform(0.3, 0.8)
-        importance = shared_importance ** overlap * rng.lognormal(0.0, 0.7, shape) ** (1.0 - overlap)
-        direction = rng.standard_t(4, shape) + 0.3 * shared_direction
-        tau = tau_scale * task_scales[t] * row_scale * col_scale * rng.lognormal(0.0, 0.6, (rows, 1)) * importance * direction
-        taus.append((base_f + torch.from_numpy(tau.astype(np.float32))).to(torch.bfloat16).to(torch.float32) - base_f)
+def llm_chunk(shape, n_tasks, seed, lam=0.4):
+    """(mtv as the reader holds it: bfloat16 widened to float32, [masks], base bf16 bits) of one chunk of a
+    bfloat16 family (benchmarks.fixtures; the task vectors are the bf16 checkpoints' differences)."""
+    base, tuned = arrays(Preset((("chunk", tuple(shape)),), dtype="bf16"), n_tasks, seed, dtype="bf16")
+    base_f = torch.from_numpy(base["chunk"])
+    taus = [torch.from_numpy(t["chunk"]) - base_f for t in tuned]
     mtv = taus[0].clone()
     for tau in taus[1:]:
         mtv += tau
     masks = [(tau.abs() > lam * (mtv - tau).abs()).numpy().reshape(-1) for tau in taus]
     stored = mtv.to(torch.bfloat16)
-    return stored.to(torch.float32).numpy(), masks, {"base bf16": base.view(torch.int16).numpy().view(np.uint16).reshape(-1),
+    bits = base_f.to(torch.bfloat16)
+    return stored.to(torch.float32).numpy(), masks, {"base bf16": bits.view(torch.int16).numpy().view(np.uint16).reshape(-1),
                                                      "mtv bf16": stored.view(torch.int16).numpy().view(np.uint16).reshape(-1)}
 
 
@@ -180,7 +169,7 @@ def main(argv=None):
     parser.add_argument("--family", choices=("both", "vit", "llm"), default="both")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print("$ python -m benchmarks.chunk_codecs " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)))
+    print("$ python -m benchmarks.sizes chunks " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)))
     torch.set_num_threads(1)
     start = time.perf_counter()
     if args.family in ("both", "vit"):
@@ -210,6 +199,3 @@ def main(argv=None):
                     measure_floats(f"{name} ({rows}x{shape[1]} chunk)", values, args.repeats)
     print(f"\ntotal {time.perf_counter() - start:.0f} s wall")
 
-
-if __name__ == "__main__":
-    main()

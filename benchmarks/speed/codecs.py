@@ -1,8 +1,9 @@
 """Float codecs side by side on real chunks of two generated families (issue 21): size / raw and
 encode / decode GB/s on one thread and on two.
 
-    python -m benchmarks.codec_speed --cache /work/cache/i21            # both families (benchmarks.speed's)
-    python -m benchmarks.codec_speed --cache C --family llm --repeats 5 --chunks 4
+    python -m benchmarks.speed codecs --cache C              # both families (benchmarks.fixtures presets)
+    python -m benchmarks.speed codecs --cache C --family llm --repeats 5 --chunks 4
+    python -m benchmarks.speed codecs --base B --task-dir T  # any family already on disk
 
 Chunks are what format v2 codes: whole rows of a tensor, up to 2^22 elements, read from the
 families benchmarks.speed generates (and reuses) under --cache: the ViT-B/32-shaped float32 one
@@ -253,8 +254,11 @@ def report(rows, family_note):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache", type=Path, required=True, help="benchmarks.speed's --cache (families made there)")
-    parser.add_argument("--family", nargs="+", choices=["vit", "llm"], default=["vit", "llm"])
+    parser.add_argument("--cache", type=Path, help="where benchmarks.fixtures keeps (or generates) the families")
+    parser.add_argument("--family", nargs="+", choices=["vit", "llm"], default=["vit", "llm"],
+                        help="fixture presets vit-b32 (fp32) and llm-small (bf16)")
+    parser.add_argument("--base", type=Path, help="instead of --cache: a base checkpoint on disk ...")
+    parser.add_argument("--task-dir", type=Path, help="... and the folder of its task checkpoints")
     parser.add_argument("--tasks", type=int, default=8, help="N: tasks summed into the mtv")
     parser.add_argument("--chunks", type=int, default=4, help="chunks of each kind (2^22 elements each at most)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -262,11 +266,14 @@ def main(argv=None):
     parser.add_argument("--ans", action="store_true", help="also tallzip's planes+ans (slow: ~50 MB/s)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if (args.cache is None) == (args.base is None) or (args.base is None) != (args.task_dir is None):
+        parser.error("give --cache, or --base and --task-dir")
 
     import blosc2
-    from benchmarks.speed import ensure_family, ensure_llm_family, loadavg
+    from benchmarks.fixtures import ensure
+    from benchmarks.speed.suite import loadavg
     torch.set_num_threads(1)
-    print("$ python -m benchmarks.codec_speed " + " ".join(sys.argv[1:] if argv is None else argv))
+    print("$ python -m benchmarks.speed codecs " + " ".join(sys.argv[1:] if argv is None else argv))
     versions = f"blosc2 {blosc2.__version__} (c-blosc2 {blosc2.blosclib_version.split()[0]})"
     try:
         import zstandard
@@ -276,13 +283,14 @@ def main(argv=None):
     print(f"{versions}; load average {loadavg()}")
     codecs = candidates(set(args.codec) if args.codec else None, args.ans)
     results = []
-    for family in args.family:
-        if family == "vit":
-            base, tasks, _ = ensure_family(args.cache, args.tasks, False)
-            note = f"ViT-B/32-shaped fp32 family, N = {args.tasks}"
+    presets = {"vit": ("vit-b32", "ViT-B/32-shaped fp32"), "llm": ("llm-small", "LLM-shaped bf16 (small preset)")}
+    for family in (["given"] if args.base else args.family):
+        if family == "given":
+            base, tasks = args.base, sorted(p for p in args.task_dir.iterdir() if not p.name.startswith("."))
+            note = f"{args.base.parent}, N = {args.tasks}"
         else:
-            base, tasks = ensure_llm_family(args.cache, args.tasks, "small", "bf16")
-            note = f"LLM-shaped bf16 family (small preset), N = {args.tasks}"
+            base, tasks = ensure(args.cache, presets[family][0], args.tasks)
+            note = f"{presets[family][1]} family, N = {args.tasks}"
         chunks = family_chunks(base, tasks[:args.tasks], args.chunks)
         sizes = ", ".join(f"{k}: {len(v)} x {v[0].size:,} elements" for k, v in chunks.items())
         rows = measure(chunks, codecs, args.repeats)

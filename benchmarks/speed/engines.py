@@ -10,9 +10,9 @@ number of chunks, over the cores of a cluster, is the coding part of a distribut
 machine the wall figures carry the other tenants' load; the CPU figure much less). Ray's import and cluster
 start times are reported apart.
 
-    python -m benchmarks.engines                 # 64 chunks of 4 Mi elements (512 MiB), median of 3
-    python -m benchmarks.engines --quick         # 8 chunks of 256 Ki elements: seconds (plus Ray's start)
-    python -m benchmarks.engines --routes local1,local2
+    python -m benchmarks.speed engines                 # 64 chunks of 4 Mi elements (512 MiB), median of 3
+    python -m benchmarks.speed engines --quick         # 8 chunks of 256 Ki elements: seconds (plus Ray's start)
+    python -m benchmarks.speed engines --routes local1,local2
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import numpy as np
 from tallzip.run.engines import Job, LocalEngine, RayEngine
 from tallzip.formats.checkpoints.sources import open_source
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / "benchmarks" / ".cache"
 ROUTES = ("local1", "local2", "ray1", "ray2")
 BF16_BYTES = 2
@@ -172,6 +172,3 @@ def main(argv=None) -> int:
         path.unlink()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
