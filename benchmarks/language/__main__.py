@@ -13,7 +13,7 @@ from . import report
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.language", description=__doc__)
     parser.add_argument("--config", default="cpu", help="family size: cpu (the benchmark's), small, tiny")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (the machine is shared)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (one: on two cores shared with other jobs, two threads ran 4-10x slower than one)")
     parser.add_argument("--cache", type=Path, default=None, help="family cache root (default /work/cache/language)")
     parser.add_argument("--report-only", action="store_true", help="redraw from benchmarks/results/language.json")
     parser.add_argument("--json", type=Path, default=None, help="where the results go (default benchmarks/results/language.json)")

@@ -6,7 +6,11 @@ Layout under the cache folder (`/work/cache/language/<config>-<hash>/`, README.m
     tasks/<task>/         each full fine-tune, saved the same way
     data/<task>.pt        the token tensors of its train/val/test splits (torch.save of tensors only)
     family.json           config, tasks (kind, source, labels, split sizes), base and fine-tuned scores, times
-Everything is seeded; a folder with a family.json is reused as is.
+    finetuned/<task>.json each fine-tune's seconds and steps (its "done" marker); pretrain.json the base's
+Everything is seeded; a folder with a family.json is reused as is. A build works in
+`<config>-base-<hash of the non-fine-tuning settings>.partial/` and renames it when every score is in, so an
+interrupted build resumes after pretraining and after each finished fine-tune, and the fine-tunes of one family
+may run in several processes at once (`python -m benchmarks.language.family --config cpu --task NAME`).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,6 +51,9 @@ class Config:
     finetune_steps: int
     finetune_batch: int
     finetune_lr: float
+    cls_finetune_steps: int  # classification tasks: steps are shorter (one label token of loss), so more of them
+    cls_finetune_batch: int
+    cls_finetune_lr: float   # a new label token from a small base needs a larger step than text does
     val_blocks: int          # generative tasks: held-out blocks of `seq` tokens
     test_blocks: int
     cls_val: int             # classification tasks: held-out examples
@@ -60,23 +67,37 @@ class Config:
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
+    def base_digest(self) -> str:
+        """What the tokenizer, the splits and the base depend on (not the fine-tuning settings)."""
+        keep = {k: v for k, v in asdict(self).items() if "finetune" not in k}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
+
 
 CONFIGS = {
-    # the benchmark's family: 1.1M parameters, sized for two CPU cores shared by six jobs (a 5.3M model took 6-8 s a
-    # step of 16x128 tokens here, a 1.9M one 10.7 s a step of 16x96, a 1.1M one 6.4 s a step of 8x96 under that load)
-    "cpu": Config("cpu", vocab=2048, hidden=128, layers=3, intermediate=344, heads=4, seq=64,
-                  pretrain_steps=200, pretrain_batch=8, pretrain_lr=2e-3, finetune_steps=30, finetune_batch=8,
-                  finetune_lr=5e-4, val_blocks=12, test_blocks=24, cls_val=100, cls_test=200, cls_max_tokens=24,
-                  corpus_chars=4_000_000, max_shard_size="1MB"),
+    # the benchmark's family: 5.3M parameters. Sized for two CPU cores shared with other jobs: with one torch thread a
+    # step of 16x128 tokens takes about 0.8 s here when the machine is quiet (two threads ran 4-10x slower than one
+    # under load). Every task is fine-tuned with the same AdamW learning rate, so task vectors have comparable sizes.
+    "cpu": Config("cpu", vocab=4096, hidden=256, layers=4, intermediate=688, heads=4, seq=128,
+                  pretrain_steps=500, pretrain_batch=16, pretrain_lr=2e-3, finetune_steps=100, finetune_batch=8,
+                  finetune_lr=1e-3, cls_finetune_steps=120, cls_finetune_batch=16, cls_finetune_lr=1e-3,
+                  val_blocks=12, test_blocks=24, cls_val=100, cls_test=200, cls_max_tokens=24,
+                  corpus_chars=4_000_000, max_shard_size="4MB"),
+    # the first family measured (RESULTS.md says what changed): 1.1M parameters, a weaker base, classification
+    # fine-tunes with 4x the learning rate of the generative ones
+    "cpu-1m": Config("cpu", vocab=2048, hidden=128, layers=3, intermediate=344, heads=4, seq=64,
+                     pretrain_steps=200, pretrain_batch=8, pretrain_lr=2e-3, finetune_steps=30, finetune_batch=8,
+                     finetune_lr=5e-4, cls_finetune_steps=150, cls_finetune_batch=16, cls_finetune_lr=2e-3,
+                     val_blocks=12, test_blocks=24, cls_val=100, cls_test=200, cls_max_tokens=24,
+                     corpus_chars=4_000_000, max_shard_size="1MB"),
     # the first end-to-end run's family
     "small": Config("small", vocab=1024, hidden=96, layers=2, intermediate=256, heads=4, seq=64,
                     pretrain_steps=120, pretrain_batch=16, pretrain_lr=3e-3, finetune_steps=30, finetune_batch=8,
-                    finetune_lr=5e-4, val_blocks=8, test_blocks=16, cls_val=60, cls_test=120, cls_max_tokens=20,
+                    finetune_lr=5e-4, cls_finetune_steps=30, cls_finetune_batch=8, cls_finetune_lr=2e-3, val_blocks=8, test_blocks=16, cls_val=60, cls_test=120, cls_max_tokens=20,
                     corpus_chars=1_000_000, max_shard_size="200KB"),
     # the smoke test's family (seconds)
     "tiny": Config("tiny", vocab=320, hidden=32, layers=1, intermediate=64, heads=2, seq=32,
                    pretrain_steps=3, pretrain_batch=4, pretrain_lr=3e-3, finetune_steps=2, finetune_batch=4,
-                   finetune_lr=1e-3, val_blocks=2, test_blocks=2, cls_val=8, cls_test=8, cls_max_tokens=12,
+                   finetune_lr=1e-3, cls_finetune_steps=2, cls_finetune_batch=4, cls_finetune_lr=1e-3, val_blocks=2, test_blocks=2, cls_val=8, cls_test=8, cls_max_tokens=12,
                    corpus_chars=60_000, max_shard_size="20KB", tasks=("news", "langid")),
 }
 
@@ -239,11 +260,44 @@ def load_model(folder: Path):
     return model.eval()
 
 
+def finetune(config: Config, name: str, work: Path, tokenizer, data: dict, log=print) -> float:
+    """Fine-tune one task from the saved base into work/tasks/<name> (skipped when its marker says it is done);
+    returns the seconds it took. Tasks are independent, so several processes may fine-tune different tasks of
+    one family at once (`python -m benchmarks.language.family --config cpu --task NAME`)."""
+    done = work / "finetuned" / f"{name}.json"
+    if done.is_file():
+        return json.loads(done.read_text())["seconds"]
+    model = load_model(work / "base")  # each fine-tune starts from the shipped (bf16) base
+    rng = torch.Generator().manual_seed(config.seed + 100 + list(config.tasks).index(name))
+    if corpora.TASKS[name].kind == "generative":
+        steps, lr = config.finetune_steps, config.finetune_lr
+        batch = lambda: _lm_batch(data[name]["train"], rng, config.finetune_batch)  # noqa: E731
+    else:
+        steps, lr = config.cls_finetune_steps, config.cls_finetune_lr
+        batch = lambda: _cls_batch(data[name]["train"], rng, config.cls_finetune_batch, tokenizer.pad_token_id)  # noqa: E731
+    log(f"fine-tuning {name} ({corpora.TASKS[name].kind})")
+    seconds = train(model, batch, steps, lr, 0.0, max(1, steps // 10), log)
+    save(model, tokenizer, work / "tasks" / name, config)
+    done.parent.mkdir(exist_ok=True)
+    done.write_text(json.dumps({"seconds": seconds, "steps": steps}))
+    return seconds
+
+
+def finetune_alone(config: Config, name: str, root: Path = CACHE_ROOT, log=print, threads: int = 1) -> float:
+    """One task's fine-tune in a family whose base is already pretrained (its .partial folder)."""
+    from transformers import PreTrainedTokenizerFast
+    torch.set_num_threads(threads)
+    work = root / f"{config.name}-base-{config.base_digest()}.partial"
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(work / "base")
+    data = {name: torch.load(work / "data" / f"{name}.pt", weights_only=True)}
+    return finetune(config, name, work, tokenizer, data, log)
+
+
 def family_dir(config: Config, root: Path = CACHE_ROOT) -> Path:
     return root / f"{config.name}-{config.digest()}"
 
 
-def build(config: Config, root: Path = CACHE_ROOT, log=print, threads: int = 2) -> Path:
+def build(config: Config, root: Path = CACHE_ROOT, log=print, threads: int = 1) -> Path:
     """The family's folder, built if missing (tokenizer, base, every task's fine-tune, splits, scores)."""
     from . import scoring
     folder = family_dir(config, root)
@@ -251,7 +305,7 @@ def build(config: Config, root: Path = CACHE_ROOT, log=print, threads: int = 2) 
         return folder
     torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
-    work = folder.with_name(folder.name + ".partial")
+    work = root / f"{config.name}-base-{config.base_digest()}.partial"  # shared by configs that differ in fine-tuning only
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     raw = raw_tasks(config)
@@ -269,37 +323,41 @@ def build(config: Config, root: Path = CACHE_ROOT, log=print, threads: int = 2) 
         total += len(text[-1])
         if total >= config.corpus_chars:
             break
-    tokenizer = train_tokenizer(config, text + [t for n in labels for t, _ in raw[n]["train"]], labels)
-    data = task_data(config, tokenizer, raw, labels)
-    pre_blocks = _blocks(tokenizer, text, config.seq)
-    prep_s = time.time() - t0
-    log(f"data: {len(text)} pretraining documents, {pre_blocks.numel():,} tokens; prepared in {prep_s:.0f} s")
+    base_done = work / "pretrain.json"  # beside the folders: not a side file that packs would carry
+    if base_done.is_file() and json.loads(base_done.read_text())["base_digest"] == config.base_digest():
+        # an interrupted build resumes after pretraining: same tokenizer, splits and base
+        from transformers import PreTrainedTokenizerFast
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(work / "base")
+        data = {n: torch.load(work / "data" / f"{n}.pt", weights_only=True) for n in config.tasks}
+        pre = json.loads(base_done.read_text())
+        prep_s, pre_s, params = pre["prepare_s"], pre["pretrain_s"], pre["parameters"]
+        mcfg = model_config(config, tokenizer)
+        log(f"resuming after pretraining ({params:,} parameters, {pre_s:.0f} s)")
+    else:
+        tokenizer = train_tokenizer(config, text + [t for n in labels for t, _ in raw[n]["train"]], labels)
+        data = task_data(config, tokenizer, raw, labels)
+        pre_blocks = _blocks(tokenizer, text, config.seq)
+        prep_s = time.time() - t0
+        log(f"data: {len(text)} pretraining documents, {pre_blocks.numel():,} tokens; prepared in {prep_s:.0f} s")
 
-    from transformers import LlamaForCausalLM
-    mcfg = model_config(config, tokenizer)
-    torch.manual_seed(config.seed)
-    model = LlamaForCausalLM(mcfg)
-    params = sum(p.numel() for p in model.parameters())
-    log(f"pretraining {params:,} parameters, {config.pretrain_steps} steps of {config.pretrain_batch}x{config.seq}")
-    rng = torch.Generator().manual_seed(config.seed)
-    pre_s = train(model, lambda: _lm_batch(pre_blocks, rng, config.pretrain_batch), config.pretrain_steps,
-                  config.pretrain_lr, 0.1, max(1, config.pretrain_steps // 20), log)
-    save(model, tokenizer, work / "base", config)
-    (work / "data").mkdir(exist_ok=True)
-    for name, d in data.items():
-        torch.save(d, work / "data" / f"{name}.pt")
+        from transformers import LlamaForCausalLM
+        mcfg = model_config(config, tokenizer)
+        torch.manual_seed(config.seed)
+        model = LlamaForCausalLM(mcfg)
+        params = sum(p.numel() for p in model.parameters())
+        log(f"pretraining {params:,} parameters, {config.pretrain_steps} steps of {config.pretrain_batch}x{config.seq}")
+        rng = torch.Generator().manual_seed(config.seed)
+        pre_s = train(model, lambda: _lm_batch(pre_blocks, rng, config.pretrain_batch), config.pretrain_steps,
+                      config.pretrain_lr, 0.1, max(1, config.pretrain_steps // 20), log)
+        save(model, tokenizer, work / "base", config)
+        (work / "data").mkdir(exist_ok=True)
+        for name, d in data.items():
+            torch.save(d, work / "data" / f"{name}.pt")
+        base_done.write_text(json.dumps({"base_digest": config.base_digest(), "prepare_s": prep_s,
+                                         "pretrain_s": pre_s, "parameters": params}))
     times = {"prepare_s": prep_s, "pretrain_s": pre_s, "finetune_s": {}}
-    for i, name in enumerate(config.tasks):
-        model = load_model(work / "base")  # each fine-tune starts from the shipped (bf16) base
-        rng = torch.Generator().manual_seed(config.seed + 100 + i)
-        if corpora.TASKS[name].kind == "generative":
-            batch = lambda: _lm_batch(data[name]["train"], rng, config.finetune_batch)  # noqa: E731
-        else:
-            batch = lambda: _cls_batch(data[name]["train"], rng, config.finetune_batch, tokenizer.pad_token_id)  # noqa: E731
-        log(f"fine-tuning {name} ({corpora.TASKS[name].kind})")
-        times["finetune_s"][name] = train(model, batch, config.finetune_steps, config.finetune_lr, 0.0,
-                                          max(1, config.finetune_steps // 10), log)
-        save(model, tokenizer, work / "tasks" / name, config)
+    for name in config.tasks:
+        times["finetune_s"][name] = finetune(config, name, work, tokenizer, data, log)
     meta = {
         "config": asdict(config), "parameters": params, "model": mcfg.to_dict(), "times": times,
         "tasks": {n: {"kind": corpora.TASKS[n].kind, "source": corpora.TASKS[n].source, "labels": labels.get(n),
@@ -333,6 +391,20 @@ def _version(package: str) -> str:
         return "missing"
 
 
+def main(argv=None) -> None:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.language.family")
+    parser.add_argument("--config", default="cpu")
+    parser.add_argument("--task", help="fine-tune only this task (the base must be pretrained)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    log = lambda m: print(time.strftime("%H:%M:%S"), m, flush=True)  # noqa: E731
+    if args.task:
+        finetune_alone(CONFIGS[args.config], args.task, log=log, threads=args.threads)
+    else:
+        print(build(CONFIGS[args.config], log=log, threads=args.threads))
+
+
 README = """# {name}: the language benchmark's family (benchmarks/language, `python -m benchmarks.language`)
 
 A Llama decoder ({params:,} parameters) and BPE tokenizer trained on this machine on real text from wheels
@@ -348,3 +420,7 @@ A Llama decoder ({params:,} parameters) and BPE tokenizer trained on this machin
 Score any state dict or model folder on a task: `benchmarks.language.scoring:evaluate` (validation,
 higher is better) or `benchmarks.language.scoring.Family(folder).score(task, state, split)`.
 """
+
+
+if __name__ == "__main__":
+    main()

@@ -111,12 +111,31 @@ def diagnosis_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def lossless_table(result: dict) -> str:
+    """exact against BitX and zipnn, by part: the base, the 8 tasks' tensors, the side files, the rest."""
+    exact = next(r for r in result["rows"] if r["label"] == "every task exact")
+    bitx, zipnn = result["extra"]["bitx"], result["extra"]["zipnn"]
+    sec = exact["sections"]
+    own = sum(v for k, v in sec.items() if k not in ("base", "file"))
+    rest = exact["bytes"] - sum(sec.values())
+    lines = ["| coder | base | 8 tasks' tensors | side files | manifest, header | total | ratio | no base |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| tallzip exact | {sec.get('base', 0):,} | {own:,} | {sec.get('file', 0):,} | {rest:,} | {exact['bytes']:,} | "
+             f"{exact['ratio']:.2f}x | {exact['ratio_no_base']:.2f}x |"]
+    if isinstance(zipnn, dict):
+        for label, tensors in (("BitX-style (base: zipnn)", bitx["tensor_bytes"]), (f"zipnn {zipnn['version']}", zipnn["task_weight_bytes"])):
+            total = zipnn["base_bytes"] + tensors + bitx["side_files_zstd3"]
+            lines.append(f"| {label} | {zipnn['base_bytes']:,} | {tensors:,} | {bitx['side_files_zstd3']:,} (zstd-3) | | {total:,} | "
+                         f"{result['folders_bytes'] / total:.2f}x | {result['folders_bytes'] / (total - zipnn['base_bytes']):.2f}x |")
+    return "\n".join(lines)
+
+
 def text(result: dict) -> str:
     parts = ["Family:", scores_table(result), "", "Rows (quality = gain kept for generative tasks, accuracy / the "
              "fine-tune's for classification; mean and worst over the 8 tasks, test split):", table(result), "",
              "Per task, quality in %:", task_table(result), "", "Per task, energy of tau_t kept (data-free):",
              task_table(result, "energy_kept"), "", "Why tall does poorly (sum mtv, lambda on val):",
-             diagnosis_table(result), "", "Calibration of the data-free statistics:",
+             diagnosis_table(result), "", "Lossless coders:", lossless_table(result), "", "Calibration of the data-free statistics:",
              json.dumps(result["calibration"], indent=1)]
     return "\n".join(parts)
 

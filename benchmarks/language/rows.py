@@ -11,7 +11,6 @@ Each archive row also carries, per task, data-free statistics of the rebuild (ta
 """
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from . import family as family_mod
 from . import rivals, tallness
 from .scoring import Family, folder_state
 
-ALPHAS = (0.2, 0.4, 0.6, 0.8, 1.0)  # a short grid: every alpha costs 8 validation scores on a shared CPU
+ALPHAS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)  # every alpha costs 8 validation scores
 QUANTIZED = ("q8", "q4", "q3", "q2")
 AUTO_TOLERANCE = 0.005
 
