@@ -157,6 +157,9 @@ def plots(result: dict, prefix: str = "language") -> list[Path]:
                     (r["ratio"], 100 * r["mean_quality"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(95, color="gray", ls=":", lw=1)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.set_xlabel("size ratio against the 8 task folders (bf16, sharded)")
     ax.set_ylabel("quality, % (mean o, worst task v): gain kept / normalized accuracy")
     n = result["family_meta"]["parameters"]
