@@ -178,7 +178,7 @@ def plots(result: dict, prefix: str = "language") -> list[Path]:
         ys = [100 * e["quality"] for e in r["tasks"].values()]
         axes[0].scatter(xs, ys, s=14, label=r["label"].split(" (")[0].replace("every task ", "")[:24])
         axes[1].scatter([e["cosine"] for e in r["tasks"].values()], ys, s=14)
-    axes[0].set_xlabel("energy of tau_t kept by the rebuild (1 - rel L2^2)")
+    axes[0].set_xlabel("energy of tau_t kept by the rebuild (1 - rel L2^2; axis clipped at -1)")
     axes[1].set_xlabel("cosine(rebuilt task vector, tau_t)")
     for ax in axes:
         ax.set_ylabel("quality, %")
