@@ -126,6 +126,8 @@ def lowrank_cost(entry: lb.LowRankTensor) -> Cost:
     if entry.factors is not None:
         for block in entry.factors.left + entry.factors.right:
             cost += quant_cost(block)
+        # a format stores a tensor's factor codes in one section and their scales in another
+        cost.sections = 2
     for code in (entry.fallback, entry.residual):
         if code is not None:
             cost += any_cost(code)
@@ -312,47 +314,50 @@ def q1_grid():
     return [("q1 g128 (sign + bf16 scale per 128)", "q1", encode_sign(lb.SignSpec(128))),
             ("q1 per row", "q1", encode_sign(lb.SignSpec(None))),
             ("q1 per tensor", "q1", encode_sign(lb.SignSpec(lb.TENSOR))),
-            ("q1 g64", "q1", encode_sign(lb.SignSpec(64))),
             ("q1 g128, 1-D tensors q8", "q1", encode_sign(lb.SignSpec(128), vectors=Q8)),
             ("q1 per tensor, 1-D tensors q8", "q1", encode_sign(lb.SignSpec(lb.TENSOR), vectors=Q8))]
 
 
 def sign_grid():
-    return [(f"sparse sign {d:g} g128", "sign", encode_sign(lb.SignSpec(128, density=d))) for d in (0.1, 0.2, 0.3, 0.5)]
+    return [(f"sparse sign {d:g} g128", "sign", encode_sign(lb.SignSpec(128, density=d))) for d in (0.2, 0.3, 0.5)]
 
 
 def lowrank_grid():
+    def spec(**kw):
+        return encode_lowrank(lb.LowRankSpec(**kw))
     rows = []
-    for budget in (0.5, 1.0, 1.5):
-        rows.append((f"low-rank {budget:g} b/w, 8-bit factors", "low-rank",
-                     encode_lowrank(lb.LowRankSpec(budget=budget, rest_bits=8))))
-    for budget in (0.5, 1.0, 1.5):
-        rows.append((f"low-rank {budget:g} b/w, 8b x4 then 3-bit factors", "low-rank",
-                     encode_lowrank(lb.LowRankSpec(budget=budget, tiers=((4, 8),), rest_bits=3))))
-    rows.append(("low-rank 1 b/w, 8b x2, 4b x8, then 2-bit (Delta-CoMe-like)", "low-rank",
-                 encode_lowrank(lb.LowRankSpec(budget=1.0, tiers=((2, 8), (8, 4)), rest_bits=2))))
-    rows.append(("low-rank 1 b/w, 8b x4 then 3-bit, task allocation", "low-rank",
-                 encode_lowrank(lb.LowRankSpec(budget=1.0, tiers=((4, 8),), rest_bits=3, allocation="task"))))
-    rows.append(("low-rank 1 b/w, 8-bit, no refit", "low-rank",
-                 encode_lowrank(lb.LowRankSpec(budget=1.0, rest_bits=8, refit=False))))
-    rows.append(("low-rank energy 0.9, 8b x4 then 3-bit", "low-rank",
-                 encode_lowrank(lb.LowRankSpec(budget=None, energy=0.9, tiers=((4, 8),), rest_bits=3))))
+    for bits in (4, 3):
+        for energy in (0.85, 0.9, 0.95):
+            rows.append((f"low-rank energy {energy:g}, {bits}-bit factors", "low-rank",
+                         spec(budget=None, energy=energy, rest_bits=bits)))
+    rows.append(("low-rank energy 0.92, 4-bit factors", "low-rank", spec(budget=None, energy=0.92, rest_bits=4)))
+    rows.append(("low-rank energy 0.9, 8-bit factors", "low-rank", spec(budget=None, energy=0.9, rest_bits=8)))
+    rows.append(("low-rank energy 0.9, 8b x4 then 3-bit factors", "low-rank",
+                 spec(budget=None, energy=0.9, tiers=((4, 8),), rest_bits=3)))
+    rows.append(("low-rank energy 0.9, 8b x2, 4b x8, then 2-bit (Delta-CoMe-like)", "low-rank",
+                 spec(budget=None, energy=0.9, tiers=((2, 8), (8, 4)), rest_bits=2)))
+    rows.append(("low-rank energy 0.9, 4-bit factors, no refit", "low-rank",
+                 spec(budget=None, energy=0.9, rest_bits=4, refit=False)))
+    rows.append(("low-rank energy 0.9, 4-bit factors, mse clip", "low-rank",
+                 spec(budget=None, energy=0.9, rest_bits=4, factor_method="mse")))
+    for budget in (0.75, 1.0):
+        rows.append((f"low-rank {budget:g} b/w per tensor, 4-bit factors", "low-rank", spec(budget=budget, rest_bits=4)))
+        rows.append((f"low-rank {budget:g} b/w per task (allocated), 4-bit", "low-rank",
+                     spec(budget=budget, rest_bits=4, allocation="task")))
     return rows
 
 
 def combination_grid():
-    small_lr = lb.LowRankSpec(budget=0.25, tiers=((4, 8),), rest_bits=3)
-    return [("low-rank 0.25 b/w + q1 g128 residual", "combination",
-             encode_lowrank(lb.LowRankSpec(budget=0.25, tiers=((4, 8),), rest_bits=3, residual=lb.SignSpec(128)))),
-            ("low-rank 0.25 b/w + sparse sign 0.2 residual", "combination",
-             encode_lowrank(lb.LowRankSpec(budget=0.25, tiers=((4, 8),), rest_bits=3,
-                                           residual=lb.SignSpec(128, density=0.2)))),
-            ("low-rank 0.5 b/w + sparse sign 0.2 residual", "combination",
-             encode_lowrank(lb.LowRankSpec(budget=0.5, tiers=((4, 8),), rest_bits=3,
-                                           residual=lb.SignSpec(128, density=0.2)))),
+    def spec(**kw):
+        return encode_lowrank(lb.LowRankSpec(**kw))
+    return [("low-rank energy 0.85 4-bit + sparse sign 0.1 residual", "combination",
+             spec(budget=None, energy=0.85, rest_bits=4, residual=lb.SignSpec(128, density=0.1))),
+            ("low-rank energy 0.9 3-bit + ternary (q2 sym) residual", "combination",
+             spec(budget=None, energy=0.9, rest_bits=3, residual=qz.QuantSpec(2, 128))),
+            ("low-rank 0.25 b/w 4-bit + q1 g128 residual", "combination",
+             spec(budget=0.25, rest_bits=4, residual=lb.SignSpec(128))),
             ("q1 g128 + its residual as sparse sign 0.1", "combination",
-             encode_residual_of(encode_sign(lb.SignSpec(128)), encode_sign(lb.SignSpec(128, density=0.1)))),
-            ("low-rank 0.25 b/w (fallback q4), alone", "low-rank", encode_lowrank(small_lr))]
+             encode_residual_of(encode_sign(lb.SignSpec(128)), encode_sign(lb.SignSpec(128, density=0.1))))]
 
 
 def reference_grid():
@@ -363,9 +368,9 @@ def reference_grid():
             ("q8 (sym g128, probe count)", "reference", encode_quant(Q8))]
 
 
-AUTO_CANDIDATES = ("q1 g128 (sign + bf16 scale per 128)", "q1 per tensor", "q1 g128, 1-D tensors q8",
-                   "sparse sign 0.3 g128", "low-rank 1 b/w, 8b x4 then 3-bit factors",
-                   "low-rank 0.5 b/w + sparse sign 0.2 residual", "q2 (asym g128, probe count)",
+AUTO_CANDIDATES = ("q1 g128 (sign + bf16 scale per 128)", "low-rank energy 0.85, 4-bit factors",
+                   "low-rank energy 0.9, 4-bit factors", "low-rank energy 0.92, 4-bit factors",
+                   "low-rank energy 0.95, 4-bit factors", "q2 (asym g128, probe count)",
                    "q3 (sym g128, probe count)", "q4 (sym g128, probe count)", "q8 (sym g128, probe count)")
 
 
@@ -418,7 +423,7 @@ def tall_points(probe: Probe, n_tasks: int, residuals) -> None:
             coded[task], packed[task] = cost.coded, cost.packed
             sections = max(sections, cost.sections)
         p = Point(lab, "combination", test, coded, packed, sections, real_bytes=archive_bytes,
-                  real_base_bytes=point.real_base_bytes)
+                  real_base_bytes=point.real_base_bytes, choice={"tall_overhead_bytes": point.choice["overhead_bytes"]})
         probe.points[(lab, n_tasks)] = p
         ft = probe.bench.finetuned["test"]
         probe.bench.log(f"  [{n_tasks} tasks] {lab:48s} {statistics.mean(coded.values()) / probe.params:6.3f} b/w "
@@ -434,8 +439,8 @@ def manifest_model(probe: Probe, n_tasks: int) -> tuple[float, float]:
     q2 = probe.points[("every task q2 (real archive)", n_tasks)]
     tall = probe.points[("tall TIES bits-ctx, lambda on val (real archive)", n_tasks)]
     n_tensors = sum(1 for v in probe.base.values() if v.is_floating_point())
-    q2_sections = 1 + 3 * n_tasks * n_tensors  # base + codes, scales, offsets per task tensor
-    tall_sections = 1 + n_tensors + n_tasks * n_tensors  # base, mtv, one mask per task tensor
+    q2_sections = n_tensors + 3 * n_tasks * n_tensors  # base; codes, scales, offsets per task tensor
+    tall_sections = 2 * n_tensors + n_tasks * n_tensors  # base, mtv; one mask per task tensor
     a = np.array([[1.0, q2_sections], [1.0, tall_sections]])
     b = np.array([q2.choice["overhead_bytes"], tall.choice["overhead_bytes"]], dtype=float)
     fixed, per_section = np.linalg.solve(a, b)
@@ -455,26 +460,29 @@ def summarize(probe: Probe, n_tasks: int) -> list[dict]:
             continue
         norm = {t: p.test[t] / ft[t] for t in tasks}
         payload = sum(p.payload_bits[t] for t in tasks) / 8
+        packed = sum(p.packed_bits[t] for t in tasks) / 8
         if p.real_bytes is not None and p.kind == "reference":  # a real archive: its bytes
             total, base, manifest = p.real_bytes, p.real_base_bytes, p.choice["overhead_bytes"]
-            payload = total - base - manifest
-        elif p.real_bytes is not None:  # tall + residual: the real tall archive + the residual
-            manifest = per_section * p.sections * n_tasks
-            total, base = p.real_bytes + payload + manifest, p.real_base_bytes
+            payload = packed = total - base - manifest
+        elif p.real_bytes is not None:  # tall + residual: the real tall archive, then the residual's sections
+            tall_payload = p.real_bytes - p.real_base_bytes - p.choice["tall_overhead_bytes"]
+            manifest = p.choice["tall_overhead_bytes"] + per_section * p.sections * n_tasks
+            total, base = p.real_bytes + payload + per_section * p.sections * n_tasks, p.real_base_bytes
+            payload, packed = payload + tall_payload, packed + tall_payload
         else:
-            manifest = 0.0 if p.kind == "rival" else fixed + per_section * (1 + p.sections * n_tasks)
+            manifest = 0.0 if p.kind == "rival" else fixed + per_section * (n_tensors + p.sections * n_tasks)
             base = base_bytes
             total = base + payload + manifest
         rows.append({"label": label, "kind": p.kind, "n_tasks": n_tasks,
-                     "bits_per_weight": statistics.mean(p.payload_bits[t] for t in tasks) / probe.params,
-                     "packed_bits_per_weight": statistics.mean(p.packed_bits[t] for t in tasks) / probe.params,
+                     "bits_per_weight": 8 * payload / n_tasks / probe.params,
+                     "packed_bits_per_weight": 8 * packed / n_tasks / probe.params,
                      "normalized": statistics.mean(norm.values()), "min_task": min(norm.values()),
                      "worst_task": min(norm, key=norm.get),
                      "bytes": round(total), "base_bytes": base, "manifest_bytes": round(manifest),
                      "ratio": files / total, "ratio_base_ref": files / (total - base),
                      "ratio_sections": files / max(payload, 1),
                      "per_task_normalized": norm, "choice": {t: p.choice[t] for t in tasks} if p.kind == "auto" else {},
-                     "sections_per_task_tensor": p.sections / max(n_tensors, 1)})
+                     "sections_per_task": p.sections})
     rows.sort(key=lambda r: -r["ratio"])
     return rows
 
@@ -563,7 +571,7 @@ def main(argv=None) -> int:
         if not args.quick:
             grids += sign_grid() + lowrank_grid() + combination_grid()
         else:
-            grids += [lowrank_grid()[4]]
+            grids += [lowrank_grid()[1]]
         for label, kind, encode in grids:
             probe.run(label, kind, encode, with_val=label in AUTO_CANDIDATES)
         probe.run("BitDelta (rival; no scale distillation)", "rival", bitdelta)
@@ -574,8 +582,8 @@ def main(argv=None) -> int:
         if not args.quick:
             for tol in (0.005, 0.0):
                 auto_point(probe, tol)
-        residuals = [("low-rank 0.1 b/w (8b x4, 3-bit)", encode_lowrank(lb.LowRankSpec(budget=0.1, tiers=((4, 8),),
-                                                                                        rest_bits=3))),
+        residuals = [("low-rank 0.1 b/w (4-bit)", encode_lowrank(lb.LowRankSpec(budget=0.1, rest_bits=4))),
+                     ("low-rank 0.25 b/w (4-bit)", encode_lowrank(lb.LowRankSpec(budget=0.25, rest_bits=4))),
                      ("q1 g128", encode_sign(lb.SignSpec(128))),
                      ("sparse sign 0.05", encode_sign(lb.SignSpec(128, density=0.05)))]
         for n in args.tasks:

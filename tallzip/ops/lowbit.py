@@ -11,7 +11,8 @@ of a sign code), which is what is stored, rounded to nearest in the scale's dtyp
 Low-rank factors. A tensor of shape (d0, d1, ...) with at least two dimensions is seen as the matrix
 (d0, d1*...) and kept as its top singular triplets, tau ~ U_r (S_r V_r^T): U's columns and the rows of
 B = S V^T are quantized per vector (one scale each, symmetric round to nearest), with mixed precision along
-the spectrum allowed (more bits for the leading vectors, as Delta-CoMe does). The rank comes from a bit budget
+the spectrum allowed (more bits for the leading vectors, as Delta-CoMe does), by round to nearest or the q*
+quantizers' error-minimising clip search ("mse"). The rank comes from a bit budget
 per weight or from an energy fraction; with `refit`, B is the least-squares fit to tau given the quantized U
 (it absorbs U's rounding). The SVD is exact when the matrix fits the memory budget and otherwise a randomized
 SVD with a fixed seed (deterministic), reading the matrix in chunks of rows. Tensors with fewer than two
@@ -240,6 +241,8 @@ class LowRankSpec:
     tiers: tuple = ()
     rest_bits: int = 8
     scale_dtype: str = "bfloat16"
+    factor_method: str = "rtn"
+    factor_group: int | None = None
     refit: bool = True
     allocation: str = "tensor"
     max_rank: int | None = None
@@ -261,7 +264,7 @@ class LowRankSpec:
             if type(count) is not int or count < 1:
                 raise ValueError(f"a tier's count must be a positive integer, got {count!r}")
             QuantSpec(bits, None)
-        QuantSpec(self.rest_bits, None)
+        QuantSpec(self.rest_bits, self.factor_group, method=self.factor_method)
         if self.allocation not in ("tensor", "task"):
             raise ValueError(f"allocation must be 'tensor' or 'task', got {self.allocation!r}")
         if self.allocation == "task" and self.budget is None:
@@ -276,13 +279,17 @@ class LowRankSpec:
         return self.rest_bits
 
     def triplet_bits(self, index: int, m: int, n: int) -> int:
-        """Stored bits of triplet `index` of an (m, n) matrix: its two vectors' codes and one scale each."""
-        return (m + n) * self.bits_of(index) + 2 * SCALE_BITS[self.scale_dtype]
+        """Stored bits of triplet `index` of an (m, n) matrix: its two vectors' codes and their scales (one per
+        vector, or per factor_group elements of it)."""
+        scales = 2 if self.factor_group is None else -(-m // self.factor_group) + -(-n // self.factor_group)
+        return (m + n) * self.bits_of(index) + scales * SCALE_BITS[self.scale_dtype]
 
     def label(self) -> str:
         rank = f"{self.budget:g}b" if self.budget is not None else f"e{self.energy:g}"
         tiers = "".join(f"{bits}x{count}+" for count, bits in self.tiers) + f"{self.rest_bits}"
         extra = ("" if self.refit else "-norefit") + ("-task" if self.allocation == "task" else "")
+        extra += ("" if self.factor_method == "rtn" else f"-{self.factor_method}") + \
+            ("" if self.factor_group is None else f"-g{self.factor_group}")
         residual = "" if self.residual is None else f"+res[{self.residual.label()}]"
         return f"lowrank-{rank}-f{tiers}{extra}{residual}"
 
@@ -359,7 +366,7 @@ class Factors:
 
 
 def _quantize_vectors(vectors: torch.Tensor, spec: LowRankSpec) -> list:
-    """Rows of `vectors` quantized per row, in tiers of the spec's bits."""
+    """Rows of `vectors` quantized (one scale per row, or per factor_group), in tiers of the spec's bits."""
     blocks, start = [], 0
     while start < vectors.shape[0]:
         bits = spec.bits_of(start)
@@ -367,7 +374,8 @@ def _quantize_vectors(vectors: torch.Tensor, spec: LowRankSpec) -> list:
         while stop < vectors.shape[0] and spec.bits_of(stop) == bits:
             stop += 1
         blocks.append(quantize(vectors[start:stop].to(torch.float32).contiguous(),
-                               QuantSpec(bits, None, scale_dtype=spec.scale_dtype)))
+                               QuantSpec(bits, spec.factor_group, method=spec.factor_method,
+                                         scale_dtype=spec.scale_dtype)))
         start = stop
     return blocks
 
