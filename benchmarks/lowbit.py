@@ -55,7 +55,8 @@ from tallzip import quantize as qz
 from tallzip.ops import lowbit as lb
 
 from benchmarks.accuracy import Bench
-from benchmarks.family import PRESETS, build_family
+from benchmarks.data import TASKS
+from benchmarks.family import PRESETS, Family, build_family
 from benchmarks.frontier import Frontier, pack_point
 
 HERE = Path(__file__).resolve().parent
@@ -181,6 +182,19 @@ def encode_lowrank(spec: lb.LowRankSpec):
     return encode
 
 
+def encode_split(chosen, encode_chosen, encode_rest):
+    """`encode_chosen` for the tensors whose name `chosen(name)` accepts, `encode_rest` for the others."""
+    def encode(taus):
+        values, cost = encode_rest({n: t for n, t in taus.items() if not chosen(n)})
+        more_values, more = encode_chosen({n: t for n, t in taus.items() if chosen(n)})
+        cost += more
+        return {**values, **more_values}, cost
+    return encode
+
+
+EMBEDDING_AND_PROJECTION = ("conv1.weight", "positional_embedding", "proj")
+
+
 def encode_residual_of(first, second):
     """`first`, then `second` on what `first` misses (a residual code)."""
     def encode(taus):
@@ -249,8 +263,12 @@ class Probe:
     """The 20-task (largest) family: per-task encodings are the same at 8, 14 and 20 tasks (the tasks are the
     first N of one order), so each is computed once and the points for fewer tasks are its prefixes."""
 
-    def __init__(self, bench: Bench):
+    def __init__(self, bench: Bench, store: Path | None = None):
         self.bench = bench
+        # per (label, task) results kept on disk between runs: a run over the first tasks of a family still
+        # training fills it, the full run then computes only what is missing (the encodings are deterministic)
+        self.store = store
+        self.stored = json.loads(store.read_text()) if store is not None and store.exists() else {}
         self.fr = Frontier(bench)
         self.tasks = bench.tasks
         self.base = bench.base_state
@@ -271,13 +289,19 @@ class Probe:
         tasks = tasks or self.tasks
         test, coded, packed, sections = {}, {}, {}, 0
         for task in tasks:
-            values, cost = encode(self.taus(task))
-            state = self.state(values)
-            test[task] = self.fr.on_test(task, state)
+            known = self.stored.get(label, {}).get(task)
+            if known is None or (with_val and known["val"] is None):
+                values, cost = encode(self.taus(task))
+                state = self.state(values)
+                known = {"test": self.fr.on_test(task, state), "val": self.fr.on_val(task, state) if with_val else None,
+                         "coded": cost.coded, "packed": cost.packed, "sections": cost.sections}
+                self.stored.setdefault(label, {})[task] = known
+            test[task], coded[task], packed[task] = known["test"], known["coded"], known["packed"]
             if with_val:
-                self.val.setdefault(label, {})[task] = self.fr.on_val(task, state)
-            coded[task], packed[task] = cost.coded, cost.packed
-            sections = max(sections, cost.sections)
+                self.val.setdefault(label, {})[task] = known["val"]
+            sections = max(sections, known["sections"])
+        if self.store is not None:
+            self.store.write_text(json.dumps(self.stored))
         point = Point(label, kind, test, coded, packed, sections if kind != "rival" else 0)
         self.points[(label, n_key)] = point
         self.seconds[label] = round(time.perf_counter() - start, 1)
@@ -332,6 +356,13 @@ def lowrank_grid():
                          spec(budget=None, energy=energy, rest_bits=bits)))
     rows.append(("low-rank energy 0.92, 4-bit factors", "low-rank", spec(budget=None, energy=0.92, rest_bits=4)))
     rows.append(("low-rank energy 0.9, 8-bit factors", "low-rank", spec(budget=None, energy=0.9, rest_bits=8)))
+    for energy in (0.9, 0.92):
+        rows.append((f"low-rank energy {energy:g}, 4-bit; conv1, pos-emb, proj q4", "low-rank",
+                     encode_split(lambda n: n in EMBEDDING_AND_PROJECTION, encode_quant(Q4),
+                                  spec(budget=None, energy=energy, rest_bits=4))))
+    rows.append(("low-rank energy 0.95 attention, 0.9 other, 4-bit", "low-rank",
+                 encode_split(lambda n: ".attn." in n, spec(budget=None, energy=0.95, rest_bits=4),
+                              spec(budget=None, energy=0.9, rest_bits=4))))
     rows.append(("low-rank energy 0.9, 8b x4 then 3-bit factors", "low-rank",
                  spec(budget=None, energy=0.9, tiers=((4, 8),), rest_bits=3)))
     rows.append(("low-rank energy 0.9, 8b x2, 4b x8, then 2-bit (Delta-CoMe-like)", "low-rank",
@@ -370,7 +401,8 @@ def reference_grid():
 
 AUTO_CANDIDATES = ("q1 g128 (sign + bf16 scale per 128)", "low-rank energy 0.85, 4-bit factors",
                    "low-rank energy 0.9, 4-bit factors", "low-rank energy 0.92, 4-bit factors",
-                   "low-rank energy 0.95, 4-bit factors", "q2 (asym g128, probe count)",
+                   "low-rank energy 0.95, 4-bit factors", "low-rank energy 0.9, 4-bit; conv1, pos-emb, proj q4",
+                   "low-rank energy 0.92, 4-bit; conv1, pos-emb, proj q4", "q2 (asym g128, probe count)",
                    "q3 (sym g128, probe count)", "q4 (sym g128, probe count)", "q8 (sym g128, probe count)")
 
 
@@ -556,17 +588,25 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="only q1 g128, one low-rank row and the references")
     parser.add_argument("--out", type=Path, default=RESULTS / "lowbit_frontier.json")
+    parser.add_argument("--store", type=Path, default=None,
+                        help="keep per-task results here (JSON) and reuse them: the encodings are deterministic")
+    parser.add_argument("--first", type=int, default=None, metavar="K",
+                        help="only the per-task points of the first K tasks already built in --cache-dir (no "
+                             "training, nothing per N), into --store: to start while the family still trains")
     args = parser.parse_args(argv)
     command = "python -m benchmarks.lowbit " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"$ {command}", flush=True)
     start = time.perf_counter()
     n_max = max(args.tasks)
-    family = build_family(n_max, args.cache_dir, config=PRESETS["cpu"], num_threads=args.threads)
+    if args.first is not None:
+        family = Family(args.cache_dir, [task.name for task in TASKS[:args.first]])
+    else:
+        family = build_family(n_max, args.cache_dir, config=PRESETS["cpu"], num_threads=args.threads)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="tallzip-lowbit-") as work_dir:
         bench = Bench(family, Path(work_dir))
-        probe = Probe(bench)
-        print(f"{n_max} tasks, {probe.params:,} weights per checkpoint", flush=True)
+        probe = Probe(bench, args.store)
+        print(f"{len(probe.tasks)} tasks, {probe.params:,} weights per checkpoint", flush=True)
         grids = reference_grid() + q1_grid()
         if not args.quick:
             grids += sign_grid() + lowrank_grid() + combination_grid()
@@ -575,6 +615,9 @@ def main(argv=None) -> int:
         for label, kind, encode in grids:
             probe.run(label, kind, encode, with_val=label in AUTO_CANDIDATES)
         probe.run("BitDelta (rival; no scale distillation)", "rival", bitdelta)
+        if args.first is not None:
+            print(f"per-task points of the first {args.first} tasks stored in {args.store}")
+            return 0
         for n in args.tasks:
             probe.run(f"TSV-C (rival), T = {n}", "rival", lambda taus, n=n: tsv_c(taus, n), tasks=probe.tasks[:n], n_key=n)
             probe.run(f"TSV-C (rival), T = {n}, conv as matrix", "rival",
