@@ -16,7 +16,8 @@ quantizers' error-minimising clip search ("mse"). The rank comes from a bit budg
 per weight or from an energy fraction; with `refit`, B is the least-squares fit to tau given the quantized U
 (it absorbs U's rounding). The SVD is exact when the matrix fits the memory budget and otherwise a randomized
 SVD with a fixed seed (deterministic), reading the matrix in chunks of rows. Tensors with fewer than two
-dimensions, and matrices whose rank the budget cannot hold, fall back to a q* quantizer; an optional residual
+dimensions, and matrices whose rank the budget cannot hold, fall back to a q* quantizer (of the matrix view,
+so groups run along the input dimensions); an optional residual
 (q* or a sign code) stores what the factors miss.
 """
 from __future__ import annotations
@@ -300,6 +301,13 @@ def matrix_shape(shape) -> tuple[int, int] | None:
     return (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else None
 
 
+def matrix_view(tau: torch.Tensor) -> torch.Tensor:
+    """A tensor of two or more dimensions as its (d0, d1*...) matrix (so that a fallback q* code groups along
+    the input dimensions, not along a short last axis such as a 7-wide kernel row); others unchanged."""
+    shape = matrix_shape(tau.shape)
+    return tau if shape is None else tau.reshape(shape)
+
+
 def rank_for_budget(spec: LowRankSpec, m: int, n: int, bits: float) -> int:
     """The largest rank whose triplets fit `bits` (capped at min(m, n) and spec.max_rank)."""
     cap = min(m, n) if spec.max_rank is None else min(m, n, spec.max_rank)
@@ -464,7 +472,7 @@ def lowrank_task(taus: dict, spec: LowRankSpec) -> dict:
             ranks[name] = rank_for_energy(svds[name][1], energy, spec.energy)
             m, n = matrices[name]
             low_rank_bits = sum(spec.triplet_bits(i, m, n) for i in range(ranks[name]))
-            if low_rank_bits >= storage_bits(quantize(taus[name], spec.fallback)):
+            if low_rank_bits >= storage_bits(quantize(matrix_view(taus[name]), spec.fallback)):
                 ranks[name] = 0  # a rank that costs more than the fallback: the fallback holds it
     out = {}
     for name, tau in taus.items():
@@ -474,7 +482,7 @@ def lowrank_task(taus: dict, spec: LowRankSpec) -> dict:
             if spec.residual is not None:
                 entry.residual = _code(tau.to(torch.float32) - unfactorize(entry.factors), spec.residual)
         else:
-            entry.fallback = quantize(tau, spec.fallback)
+            entry.fallback = quantize(matrix_view(tau), spec.fallback)
         out[name] = entry
     return out
 
@@ -482,7 +490,7 @@ def lowrank_task(taus: dict, spec: LowRankSpec) -> dict:
 def lowrank_decode(entry: LowRankTensor) -> torch.Tensor:
     """The task vector one LowRankTensor stands for, float32."""
     if entry.fallback is not None:
-        return dequantize(entry.fallback)
+        return dequantize(entry.fallback).reshape(entry.shape)
     value = unfactorize(entry.factors)
     if entry.residual is not None:
         value = value + _decode(entry.residual)
