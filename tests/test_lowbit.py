@@ -238,3 +238,12 @@ def test_lowrank_spec_refuses_bad_settings():
         lb.LowRankSpec(rest_bits=5)
     with pytest.raises(ValueError, match="allocation"):
         lb.LowRankSpec(allocation="global")
+
+
+def test_fallback_quantizes_the_matrix_view():
+    conv = _tau((8, 4, 3, 3), 12)
+    entries = lb.lowrank_task({"conv": torch.from_numpy(conv)}, lb.LowRankSpec(budget=0.0))
+    entry = entries["conv"]
+    assert entry.factors is None and tuple(entry.fallback.scales.shape) == (8, 1)  # one scale per 36-wide row
+    expected = _per_row_rtn(conv.reshape(8, 36), 4).reshape(conv.shape)
+    np.testing.assert_array_equal(lb.lowrank_decode(entry).numpy(), expected)
