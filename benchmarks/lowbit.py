@@ -267,6 +267,7 @@ class Point:
     real_bytes: int | None = None  # a real archive's size, when the point is one
     real_base_bytes: int = 0
     choice: dict = field(default_factory=dict)
+    task_sections: dict = field(default_factory=dict)  # task -> sections, where tasks differ (the automatic choice)
 
 
 class Probe:
@@ -429,15 +430,15 @@ def auto_point(probe: Probe, tolerance: float, candidates=AUTO_CANDIDATES, label
     model's (select_representation's rule), q8 when none is; its test accuracy is then read."""
     ft_val = probe.bench.finetuned["val"]
     label = label or f"auto {100 * tolerance:g}% on val (sub-2-bit candidates + q2..q8)"
-    test, coded, packed, choice, sections = {}, {}, {}, {}, 0
+    test, coded, packed, choice, sections = {}, {}, {}, {}, {}
     for task in probe.tasks:
         ranked = sorted((probe.points[(c, None)].payload_bits[task], c) for c in candidates)
         pick = next((c for _, c in ranked if probe.val[c][task] >= ft_val[task] - tolerance * abs(ft_val[task])),
                     "q8 (sym g128, probe count)")
         p = probe.points[(pick, None)]
         test[task], coded[task], packed[task], choice[task] = p.test[task], p.payload_bits[task], p.packed_bits[task], pick
-        sections = max(sections, p.sections)
-    point = Point(label, "auto", test, coded, packed, sections, choice=choice)
+        sections[task] = p.sections
+    point = Point(label, "auto", test, coded, packed, max(sections.values()), choice=choice, task_sections=sections)
     probe.points[(label, None)] = point
     return point
 
@@ -520,7 +521,8 @@ def summarize(probe: Probe, n_tasks: int) -> list[dict]:
             total, base = p.real_bytes + payload + per_section * p.sections * n_tasks, p.real_base_bytes
             payload, packed = payload + tall_payload, packed + tall_payload
         else:
-            manifest = 0.0 if p.kind == "rival" else fixed + per_section * (n_tensors + p.sections * n_tasks)
+            task_sections = sum(p.task_sections[t] for t in tasks) if p.task_sections else p.sections * n_tasks
+            manifest = 0.0 if p.kind == "rival" else fixed + per_section * (n_tensors + task_sections)
             base = base_bytes
             total = base + payload + manifest
         rows.append({"label": label, "kind": p.kind, "n_tasks": n_tasks,
@@ -532,7 +534,7 @@ def summarize(probe: Probe, n_tasks: int) -> list[dict]:
                      "ratio": files / total, "ratio_base_ref": files / (total - base),
                      "ratio_sections": files / max(payload, 1),
                      "per_task_normalized": norm, "choice": {t: p.choice[t] for t in tasks} if p.kind == "auto" else {},
-                     "sections_per_task": p.sections})
+                     "sections_per_task": p.sections, "manifest_model": {"fixed": fixed, "per_section": per_section}})
     rows.sort(key=lambda r: -r["ratio"])
     return rows
 
@@ -569,31 +571,48 @@ def goal_lines(rows: list[dict], n_tasks: int) -> list[str]:
     return out
 
 
+def _front(rows, ratio_key):
+    """Rows no other row beats on both ratio (higher) and normalized accuracy (higher)."""
+    front, best = [], -1.0
+    for r in sorted(rows, key=lambda r: (-r[ratio_key], -r["normalized"])):
+        if r["normalized"] > best:
+            front.append(r)
+            best = r["normalized"]
+    return front
+
+
 def plot(results: dict, path: Path) -> None:
+    """Per number of tasks (columns): the self-contained ratio (top) and the --base-ref ratio (bottom) against
+    normalized accuracy; o = every task >= 99%, x = some task under it; the Pareto front and the rivals named."""
     from matplotlib.figure import Figure
 
     colours = {"q1": "tab:red", "sign": "tab:orange", "low-rank": "tab:green", "combination": "tab:purple",
                "rival": "black", "reference": "tab:blue", "auto": "tab:brown"}
-    fig = Figure(figsize=(18, 6.5), layout="constrained")
-    axes = fig.subplots(1, len(results))
-    for ax, (n, rows) in zip(np.atleast_1d(axes), results.items()):
-        for r in rows:
-            ax.scatter(r["ratio"], 100 * r["normalized"], c=colours.get(r["kind"], "grey"), s=28,
-                       marker="o" if r["min_task"] >= 0.99 else "x")
-        ax.axvline(GOAL["ratio"], color="grey", ls=":")
-        ax.axhline(100 * GOAL["normalized"], color="grey", ls=":")
-        ax.set_xscale("log")
-        ax.set_ylim(94, 100.6)
-        ax.set_xlabel(f"self-contained ratio vs {n} fp32 files (log)")
-        ax.set_ylabel("normalized test accuracy (%)")
-        ax.set_title(f"{n} tasks (x: some task under 99%)")
-        shown = sorted(rows, key=lambda r: -r["ratio"])
-        for r in shown:
-            if r["normalized"] >= 0.94:
-                ax.annotate(r["label"][:28], (r["ratio"], 100 * r["normalized"]), fontsize=5, alpha=0.7)
-    handles = [fig.axes[0].scatter([], [], c=c, label=k) for k, c in colours.items()]
+    fig = Figure(figsize=(20, 12), layout="constrained")
+    axes = fig.subplots(2, len(results), squeeze=False)
+    for column, (n, rows) in enumerate(results.items()):
+        for row_index, (key, what) in enumerate((("ratio", "self-contained"), ("ratio_base_ref", "--base-ref"))):
+            ax = axes[row_index][column]
+            for r in rows:
+                ax.scatter(r[key], 100 * r["normalized"], c=colours.get(r["kind"], "grey"), s=30,
+                           marker="o" if r["min_task"] >= GOAL["min_task"] else "x")
+            named = {id(r): r for r in _front(rows, key)}
+            named.update({id(r): r for r in rows if r["kind"] == "rival" or "real archive" in r["label"]})
+            for r in named.values():
+                if r["normalized"] >= 0.93:
+                    ax.annotate(r["label"][:44], (r[key], 100 * r["normalized"]), fontsize=6.5, alpha=0.8,
+                                xytext=(3, 2), textcoords="offset points")
+            if key == "ratio":
+                ax.axvline(GOAL["ratio"], color="grey", ls=":")
+            ax.axhline(100 * GOAL["normalized"], color="grey", ls=":")
+            ax.set_xscale("log")
+            ax.set_ylim(93, 100.5)
+            ax.set_xlabel(f"{what} ratio vs {n} fp32 files (log)")
+            ax.set_ylabel("normalized test accuracy (%)")
+            ax.set_title(f"{n} tasks, {what} (x: some task under 99%)")
+    handles = [axes[0][0].scatter([], [], c=c, label=k) for k, c in colours.items()]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(colours))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 # --------------------------------------------------------------------------- main
@@ -608,11 +627,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "lowbit_frontier.json")
     parser.add_argument("--store", type=Path, default=None,
                         help="keep per-task results here (JSON) and reuse them: the encodings are deterministic")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from --out's JSON and stop")
     parser.add_argument("--first", type=int, default=None, metavar="K",
                         help="only the per-task points of the first K tasks already built in --cache-dir (no "
                              "training, nothing per N), into --store: to start while the family still trains")
     args = parser.parse_args(argv)
     command = "python -m benchmarks.lowbit " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.plot_only:
+        plot(json.loads(args.out.read_text())["runs"], args.out.with_suffix(".png"))
+        return 0
     print(f"$ {command}", flush=True)
     start = time.perf_counter()
     n_max = max(args.tasks)
