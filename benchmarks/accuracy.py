@@ -23,6 +23,8 @@ Usage:  python -m benchmarks.accuracy                  (default: 8 tasks, ~15 mi
         python -m benchmarks.accuracy --only frontier [--tasks 20]
         python -m benchmarks.accuracy --tasks 20
         python -m benchmarks.accuracy --tasks 30 --preset gpu --device cuda   (the larger setting)
+        python -m benchmarks.accuracy --only family --tasks 20 [--task-arithmetic 0.3]   (build or load the family, its table)
+        python -m benchmarks.accuracy --replot           (draw the frontier plots again from results/frontier.json)
 
 Writes benchmarks/results/accuracy.json (one entry per number of tasks), accuracy.png (storage vs
 normalized accuracy) and agreement.png (how many tasks' masks use each weight) -- for a setting other
@@ -46,12 +48,9 @@ import torch
 from safetensors.torch import save_file
 
 import tallzip
-from tallzip.formats.constants import ROLE_BASE
-from tallzip.inspect import summary
-from tallzip.merging import merge
-from tallzip.packing import LambdaSelector
-from tallzip.taskvec import DEFAULT_LAMBDA
+from tallzip import merge
 
+from benchmarks.accuracy_library import DEFAULT_LAMBDA, ROLE_BASE, LambdaSelector, summary
 from benchmarks.family import PRESETS, TASK_SETTINGS, Family, FinetuneRegressionWarning, build_family
 from benchmarks.metrics import mean_accuracy, normalized_accuracy
 
@@ -290,10 +289,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda, for training, packing and merging")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--no-results-md", action="store_true", help="do not write the table into benchmarks/RESULTS.md")
-    parser.add_argument("--only", choices=("all", "accuracy", "frontier"), default="all",
-                        help="the accuracy rows (issue 4), the storage-accuracy frontier (issue 13), or both (default)")
+    parser.add_argument("--only", choices=("all", "accuracy", "frontier", "family"), default="all",
+                        help="the accuracy rows (issue 4), the storage-accuracy frontier (issue 13), or both (default); "
+                             "family: only build or load the family and print its per-task table")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    family_options = parser.add_argument_group("--only family")
+    family_options.add_argument("--rebuild", action="store_true", help="retrain even if the cache is complete")
+    family_options.add_argument("--reevaluate", action="store_true", help="evaluate again instead of printing recorded accuracies")
+    family_options.add_argument("--task-arithmetic", type=float, default=None, metavar="ALPHA",
+                                help="also report base + ALPHA * sum of task vectors")
+    parser.add_argument("--replot", action="store_true", help="draw the frontier plots again from frontier.json, measure nothing")
     args = parser.parse_args(argv)
+    if args.replot:
+        from benchmarks.frontier_report import replot
+        return replot(args.results_dir)
+    if args.only == "family":
+        from benchmarks.family import show_family
+        return show_family(args.tasks, args.preset, args.device, rebuild=args.rebuild, reevaluate=args.reevaluate,
+                           alpha=args.task_arithmetic)
 
     command = "python -m benchmarks.accuracy" + ("" if argv is None and len(sys.argv) == 1 else
                                                   " " + shlex.join(sys.argv[1:] if argv is None else argv))

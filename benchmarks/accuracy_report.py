@@ -7,9 +7,8 @@ import math
 import os
 from pathlib import Path
 
-from tallzip.taskvec import DEFAULT_LAMBDA
-
 from benchmarks.accuracy import CONSENSUS_KS, DEFAULT_TASKS, PAPER_TALL_CLAIM, SECTION_TITLE, Bench, Row
+from benchmarks.accuracy_library import DEFAULT_LAMBDA, plot_agreement
 from benchmarks.metrics import mean_accuracy
 
 def format_table(bench: Bench) -> str:
@@ -277,8 +276,6 @@ def plot_names(n_tasks: int) -> tuple[str, str]:
 
 
 def write_outputs(bench: Bench, timings: dict, command: str, results_dir: Path, results_md: Path | None) -> str:
-    from tallzip.cli.report import plot_agreement
-
     results_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(bench)
     write_json(results_json(bench, command, timings), results_dir / "accuracy.json")

@@ -21,8 +21,8 @@ base therefore knows digits and photos but not any task's exact view or label se
 task gains from fine-tuning, and the task vectors point in different directions, which is
 what makes merging lose accuracy (the point of the benchmark).
 
-Usage:  python -m benchmarks.family --tasks 20          (build or load, print a table)
-        python -m benchmarks.family --tasks 8 --task-arithmetic 0.3
+Usage:  python -m benchmarks.accuracy --only family --tasks 20          (build or load, print a table)
+        python -m benchmarks.accuracy --only family --tasks 8 --task-arithmetic 0.3
 
 Python API:  family = build_family(n_tasks=20)
              acc = family.evaluate("mnist_rot90", state_dict, split="val")
@@ -30,7 +30,6 @@ Python API:  family = build_family(n_tasks=20)
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -594,23 +593,13 @@ def print_table(family: Family, evaluate_again: bool = False, out=sys.stdout) ->
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", type=int, default=20, choices=TASK_SETTINGS, help="number of tasks (first N of a fixed order)")
-    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="model size and training length")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", type=Path, default=None, help="default: benchmarks/.cache/family-<config hash>")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rebuild", action="store_true", help="retrain even if the cache is complete")
-    parser.add_argument("--reevaluate", action="store_true", help="evaluate again instead of printing recorded accuracies")
-    parser.add_argument("--task-arithmetic", type=float, default=None, metavar="ALPHA", help="also report base + ALPHA * sum of task vectors")
-    args = parser.parse_args(argv)
-
-    family = build_family(
-        args.tasks, args.cache_dir, args.seed, config=PRESETS[args.preset], device=args.device, rebuild=args.rebuild
-    )
+def show_family(n_tasks: int = 20, preset: str = "cpu", device: str = "cpu", *, seed: int = 0, cache_dir=None,
+                rebuild: bool = False, reevaluate: bool = False, alpha: float | None = None) -> int:
+    """Build (or load) the family and print its per-task table (`python -m benchmarks.accuracy --only family`);
+    with `alpha`, also the accuracy of base + alpha * the sum of the task vectors."""
+    family = build_family(n_tasks, cache_dir, seed, config=PRESETS[preset], device=device, rebuild=rebuild)
     print()
-    print_table(family, evaluate_again=args.reevaluate)
+    print_table(family, evaluate_again=reevaluate)
 
     base_sd = family.load()
     start = time.perf_counter()
@@ -619,19 +608,15 @@ def main(argv: list[str] | None = None) -> int:
         family.evaluate(family.tasks[0], base_sd, "val")
     print(f"evaluate(): {1000 * (time.perf_counter() - start) / repeats:.1f} ms per call ({family.config.val_size} val images)")
 
-    if args.task_arithmetic is not None:
-        merged = task_arithmetic(base_sd, [family.load(task) for task in family.tasks], args.task_arithmetic)
+    if alpha is not None:
+        merged = task_arithmetic(base_sd, [family.load(task) for task in family.tasks], alpha)
         for split in ("val", "test"):
             acc = family.evaluate_tasks(merged, split)
             print(
-                f"task arithmetic alpha={args.task_arithmetic} {split}: mean {mean_accuracy(acc):.3f}, "
+                f"task arithmetic alpha={alpha} {split}: mean {mean_accuracy(acc):.3f}, "
                 f"normalized {family.normalized_accuracy(acc, split):.3f} "
                 f"(fine-tuned mean {mean_accuracy(family.reference_accuracy('finetuned', split)):.3f}, "
                 f"base mean {mean_accuracy(family.reference_accuracy('base', split)):.3f})"
             )
             print("   " + "  ".join(f"{task}={value:.3f}" for task, value in acc.items()))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

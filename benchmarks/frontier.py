@@ -39,15 +39,10 @@ import zstandard
 from safetensors.torch import save_file
 
 import tallzip
-from formats import codecs
-from formats.tensors import to_bits
-from tallzip.formats.constants import ROLE_BASE
-from tallzip.inspect import summary
-from tallzip.merging import merge
-from tallzip.packing import DEFAULT_CODECS, DEFAULT_LEVEL
-from tallzip.selection import CANDIDATES
+from tallzip import merge
 
 from benchmarks.accuracy import ALPHAS, Bench, merge_vector, scaled, select_alpha
+from benchmarks.accuracy_library import CANDIDATES, DEFAULT_CODECS, DEFAULT_LEVEL, ROLE_BASE, codecs, summary, to_bits
 from benchmarks.metrics import mean_accuracy, min_normalized_accuracy, normalized_accuracy
 
 AUTO_TOLERANCE = 0.005

@@ -147,17 +147,11 @@ def write_frontier_outputs(fr: Frontier, command: str, timings: dict, results_di
     return table
 
 
-def main(argv=None) -> int:
-    import argparse
+def replot(results_dir: Path) -> int:
+    """Plot every run in results_dir/frontier.json again, without measuring again
+    (`python -m benchmarks.accuracy --replot`)."""
     import json
-    parser = argparse.ArgumentParser(description="Plot every run in frontier.json again, without measuring again")
-    parser.add_argument("results_dir", nargs="?", type=Path, default=Path(__file__).resolve().parent / "results")
-    results_dir = parser.parse_args(argv).results_dir
     for n, run in json.loads((results_dir / "frontier.json").read_text())["runs"].items():
         plot_frontier(points_from_json(run), int(n), run["finetuned_bytes"], results_dir / f"frontier-{n}tasks.png")
         print(f"wrote {results_dir}/frontier-{n}tasks.png")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

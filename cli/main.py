@@ -6,20 +6,22 @@ import functools
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
 import click
 
+# Light imports only: torch and the library's working modules (~1.4 s) are imported inside the commands
+# that use them, so `tallzip --help` and usage errors are quick, and a Ctrl-C during that import is the
+# one-line "interrupted" of friendly_errors.
 import tallzip
-from tallzip import packing, taskvec
+from tallzip import options as packing
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import FormatError
-from tallzip.formats.sources import is_url
-from tallzip.inspect import agreement, summary, verify
-from tallzip import merging
 
-from .report import format_agreement, format_info, format_merge, format_verify, human_bytes, plot_agreement
+from tallzip.cli.params import PATH_OR_URL, CodecChoice, base_for_folder_source, parse_keep, parse_lambdas
+from tallzip.cli.report import format_agreement, format_info, format_merge, format_verify, human_bytes, plot_agreement
 
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -33,10 +35,19 @@ missing or invalid argument); {EXIT_INTERRUPTED} interrupted. Errors are one lin
 "error: "."""
 
 
-def _fail(message: str, code: int = EXIT_FAILED):
+def _fail(message: str, code: int = EXIT_FAILED, as_json: bool = False):
+    """One `error: ...` line on stderr and the exit code; with --json, also {"error", "exit_code"} on stdout."""
     message = re.sub(r"\s*\n\s*", " ", str(message).strip())  # one line, whatever the message held
     click.echo(f"error: {message}", err=True)
+    if as_json:
+        click.echo(json.dumps({"error": message, "exit_code": code}))
     sys.exit(code)
+
+
+def _asked_for_json(args) -> bool:
+    """--json among the command line's options (before a `--`), for errors click raises before the command runs."""
+    args = sys.argv[1:] if args is None else list(args)
+    return "--json" in (args[:args.index("--")] if "--" in args else args)
 
 
 def _usage_error_line(exc: click.ClickException) -> str:
@@ -59,15 +70,16 @@ class TallzipGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        as_json = _asked_for_json(args)
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except _NoArgsIsHelp as exc:  # bare `tallzip`: the help itself, as click shows it (exit 2)
             click.echo(exc.format_message(), err=True)
             sys.exit(EXIT_USAGE)
         except click.ClickException as exc:
-            _fail(_usage_error_line(exc), EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
-        except click.Abort:
-            _fail("interrupted", EXIT_INTERRUPTED)
+            _fail(_usage_error_line(exc), EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code, as_json)
+        except (click.Abort, KeyboardInterrupt):
+            _fail("interrupted", EXIT_INTERRUPTED, as_json)
         # `--help` and `--version` come back as their exit code; a command's return value is no code.
         sys.exit(result if isinstance(result, int) else EXIT_OK)
 
@@ -76,25 +88,26 @@ def friendly_errors(func):
     """One line and a non-zero exit for anything the user can fix; a traceback only with TALLZIP_DEBUG=1."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        fail = functools.partial(_fail, as_json=bool(kwargs.get("as_json")))
         try:
             return func(*args, **kwargs)
         except (TallzipError, FormatError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         except click.ClickException:
             raise  # a usage error from a command's body: TallzipGroup prints it like click's own
         except OSError as exc:
             # A full disk (or quota, or file size limit) while writing: the library has already
             # removed its temporary file, and the target was never touched.
             cleaned = " (nothing was written there)" if exc.errno in _WRITE_ERRNOS else ""
-            _fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}{cleaned}")
+            fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}{cleaned}")
         except MemoryError:
-            _fail("out of memory")
+            fail("out of memory")
         except KeyboardInterrupt:
-            _fail("interrupted", EXIT_INTERRUPTED)
+            fail("interrupted", EXIT_INTERRUPTED)
         except Exception as exc:  # a bug: still one line, unless debugging
             if os.environ.get("TALLZIP_DEBUG"):
                 raise
-            _fail(f"internal error: {type(exc).__name__}: {exc} (set TALLZIP_DEBUG=1 for a traceback)")
+            fail(f"internal error: {type(exc).__name__}: {exc} (set TALLZIP_DEBUG=1 for a traceback)")
     return wrapper
 
 
@@ -124,73 +137,24 @@ class Progress:
             self._bar, self._label = None, None
 
 
-def _parse_lambdas(values) -> float | dict:
-    """`--lambda 0.3` for all tasks, `--lambda TASK=0.3` for one; later values win."""
-    out: dict[str, float] = {}
-    for value in values:
-        task, _, number = value.rpartition("=")
-        try:
-            out[task or "*"] = float(number)
-        except ValueError:
-            raise click.BadParameter(f"{value!r} is neither a number nor TASK=NUMBER", param_hint="--lambda")
-    if set(out) == {"*"}:
-        return out["*"]
-    return out or taskvec.DEFAULT_LAMBDA
+# The model code loads torch: imported when a command runs, not for `tallzip --help` or a usage error.
+def summary(archive):
+    from tallzip.verification.info import summary as archive_summary
+    return archive_summary(archive)
 
 
-def _parse_keep(values) -> dict | None:
-    """`--keep q4` for all tasks, `--keep TASK=exact` for one; later values win."""
-    from tallzip.formats.constants import REPRESENTATIONS
-    out: dict[str, str] = {}
-    for value in values:
-        task, _, rep = value.rpartition("=")
-        if rep not in REPRESENTATIONS:
-            raise click.BadParameter(f"{value!r}: {rep!r} is not one of {', '.join(REPRESENTATIONS)}",
-                                     param_hint="--keep")
-        out[task or "*"] = rep
-    return out or None
+def agreement(archive, progress=None):
+    from tallzip.verification.info import agreement as task_agreement
+    return task_agreement(archive, progress=progress)
+
+
+def verify(archive, against=None, progress=None):
+    from tallzip.verification.verify import verify as verify_archive
+    return verify_archive(archive, against, progress=progress)
 
 
 def _echo_json(obj):
     click.echo(json.dumps(obj, indent=2, default=str))
-
-
-class CodecChoice(click.Choice):
-    """A codec for one kind of section; a registered codec meant for the other kind says so."""
-
-    def __init__(self, allowed, kind: str, other_option: str):
-        super().__init__(allowed)
-        self.kind, self.other_option = kind, other_option
-
-    def convert(self, value, param, ctx):
-        if value not in self.choices and value in (*packing.FLOAT_CODECS, *packing.MASK_CODECS):
-            self.fail(f"{value!r} is not a codec for {self.kind} (it belongs to {self.other_option}); "
-                      f"choose from {', '.join(self.choices)}", param, ctx)
-        return super().convert(value, param, ctx)
-
-
-def _base_for_folder_source(ctx, param, base):
-    """merge: a folder of checkpoints has no base of its own, so --base is required with one (a usage
-    error, exit 2, as for pack); an archive holds its base."""
-    source = ctx.params.get("source")
-    if base is None and source is not None and Path(source).is_dir():
-        raise click.UsageError(f"Missing option '--base': {source} is a folder of checkpoints, and merging "
-                               f"them needs the pretrained checkpoint they were fine-tuned from.", ctx)
-    return base
-
-
-class PathOrUrl(click.ParamType):
-    """A local path (a Path) or a URL (s3://, https://, memory://..., kept as text: a Path would fold its '//')."""
-
-    name = "path"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (Path, str)) and is_url(value):
-            return str(value)
-        return Path(value)
-
-
-PATH_OR_URL = PathOrUrl()
 
 
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
@@ -243,11 +207,11 @@ def pack(checkpoints_dir, base, output, lambdas, keep, merge, density, mtv_dtype
     """Pack the fine-tuned checkpoints in CHECKPOINTS_DIR into one archive."""
     progress = Progress(not as_json)
     try:
-        tallzip.pack(checkpoints_dir, base, output, lambdas=_parse_lambdas(lambdas), merge=merge, density=density,
+        tallzip.pack(checkpoints_dir, base, output, lambdas=parse_lambdas(lambdas), merge=merge, density=density,
                      mtv_dtype=mtv_dtype, base_ref=base_ref, device=device, force=force, level=level,
                      codecs={"float": float_codec, "mask": mask_codec},
                      allow_nonfinite=allow_nonfinite, progress=progress, memory=memory,
-                     chunk_elements=chunk_elements, engine=engine, address=address, keep=_parse_keep(keep))
+                     chunk_elements=chunk_elements, engine=engine, address=address, keep=parse_keep(keep))
     finally:
         progress.close()
     with tallzip.open(output) as archive:
@@ -297,9 +261,9 @@ def extract(archive, task, all_tasks, output, fmt, base, memory, device, force, 
     try:
         with tallzip.open(archive, base=base, memory=memory) as arc:
             if task:
-                report = arc.extract_with_report(task, output, fmt=fmt, force=force, device=device, progress=progress)
+                report = arc.extract(task, output, fmt=fmt, force=force, device=device, progress=progress)
             else:
-                report = arc.extract_all_with_report(output, fmt=fmt, force=force, device=device, progress=progress)
+                report = arc.extract(None, output, fmt=fmt, force=force, device=device, progress=progress)
     finally:
         progress.close()
     if as_json:
@@ -344,12 +308,13 @@ def info(archive, show_agreement, plot, as_json):
 
 @cli.command()
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--base", type=click.Path(path_type=Path), callback=_base_for_folder_source,
+@click.option("--base", type=click.Path(path_type=Path), callback=base_for_folder_source,
               help="the pretrained checkpoint  [required when SOURCE is a folder; for an archive only if "
                    "packed with --base-ref]")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="merged model to write (.safetensors, or .pt/.pth/.bin for a torch state dict)")
-@click.option("--method", type=click.Choice(merging.METHODS), required=True)
+              help="merged model to write: .safetensors, .pt/.pth/.bin (a torch state dict), or any other name for "
+                   "a folder in the base's layout (its shards and index, its config.json and other side files)")
+@click.option("--method", type=click.Choice(packing.MERGE_VERB_METHODS), required=True)
 @click.option("--alpha", type=float, help="scaling of the merged vector, in (0, 2] (default 0.3; 1.0 for ties and average)")
 @click.option("--k", type=int, help="consensus: keep the weights at least k tasks use (default 2)")
 @click.option("--lambda", "lambdas", multiple=True, metavar="[TASK=]L",
@@ -377,8 +342,9 @@ def merge(source, base, output, method, alpha, k, lambdas, density, allow_nonfin
     """
     progress = Progress(not as_json)
     try:
+        from tallzip.merging import merge as merging  # torch: loaded when the command runs
         report = merging.merge_to_file(source, output, method=method, base=base, alpha=alpha, k=k,
-                                       lambdas=_parse_lambdas(lambdas) if lambdas else None, density=density,
+                                       lambdas=parse_lambdas(lambdas) if lambdas else None, density=density,
                                        device=device, force=force, allow_nonfinite=allow_nonfinite,
                                        progress=progress, memory=memory)
     finally:
@@ -431,7 +397,7 @@ def add(archive, checkpoint, task, keep, base, as_json):
     The archive is rewritten beside itself and renamed over the old one when complete: an
     interruption leaves the old archive as it was.
     """
-    from tallzip.editing import add as add_task
+    from tallzip.edit.editing import add as add_task
     add_task(archive, checkpoint, task, keep=keep, base=base)
     with tallzip.open(archive) as arc:
         data = summary(arc)
@@ -455,7 +421,7 @@ def remove(archive, task, as_json):
     task is left, when it goes. The archive is rewritten and renamed over the old one: the removed
     task's bytes are gone, nothing needs compacting.
     """
-    from tallzip.editing import remove as remove_task
+    from tallzip.edit.editing import remove as remove_task
     remove_task(archive, task)
     with tallzip.open(archive) as arc:
         data = summary(arc)
@@ -487,7 +453,7 @@ def demo(folder, n_tasks, force):
     tallzip.pack(tasks_dir, base, archive, force=True)
     with tallzip.open(archive) as arc:
         first = arc.tasks[0]
-        out = arc.extract(first, extracted, force=True)
+        out = arc.extract(first, extracted, force=True).output
         click.echo(f"extracted task {first!r} to {out}\n")
         click.echo(format_info(summary(arc)))
         click.echo("")
@@ -495,7 +461,14 @@ def demo(folder, n_tasks, force):
 
 
 def main():
-    cli(prog_name="tallzip")
+    # First of all: a Ctrl-C is a KeyboardInterrupt, which the group and every command turn into one line
+    # and exit 130, whatever handler came in (but an ignored SIGINT, a background job's, stays ignored)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        cli(prog_name="tallzip")
+    except KeyboardInterrupt:  # between click's own handlers
+        _fail("interrupted", EXIT_INTERRUPTED, _asked_for_json(None))
 
 
 if __name__ == "__main__":

@@ -26,12 +26,13 @@ def table(headers, rows) -> str:
 DTYPE_WORDS = {"F32": "float32", "F64": "float64", "BF16": "bfloat16", "F16": "float16"}
 
 
-def lambdas_text(lambdas: dict) -> str:
-    """'0.4 (all 8 tasks)' or '0.3: cars, dtd; 0.5: mnist' — the per-task lambdas at a glance."""
+def lambdas_text(lambdas: dict, n_tasks: int | None = None) -> str:
+    """'0.4 (all 8 tasks)' or '0.3: cars, dtd; 0.5: mnist' — the per-task lambdas at a glance (`lambdas`
+    of n_tasks' tall tasks only: the others have no mask, hence no lambda)."""
     by_value: dict[float, list] = {}
     for task, lam in lambdas.items():
         by_value.setdefault(lam, []).append(task)
-    if len(by_value) == 1:
+    if len(by_value) == 1 and len(lambdas) == (n_tasks or len(lambdas)):
         return f"{next(iter(by_value)):g} (all {len(lambdas)} tasks)"
     return "; ".join(f"{lam:g}: {_names(tasks)}" for lam, tasks in sorted(by_value.items()))
 
@@ -42,7 +43,9 @@ def format_info(info: dict) -> str:
            + (f"mtv by {merge}" if info["mtv_dtype"] else "no mtv (no task kept tall)")
            + (", base by reference" if info["base_by_reference"] else "")]
     mtv = "/".join(DTYPE_WORDS.get(d, d) for d in info["mtv_dtype"]) or "none"
-    out.append(f"mtv stored as {mtv}; lambdas {lambdas_text(info['lambdas'])}")
+    tall = {t: lam for t, lam in info["lambdas"].items() if info["tasks"][t].get("representation", "tall") == "tall"}
+    out.append(f"mtv stored as {mtv}; " + (f"lambdas {lambdas_text(tall, len(info['lambdas']))}" if tall else
+                                          "no lambdas (no task kept tall: no mask stored)"))
     level = info["zstd_level"]
     out.append("codecs: " + ", ".join(f"{role} {'/'.join(used)}" for role, used in info["codecs"].items())
                + f"; zstd level {level if level is not None else 'not recorded in the archive'}")
@@ -86,8 +89,14 @@ def format_verify(report: dict) -> str:
     family = report["family"]
     n_tasks = len(report["tasks"]) + len(report["tasks_missing"])
     out.append("")
-    if family["mtv_recomputed"]:
-        out.append(f"against {report['against']}: all {n_tasks} tasks; the mtv and every mask recomputed "
+    tall = [t for t, r in report["tasks"].items() if r.get("representation", "tall") == "tall"]
+    if not report["mtv_dtypes"]:  # no task kept tall: nothing of the TALL rule is stored, or recomputed
+        out.append(f"against {report['against']}: {len(report['tasks'])} of the {n_tasks} tasks"
+                   + (f" (missing: {_names(report['tasks_missing'])})" if report["tasks_missing"] else "")
+                   + "; each rebuilt task compared with its checkpoint (no mtv or mask is stored)")
+    elif family["mtv_recomputed"]:
+        masks = "every mask" if len(tall) == len(report["tasks"]) else f"the masks of the tall tasks ({_names(tall)})"
+        out.append(f"against {report['against']}: all {n_tasks} tasks; the mtv and {masks} recomputed "
                    "from the checkpoints")
     else:
         out.append(f"against {report['against']}: {len(report['tasks'])} of the {n_tasks} tasks "
@@ -130,7 +139,10 @@ def format_verify(report: dict) -> str:
                        + ", ".join(f"{t} {k:,} bits" for t, k in unlike.items()))
         elif not differing:
             out.append("stored masks: the TALL rule with the recomputed mtv, bit for bit")
-    out.append("rel L2 is how far the TALL rebuild (base + mask * mtv) is from each original: the "
+    kept = {r.get("representation", "tall") for r in report["tasks"].values()}
+    how = [what for rep, what in (("tall", "tall: base + mask * mtv"), ("q", "qN: the quantized task vector"),
+                                  ("exact", "exact: bit for bit, 0")) if any(k.startswith(rep) for k in kept)]
+    out.append(f"rel L2 is how far each rebuilt task ({'; '.join(how)}) is from its original: the "
                "compression's approximation, reported, not judged")
     if report["verdict"] == "differs":
         bad = [t for t, r in report["tasks"].items() if r["verdict"] == "differs"]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import TallzipError
-from .formats.outputs import save_tensors
+from tallzip.errors import TallzipError
+from tallzip.formats.checkpoints.outputs import save_tensors
 
 VIT_B32 = dict(width=768, layers=12, patch=32, image=224, embed=512)
 

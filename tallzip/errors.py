@@ -12,3 +12,7 @@ class TaskMismatchError(TallzipError):
 class UnknownTaskError(TallzipError, KeyError):
     def __str__(self):  # KeyError would quote the message
         return self.args[0]
+
+
+class MissingExtraError(TallzipError):
+    """An optional dependency that the request needs is not installed (the message names the extra)."""

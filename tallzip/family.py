@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import TallzipError, TaskMismatchError
-from .formats.checkpoints import Checkpoint, discover_tasks, open_checkpoint
-from .formats.tensors import torch_dtype
+from tallzip.errors import TallzipError, TaskMismatchError
+from tallzip.formats.checkpoints.checkpoint import Checkpoint, open_checkpoint
+from tallzip.formats.checkpoints.folders import discover_tasks
+from tallzip.formats.container.constants import FLOAT_DTYPES
+from tallzip.formats.tensors import torch_dtype
 
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
 class Family:
@@ -40,7 +41,7 @@ class Family:
         base_ckpt = open_checkpoint(base)
         if isinstance(tasks, (str, Path)):
             tasks = discover_tasks(tasks, exclude=[base])
-        return cls(base_ckpt, {name: open_checkpoint(path) for name, path in tasks.items()})
+        return cls(base_ckpt, {name: open_checkpoint(path, exclude=[base]) for name, path in tasks.items()})
 
     def is_mergeable(self, name: str) -> bool:
         """Float in the base and in every task: the tensors that task vectors, masks and merges cover."""
@@ -54,6 +55,10 @@ class Family:
     def tensors(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return self.base.get(name), [ckpt.get(name) for ckpt in self.tasks.values()]
 
+    def local_files(self) -> list:
+        """Every local file the family is read from (base and tasks, model files and side files)."""
+        return [p for ckpt in (self.base, *self.tasks.values()) for p in ckpt.local_files()]
+
     @property
     def input_bytes(self) -> int:
         return sum(ckpt.nbytes for ckpt in self.tasks.values())
@@ -61,7 +66,7 @@ class Family:
 
 def base_digest(ckpt, chunk_elements: int = 1 << 22) -> str:
     """tensors_digest of a checkpoint, read chunk by chunk (the same bytes, bounded memory)."""
-    from .formats.chunking import chunk_plan
+    from tallzip.formats.container.chunking import chunk_plan
     digest = hashlib.sha256()
     for name in sorted(ckpt.names):
         dtype = torch_dtype(ckpt.dtypes[name])

@@ -38,7 +38,7 @@ def import_or_skip(name: str):
 
 
 # The archive's header and manifest as formats/SPEC.md lays them out, read here with struct, hashlib
-# and zstandard only (not through tallzip's reader); written by benchmarks.fuzz's hostile writer.
+# and zstandard only (not through tallzip's reader); written by tests/fuzz.py's hostile writer.
 HEADER = "<8sIIQQ32s8s"
 FLAG_MANIFEST_ZSTD = 1  # SPEC 'Flags', bit 0: the stored manifest is one zstd frame of the JSON
 
@@ -58,11 +58,11 @@ def read_manifest(path) -> tuple[dict, int]:
 def write_manifest(path, manifest: dict | None, *, compress: bool = True, blob: bytes | None = None,
                    flags: int | None = None, extra: bytes = b""):
     """Replace the manifest of the archive at `path` in place (its chunks kept, `extra` bytes placed
-    after them, 64-aligned), header fixed up so the checksum matches (benchmarks.fuzz's hostile
+    after them, 64-aligned), header fixed up so the checksum matches (tests/fuzz.py's hostile
     writer). The JSON of `manifest` is stored zstd-compressed when `compress`, a raw `blob` as it is;
     `flags` overrides the header's flags (default: bit 0 when `compress`). Returns the offset where
     `extra` starts."""
-    from benchmarks.fuzz import write_with_manifest
+    from fuzz import write_with_manifest
     if blob is not None and flags is None:
         flags = FLAG_MANIFEST_ZSTD if compress else 0
     path = Path(path)

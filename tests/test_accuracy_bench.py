@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import tallzip
 from benchmarks import accuracy as bench_module, accuracy_report
-from benchmarks import storage
+from benchmarks.sizes import storage
 from benchmarks.accuracy import Bench, compression_rows, merging_rows, reference_rows, scaled, select_alpha
 from benchmarks.family import PRESETS, FinetuneRegressionWarning, build_family
 from benchmarks.vit import VisionTransformer, classify
@@ -306,5 +306,5 @@ def test_frontier_outputs(frontier, tmp_path):
     assert "keep me" in text and text.index("## Accuracy (issue 4)") < text.index(FRONTIER_TITLE)
     assert f"### {n} tasks" in text and "every task q2" in table
     (tmp_path / f"frontier-{n}tasks.png").unlink()
-    frontier_report.main([str(tmp_path)])  # plotted again from the JSON alone
+    frontier_report.replot(tmp_path)  # plotted again from the JSON alone (python -m benchmarks.accuracy --replot)
     assert (tmp_path / f"frontier-{n}tasks.png").stat().st_size > 0

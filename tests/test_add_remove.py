@@ -73,7 +73,7 @@ def extracted_bits(path, tasks) -> dict:
 def test_add_keeps_neighbours_byte_for_byte(packed):
     tmp_path, base, tasks, new, out = packed
     before, rebuilt = chunk_bytes(out), extracted_bits(out, tasks)
-    tallzip.editing.add(out, tmp_path / "new" / "n.safetensors", "n", keep="q4")
+    tallzip.add(out, tmp_path / "new" / "n.safetensors", "n", keep="q4")
     after = chunk_bytes(out)
     assert all(after[key] == value for key, value in before.items())  # every old chunk, same bytes
     assert {k for k in after if k[2] == "n"} >= {("qcodes", "w", "n"), ("qscales", "v", "n"), ("qcodes", "same", "n"),
@@ -87,16 +87,16 @@ def test_add_keeps_neighbours_byte_for_byte(packed):
         assert np.array_equal(got["same"].numpy(), np_quant_rebuild(base["same"], new["same"], 4, (1, 20)))
         assert np.array_equal(got["step"].numpy(), new["step"]) and np.array_equal(got["head"].numpy(), new["head"])
         (tmp_path / "tasks" / "n.safetensors").write_bytes((tmp_path / "new" / "n.safetensors").read_bytes())
-        report = tallzip.inspect.verify(arc, tmp_path / "tasks")
+        report = tallzip.verify(arc, tmp_path / "tasks")
         assert report["verdict"] == "matches", report
 
 
 def test_add_exact_and_refusals(packed):
     tmp_path, _, tasks, new, out = packed
     with pytest.raises(TallzipError, match="cannot be kept tall"):
-        tallzip.editing.add(out, tmp_path / "new" / "n.safetensors", "n", keep="tall")
+        tallzip.add(out, tmp_path / "new" / "n.safetensors", "n", keep="tall")
     with pytest.raises(TallzipError, match="already has a task 't1'"):
-        tallzip.editing.add(out, tmp_path / "new" / "n.safetensors", "t1", keep="q4")
+        tallzip.add(out, tmp_path / "new" / "n.safetensors", "t1", keep="q4")
     before = out.read_bytes()
     result = CliRunner().invoke(cli, ["add", str(out), str(tmp_path / "new" / "n.safetensors"), "--task", "n",
                                       "--keep", "tall"])
@@ -119,10 +119,10 @@ def test_remove_keeps_neighbours_and_drops_the_task(packed):
     assert all(after[k] == before[k] for k in after)
     with tallzip.open(out) as arc:
         assert arc.tasks == ["t0", "t2"] and arc.manifest["merge"]["mtv_tasks"] == ["t0", "t1", "t2"]
-        report = tallzip.inspect.verify(arc, tmp_path / "tasks")
+        report = tallzip.verify(arc, tmp_path / "tasks")
         assert report["verdict"] == "matches" and "t1" not in report["tasks"]
     assert extracted_bits(out, ["t0", "t2"]) == {t: rebuilt[t] for t in ("t0", "t2")}
-    tallzip.editing.remove(out, "t0")  # the last tall task: the mtv and masks go too
+    tallzip.remove(out, "t0")  # the last tall task: the mtv and masks go too
     with tallzip.open(out) as arc:
         assert not {s["role"] for s in arc.manifest["sections"]} & {"mtv", "mask"}
     assert extracted_bits(out, ["t2"]) == {"t2": rebuilt["t2"]}
@@ -160,8 +160,8 @@ def test_kill_9_leaves_old_or_new(packed, command, stage):
             assert names == (["t0", "t1", "t2", "n"] if command == "add" else ["t0", "t1"])
         else:
             assert out.read_bytes() == old_bytes and names == ["t0", "t1", "t2"]
-        tallzip.inspect.verify(arc)
-    tallzip.editing.remove(out, "t1")  # and the next edit works (the stale temporary is removed)
+        tallzip.verify(arc)
+    tallzip.remove(out, "t1")  # and the next edit works (the stale temporary is removed)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".a.tallz")]
 
 
@@ -200,17 +200,17 @@ def test_every_write_of_an_edit_leaves_the_old_or_the_new_archive(packed, monkey
             return result
         monkeypatch.setattr(os, name, spy)
     if command == "add":
-        tallzip.editing.add(out, tmp_path / "new" / "n.safetensors", "n", keep="q4")
+        tallzip.add(out, tmp_path / "new" / "n.safetensors", "n", keep="q4")
     else:
-        tallzip.editing.remove(out, "t1")
+        tallzip.remove(out, "t1")
     monkeypatch.undo()
     new = hashlib.sha256(out.read_bytes()).hexdigest()
     assert new != old and len(seen) > 40  # many moments: one per chunk written, at least
     switch = seen.index(new)
     assert set(seen[:switch]) == {old} and set(seen[switch:]) == {new}
     with tallzip.open(out) as arc:
-        tallzip.inspect.verify(arc)  # every checksum and decoding (raises on damage)
-        report = tallzip.inspect.verify(arc, tmp_path / "tasks")
+        tallzip.verify(arc)  # every checksum and decoding (raises on damage)
+        report = tallzip.verify(arc, tmp_path / "tasks")
         assert all(report["tasks"][t]["verdict"] == "matches" for t in report["tasks"]), report
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".a.tallz")]
 
@@ -223,7 +223,7 @@ def test_a_removed_tasks_space_is_gone(packed):
     with tallzip.open(out) as arc:
         gone = sum(s["length"] for s in arc.manifest["sections"] if s["task"] == "t1")
     before = out.stat().st_size
-    tallzip.editing.remove(out, "t1")
+    tallzip.remove(out, "t1")
     data = out.read_bytes()
     manifest_at = int.from_bytes(data[16:24], "little")
     with tallzip.open(out) as arc:

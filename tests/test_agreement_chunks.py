@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import tallzip
-from tallzip.inspect import layer_kind
+from tallzip.verification.info import layer_kind
 
 from conftest import np_mask, np_mtv, numpy_family, write_family
 

@@ -17,10 +17,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tallzip.formats import torch_zip
-from tallzip.formats.checkpoints import open_checkpoint
+from tallzip.formats.checkpoints import torch_zip
+from tallzip.formats.checkpoints.checkpoint import open_checkpoint
+from tallzip.formats.checkpoints.folders import SHARD_INDEX
 from tallzip.formats.errors import FormatError
-from tallzip.formats.safe_pickle import load_state_dict
+from tallzip.formats.checkpoints.safe_pickle import load_state_dict
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -360,7 +361,7 @@ def test_iterating_read_range_over_a_pt_holds_far_less_than_the_file(tmp_path):
     del tensors
     script = textwrap.dedent(f"""
         import resource, torch
-        from tallzip.formats.checkpoints import open_checkpoint
+        from tallzip.formats.checkpoints.checkpoint import open_checkpoint
         ckpt = open_checkpoint({str(path)!r})
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         sums, chunk = [], 1 << 20
@@ -414,7 +415,7 @@ def test_hf_sharded_folder_with_tied_embeddings(tmp_path, dtype):
     ckpt = open_checkpoint(tmp_path / "llm")
     assert sorted(ckpt.names) == sorted(expected) and "lm_head.weight" not in ckpt
     assert ckpt.tied == {}
-    assert set(ckpt.extra_files) == {"config.json", "tokenizer.json"}
+    assert set(ckpt.extra_files) == {"config.json", "tokenizer.json", SHARD_INDEX}  # the index, as bytes
     assert json.loads(ckpt.extra_files["config.json"].read_text())["tie_word_embeddings"] is True
     assert set(ckpt.sharding["files"]) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
     assert_ranges_match(ckpt, expected)
@@ -429,20 +430,22 @@ def test_folder_with_the_same_model_as_safetensors_and_bin_reads_the_safetensors
     (folder / "config.json").write_text("{}")
     ckpt = open_checkpoint(folder)
     assert ckpt.format == "safetensors" and ckpt.path.name == "model.safetensors"
-    assert set(ckpt.extra_files) == {"config.json"}
-    # two checkpoints that are not one model's two spellings stay ambiguous
-    save_file(tensors, str(folder / "other.safetensors"))
-    with pytest.raises(FormatError, match="3 checkpoint files"):
+    # the other spelling is kept too, as bytes (never unpickled): a task folder comes back whole
+    assert set(ckpt.extra_files) == {"config.json", "pytorch_model.bin"}
+    # without a Hugging Face model name, two checkpoints stay ambiguous
+    (folder / "model.safetensors").rename(folder / "a.safetensors")
+    (folder / "pytorch_model.bin").rename(folder / "b.bin")
+    with pytest.raises(FormatError, match="2 checkpoint files"):
         open_checkpoint(folder)
 
 
-# ---- the generated LLM-shaped family (benchmarks/llm_family.py) -------------------------------------
+# ---- the generated LLM-shaped family (benchmarks/fixtures/families.py) -------------------------------------
 
 TINY_LLM = dict(vocab=300, hidden=64, layers=2, mlp=160, heads=4, kv_heads=2, attention=True, tie=True)
 
 
 def test_generated_llm_family_is_a_hugging_face_family_with_realistic_masks(tmp_path):
-    from benchmarks.llm_family import generate
+    from benchmarks.fixtures import generate
     from conftest import np_mask, np_mtv
     result = generate(tmp_path / "fam", TINY_LLM, 8, "bf16", shard_bytes=40_000, threads=2, log=None)
     again = generate(tmp_path / "again", TINY_LLM, 8, "bf16", shard_bytes=40_000, threads=1, log=None)
@@ -455,7 +458,7 @@ def test_generated_llm_family_is_a_hugging_face_family_with_realistic_masks(tmp_
     assert index["metadata"]["total_size"] == sum(math.prod(s) * 2 for s in base.shapes.values())
     assert "lm_head.weight" not in base and json.loads(
         base.extra_files["config.json"].read_text())["tie_word_embeddings"] is True
-    assert set(base.extra_files) == {"config.json", "tokenizer.json"}
+    assert set(base.extra_files) == {"config.json", "tokenizer.json", SHARD_INDEX}
     name = "model.layers.1.mlp.up_proj.weight"
     assert base.shapes[name] == (160, 64) and base.dtypes[name] == "BF16"
     # the same bytes whatever the thread count

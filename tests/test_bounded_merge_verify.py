@@ -24,8 +24,8 @@ SLACK_MIB = 16
 MEASURE = r'''
 import json, sys
 import tallzip
-from tallzip import merging
-from tallzip.inspect import verify
+from tallzip.merging import merge as merging
+from tallzip.verification.verify import verify
 
 def status(key):
     with open("/proc/self/status") as f:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tallzip.formats import codecs, float_codecs, mask_codecs
-from tallzip.formats.codecs import CodecError
+from tallzip.formats.codecs import registry as codecs, floats as float_codecs, mask_ctx as mask_codecs
+from tallzip.formats.codecs.registry import CodecError
 
 ARRAY_CODECS = ("raw", "zstd", "planes+zstd", "planes+ans")
 LENGTHS = (0, 1, 7, 9, 1001)

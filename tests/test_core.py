@@ -12,7 +12,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file as np_load_file, save_file as np_save_file
 
 import tallzip
-from tallzip.inspect import summary, verify
+from tallzip.verification.info import summary
+from tallzip.verification.verify import verify
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import CorruptArchiveError, FormatError, UnsupportedVersionError
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from formats import delta_codec
-from formats.codecs import CodecError
+from tallzip.formats.codecs import delta as delta_codec
+from tallzip.formats.codecs.registry import CodecError
 
 CODECS = ["planes+zstd", "planes+ans", "zstd"]
 WIDTH = {"f32": np.uint32, "bf16": np.uint16, "f16": np.uint16}
@@ -70,7 +70,7 @@ def test_delta_is_smaller_than_the_task_alone():
     rng = np.random.default_rng(3)
     base = rng.normal(0, 0.05, 50_000).astype(np.float32)
     task = (base + rng.normal(0, 1e-5, base.size)).astype(np.float32)
-    from formats import codecs
+    from tallzip.formats.codecs import registry as codecs
     alone = len(codecs.encode("planes+zstd", task.view(np.uint32))[0])
     for mode in delta_codec.MODES:
         payload, _ = delta_codec.encode(task, base, mode=mode)

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import zstandard
 
-from benchmarks import engines as bench
-from tallzip.engines import Job, LocalEngine, MissingExtraError, RayEngine, make_engine
+from benchmarks.speed import engines as bench
+from tallzip.errors import MissingExtraError
+from tallzip.run.engines import Job, LocalEngine, RayEngine, make_engine
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import FormatError
 
@@ -171,7 +172,7 @@ def always_dying(attempts_file):
 def ray_cluster():
     ray = pytest.importorskip("ray", reason="ray not installed (pip install 'tallzip[ray]')")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine
-    # The workers import this module and benchmarks.engines by value: neither is installed for them.
+    # The workers import this module and benchmarks.speed.engines by value: neither is installed for them.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.cloudpickle.register_pickle_by_value(bench)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

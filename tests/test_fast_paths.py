@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from tallzip import taskvec
-from tallzip.archive import rebuild_from_bits
-from tallzip.formats import float_codecs
-from tallzip.pack_jobs import all_finite
+from tallzip.ops import tall, taskvec
+from tallzip.archive.archive import rebuild_from_bits
+from tallzip.formats.codecs import floats as float_codecs
+from tallzip.ops.taskvec import all_finite
 
 
 def test_all_finite_says_no_to_nan_and_infinity():
@@ -31,7 +31,7 @@ def test_sum_and_masks_into_is_the_formula(dtype, n_tasks):
     tasks = (base + rng.standard_normal((n_tasks, n)) * 1e-3 * (rng.random((n_tasks, n)) < 0.5)).astype(dtype)
     lambdas = [0.2 + 0.1 * j for j in range(n_tasks)]
     mtv, masks = np.empty(n, dtype), np.empty((n_tasks, n), bool)
-    taskvec.sum_and_masks_into(base, tasks, np.array(lambdas, dtype).reshape(-1, 1), mtv, masks,
+    tall.sum_and_masks_into(base, tasks, np.array(lambdas, dtype).reshape(-1, 1), mtv, masks,
                                np.empty((n_tasks, n), dtype), np.empty((n_tasks + 1, n), dtype))
     expected = tasks[0] - base
     for t in tasks[1:]:

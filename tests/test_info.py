@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 import tallzip
 from tallzip.cli.main import cli
-from tallzip.formats.constants import HEADER_SIZE
-from tallzip.formats.reader import ArchiveReader
+from tallzip.formats.container.constants import HEADER_SIZE
+from tallzip.formats.container.reader import ArchiveReader
 
 from test_remote import family, http_archive  # noqa: F401 - the HTTP server fixture with its family
 

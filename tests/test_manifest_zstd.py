@@ -180,12 +180,13 @@ def test_plain_json_under_flag_1_and_frame_under_flag_0_refused(archive, tmp_pat
 
 @pytest.fixture(scope="module")
 def vit_family(tmp_path_factory):
-    """8 tasks with the tensor names of benchmarks/vit.py's layout (4 blocks), narrower: the manifest
-    depends on the sections and chunks (one per tensor here, as at full width), not on the width."""
-    from benchmarks.manifest_size import vit_family as make
-    from benchmarks.vit import ViTConfig
+    """8 tasks with the tensor names of a CLIP ViT (benchmarks.fixtures' vit presets, 4 blocks), narrower: the
+    manifest depends on the sections and chunks (one per tensor here, as at full width), not on the width."""
+    from benchmarks.fixtures import generate
+    from benchmarks.fixtures.families import vit_preset
     folder = tmp_path_factory.mktemp("vit")
-    tasks, base, _ = make(folder / "fam", 8, config=ViTConfig(width=32, layers=4, heads=2, output_dim=32))
+    made = generate(folder / "fam", vit_preset(width=32, layers=4, patch=4, image=28, embed=32), 8, threads=1, log=None)
+    tasks, base = folder / "fam" / "tasks", made["base"]
     return tasks, base, folder
 
 

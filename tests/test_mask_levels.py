@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tallzip.formats import codecs, mask_levels
-from tallzip.formats.codecs import CodecError
+from tallzip.formats.codecs import registry as codecs, mask_levels
+from tallzip.formats.codecs.registry import CodecError
 
 
 def bf16_bits(values):

@@ -14,8 +14,8 @@ from safetensors.numpy import load_file, save_file
 import tallzip
 from tallzip.cli.main import cli
 from tallzip.errors import TallzipError
-from tallzip.inspect import layer_kind
-from tallzip.merging import merge_with_report
+from tallzip.verification.info import layer_kind
+from tallzip.merging.merge import merge_with_report
 
 F32 = np.float32
 N_TASKS = 4
@@ -363,10 +363,14 @@ def test_cli_errors_are_one_line(family, tmp_path, args, words):
     assert not (tmp_path / "m.safetensors").exists()
 
 
-def test_cli_refuses_an_unknown_output_suffix(family, tmp_path):
+def test_cli_refuses_a_file_where_its_folder_output_would_go(family, tmp_path):
+    """-o with no checkpoint extension is a folder (as for extract): a file there is refused, untouched."""
+    target = tmp_path / "m.bin.gz"
+    target.write_bytes(b"someone's file")
     result = CliRunner().invoke(cli, ["merge", str(family["tasks_dir"]), "--base", str(family["base_path"]),
-                                      "-o", str(tmp_path / "m.bin.gz"), "--method", "average"])
-    assert result.exit_code != 0 and ".safetensors" in result.output
+                                      "-o", str(target), "--method", "average"])
+    assert result.exit_code == 1 and "not a folder" in result.output
+    assert target.read_bytes() == b"someone's file"
 
 
 # --- agreement -----------------------------------------------------------------------------------

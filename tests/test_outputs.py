@@ -18,9 +18,9 @@ from safetensors.numpy import save_file as np_save_file
 
 import tallzip
 from tallzip.cli.main import cli
-from tallzip.formats import outputs
-from tallzip.formats.checkpoints import SHARD_INDEX
-from tallzip.formats.outputs import atomic_output
+from tallzip.formats.checkpoints import outputs
+from tallzip.formats.checkpoints.folders import SHARD_INDEX
+from tallzip.formats.checkpoints.outputs import atomic_output
 
 from conftest import np_rebuilt, numpy_family, write_family
 
@@ -313,7 +313,7 @@ def test_extract_reports_progress_and_json(packed, tmp_path):
     _, tasks, archive = packed
     calls = []
     with tallzip.open(archive) as opened:
-        opened.extract_all(tmp_path / "all", progress=lambda *call: calls.append(call))
+        opened.extract(None, tmp_path / "all", progress=lambda *call: calls.append(call))
         total = sum(len(opened.task_entry(t)["tensors"]) for t in opened.tasks)
     assert calls and {label for label, _, _ in calls} == {"extracting"}
     assert [done for _, done, _ in calls] == sorted(done for _, done, _ in calls)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tallzip import quantize as qz
+from tallzip.ops import quantize as qz
 from tests.conftest import np_round_mtv
 
 SHAPES = [(5, 70), (3, 4, 33), (7,), ()]

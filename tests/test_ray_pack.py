@@ -1,6 +1,6 @@
 """pack on Ray (issue 14): the chunk jobs run as Ray tasks that read their own byte ranges, and the archive is
 byte-identical to the local pack of the same inputs and options, on a ViT-shaped family (tallzip/demo.py) and
-an LLM-shaped sharded one (benchmarks/llm_family.py, a tiny preset); a worker killed mid-job is retried and the
+an LLM-shaped sharded one (benchmarks/fixtures/families.py, a tiny preset); a worker killed mid-job is retried and the
 archive is still identical; a job that keeps failing leaves nothing at the target.
 
 One local Ray cluster for the module (2 CPUs, no dashboard), stopped at the end. Its node address is
@@ -16,7 +16,7 @@ import pytest
 
 import tallzip
 from tallzip.demo import make_family
-from tallzip.engines import Job, RayEngine
+from tallzip.run.engines import Job, RayEngine
 from tallzip.errors import TallzipError
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -44,7 +44,7 @@ def vit_family(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm_family(tmp_path_factory):
-    from benchmarks.llm_family import generate
+    from benchmarks.fixtures import generate
     out = tmp_path_factory.mktemp("llm") / "family"
     generate(out, TINY_LLM, n_tasks=3, dtype="bf16", threads=1, shard_bytes=16 << 10, log=lambda *a, **k: None)
     return out / "base", out / "tasks"

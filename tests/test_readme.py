@@ -263,6 +263,24 @@ def test_install_commands_match_setup_cfg_and_ci():
     assert f"{test_command} || exit $?" in ci_lines, ".ci/run must run the README's test command as written"
 
 
+def test_ci_installs_each_step_into_a_new_virtualenv():
+    """Each `pip install` of .ci/run goes into a virtualenv that step made and activated itself, so that
+    nothing installed by hand on the CI machine can stand in for a missing install step."""
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    installs = [i for i, line in enumerate(ci_lines) if line.startswith("pip install")]
+    assert len(installs) == 2, "two steps, two installs"
+    made = set()
+    for previous, install in zip([-1] + installs, installs):
+        step = ci_lines[previous + 1:install]
+        venvs = [re.fullmatch(r'python3 -m venv "(\$\w+/\w+)"', line) for line in step]
+        venvs = [m.group(1) for m in venvs if m]
+        assert len(venvs) == 1, f"{ci_lines[install]!r}: no new virtualenv made for it"
+        assert f'. "{venvs[0]}/bin/activate"' in step, f"{ci_lines[install]!r}: its new virtualenv is not activated"
+        assert venvs[0] not in made, "each step gets a virtualenv of its own"
+        made.add(venvs[0])
+    assert any(re.fullmatch(r'\w+=\$\(mktemp -d\)', line) for line in ci_lines), "the virtualenvs live in a temporary folder"
+
+
 def tallzip_run(args, cwd, monkeypatch):
     """One `tallzip` command in `cwd`, in this process (the installed entry point has its own test)."""
     monkeypatch.chdir(cwd)

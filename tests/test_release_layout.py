@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 import tallzip
 from tallzip.cli.main import cli
-from tallzip.formats.checkpoints import SHARD_INDEX, discover_tasks
+from tallzip.formats.checkpoints.folders import SHARD_INDEX, discover_tasks
 
 from conftest import import_or_skip, np_rebuilt
 

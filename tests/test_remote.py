@@ -18,9 +18,9 @@ from safetensors.numpy import load_file
 import tallzip
 from tallzip.cli.main import cli
 from tallzip.demo import make_family
-from tallzip.formats.constants import HEADER_SIZE, HEADER_STRUCT
-from tallzip.formats.reader import ArchiveReader
-from tallzip.formats.sources import MissingExtraError
+from tallzip.formats.container.constants import HEADER_SIZE, HEADER_STRUCT
+from tallzip.formats.container.reader import ArchiveReader
+from tallzip.errors import MissingExtraError
 
 from test_sources import RangeHandler  # tests/ is on sys.path (rootdir conftest)
 
@@ -77,7 +77,7 @@ def test_pack_from_memory_urls_codes_the_same_sections(family, memory_root, tmp_
 
 
 def test_pack_from_a_sharded_memory_family_with_side_files(memory_root, tmp_path):
-    from benchmarks.llm_family import generate
+    from benchmarks.fixtures import generate
     fs, root = memory_root
     local = tmp_path / "llm"
     generate(local, TINY_LLM, n_tasks=2, dtype="bf16", threads=1, shard_bytes=16 << 10, log=lambda *a, **k: None)

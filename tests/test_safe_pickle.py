@@ -10,8 +10,8 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from tallzip.formats import safe_pickle
-from tallzip.formats.safe_pickle import CheckpointFormatError, UnsafePickleError, load_state_dict
+from tallzip.formats.checkpoints import safe_pickle
+from tallzip.formats.checkpoints.safe_pickle import CheckpointFormatError, UnsafePickleError, load_state_dict
 from conftest import import_or_skip
 
 

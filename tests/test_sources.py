@@ -14,10 +14,10 @@ import uuid
 import numpy as np
 import pytest
 
-from tallzip.formats import sources
+from tallzip.formats.checkpoints import sources
 from tallzip.formats.errors import FormatError
-from tallzip.formats.sources import (LocalSource, MissingExtraError, is_url, list_folder, open_source,
-                                     require_local_output)
+from tallzip.errors import MissingExtraError
+from tallzip.formats.checkpoints.sources import LocalSource, is_url, list_folder, open_source, require_local_output
 
 RANGES = [(0, 1), (0, 0), (17, 1000), (4095, 2), (5000, 1), (0, 5001), (1234, 3767)]
 

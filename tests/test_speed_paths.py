@@ -13,15 +13,18 @@ from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import load_file
 
 import tallzip
-from tallzip import bits, packing
+from tallzip.ops import bits
+from tallzip.ops import tall
+from tallzip.ops.ties import MtvMerger
+from tallzip.run.threads import resolve_device
 from tallzip.errors import TallzipError
 from tallzip.family import Family
-from tallzip.formats import codecs
-from tallzip.formats.checkpoints import open_checkpoint
-from tallzip.formats.outputs import SafetensorsStream
+from tallzip.formats.codecs import registry as codecs
+from tallzip.formats.checkpoints.checkpoint import open_checkpoint
+from tallzip.formats.checkpoints.outputs import SafetensorsStream
 from tallzip.formats.errors import FormatError
-from tallzip.formats.reader import ArchiveReader
-from tallzip.formats.writer import ArchiveWriter, encode_chunk, encode_packed_mask_chunk
+from tallzip.formats.container.reader import ArchiveReader
+from tallzip.formats.container.writer import ArchiveWriter, encode_chunk, encode_packed_mask_chunk
 
 from conftest import np_mask, np_mtv, np_rebuilt, numpy_family, write_family
 
@@ -68,13 +71,13 @@ def test_unpack_refuses_too_few_bytes():
 @pytest.mark.parametrize("chunk", [5, 64, 1 << 16])
 def test_masked_tensor_is_the_formula_in_numpy(packed, monkeypatch, chunk):
     base, tasks, base_path, tasks_dir, _ = packed
-    monkeypatch.setattr(packing, "CPU_CHUNK", chunk)  # slices that do not divide the tensors
+    monkeypatch.setattr(tall, "CPU_CHUNK", chunk)  # slices that do not divide the tensors
     family = Family.open(tasks_dir, base_path)
-    merger = packing._Merger(family, "sum", 0.2, torch.device("cpu"), None)
+    merger = MtvMerger(family, "sum", 0.2, torch.device("cpu"), None)
     lambdas = [0.2, 0.4, 0.6]
     for name in MASKED:
         b, ts = family.tensors(name)
-        mtv, packed_masks, ones = packing.masked_tensor(merger, b, ts, lambdas, torch.device("cpu"))
+        mtv, packed_masks, ones = tall.masked_tensor(merger, b, ts, lambdas, torch.device("cpu"))
         expected_mtv = np_mtv(base, tasks, name)
         assert np.array_equal(mtv.numpy(), expected_mtv)
         for task, lam, got, n_ones in zip(tasks, lambdas, packed_masks, ones):
@@ -84,14 +87,14 @@ def test_masked_tensor_is_the_formula_in_numpy(packed, monkeypatch, chunk):
 
 
 def test_masked_tensor_ties_agrees_with_the_whole_tensor_formula(packed, monkeypatch):
-    from tallzip import taskvec
+    from tallzip.ops import taskvec
     base, tasks, base_path, tasks_dir, _ = packed
-    monkeypatch.setattr(packing, "CPU_CHUNK", 7)
+    monkeypatch.setattr(tall, "CPU_CHUNK", 7)
     family = Family.open(tasks_dir, base_path)
-    merger = packing._Merger(family, "ties", 0.3, torch.device("cpu"), None)
+    merger = MtvMerger(family, "ties", 0.3, torch.device("cpu"), None)
     for name in MASKED:
         b, ts = family.tensors(name)
-        mtv, packed_masks, _ = packing.masked_tensor(merger, b, ts, [0.4] * 3, torch.device("cpu"))
+        mtv, packed_masks, _ = tall.masked_tensor(merger, b, ts, [0.4] * 3, torch.device("cpu"))
         whole = merger.mtv(b, ts)  # elementwise given the thresholds: slicing must not change it
         assert torch.equal(mtv, whole)
         for t, got in zip(ts, packed_masks):
@@ -100,14 +103,14 @@ def test_masked_tensor_ties_agrees_with_the_whole_tensor_formula(packed, monkeyp
 
 
 def test_masked_tensor_bfloat16_inputs(monkeypatch):
-    monkeypatch.setattr(packing, "CPU_CHUNK", 6)
+    monkeypatch.setattr(tall, "CPU_CHUNK", 6)
     gen = torch.Generator().manual_seed(0)
     base = (0.05 * torch.randn(5, 7, generator=gen)).to(torch.bfloat16)
     tasks = [(base.float() + 0.01 * torch.randn(5, 7, generator=gen)).to(torch.bfloat16) for _ in range(3)]
 
     class SumMerger:
         method = "sum"
-    mtv, packed_masks, _ = packing.masked_tensor(SumMerger(), base, tasks, [0.5] * 3, torch.device("cpu"))
+    mtv, packed_masks, _ = tall.masked_tensor(SumMerger(), base, tasks, [0.5] * 3, torch.device("cpu"))
     b32 = base.float().numpy()
     t32 = [t.float().numpy() for t in tasks]
     expected_mtv = ((t32[0] - b32) + (t32[1] - b32)).astype(np.float32) + (t32[2] - b32)
@@ -121,7 +124,7 @@ def test_masked_tensor_bfloat16_inputs(monkeypatch):
 @pytest.mark.parametrize("codec", ["bits+zstd", "bits-ctx"])
 def test_pack_then_load_extract_and_iter_are_the_formula(packed, monkeypatch, codec):
     base, tasks, base_path, tasks_dir, out = packed
-    monkeypatch.setattr(packing, "CPU_CHUNK", 11)
+    monkeypatch.setattr(tall, "CPU_CHUNK", 11)
     tallzip.pack(tasks_dir, base_path, out, lambdas=0.3, device="cpu", codecs={"mask": codec})
     with tallzip.open(out) as archive:
         for task in tasks:
@@ -148,7 +151,7 @@ def test_extract_all_writes_every_task_as_the_formula(packed, fmt):
     tallzip.pack(tasks_dir, base_path, out, lambdas=lambdas)
     folder = out.parent / "all"
     with tallzip.open(out) as archive:
-        paths = archive.extract_all(folder, fmt=fmt)
+        paths = archive.extract(None, folder, fmt=fmt).paths
     assert sorted(p.name for p in paths) == sorted(f"{t}.{fmt or 'safetensors'}" for t in tasks)
     for path in paths:
         task = path.name.split(".")[0]
@@ -181,13 +184,13 @@ def test_nonfinite_inputs_are_named(packed, tmp_path):
 
 def test_device_errors_are_one_line():
     with pytest.raises(TallzipError, match="unknown device 'gpu'"):
-        packing.resolve_device("gpu")
+        resolve_device("gpu")
     with pytest.raises(TallzipError, match="not supported"):
-        packing.resolve_device("meta")
-    assert packing.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+        resolve_device("meta")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(TallzipError, match="no CUDA device is available"):
-            packing.resolve_device("cuda")
+            resolve_device("cuda")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no GPU")

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file as np_load_file
 import tallzip
 from tallzip.cli.main import cli
 from tallzip.errors import TallzipError
-from tallzip.packing import FLOAT_CODECS, MASK_CODECS
+from tallzip.options import FLOAT_CODECS, MASK_CODECS
 
 from conftest import DEFAULT_MTV_DTYPE, np_mask, np_mtv, np_rebuilt, np_round_mtv, numpy_family, write_family
 from conftest import read_manifest as conftest_read_manifest
@@ -62,7 +62,7 @@ def expected_task(base, tasks, task, mtv_dtype=DEFAULT_MTV_DTYPE):
 
 def extract_all(archive_path, folder, base=None):
     with tallzip.open(archive_path, base=base) as archive:
-        archive.extract_all(folder)
+        archive.extract(None, folder)
     return {p.stem: np_load_file(str(p)) for p in folder.iterdir()}
 
 
@@ -253,10 +253,10 @@ def test_info_bits_per_param_and_ratio(fam, tmp_path, options):
 # --- the storage benchmark's arithmetic -----------------------------------------------------------
 
 def test_storage_benchmark_rows_add_up(fam, tmp_path):
-    """benchmarks/storage.py composes rows from sections coded one by one: its 'all together' row must
+    """benchmarks/sizes/storage.py composes rows from sections coded one by one: its 'all together' row must
     be a real archive's sections to the byte (pack_checked stops otherwise), and its paper layout the
     (64 + N) bits per parameter of the authors' flattened state dict."""
-    from benchmarks import storage
+    from benchmarks.sizes import storage
 
     base, tasks, base_path, tasks_dir = fam
     paths = {t: tasks_dir / f"{t}.safetensors" for t in tasks}

@@ -35,14 +35,13 @@ from safetensors.numpy import load_file as np_load_file
 
 import tallzip
 from tallzip.cli.main import cli
-from tallzip.formats.outputs import atomic_output, remove_stale_temporaries
-from tallzip.formats.constants import HEADER_SIZE, HEADER_STRUCT
+from tallzip.formats.checkpoints.outputs import atomic_output, remove_stale_temporaries
+from tallzip.formats.container.constants import HEADER_SIZE, HEADER_STRUCT
 from tallzip.formats.errors import FormatError
 
 from conftest import np_rebuilt, numpy_family, write_family
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside tests/
-from benchmarks import fuzz  # noqa: E402
+import fuzz
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,12 +17,13 @@ from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 
 import tallzip
-from tallzip.packing import DEFAULT_CODECS
+from tallzip.options import DEFAULT_CODECS
 from tallzip.cli.main import cli
 from tallzip.errors import TallzipError
-from tallzip.inspect import summary, verify
-from tallzip.merging import merge_with_report
-from tallzip.verification import mask_check
+from tallzip.verification.info import summary
+from tallzip.verification.verify import verify
+from tallzip.merging.merge import merge_with_report
+from tallzip.verification.compare import mask_check
 
 from conftest import np_mask, np_mtv, np_rebuild, np_round_mtv, numpy_family, write_family
 

@@ -1,0 +1,2 @@
+"""Checkpoints in and out: safetensors and torch files (zip, lazy, safe unpickling), sources and URLs,
+atomic outputs."""

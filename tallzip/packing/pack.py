@@ -1,0 +1,249 @@
+"""`pack`: stream a family of checkpoints into one archive, tensor by tensor.
+
+Peak memory is about two tensors per task (the one being packed and the next one, read ahead),
+plus, for TIES, one whole task vector at a time while the trim thresholds are found. Three things
+overlap: a reader thread reads the next tensor of every checkpoint, the caller's thread computes
+the mtv and the masks of the current one (on the GPU when there is one), and the writer's thread
+pool compresses and hashes the sections made before.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from tallzip.version import __version__
+from tallzip.ops import taskvec
+from tallzip.errors import TallzipError
+from tallzip.family import Family, base_digest
+from tallzip.run.chunks import checked_chunk_elements, chunk_plan, ordered_map, parse_memory
+from tallzip.run.threads import available_cpus, resolve_device, single_torch_thread
+from tallzip.formats.container.constants import (DTYPE_SIZES, FLOAT_DTYPES, FORMAT_VERSION, KIND_MASKED, KIND_PER_TASK,
+                                                 KIND_SHARED, ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV)
+from tallzip.formats.container.reader import is_plain_file_name
+from tallzip.formats.container.writer import ArchiveWriter
+from tallzip.formats.checkpoints.outputs import refuse_inputs_as_output
+from tallzip.ops.representations import (REPRESENTATION_ROLES, representation_section,
+                                         task_representations)
+from tallzip.ops.ties import MtvMerger
+from tallzip.options import DEFAULT_LEVEL, DEFAULT_MTV_DTYPE, MTV_DTYPES, checked_codecs
+from tallzip.packing.jobs import ChunkJob, PackSettings, dtype_of, job_cost, run_job
+from tallzip.packing.manifest import task_entry
+from tallzip.packing.lambdas import LambdaSelector, selected_lambdas, task_lambdas
+from tallzip.packing.selection import RepresentationSelector, choose as choose_representations
+
+MASK_RULE = "mask = |base - task| > lambda * |(base + mtv) - task|, float32"
+
+
+def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "sum",
+         density: float = taskvec.DEFAULT_TIES_DENSITY, mtv_dtype: str = DEFAULT_MTV_DTYPE, base_ref: bool = False,
+         device: str = "auto", force: bool = False, level: int = DEFAULT_LEVEL, allow_nonfinite: bool = False,
+         codecs: dict | None = None, progress=None, memory=None, chunk_elements: int | None = None,
+         workers: int | None = None, engine="local", address: str | None = None, keep=None) -> dict:
+    """Pack a family into one archive at `output`; returns its manifest.
+
+    tasks: folder of checkpoints, or {task: path}. lambdas: one number, {task: number} ('*' for the
+    rest), or select_lambdas(evaluate). merge: 'sum' or 'ties' (top-`density` trim, disjoint sum).
+    mtv_dtype: precision the mtv is stored at (masks always come from the full-precision mtv);
+    'float32' makes the archive lossless: every task rebuilt exactly as base + m_t * mtv.
+    base_ref: store only the base's identity; extract then needs the base file.
+    codecs: {'float': one of FLOAT_CODECS (base, mtv, float tensors of a task's own), 'mask': one of
+    MASK_CODECS, 'other': one of FLOAT_CODECS (integer tensors)}; missing keys take DEFAULT_CODECS.
+    memory: the budget for chunks in flight (bytes, or '1.5G', '256M'); chunk_elements: the chunk
+    size the archive records (default 2^22). keep: how each task is kept (representations.py): one of
+    tall (default), q8, q4, q3, q2, exact for all, {task: rep} with '*' for the rest, or
+    select_representation(evaluate, tolerance) (recorded in the manifest with the scores). Neither the budget nor `workers` changes the archive's
+    bytes: those depend only on the inputs and the options above.
+    engine: 'local' (threads here) or 'ray' (chunk jobs as Ray tasks on the cluster at `address`:
+    None starts a private local one, 'auto' joins `ray start`'s, 'ray://HOST:PORT' Ray Client), or
+    an Engine (tallzip.engines). Each Ray task reads its own byte ranges of the inputs, so every
+    worker must see the same paths; the archive is byte-identical to the local one. The TIES
+    thresholds (one reduction per task over the whole model) are still computed here, first.
+    """
+    if mtv_dtype not in MTV_DTYPES:
+        raise TallzipError(f"unknown mtv dtype {mtv_dtype!r} (expected one of {', '.join(MTV_DTYPES)})")
+    codecs = checked_codecs(codecs)
+    budget = parse_memory(memory)
+    chunk_elements = checked_chunk_elements(chunk_elements)
+    family = Family.open(tasks, base)
+    refuse_inputs_as_output([output], family.local_files())  # before any work (the writer checks again)
+    if not (isinstance(engine, str) and engine == "local"):  # tallzip's own refusals before Ray is looked for
+        device = _engine_device(device)
+        _refuse_torch_pickles_elsewhere(engine if isinstance(engine, str) else engine.name, family)
+    engine, own_engine = _pack_engine(engine, address, workers)
+    device = resolve_device(device)
+    task_names = family.names
+    for t in task_names:  # extract writes a file or folder per task, named after it
+        if not is_plain_file_name(t):
+            raise TallzipError(f"task name {t!r} cannot be a file name (no '/', '\\', NUL, '.' or '..')")
+    lam = task_lambdas(lambdas, task_names)
+    selector = keep if isinstance(keep, RepresentationSelector) else None
+    if selector is None:
+        reps = task_representations(keep, task_names)  # refuses a bad --keep before any computing
+    merger = MtvMerger(family, merge, density, device, progress)
+    if lam is None:
+        lam = selected_lambdas(family, merger, lambdas, device, progress)
+    if selector is not None:  # after the mtv's method and the lambdas: the tall candidate is rebuilt from them
+        keep = choose_representations(family, selector, chunk_elements, progress, tall=(merger, lam, mtv_dtype))
+        reps = task_representations(keep, task_names)
+    settings = PackSettings(tuple(task_names), tuple(lam[t] for t in task_names), merger, mtv_dtype, codecs, level,
+                            device, allow_nonfinite, base_ref, tuple(reps[t] for t in task_names))
+
+    kinds = {}
+    for name in family.base.names:
+        if family.is_mergeable(name):
+            kinds[name] = KIND_MASKED  # or shared, once every chunk turns out identical in every task
+        else:
+            kinds[name] = KIND_SHARED if _identical(family, name, chunk_elements) else KIND_PER_TASK
+    jobs = []
+    for name in family.base.names:
+        shape = tuple(family.base.shapes[name])
+        kind = {KIND_MASKED: "masked", KIND_SHARED: "shared", KIND_PER_TASK: "per-task"}[kinds[name]]
+        jobs += [ChunkJob(kind, name, i, start, count, shape) for i, (start, count) in
+                 enumerate(chunk_plan(shape, chunk_elements))]
+    for t in task_names:
+        ckpt = family.tasks[t]
+        for name in family.own_names(t):
+            shape = tuple(ckpt.shapes[name])
+            jobs += [ChunkJob("own", name, i, start, count, shape, task=t)
+                     for i, (start, count) in enumerate(chunk_plan(shape, chunk_elements))]
+        for fname, path in ckpt.extra_files.items():
+            shape = (path.stat().st_size,)
+            jobs += [ChunkJob("file", fname, i, start, count, shape, task=t)
+                     for i, (start, count) in enumerate(chunk_plan(shape, chunk_elements))]
+    for job in jobs:
+        job.cost = job_cost(job, len(task_names), DTYPE_SIZES[dtype_of(family, job)])
+    # Threads: as many as the CPUs, but no more than the budget holds jobs (each thread keeps its scratch).
+    biggest = max((job.cost for job in jobs), default=1)
+    workers = max(1, min(workers or available_cpus(), budget // max(biggest, 1)))
+
+    tensors_table = {name: {"kind": kinds[name], "dtype": family.base.dtypes[name],
+                            "shape": list(family.base.shapes[name])} for name in family.base.names}
+    with ArchiveWriter(output, force=force, chunk_elements=chunk_elements, inputs=family.local_files()) as writer, single_torch_thread(device):
+        entries = {}  # (role, name, task) -> section entry, created in the order the archive lists them
+
+        def entry_for(role, job, task, mtv_dtype_name=None):
+            key = (role, job.name, task)
+            if key not in entries:
+                if role == ROLE_MTV:
+                    dtype, codec = mtv_dtype_name, codecs["float"]
+                elif role == ROLE_MASK:
+                    dtype, codec = "BOOL", codecs["mask"]
+                elif role == ROLE_FILE:
+                    dtype, codec = "U8", "zstd"
+                elif role in REPRESENTATION_ROLES:
+                    entries[key] = representation_section(writer, role, job.name, task, job.shape,
+                                                          family.base.dtypes[job.name], chunk_elements, reps[task])
+                    return entries[key]
+                else:
+                    ckpt = family.base if role == ROLE_BASE else family.tasks[task]
+                    dtype = ckpt.dtypes[job.name]
+                    codec = codecs["float"] if dtype in FLOAT_DTYPES else codecs["other"]
+                entries[key] = writer.section(role=role, tensor=job.name, task=task, dtype=dtype,
+                                              shape=job.shape, codec=codec)
+            return entries[key]
+
+        def work(job):
+            return run_job(job, family, settings)
+
+        identical: dict[str, bool] = {}
+        done = 0
+        if engine is None:
+            results = ordered_map(work, jobs, cost=lambda job: job.cost, budget=budget, workers=workers)
+        else:
+            results = _engine_results(engine, own_engine, jobs, family, settings, budget)
+        for result in results:
+            job = result.job
+            for role, task, (data, params, digest), ones in result.pieces:
+                writer.write_chunk(entry_for(role, job, task, result.mtv_dtype), data, params, digest, ones)
+            if job.kind == "masked":
+                identical[job.name] = identical.get(job.name, True) and result.identical
+                if job.index == len(chunk_plan(job.shape, chunk_elements)) - 1 and identical[job.name]:
+                    # identical everywhere: stored once, as the base; its mtv and masks stay unlisted
+                    tensors_table[job.name]["kind"] = KIND_SHARED
+                    for key, entry in list(entries.items()):
+                        if key[1] == job.name and key[0] != ROLE_BASE:
+                            writer.drop(entry)
+            done += 1
+            if progress:
+                progress("packing", done, len(jobs))
+
+        task_entries = [task_entry(t, family.tasks[t], reps[t], lam[t]) for t in task_names]
+        manifest = {
+            "format": "tallzip", "version": FORMAT_VERSION, "created_by": f"tallzip {__version__}",
+            "merge": {"method": merge, **({"density": density} if merge == "ties" else {})},
+            "mask_rule": MASK_RULE, "level": level,
+            "base": {"format": family.base.format, "metadata": family.base.metadata, "names": family.base.names,
+                     "input_bytes": family.base.nbytes, "by_reference": base_ref,
+                     "source": str(family.base.path),
+                     "sha256": base_digest(family.base) if base_ref else None},
+            "tensors": tensors_table,
+            "tasks": task_entries,
+        }
+        if merge == "ties":
+            manifest["merge"].update(thresholds=merger.thresholds, majority=merger.majority)
+        if selector is not None:
+            manifest["representation_choice"] = {"tolerance": selector.tolerance, "candidates": list(selector.candidates),
+                                                 "scores": selector.scores,
+                                                 **({"mtv_weighed": selector.mtv_weighed} if selector.mtv_weighed else {})}
+        if isinstance(lambdas, LambdaSelector):
+            manifest["lambda_scores"] = {t: {str(k): v for k, v in s.items()} for t, s in lambdas.scores.items()}
+        return writer.finish(manifest)
+
+
+def _pack_engine(engine, address, workers):
+    """None for the threads of this process (the default route); else the Engine to run chunk jobs on."""
+    from tallzip.run.engines import Engine, make_engine
+    if isinstance(engine, Engine):
+        if address is not None:
+            raise TallzipError("address applies to engine='ray' only (an Engine given is already placed)")
+        return engine, False
+    if engine == "local":
+        if address is not None:
+            raise TallzipError("--address applies to --engine ray only")
+        return None, False
+    return make_engine(engine, address=address, workers=workers if address is None else None), True
+
+
+def _engine_device(device):
+    """Chunk jobs on an engine run on its workers' CPUs: 'auto' means the CPU there."""
+    if device is None or (isinstance(device, str) and device in ("auto", "cpu")):
+        return "cpu"
+    raise TallzipError(f"--device {device}: jobs on an engine run on its workers' CPUs (use --device cpu)")
+
+
+def _refuse_torch_pickles_elsewhere(engine_name: str, family):
+    from tallzip.formats.checkpoints.checkpoint import TorchCheckpoint
+    if engine_name != "local":
+        for label, ckpt in [("base", family.base), *family.tasks.items()]:
+            if isinstance(ckpt, TorchCheckpoint):  # its lazy reader holds a lock and an open zip: not sent
+                raise TallzipError(f"--engine {engine_name}: {label} {ckpt.path.name} is a torch pickle; chunk jobs "
+                                   f"elsewhere read safetensors only (convert it, or use --engine local)")
+
+
+def _engine_results(engine, own_engine, jobs, family, settings, budget):
+    """The chunk jobs' results, in order, from `engine`: (family, settings) are shared once (Ray's object
+    store), each job carries only its tensor name and element range. An engine made here closes after."""
+    from tallzip.run.engines import Job
+    from tallzip.packing.jobs import run_shared_job
+    with engine if own_engine else contextlib.nullcontext():
+        shared = engine.share((family, settings))
+        tasks = (Job(run_shared_job, (job, shared), label=f"{job.kind} {job.name} #{job.index}", nbytes=job.cost)
+                 for job in jobs)
+        # a generator (not a list) so only the jobs in flight exist; progress is reported by pack itself
+        yield from engine.map(tasks, label="packing", max_bytes_in_flight=budget)
+
+
+def _identical(family: Family, name: str, chunk_elements: int) -> bool:
+    """Whether a tensor is bit-identical in the base and every task, compared chunk by chunk."""
+    if any(ckpt.dtypes[name] != family.base.dtypes[name] for ckpt in family.tasks.values()):
+        return False
+    for start, count in chunk_plan(family.base.shapes[name], chunk_elements):
+        base = family.base.read_range(name, start, count)
+        if not all(torch.equal(base, ckpt.read_range(name, start, count)) for ckpt in family.tasks.values()):
+            return False
+    return True
+
+
+# --- the masked tensors: mtv, masks and bit-packing, streamed --------------------------------------
+

@@ -1,0 +1,1 @@
+"""Serving: a resident model that switches between an archive's tasks in place."""

@@ -1,0 +1,64 @@
+"""`verify --against` for tasks kept as q* or exact: each representation's own guarantee, checked
+against the original checkpoint (tall tasks keep the TALL mask checks of verification.py).
+
+* exact: every weight rebuilt bit-identical to the original;
+* q* (symmetric round-to-nearest, scale rounded up so the grid covers the group: no clipping):
+  tau = f32(original) - f32(base) lies within half a stored scale of f32(code) * f32(scale), plus the
+  decode's own float32 rounding (a few ulps).
+Math over chunks of tensors; the archive gives the chunks (verification.py walks them).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tallzip.formats.container.constants import QUANT_BITS, REPRESENTATION_EXACT
+from tallzip.formats.tensors import to_bits, torch_dtype
+from tallzip.ops.representations import dequantize_chunk, rebuild_quantized
+from tallzip.ops.taskvec import as_compute
+
+GUARANTEES = {
+    "tall": "the TALL mask is what the rule gives from the checkpoint, within the stored mtv's rounding",
+    "exact": "every weight bit-identical",
+    **{q: "every weight of the task vector within half a stored scale (round to nearest, no clipping)"
+       for q in QUANT_BITS},
+}
+
+
+def guarantee_of(representation: str) -> str:
+    return GUARANTEES.get(representation, "unknown")
+
+
+def quant_outside(tau: torch.Tensor, value: torch.Tensor, scales: torch.Tensor, shape, group) -> int:
+    """How many weights of one chunk break |tau - value| <= scale / 2 (+ rounding), value being the
+    decode f32(code) * f32(scale) [+ offset] (representations.dequantize_chunk)."""
+    from tallzip.formats.container.quant_layout import quant_rows
+    rows, cols, size, groups = quant_rows(shape, group)
+    half = scales.to(torch.float32).reshape(rows, groups).repeat_interleave(size, dim=1)[:, :cols].reshape(-1) / 2
+    x = tau.reshape(-1).to(torch.float32)
+    slack = 4 * torch.finfo(torch.float32).eps * (x.abs() + value.abs())
+    return int(torch.count_nonzero((x - value).abs() > half + slack))
+
+
+def check_task_chunk(arc, task: str, name: str, index: int, base_c: torch.Tensor, orig_c: torch.Tensor,
+                     error) -> int:
+    """Chunk `index` of one tensor of a q*/exact task against the original's same elements (flat): adds
+    the rebuild error into `error` (verify_math.ErrorSums) and returns how many weights break the
+    representation's guarantee."""
+    if arc.representation(task) == REPRESENTATION_EXACT or arc.reader.section("own", name, task) is not None:
+        rebuilt = arc.assemble(arc.chunk_parts(task, name, index, (base_c,)), torch.device("cpu")).reshape(-1)
+        error.add(rebuilt, orig_c)
+        return int(np.count_nonzero(to_bits(rebuilt) != to_bits(orig_c.to(rebuilt.dtype))))
+    # the archive's q* rebuild (Archive._represented_chunk), the codes decoded once for it and the check
+    codes, scales, offsets, shape = arc.quant_chunk(task, name, index)
+    group = arc.task_entry(task)["quant"]["group"]
+    value = dequantize_chunk(codes, scales, shape, group, offsets)
+    error.add(rebuild_quantized(base_c, value).to(torch_dtype(arc.task_dtypes(task)[name])), orig_c)
+    return quant_outside(as_compute(orig_c) - as_compute(base_c), value, scales, shape, group)
+
+
+def difference_text(representation: str, outside: int, total: int) -> str:
+    """The difference a q*/exact task's tensor is reported with, `outside` of its `total` weights off."""
+    what = "values differ (exact: must be bit-identical)" if representation == REPRESENTATION_EXACT else \
+        f"weights lie beyond half a stored scale of their {representation} code"
+    return f"{representation}: {outside:,} of {total:,} {what}"
