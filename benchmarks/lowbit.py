@@ -50,12 +50,11 @@ import torch
 import zstandard
 
 import tallzip
-from formats import codecs
-from formats.tensors import to_bits
-from tallzip import quantize as qz
 from tallzip.ops import lowbit as lb
+from tallzip.ops import quantize as qz
 
 from benchmarks.accuracy import Bench
+from benchmarks.accuracy_library import codecs, to_bits
 from benchmarks.data import TASKS
 from benchmarks.family import PRESETS, Family, build_family
 from benchmarks.frontier import Frontier, pack_point

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tallzip.ops import lowbit as lb
-from tallzip.quantize import QuantSpec
+from tallzip.ops.quantize import QuantSpec
 
 
 def _bf16(values: np.ndarray) -> np.ndarray:

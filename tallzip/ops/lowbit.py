@@ -29,7 +29,7 @@ from typing import Callable, Union
 
 import torch
 
-from tallzip.quantize import SCALE_DTYPES, QuantSpec, Quantized, dequantize, quantize, row_layout, storage_bits
+from tallzip.ops.quantize import SCALE_DTYPES, QuantSpec, Quantized, dequantize, quantize, row_layout, storage_bits
 
 TENSOR = "tensor"  # SignSpec.group: one scale for the whole tensor
 SCALE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
