@@ -2,15 +2,15 @@
 rivals on the vision family at 8, 14 and 20 tasks, as points (bits per weight per task, storage ratio,
 normalized accuracy).
 
-Every point rebuilds every task from its representation (tallzip/ops/lowbit.py, tallzip/quantize.py) and
+Every point rebuilds every task from its representation (tallzip/ops/lowbit.py, tallzip/ops/quantize.py) and
 evaluates it on the test split with the accuracy benchmark's functions (benchmarks.family's evaluate, through
 benchmarks.frontier's cache of evaluations). Storage is counted from the stored values themselves:
 
 * packed bits: the codes at their width (1 bit a sign, 2 a ternary code, b a b-bit factor or q* code) and
   every scale at its stored precision (bfloat16 unless said), factors included;
 * coded bits: the same codes entropy-coded, the smaller of zstd (level 19) of the packed codes and the
-  archive's planes+ans codec of the one-byte codes, per code array; scales uncoded. This is the "bits per
-  weight per task" column (mean over tasks, / 567,936 weights).
+  archive's planes+ans codec of the one-byte codes, per code array; scales raw or zstd'd, whichever is
+  smaller. This is the "bits per weight per task" column (mean over tasks, / 567,936 weights).
 
 Ratios are against the N fp32 fine-tuned files. The base and the archive overhead come from real
 `tallzip.pack`s of the same family (every task q2, and tall with the TIES mtv and bits-ctx masks, lambda
