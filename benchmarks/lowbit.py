@@ -2,7 +2,7 @@
 rivals on the vision family at 8, 14 and 20 tasks, as points (bits per weight per task, storage ratio,
 normalized accuracy).
 
-Every point rebuilds every task from its representation (tallzip/ops/lowbit.py, tallzip/ops/quantize.py) and
+Every point rebuilds every task from its representation (tallzip/ops/lowrank.py, tallzip/ops/signcode.py, tallzip/ops/quantize.py) and
 evaluates it on the test split with the accuracy benchmark's functions (benchmarks.family's evaluate, through
 benchmarks.frontier's cache of evaluations). Storage is counted from the stored values themselves:
 
@@ -50,7 +50,8 @@ import torch
 import zstandard
 
 import tallzip
-from tallzip.ops import lowbit as lb
+from tallzip.ops import lowrank as lr
+from tallzip.ops import signcode as sc
 from tallzip.ops import quantize as qz
 
 from benchmarks.accuracy import Bench
@@ -114,22 +115,22 @@ def quant_cost(q: qz.Quantized) -> Cost:
     return Cost(qz.storage_bits(q), coded + side, 2 if q.offsets is None else 3)
 
 
-def sign_cost(code: lb.SignCode) -> Cost:
+def sign_cost(code: sc.SignCode) -> Cost:
     side = side_bits(code.scales)
     if code.kept is None:
         packed = np.packbits(code.negative.numpy().reshape(-1)).tobytes()
         coded = 8 * min(len(packed), _zstd_len(packed))
     else:
-        codes = lb.sign_codes(code).numpy()
+        codes = sc.sign_codes(code).numpy()
         coded = 8 * min(_zstd_len(pack_codes((codes + 1).astype(np.uint8), 2)), _ans_len(codes))
-    return Cost(lb.sign_storage_bits(code), coded + side, 2)
+    return Cost(sc.sign_storage_bits(code), coded + side, 2)
 
 
 def any_cost(code) -> Cost:
-    return sign_cost(code) if isinstance(code, lb.SignCode) else quant_cost(code)
+    return sign_cost(code) if isinstance(code, sc.SignCode) else quant_cost(code)
 
 
-def lowrank_cost(entry: lb.LowRankTensor) -> Cost:
+def lowrank_cost(entry: lr.LowRankTensor) -> Cost:
     cost = Cost()
     if entry.factors is not None:
         for block in entry.factors.left + entry.factors.right:
@@ -155,14 +156,14 @@ def encode_quant(spec: qz.QuantSpec, matrix: bool = False):
     def encode(taus):
         values, cost = {}, Cost()
         for name, tau in taus.items():
-            q = qz.quantize(lb.matrix_view(tau) if matrix else tau, spec)
+            q = qz.quantize(lr.matrix_view(tau) if matrix else tau, spec)
             values[name] = qz.dequantize(q).reshape(tau.shape)
             cost += quant_cost(q)
         return values, cost
     return encode
 
 
-def encode_sign(spec: lb.SignSpec, vectors: qz.QuantSpec | None = None):
+def encode_sign(spec: sc.SignSpec, vectors: qz.QuantSpec | None = None):
     """A sign code for every tensor (vectors: another quantizer for tensors of fewer than two dimensions)."""
     def encode(taus):
         values, cost = {}, Cost()
@@ -172,19 +173,19 @@ def encode_sign(spec: lb.SignSpec, vectors: qz.QuantSpec | None = None):
                 values[name] = qz.dequantize(q)
                 cost += quant_cost(q)
                 continue
-            code = lb.sign_quantize(tau, spec)
-            values[name] = lb.sign_dequantize(code)
+            code = sc.sign_quantize(tau, spec)
+            values[name] = sc.sign_dequantize(code)
             cost += sign_cost(code)
         return values, cost
     return encode
 
 
-def encode_lowrank(spec: lb.LowRankSpec):
+def encode_lowrank(spec: lr.LowRankSpec):
     def encode(taus):
-        entries = lb.lowrank_task(taus, spec)
+        entries = lr.lowrank_task(taus, spec)
         values, cost = {}, Cost()
         for name, entry in entries.items():
-            values[name] = lb.lowrank_decode(entry)
+            values[name] = lr.lowrank_decode(entry)
             cost += lowrank_cost(entry)
         return values, cost
     return encode
@@ -350,20 +351,20 @@ def real_point(probe: Probe, label: str, name: str, n_tasks: int, **pack_options
 
 
 def q1_grid():
-    return [("q1 g128 (sign + bf16 scale per 128)", "q1", encode_sign(lb.SignSpec(128))),
-            ("q1 per row", "q1", encode_sign(lb.SignSpec(None))),
-            ("q1 per tensor", "q1", encode_sign(lb.SignSpec(lb.TENSOR))),
-            ("q1 g128, 1-D tensors q8", "q1", encode_sign(lb.SignSpec(128), vectors=Q8)),
-            ("q1 per tensor, 1-D tensors q8", "q1", encode_sign(lb.SignSpec(lb.TENSOR), vectors=Q8))]
+    return [("q1 g128 (sign + bf16 scale per 128)", "q1", encode_sign(sc.SignSpec(128))),
+            ("q1 per row", "q1", encode_sign(sc.SignSpec(None))),
+            ("q1 per tensor", "q1", encode_sign(sc.SignSpec(sc.TENSOR))),
+            ("q1 g128, 1-D tensors q8", "q1", encode_sign(sc.SignSpec(128), vectors=Q8)),
+            ("q1 per tensor, 1-D tensors q8", "q1", encode_sign(sc.SignSpec(sc.TENSOR), vectors=Q8))]
 
 
 def sign_grid():
-    return [(f"sparse sign {d:g} g128", "sign", encode_sign(lb.SignSpec(128, density=d))) for d in (0.2, 0.3, 0.5)]
+    return [(f"sparse sign {d:g} g128", "sign", encode_sign(sc.SignSpec(128, density=d))) for d in (0.2, 0.3, 0.5)]
 
 
 def lowrank_grid():
     def spec(**kw):
-        return encode_lowrank(lb.LowRankSpec(**kw))
+        return encode_lowrank(lr.LowRankSpec(**kw))
     rows = []
     for bits in (4, 3):
         for energy in (0.85, 0.9, 0.95):
@@ -398,15 +399,15 @@ def lowrank_grid():
 
 def combination_grid():
     def spec(**kw):
-        return encode_lowrank(lb.LowRankSpec(**kw))
+        return encode_lowrank(lr.LowRankSpec(**kw))
     return [("low-rank energy 0.85 4-bit + sparse sign 0.1 residual", "combination",
-             spec(budget=None, energy=0.85, rest_bits=4, residual=lb.SignSpec(128, density=0.1))),
+             spec(budget=None, energy=0.85, rest_bits=4, residual=sc.SignSpec(128, density=0.1))),
             ("low-rank energy 0.9 3-bit + ternary (q2 sym) residual", "combination",
              spec(budget=None, energy=0.9, rest_bits=3, residual=qz.QuantSpec(2, 128))),
             ("low-rank 0.25 b/w 4-bit + q1 g128 residual", "combination",
-             spec(budget=0.25, rest_bits=4, residual=lb.SignSpec(128))),
+             spec(budget=0.25, rest_bits=4, residual=sc.SignSpec(128))),
             ("q1 g128 + its residual as sparse sign 0.1", "combination",
-             encode_residual_of(encode_sign(lb.SignSpec(128)), encode_sign(lb.SignSpec(128, density=0.1))))]
+             encode_residual_of(encode_sign(sc.SignSpec(128)), encode_sign(sc.SignSpec(128, density=0.1))))]
 
 
 def reference_grid():
@@ -665,10 +666,10 @@ def main(argv=None) -> int:
         if not args.quick:
             for tol in (0.005, 0.0):
                 auto_point(probe, tol)
-        residuals = [("low-rank 0.1 b/w (4-bit)", encode_lowrank(lb.LowRankSpec(budget=0.1, rest_bits=4))),
-                     ("low-rank 0.25 b/w (4-bit)", encode_lowrank(lb.LowRankSpec(budget=0.25, rest_bits=4))),
-                     ("q1 g128", encode_sign(lb.SignSpec(128))),
-                     ("sparse sign 0.05", encode_sign(lb.SignSpec(128, density=0.05)))]
+        residuals = [("low-rank 0.1 b/w (4-bit)", encode_lowrank(lr.LowRankSpec(budget=0.1, rest_bits=4))),
+                     ("low-rank 0.25 b/w (4-bit)", encode_lowrank(lr.LowRankSpec(budget=0.25, rest_bits=4))),
+                     ("q1 g128", encode_sign(sc.SignSpec(128))),
+                     ("sparse sign 0.05", encode_sign(sc.SignSpec(128, density=0.05)))]
         for n in args.tasks:
             real_point(probe, "every task q2 (real archive)", f"q2-{n}", n, keep="q2")
             tall_points(probe, n, residuals if not args.quick else residuals[:1])
