@@ -1,0 +1,108 @@
+"""A data-free estimate of how well a task is rebuilt (issue 20): computed from the weights alone, chunk by chunk.
+
+For a task t with task vector tau_t = theta_t - theta_0 and rebuilt weights theta^_t (as the archive gives them
+back: tall's base + m_t * stored mtv, a q* task's dequantized vector, exact's own bits), over the masked
+(mergeable) tensors:
+
+- rel_error = ||theta^_t - theta_t||^2 / ||tau_t||^2: the share of the task vector's energy the rebuild gets
+  wrong (0 for exact; 1 for the base itself; above 1 when the rebuild moves away from the task);
+- cosine = <theta^_t - theta_0, tau_t> / (||theta^_t - theta_0|| ||tau_t||): whether it points the same way.
+
+Each chunk gives three float64 sums (||tau||^2, ||error||^2, <rebuilt tau, tau>) that add up over chunks in any
+order of reading, kept in the chunk order for byte-identical manifests.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+SUMS = 3  # tau_sq, err_sq, dot
+# Calibrated on the vision (8/14/20 tasks) and language families (benchmarks/RESULTS.md, "A data-free estimate of
+# rebuild quality"): every (task, representation) measured with a cosine at or above this kept >= 95% of its gain
+# or accuracy; below it some kept 11-86% (tall on the language family). rel_error does not separate them (tall's
+# error is the other tasks' vectors, ~1.1-1.5 on both benchmarks, harmless on vision): the cosine does. pack warns
+# below it; --keep auto picks the smallest representation at or above it.
+POOR_COSINE = 0.80
+
+
+def zero_sums() -> np.ndarray:
+    return np.zeros(SUMS, dtype=np.float64)
+
+
+def _f64(tensor) -> np.ndarray:
+    """Flat float64 numpy (torch's own conversion and BLAS's dot stall under a loaded CPU: numpy's astype
+    and einsum, which runs no threads and sums in a fixed order, are ~100x faster here)."""
+    if isinstance(tensor, torch.Tensor):
+        tensor = tensor.detach().reshape(-1).cpu()
+        if tensor.dtype not in (torch.float32, torch.float64):
+            tensor = tensor.float()
+        tensor = tensor.numpy()
+    return np.asarray(tensor, dtype=np.float64).reshape(-1)
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.einsum("i,i->", a, b))
+
+
+def rebuild_sums(base, task, rebuilt) -> np.ndarray:
+    """[||tau||^2, ||rebuilt - task||^2, <rebuilt - base, tau>] of one chunk (torch tensors or numpy arrays),
+    in float64."""
+    b, t, r = _f64(base), _f64(task), _f64(rebuilt)
+    tau = t - b
+    err = r - t
+    return np.array([_dot(tau, tau), _dot(err, err), _dot(r - b, tau)], dtype=np.float64)
+
+
+def exact_sums(base, task) -> np.ndarray:
+    """The sums of a task kept bit for bit: no error, the rebuilt vector is tau itself."""
+    tau = _f64(task) - _f64(base)
+    energy = _dot(tau, tau)
+    return np.array([energy, 0.0, energy], dtype=np.float64)
+
+
+def estimate(sums) -> dict | None:
+    """{"rel_error", "cosine"} from a task's summed [tau_sq, err_sq, dot] (a task equal to its base: 0 and 1);
+    None when a sum is not finite (weights packed with allow_nonfinite): not recorded."""
+    tau_sq, err_sq, dot = (float(x) for x in sums)
+    if not all(math.isfinite(x) for x in (tau_sq, err_sq, dot)):
+        return None
+    if tau_sq <= 0.0:
+        return {"rel_error": 0.0, "cosine": 1.0}
+    rebuilt_sq = max(err_sq + 2.0 * dot - tau_sq, 0.0)  # ||r||^2 = ||r - tau||^2 + 2<r, tau> - ||tau||^2
+    cosine = dot / math.sqrt(rebuilt_sq * tau_sq) if rebuilt_sq > 0.0 else 0.0
+    return {"rel_error": _rounded(err_sq / tau_sq), "cosine": _rounded(max(-1.0, min(1.0, cosine)))}
+
+
+def _rounded(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
+def is_poor(task_estimate: dict | None, threshold: float = POOR_COSINE) -> bool:
+    """Whether an estimate says the task may lose more than 5% of its gain (None: not recorded)."""
+    return task_estimate is not None and task_estimate["cosine"] < threshold
+
+
+def poor_tasks(task_entries) -> list[tuple[str, str, dict]]:
+    """(name, representation, estimate) of each manifest task entry whose recorded estimate is poor."""
+    return [(e["name"], e["representation"], e["estimate"]) for e in task_entries if is_poor(e.get("estimate"))]
+
+
+def warning_line(name: str, representation: str, task_estimate: dict) -> str:
+    """The one line pack prints (and --json lists) for a task whose estimate is poor."""
+    return (f"task {name}: {representation} rebuild estimate is poor (cosine {task_estimate['cosine']:.3f} < "
+            f"{POOR_COSINE}, rel_error {task_estimate['rel_error']:.3f}); it may keep under 95% of its fine-tuning gain "
+            f"(check it with your data, or use --keep auto / --keep {name}=q4)")
+
+
+def auto_representation(estimates: dict, candidates, threshold: float = POOR_COSINE) -> str:
+    """The first of `candidates` (smallest first) whose estimate is not poor, else "exact"."""
+    for rep in candidates:
+        if estimates.get(rep) is not None and not is_poor(estimates[rep], threshold):
+            return rep
+    return "exact"
+
+
+__all__ = ["POOR_COSINE", "SUMS", "zero_sums", "rebuild_sums", "exact_sums", "estimate", "is_poor", "poor_tasks", "warning_line",
+           "auto_representation"]
