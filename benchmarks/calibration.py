@@ -6,9 +6,10 @@ and each rebuilt task (`tallzip.open(path).load(task)`) is evaluated on its test
 (rebuilt / fine-tuned). The language half reads the gain kept that benchmarks/language measured (branch i20b,
 benchmarks/results/language.json) and packs its family here for the estimates.
 
-Reported: Spearman and Pearson correlations of rel_error and cosine with the quality measured, and the largest
-threshold on rel_error under which every measured (task, representation) kept >= 95% (what --keep auto and pack's
-warning use, tallzip/ops/quality.py POOR_REL_ERROR).
+Reported: Spearman and Pearson correlations of rel_error and cosine with the quality measured; the largest cosine
+of a (task, representation) that kept under 95% (the threshold of pack's warning and --keep auto,
+tallzip/ops/quality.py POOR_COSINE, must be above it); per setting, whether the default's tasks under 95% are
+warned, and what --keep auto picks, keeps and costs.
 
 Usage: python -m benchmarks.accuracy --only calibration [--cache-dir /work/cache/vision-family] [--calibration-tasks 8,14,20]
 """
@@ -101,26 +102,42 @@ def correlations(records: list[dict]) -> dict:
 
 
 def safe_threshold(records: list[dict], floor: float = KEPT_FLOOR) -> dict:
-    """The largest rel_error below which every record kept >= floor (just under the first that did not)."""
-    failing = sorted(r["rel_error"] for r in records if r["kept"] < floor)
-    worst_ok = max((r["rel_error"] for r in records if r["kept"] >= floor), default=0.0)
-    return {"first_failing_rel_error": failing[0] if failing else None,
-            "largest_passing_rel_error": worst_ok, "failing": len(failing)}
+    """The smallest cosine above which every record kept >= floor: just above the largest cosine of a record
+    that kept less (the threshold pack's warning and --keep auto use must be at least this)."""
+    failing = [r["cosine"] for r in records if r["kept"] < floor]
+    return {"largest_failing_cosine": max(failing) if failing else None, "failing": len(failing),
+            "smallest_passing_cosine": min((r["cosine"] for r in records if r["kept"] >= floor), default=None)}
 
 
-def auto_choice(records: list[dict], threshold: float) -> dict:
-    """Per (benchmark, tasks, task): the smallest of tall, q2, q3, q4 whose estimate is <= threshold (exact
-    otherwise), with what it kept; tall means the sum mtv, the default."""
-    order = ("tall", "q2", "q3", "q4")
-    by_task = {}
-    for r in records:
-        if r["mtv"] in (None, "sum"):
-            by_task.setdefault((r["benchmark"], r["tasks"], r["task"]), {})[r["representation"]] = r
-    choices = {}
-    for key, reps in by_task.items():
-        rep = next((p for p in order if p in reps and reps[p]["rel_error"] <= threshold), "exact")
-        choices[key] = (rep, reps[rep]["kept"] if rep in reps else 1.0)
-    return choices
+def default_check(records: list[dict], min_cosine: float) -> list[str]:
+    """Per setting: the default (tall, sum mtv) -- its tasks under 95% and whether each is warned (cosine below
+    min_cosine) -- and --keep auto: what it picks, its worst task, its archive bytes against the default's."""
+    lines = []
+    settings = sorted({(r["benchmark"], r["tasks"]) for r in records})
+    for bench, n in settings:
+        rs = [r for r in records if (r["benchmark"], r["tasks"]) == (bench, n)]
+        tall = [r for r in rs if r["representation"] == "tall" and r["mtv"] == "sum"]
+        under = [r for r in tall if r["kept"] < KEPT_FLOOR]
+        unwarned = [r["task"] for r in under if r["cosine"] >= min_cosine]
+        warned = [r for r in tall if r["cosine"] < min_cosine]
+        by_task = {}
+        for r in rs:
+            if r["mtv"] in (None, "sum"):
+                by_task.setdefault(r["task"], {})[r["representation"]] = r
+        picks = {t: next((p for p in ("tall", "q2", "q3", "q4") if p in reps and reps[p]["cosine"] >= min_cosine),
+                         "exact") for t, reps in by_task.items()}
+        kept = [by_task[t][p]["kept"] if p in by_task[t] else 1.0 for t, p in picks.items()]
+        reps = sorted(set(picks.values()))
+        size = (by_task[next(iter(by_task))][reps[0]]["archive_bytes"] if len(reps) == 1 and reps[0] != "exact"
+                else None)
+        tall_bytes = tall[0]["archive_bytes"] if tall else None
+        lines.append(f"{bench} {n} tasks: default tall: {len(under)} of {len(tall)} tasks under 95% (worst "
+                     f"{min(r['kept'] for r in tall):.3f}), {len(warned)} warned, unwarned under 95%: "
+                     f"{unwarned or 'none'}; auto: {', '.join(f'{p} x{list(picks.values()).count(p)}' for p in reps)}, "
+                     f"worst {min(kept):.3f}"
+                     + (f", {size:,} bytes vs tall {tall_bytes:,} ({size / tall_bytes:.2f}x)" if size and tall_bytes
+                        else ""))
+    return lines
 
 
 def table(records: list[dict]) -> str:
@@ -170,12 +187,8 @@ def main(args) -> int:
                  log=lambda *a: print(*a, flush=True), configs=configs, merge_with=args.calibration_merge)
     print(table(report["records"]))
     print(json.dumps({"correlations": report["correlations"], "threshold": report["threshold"]}, indent=1))
-    from tallzip.ops.quality import POOR_REL_ERROR
-    choices = auto_choice(report["records"], POOR_REL_ERROR)
-    worst = min(choices.values(), key=lambda c: c[1]) if choices else None
-    print(f"--keep auto at rel_error <= {POOR_REL_ERROR}: "
-          + ", ".join(f"{rep} {sum(1 for c in choices.values() if c[0] == rep)}" for rep in ("tall", "q2", "q3", "q4", "exact"))
-          + (f"; worst kept {worst[1]:.3f}" if worst else ""))
+    from tallzip.ops.quality import POOR_COSINE
+    print("\n".join(default_check(report["records"], POOR_COSINE)))
     print(f"wrote {args.results_dir / 'calibration.json'}")
     return 0
 

@@ -64,7 +64,7 @@ def format_info(info: dict) -> str:
           estimate_text(r.get("estimate")) + (" (poor)" if r.get("estimate_poor") else "")]
          for t, r in info["tasks"].items()]))
     out.append("rebuild estimate: data-free, from the weights at pack time (cosine of the rebuilt task vector with "
-               f"the original; poor below {info.get('estimate_min_cosine', 0.8)}: the task may keep under 95% of "
+               f"the original; poor below {info['estimate_min_cosine']}: the task may keep under 95% of "
                "its fine-tuning gain)")
     out.append("bits/param: the task's own sections (mask, or codes and scales, or delta) over the changed "
                "parameters; the mtv, shared by the tall tasks, is not counted")
