@@ -186,3 +186,26 @@ def test_archives_without_estimates_say_not_recorded(tmp_path):
         assert info.exit_code == 0 and "not recorded" in info.stdout
         report = json.loads(CliRunner().invoke(cli, ["verify", str(path), "--json"]).stdout)
         assert set(report["estimates"].values()) == {None} and report["estimates_poor"] == []
+
+
+def test_bfloat16_tall_estimate_matches_the_rebuilt_model(tmp_path):
+    """A bfloat16 family (as LLMs ship): the estimate is the one of the model extract gives back (base + mask *
+    mtv, cast to bfloat16), recomputed here in float64 from the loaded tensors."""
+    import torch
+    from safetensors.torch import save_file
+    base, tasks = dense_family(4)
+    to_bf16 = lambda sd: {n: torch.from_numpy(v).to(torch.bfloat16) for n, v in sd.items() if v.dtype == np.float32}  # noqa: E731
+    (tmp_path / "tasks").mkdir()
+    save_file(to_bf16(base), str(tmp_path / "base.safetensors"))
+    for t, sd in tasks.items():
+        save_file(to_bf16(sd), str(tmp_path / "tasks" / f"{t}.safetensors"))
+    manifest = tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", tmp_path / "a.tallz")
+    widen = lambda x: x.float().numpy()  # noqa: E731
+    with tallzip.open(tmp_path / "a.tallz") as archive:
+        for entry in manifest["tasks"]:
+            loaded = {n: widen(v) for n, v in archive.load(entry["name"]).items()}
+            b = {n: widen(v) for n, v in to_bf16(base).items()}
+            tuned = {n: widen(v) for n, v in to_bf16(tasks[entry["name"]]).items()}
+            rel, cos = np_estimate(b, tuned, lambda n: loaded[n])
+            assert entry["estimate"]["rel_error"] == pytest.approx(rel, rel=1e-5)
+            assert entry["estimate"]["cosine"] == pytest.approx(cos, rel=1e-5)

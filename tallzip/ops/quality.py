@@ -8,7 +8,7 @@ back: tall's base + m_t * stored mtv, a q* task's dequantized vector, exact's ow
   wrong (0 for exact; 1 for the base itself; above 1 when the rebuild moves away from the task);
 - cosine = <theta^_t - theta_0, tau_t> / (||theta^_t - theta_0|| ||tau_t||): whether it points the same way.
 
-Each chunk gives three float64 sums (||tau||^2, ||error||^2, <rebuilt tau, tau>) that add up over chunks in any
+Each chunk gives three sums (pairwise, in the weights' compute precision; float64 across chunks) (||tau||^2, ||error||^2, <rebuilt tau, tau>) that add up over chunks in any
 order of reading, kept in the chunk order for byte-identical manifests.
 """
 from __future__ import annotations
@@ -32,34 +32,47 @@ def zero_sums() -> np.ndarray:
     return np.zeros(SUMS, dtype=np.float64)
 
 
-def _f64(tensor) -> np.ndarray:
-    """Flat float64 numpy (torch's own conversion and BLAS's dot stall under a loaded CPU: numpy's astype
-    and einsum, which runs no threads and sums in a fixed order, are ~100x faster here)."""
+def as_float_array(tensor) -> np.ndarray:
+    """Flat numpy float32 (float64 stays float64) of a torch tensor or array; bfloat16 widened by its bits (torch's
+    own conversion stalls on a loaded CPU)."""
     if isinstance(tensor, torch.Tensor):
         tensor = tensor.detach().reshape(-1).cpu()
+        if tensor.dtype == torch.bfloat16:
+            bits = tensor.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16
+            return bits.view(np.float32)
         if tensor.dtype not in (torch.float32, torch.float64):
             tensor = tensor.float()
         tensor = tensor.numpy()
-    return np.asarray(tensor, dtype=np.float64).reshape(-1)
+    array = np.asarray(tensor).reshape(-1)
+    return array if array.dtype in (np.float32, np.float64) else array.astype(np.float32)
 
 
-def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.einsum("i,i->", a, b))
+def round_to_bfloat16(values: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (nearest, ties to even, as torch casts finite values), widened back."""
+    bits = values.view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return rounded.view(np.float32)
+
+
+def _sum_of_products(a: np.ndarray, b: np.ndarray) -> float:
+    """np.sum's pairwise summation (no threads, a fixed order: the same bytes on every machine), in the arrays'
+    own precision (float32 pairwise: ~1e-7 relative over a chunk), added up in float64 by the caller."""
+    return float(np.sum(a * b))
 
 
 def rebuild_sums(base, task, rebuilt) -> np.ndarray:
-    """[||tau||^2, ||rebuilt - task||^2, <rebuilt - base, tau>] of one chunk (torch tensors or numpy arrays),
-    in float64."""
-    b, t, r = _f64(base), _f64(task), _f64(rebuilt)
+    """[||tau||^2, ||rebuilt - task||^2, <rebuilt - base, tau>] of one chunk (torch tensors or numpy arrays)."""
+    b, t, r = as_float_array(base), as_float_array(task), as_float_array(rebuilt)
     tau = t - b
     err = r - t
-    return np.array([_dot(tau, tau), _dot(err, err), _dot(r - b, tau)], dtype=np.float64)
+    return np.array([_sum_of_products(tau, tau), _sum_of_products(err, err), _sum_of_products(r - b, tau)],
+                    dtype=np.float64)
 
 
 def exact_sums(base, task) -> np.ndarray:
     """The sums of a task kept bit for bit: no error, the rebuilt vector is tau itself."""
-    tau = _f64(task) - _f64(base)
-    energy = _dot(tau, tau)
+    tau = as_float_array(task) - as_float_array(base)
+    energy = _sum_of_products(tau, tau)
     return np.array([energy, 0.0, energy], dtype=np.float64)
 
 
@@ -105,5 +118,5 @@ def auto_representation(estimates: dict, candidates, threshold: float = POOR_COS
     return "exact"
 
 
-__all__ = ["POOR_COSINE", "SUMS", "zero_sums", "rebuild_sums", "exact_sums", "estimate", "is_poor", "poor_tasks", "warning_line",
+__all__ = ["POOR_COSINE", "SUMS", "zero_sums", "as_float_array", "round_to_bfloat16", "rebuild_sums", "exact_sums", "estimate", "is_poor", "poor_tasks", "warning_line",
            "auto_representation"]
