@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                              help="representations measured (REP or tall:MERGE), default tall:sum,tall:ties,q2,q3,q4")
     calibration.add_argument("--calibration-merge", type=Path, default=None,
                              help="a calibration.json of an earlier run whose records are kept beside these")
+    calibration.add_argument("--estimate-overhead", type=Path, default=None, metavar="FAMILY",
+                             help="only time pack with and without the estimate on FAMILY (tasks/ and base/)")
     calibration.add_argument("--language-family", type=Path, default=None, help="the language family's folder")
     parser.add_argument("--replot", action="store_true", help="draw the frontier plots again from frontier.json, measure nothing")
     args = parser.parse_args(argv)

@@ -180,7 +180,31 @@ def run(cache_dir: Path, task_counts, results_dir: Path, language_json: Path | N
     return report
 
 
+def estimate_overhead(family_dir: Path, repeats: int = 3) -> dict:
+    """Seconds of tallzip.pack (tall, default options) on a family folder (tasks/ and base/) with the estimate and
+    with its per-slice function replaced by zeros, interleaved in one process; medians."""
+    from tallzip.ops import quality
+    from tallzip.packing import jobs
+    real, times = jobs.tall_sums, {"with": [], "without": []}
+    with tempfile.TemporaryDirectory(prefix="tallzip-overhead-") as work:
+        try:
+            for _ in range(repeats):
+                for label, sums in (("with", real), ("without", lambda *a, **k: quality.zero_sums())):
+                    jobs.tall_sums = sums
+                    start = time.perf_counter()
+                    tallzip.pack(Path(family_dir) / "tasks", Path(family_dir) / "base", Path(work) / "a.tallz",
+                                 force=True)
+                    times[label].append(time.perf_counter() - start)
+        finally:
+            jobs.tall_sums = real
+    return {label: {"seconds": [round(t, 2) for t in ts], "median": round(float(np.median(ts)), 2)}
+            for label, ts in times.items()}
+
+
 def main(args) -> int:
+    if args.estimate_overhead is not None:
+        print(json.dumps(estimate_overhead(args.estimate_overhead)))
+        return 0
     counts = [int(n) for n in args.calibration_tasks.split(",") if n]
     configs = tuple(tuple(c.split(":")) if ":" in c else (c, "sum") for c in args.calibration_reps.split(","))
     report = run(args.cache_dir, counts, args.results_dir, args.language_json, args.language_family,
