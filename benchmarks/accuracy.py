@@ -24,6 +24,7 @@ Usage:  python -m benchmarks.accuracy                  (default: 8 tasks, ~15 mi
         python -m benchmarks.accuracy --tasks 20
         python -m benchmarks.accuracy --tasks 30 --preset gpu --device cuda   (the larger setting)
         python -m benchmarks.accuracy --only family --tasks 20 [--task-arithmetic 0.3]   (build or load the family, its table)
+        python -m benchmarks.accuracy --only calibration --cache-dir DIR   (the data-free estimate against accuracy)
         python -m benchmarks.accuracy --replot           (draw the frontier plots again from results/frontier.json)
 
 Writes benchmarks/results/accuracy.json (one entry per number of tasks), accuracy.png (storage vs
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda, for training, packing and merging")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--no-results-md", action="store_true", help="do not write the table into benchmarks/RESULTS.md")
-    parser.add_argument("--only", choices=("all", "accuracy", "frontier", "family"), default="all",
+    parser.add_argument("--only", choices=("all", "accuracy", "frontier", "family", "calibration"), default="all",
                         help="the accuracy rows (issue 4), the storage-accuracy frontier (issue 13), or both (default); "
                              "family: only build or load the family and print its per-task table")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -298,11 +299,26 @@ def main(argv: list[str] | None = None) -> int:
     family_options.add_argument("--reevaluate", action="store_true", help="evaluate again instead of printing recorded accuracies")
     family_options.add_argument("--task-arithmetic", type=float, default=None, metavar="ALPHA",
                                 help="also report base + ALPHA * sum of task vectors")
+    calibration = parser.add_argument_group("--only calibration (the data-free estimate against accuracy, issue 20)")
+    calibration.add_argument("--cache-dir", type=Path, default=None, help="the trained family's folder")
+    calibration.add_argument("--calibration-tasks", default="8,14,20", help="vision settings (default 8,14,20; '' none)")
+    calibration.add_argument("--language-json", type=Path, default=None,
+                             help="benchmarks/language's results (gain kept per task and representation)")
+    calibration.add_argument("--calibration-reps", default="tall:sum,tall:ties,q2,q3,q4",
+                             help="representations measured (REP or tall:MERGE), default tall:sum,tall:ties,q2,q3,q4")
+    calibration.add_argument("--calibration-merge", type=Path, default=None,
+                             help="a calibration.json of an earlier run whose records are kept beside these")
+    calibration.add_argument("--estimate-overhead", type=Path, default=None, metavar="FAMILY",
+                             help="only time pack with and without the estimate on FAMILY (tasks/ and base/)")
+    calibration.add_argument("--language-family", type=Path, default=None, help="the language family's folder")
     parser.add_argument("--replot", action="store_true", help="draw the frontier plots again from frontier.json, measure nothing")
     args = parser.parse_args(argv)
     if args.replot:
         from benchmarks.frontier_report import replot
         return replot(args.results_dir)
+    if args.only == "calibration":
+        from benchmarks.calibration import main as calibrate
+        return calibrate(args)
     if args.only == "family":
         from benchmarks.family import show_family
         return show_family(args.tasks, args.preset, args.device, rebuild=args.rebuild, reevaluate=args.reevaluate,

@@ -20,7 +20,8 @@ from tallzip import options as packing
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import FormatError
 
-from tallzip.cli.params import PATH_OR_URL, CodecChoice, base_for_folder_source, parse_keep, parse_lambdas
+from tallzip.cli.params import (PATH_OR_URL, CodecChoice, base_for_folder_source, load_evaluate, parse_keep,
+                                parse_lambdas)
 from tallzip.cli.report import format_agreement, format_info, format_merge, format_verify, human_bytes, plot_agreement
 
 
@@ -177,7 +178,14 @@ def cli():
 @click.option("--lambda", "lambdas", multiple=True, metavar="[TASK=]L", help="mask lambda, for all or one task (default 0.4)")
 @click.option("--keep", "keep", multiple=True, metavar="[TASK=]REP",
               help="how tasks are kept: REP for all, TASK=REP for one (TASK=exact, say); REP is tall (default; "
-                   "base + mask * mtv), q8, q4, q3, q2 (the task's own vector quantized) or exact (lossless)")
+                   "base + mask * mtv), q8, q4, q3, q2 (the task's own vector quantized) or exact (lossless); "
+                   "auto: per task the smallest whose data-free estimate is good (no data needed)")
+@click.option("--keep-by", "keep_by", metavar="MODULE:FUNCTION",
+              help="MODULE:FUNCTION (or path/file.py:FUNCTION): choose each task's representation by evaluation, "
+                   "FUNCTION(task_name, state_dict) -> score "
+                   "(higher is better), the smallest within --keep-tolerance of the fine-tuned model's")
+@click.option("--keep-tolerance", type=click.FloatRange(0, 1, max_open=True), default=0.005, show_default=True,
+              help="--keep-by: how far below the fine-tuned score (a share of it) a representation may be")
 @click.option("--merge", type=click.Choice(packing.MERGE_METHODS), default="sum", show_default=True)
 @click.option("--density", type=float, default=0.2, show_default=True, help="TIES: share of each task vector kept")
 @click.option("--mtv-dtype", type=click.Choice(packing.MTV_DTYPES), default=packing.DEFAULT_MTV_DTYPE, show_default=True,
@@ -202,22 +210,31 @@ def cli():
 @FORCE
 @AS_JSON
 @friendly_errors
-def pack(checkpoints_dir, base, output, lambdas, keep, merge, density, mtv_dtype, float_codec, mask_codec, base_ref, level,
+def pack(checkpoints_dir, base, output, lambdas, keep, keep_by, keep_tolerance, merge, density, mtv_dtype, float_codec, mask_codec, base_ref, level,
          allow_nonfinite, chunk_elements, memory, device, engine, address, force, as_json):
     """Pack the fine-tuned checkpoints in CHECKPOINTS_DIR into one archive."""
+    from tallzip.ops import quality
+    if keep and keep_by:
+        raise click.UsageError("give --keep or --keep-by, not both")
+    chosen = parse_keep(keep)
+    if keep_by:
+        chosen = tallzip.select_representation(load_evaluate(keep_by), tolerance=keep_tolerance)
     progress = Progress(not as_json)
     try:
-        tallzip.pack(checkpoints_dir, base, output, lambdas=parse_lambdas(lambdas), merge=merge, density=density,
+        manifest = tallzip.pack(checkpoints_dir, base, output, lambdas=parse_lambdas(lambdas), merge=merge, density=density,
                      mtv_dtype=mtv_dtype, base_ref=base_ref, device=device, force=force, level=level,
                      codecs={"float": float_codec, "mask": mask_codec},
                      allow_nonfinite=allow_nonfinite, progress=progress, memory=memory,
-                     chunk_elements=chunk_elements, engine=engine, address=address, keep=parse_keep(keep))
+                     chunk_elements=chunk_elements, engine=engine, address=address, keep=chosen)
     finally:
         progress.close()
+    warnings = [quality.warning_line(*poor) for poor in quality.poor_tasks(manifest["tasks"])]
+    for line in warnings:
+        click.echo(f"warning: {line}", err=True)
     with tallzip.open(output) as archive:
         info = summary(archive)
     if as_json:
-        _echo_json(info)
+        _echo_json({**info, "warnings": warnings})
     else:
         click.echo(f"wrote {output}: {human_bytes(info['archive_bytes'])}, {len(info['tasks'])} tasks, "
                    f"{info['ratio_vs_tasks']:.2f}x smaller than the {len(info['tasks'])} inputs")

@@ -24,9 +24,14 @@ def parse_lambdas(values) -> float | dict:
     return out or packing.DEFAULT_LAMBDA
 
 
-def parse_keep(values) -> dict | None:
-    """`--keep q4` for all tasks, `--keep TASK=exact` for one; later values win."""
+def parse_keep(values) -> dict | str | None:
+    """`--keep q4` for all tasks, `--keep TASK=exact` for one; later values win; `--keep auto` alone: the
+    data-free choice."""
     from tallzip.formats.container.constants import REPRESENTATIONS
+    if "auto" in values:
+        if len(values) > 1:
+            raise click.BadParameter("auto chooses every task's representation: give it alone", param_hint="--keep")
+        return "auto"
     out: dict[str, str] = {}
     for value in values:
         task, _, rep = value.rpartition("=")
@@ -35,6 +40,33 @@ def parse_keep(values) -> dict | None:
                                      param_hint="--keep")
         out[task or "*"] = rep
     return out or None
+
+
+def load_evaluate(spec: str):
+    """`module:function` (a module importable from here, or a path to a .py file) -> the function."""
+    import importlib
+    import importlib.util
+    import sys
+    module_name, sep, function = spec.rpartition(":")
+    if not sep or not module_name or not function:
+        raise click.BadParameter(f"{spec!r}: expected MODULE:FUNCTION", param_hint="--keep-by")
+    try:
+        if module_name.endswith(".py"):
+            loader_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            if loader_spec is None or not Path(module_name).is_file():
+                raise ImportError(f"no file {module_name}")
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path:
+                sys.path.insert(0, "")  # the current folder, as `python -m` has it
+            module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module: any failure importing it is reported in one line
+        raise click.BadParameter(f"{spec!r}: cannot import {module_name}: {exc}", param_hint="--keep-by") from None
+    evaluate = getattr(module, function, None)
+    if not callable(evaluate):
+        raise click.BadParameter(f"{spec!r}: {module_name} has no function {function!r}", param_hint="--keep-by")
+    return evaluate
 
 
 class CodecChoice(click.Choice):

@@ -57,11 +57,15 @@ def format_info(info: dict) -> str:
                                "archive)"))
     out.append("")
     out.append(table(
-        ["task", "kept as", "lambda", "mask density", "mask bytes", "own bytes", "bits/param"],
+        ["task", "kept as", "lambda", "mask density", "mask bytes", "own bytes", "bits/param", "rebuild estimate"],
         [[t, r.get("representation", "tall"), f"{r['lambda']:g}" if r.get("representation", "tall") == "tall" else "-",
           f"{r['density']:.3f}" if r["mask_bits"] else "-", human_bytes(r["mask_bytes"]),
-          human_bytes(r["own_bytes"]), f"{r.get('bits_per_param', r['mask_bits_per_param']):.3f}"]
+          human_bytes(r["own_bytes"]), f"{r.get('bits_per_param', r['mask_bits_per_param']):.3f}",
+          estimate_text(r.get("estimate")) + (" (poor)" if r.get("estimate_poor") else "")]
          for t, r in info["tasks"].items()]))
+    out.append("rebuild estimate: data-free, from the weights at pack time (cosine of the rebuilt task vector with "
+               f"the original; poor below {info['estimate_min_cosine']}: the task may keep under 95% of "
+               "its fine-tuning gain)")
     out.append("bits/param: the task's own sections (mask, or codes and scales, or delta) over the changed "
                "parameters; the mtv, shared by the tall tasks, is not counted")
     out.append("")
@@ -82,8 +86,25 @@ def format_info(info: dict) -> str:
     return "\n".join(out)
 
 
+def estimate_text(estimate) -> str:
+    """A task's data-free rebuild estimate as info and verify print it."""
+    if estimate is None:
+        return "not recorded"
+    return f"cosine {estimate['cosine']:.3f}, rel error {estimate['rel_error']:.3g}"
+
+
+def estimate_lines(estimates: dict, poor: list, min_cosine: float) -> list:
+    out = ["data-free rebuild estimate (recorded by pack; cosine of the rebuilt task vector with the original, "
+           f"poor below {min_cosine}): " + "; ".join(f"{t} {estimate_text(e)}" for t, e in estimates.items())]
+    out += [f"warning: task {t}: its estimate is poor; the rebuilt model may keep under 95% of its fine-tuning gain"
+            for t in poor]
+    return out
+
+
 def format_verify(report: dict) -> str:
     out = [f"{report['archive']}: {report['sections']} sections, every checksum and decoding OK"]
+    if "estimates" in report:
+        out += estimate_lines(report["estimates"], report["estimates_poor"], report["estimate_min_cosine"])
     if "tasks" not in report:
         return "\n".join(out)
     family = report["family"]

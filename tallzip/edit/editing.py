@@ -29,7 +29,8 @@ from tallzip.formats.container.chunking import chunk_plan
 from tallzip.formats.tensors import to_bits
 from tallzip.options import DEFAULT_CODECS
 from tallzip.packing.manifest import task_entry
-from tallzip.packing.jobs import representation_pieces
+from tallzip.packing.jobs import representation_chunk
+from tallzip.ops import quality
 from tallzip.ops.representations import ADD_DEFAULT, representation_section
 
 _SECTION_FIELDS = ("role", "tensor", "task", "dtype", "shape", "codec", "length", "chunks", "ones")
@@ -108,9 +109,9 @@ def add(archive, checkpoint, task: str, *, keep: str = ADD_DEFAULT, base=None, p
         with ArchiveWriter(archive, force=True, chunk_elements=chunk_elements) as writer:
             _copy_sections(arc, writer, lambda entry: True)
             _pause("copied")
-            _write_task(arc, writer, ckpt, task, keep, level, float_codec, chunk_elements)
+            sums = _write_task(arc, writer, ckpt, task, keep, level, float_codec, chunk_elements)
             _pause("added")
-            entry = task_entry(task, ckpt, keep, taskvec.DEFAULT_LAMBDA)
+            entry = task_entry(task, ckpt, keep, taskvec.DEFAULT_LAMBDA, quality.estimate(sums))
             manifest = writer.finish(_edited_manifest(arc, [*arc.manifest["tasks"], entry]))
         _pause("written")
         return manifest
@@ -120,7 +121,9 @@ def add(archive, checkpoint, task: str, *, keep: str = ADD_DEFAULT, base=None, p
 
 def _write_task(arc: Archive, writer, ckpt, task, rep, level, float_codec, chunk_elements):
     """The new task's sections: its representation of every base tensor it changes, its own tensors
-    and side files."""
+    and side files. Returns the rebuild's sums (ops/quality.py) over the tensors it keeps as `rep`."""
+    sums = quality.zero_sums()
+
     def own(name, shape, dtype, read):
         codec = float_codec if dtype in FLOAT_DTYPES else "zstd"
         entry = writer.section(role=ROLE_OWN, tensor=name, task=task, dtype=dtype, shape=shape, codec=codec)
@@ -141,8 +144,10 @@ def _write_task(arc: Archive, writer, ckpt, task, rep, level, float_codec, chunk
             continue  # unchanged: the base is this task's tensor too
         entries = {}
         for index, (start, count) in enumerate(plan):
-            pieces = representation_pieces(rep, arc.base_chunk(name, index), ckpt.read_range(name, start, count),
-                                           shape, start, count, level, float_codec)
+            pieces, chunk_sums = representation_chunk(rep, arc.base_chunk(name, index),
+                                                      ckpt.read_range(name, start, count), shape, start, count,
+                                                      level, float_codec)
+            sums += chunk_sums
             for role, _, coded, _ in pieces:
                 if role not in entries:
                     entries[role] = (writer.section(role=ROLE_OWN, tensor=name, task=task, dtype=dtype, shape=shape,
@@ -160,6 +165,7 @@ def _write_task(arc: Archive, writer, ckpt, task, rep, level, float_codec, chunk
         entry = writer.section(role=ROLE_FILE, tensor=fname, task=task, dtype="U8", shape=[data.numel()], codec="zstd")
         for start, count in chunk_plan([data.numel()], chunk_elements):
             writer.write_chunk(entry, *encode_chunk("zstd", data[start:start + count].numpy(), level))
+    return sums
 
 
 def _equal_to_base(arc, ckpt, name, plan) -> bool:

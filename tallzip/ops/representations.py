@@ -89,6 +89,13 @@ def rebuild_quantized(base: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return base_c + value.to(base_c.dtype)
 
 
+def quantized_rebuild(base: torch.Tensor, task: torch.Tensor, chunk_shape, representation: str) -> torch.Tensor:
+    """One chunk of a q* task as the archive rebuilds it (flat, in the task's dtype)."""
+    codes, scales, offsets = quantize_chunk(base, task, chunk_shape, representation)
+    value = dequantize_chunk(codes, scales, chunk_shape, QUANT_GROUP, offsets)
+    return rebuild_quantized(base.reshape(-1), value).to(task.dtype)
+
+
 REPRESENTATION_ROLES = ("qcodes", "qscales", "qoffsets", "delta")
 
 
@@ -125,5 +132,5 @@ def stores_mtv(representations) -> bool:
 
 
 __all__ = ["DEFAULT_REPRESENTATION", "ADD_DEFAULT", "REPRESENTATION_EXACT", "quant_spec", "quant_params",
-           "task_representations", "quantize_chunk", "dequantize_chunk", "rebuild_quantized", "is_quantized",
+           "task_representations", "quantize_chunk", "dequantize_chunk", "rebuild_quantized", "quantized_rebuild", "is_quantized",
            "stores_mtv"]

@@ -17,7 +17,9 @@ from tallzip.formats.tensors import dtype_name, to_bits, torch_dtype
 from tallzip.formats.container.writer import encode_chunk, encode_packed_mask_chunk
 from tallzip.ops.representations import quantize_chunk
 from tallzip.formats import codecs as codec_registry
-from tallzip.ops import taskvec
+from tallzip.ops import quality, taskvec
+from tallzip.ops.bits import unpack_bits
+from tallzip.ops.representations import dequantize_chunk, rebuild_quantized, QUANT_GROUP
 from tallzip.ops.tall import masked_tensor
 from tallzip.ops.taskvec import stored_mtv
 
@@ -60,6 +62,7 @@ class ChunkResult:
     pieces: list = field(default_factory=list)  # (role, task, (data, params, digest), ones | None)
     identical: bool = False   # masked chunks: every task equals the base here
     mtv_dtype: str | None = None  # masked chunks: the dtype the mtv is stored at
+    quality: dict = field(default_factory=dict)  # masked chunks: task -> the rebuild's sums (ops/quality.py)
 
 
 def _buffer(key, count, dtype):
@@ -127,6 +130,8 @@ def _masked_chunk(job: ChunkJob, family, settings: PackSettings) -> ChunkResult:
     mtv = _buffer("mtv", count, torch.float64 if wide else torch.float32)
     packed = [_buffer(("mask", j), (count + 7) // 8, torch.uint8).numpy() for j in range(n)]
     ones = [0] * n
+    reps = settings.representations or ("tall",) * n
+    sums = {t: quality.zero_sums() for t, rep in zip(settings.task_names, reps) if rep == "tall"}
     identical = True
     step = SLICE if settings.device.type == "cpu" else max(count, 1)
     labels = [f"task {t!r}" for t in settings.task_names]
@@ -148,12 +153,16 @@ def _masked_chunk(job: ChunkJob, family, settings: PackSettings) -> ChunkResult:
         for j in range(n):
             packed[j][s // 8:s // 8 + packed_s[j].size] = packed_s[j]
             ones[j] += int(ones_s[j])
+        if sums:
+            stored_s = taskvec.as_compute(stored_mtv(mtv[s:s + m], settings.mtv_dtype))
+            for j, task in enumerate(settings.task_names):
+                if task in sums:
+                    sums[task] += tall_sums(base_s, task_s[j], stored_s, packed_s[j], m)
     stored = stored_mtv(mtv, settings.mtv_dtype)
-    result = ChunkResult(job, identical=identical, mtv_dtype=dtype_name(stored.dtype))
+    result = ChunkResult(job, identical=identical, mtv_dtype=dtype_name(stored.dtype), quality=sums)
     float_codec = settings.codecs["float"]
     if not settings.base_ref:
         result.pieces.append(("base", None, encode_chunk(float_codec, to_bits(base), settings.level), None))
-    reps = settings.representations or ("tall",) * n
     if "tall" in reps:  # the mtv and masks only when some task is rebuilt from them
         result.pieces.append(("mtv", None, encode_chunk(float_codec, to_bits(stored), settings.level), None))
         # The decoder sees the stored mtv: it is the mask codecs' side information.
@@ -166,25 +175,52 @@ def _masked_chunk(job: ChunkJob, family, settings: PackSettings) -> ChunkResult:
     for task, rep in zip(settings.task_names, reps):
         if rep != "tall":
             tensor = family.tasks[task].read_range(name, start, count)
-            pieces = representation_pieces(rep, base, tensor, job.shape, start, count, settings.level, float_codec)
+            pieces, result.quality[task] = representation_chunk(rep, base, tensor, job.shape, start, count,
+                                                                settings.level, float_codec)
             result.pieces += [(role, task, coded, ones) for role, _, coded, ones in pieces]
     return result
+
+
+def tall_sums(base: torch.Tensor, task: torch.Tensor, stored_mtv_c: torch.Tensor, packed_bits, count: int):
+    """The rebuild's sums (ops/quality.py) of one slice of a tall task: base + mask * stored mtv, as extract
+    rebuilds it."""
+    mask = unpack_bits(torch.from_numpy(np.ascontiguousarray(packed_bits)), count).numpy()
+    if base.dtype in (torch.float32, torch.bfloat16) and stored_mtv_c.dtype == torch.float32:
+        # as taskvec.rebuild, in numpy (torch's where is ~50x slower on a CPU): base + mtv in float32, cast to
+        # the base's dtype where the mask is set, the base's own value elsewhere
+        b = quality.as_float_array(base)
+        added = b + stored_mtv_c.reshape(-1).numpy()
+        if base.dtype == torch.bfloat16:
+            added = quality.round_to_bfloat16(added)
+        rebuilt = np.where(mask, added, b)
+        return quality.rebuild_sums(b, task, rebuilt)
+    rebuilt = taskvec.rebuild(base.reshape(-1), torch.from_numpy(mask), stored_mtv_c.reshape(-1))
+    return quality.rebuild_sums(base, task, rebuilt)
 
 
 def representation_pieces(rep: str, base: torch.Tensor, tensor: torch.Tensor, shape, start: int, count: int,
                           level: int, own_codec: str = "planes+zstd") -> list:
     """The coded pieces of one chunk of a q* or exact task: (role, None, coded, None) each (the caller
     fills in the task). The base is the chunk as the archive stores it."""
+    return representation_chunk(rep, base, tensor, shape, start, count, level, own_codec)[0]
+
+
+def representation_chunk(rep: str, base: torch.Tensor, tensor: torch.Tensor, shape, start: int, count: int,
+                         level: int, own_codec: str = "planes+zstd"):
+    """(the coded pieces, as representation_pieces; the rebuild's sums of ops/quality.py) of one chunk."""
     if rep == "exact":
+        sums = quality.exact_sums(base, tensor)
         if tensor.dtype != base.dtype:
-            return [("own", None, encode_chunk(own_codec, to_bits(tensor), level), None)]
-        return [("delta", None, encode_chunk("delta", to_bits(tensor), level, {"base": to_bits(base)}), None)]
-    codes, scales, offsets = quantize_chunk(base, tensor, chunk_shape(shape, start, count), rep)
+            return [("own", None, encode_chunk(own_codec, to_bits(tensor), level), None)], sums
+        return [("delta", None, encode_chunk("delta", to_bits(tensor), level, {"base": to_bits(base)}), None)], sums
+    layout = chunk_shape(shape, start, count)
+    codes, scales, offsets = quantize_chunk(base, tensor, layout, rep)
     pieces = [("qcodes", None, encode_chunk("planes+ans", to_bits(codes), level), None),
               ("qscales", None, encode_chunk("zstd", to_bits(scales), level), None)]
     if offsets is not None:
         pieces.append(("qoffsets", None, encode_chunk("zstd", to_bits(offsets), level), None))
-    return pieces
+    rebuilt = rebuild_quantized(base, dequantize_chunk(codes, scales, layout, QUANT_GROUP, offsets)).to(tensor.dtype)
+    return pieces, quality.rebuild_sums(base, tensor, rebuilt)
 
 
 def job_cost(job: ChunkJob, n_tasks: int, itemsize: int) -> int:

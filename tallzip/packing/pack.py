@@ -13,7 +13,7 @@ import contextlib
 import torch
 
 from tallzip.version import __version__
-from tallzip.ops import taskvec
+from tallzip.ops import quality, taskvec
 from tallzip.errors import TallzipError
 from tallzip.family import Family, base_digest
 from tallzip.run.chunks import checked_chunk_elements, chunk_plan, ordered_map, parse_memory
@@ -30,6 +30,7 @@ from tallzip.options import DEFAULT_LEVEL, DEFAULT_MTV_DTYPE, MTV_DTYPES, checke
 from tallzip.packing.jobs import ChunkJob, PackSettings, dtype_of, job_cost, run_job
 from tallzip.packing.manifest import task_entry
 from tallzip.packing.lambdas import LambdaSelector, selected_lambdas, task_lambdas
+from tallzip.packing.auto import AUTO, AUTO_CANDIDATES, auto_choice, candidate_estimates
 from tallzip.packing.selection import RepresentationSelector, choose as choose_representations
 
 MASK_RULE = "mask = |base - task| > lambda * |(base + mtv) - task|, float32"
@@ -51,7 +52,8 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
     MASK_CODECS, 'other': one of FLOAT_CODECS (integer tensors)}; missing keys take DEFAULT_CODECS.
     memory: the budget for chunks in flight (bytes, or '1.5G', '256M'); chunk_elements: the chunk
     size the archive records (default 2^22). keep: how each task is kept (representations.py): one of
-    tall (default), q8, q4, q3, q2, exact for all, {task: rep} with '*' for the rest, or
+    tall (default), q8, q4, q3, q2, exact for all, {task: rep} with '*' for the rest, 'auto' (each task's
+    smallest representation whose data-free estimate is good, packing/auto.py), or
     select_representation(evaluate, tolerance) (recorded in the manifest with the scores). Neither the budget nor `workers` changes the archive's
     bytes: those depend only on the inputs and the options above.
     engine: 'local' (threads here) or 'ray' (chunk jobs as Ray tasks on the cluster at `address`:
@@ -78,7 +80,8 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
             raise TallzipError(f"task name {t!r} cannot be a file name (no '/', '\\', NUL, '.' or '..')")
     lam = task_lambdas(lambdas, task_names)
     selector = keep if isinstance(keep, RepresentationSelector) else None
-    if selector is None:
+    auto = isinstance(keep, str) and keep == AUTO
+    if selector is None and not auto:
         reps = task_representations(keep, task_names)  # refuses a bad --keep before any computing
     merger = MtvMerger(family, merge, density, device, progress)
     if lam is None:
@@ -86,6 +89,9 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
     if selector is not None:  # after the mtv's method and the lambdas: the tall candidate is rebuilt from them
         keep = choose_representations(family, selector, chunk_elements, progress, tall=(merger, lam, mtv_dtype))
         reps = task_representations(keep, task_names)
+    if auto:  # from the weights alone: one extra pass estimating every candidate
+        estimates = candidate_estimates(family, merger, lam, mtv_dtype, chunk_elements, device, progress=progress)
+        reps = auto_choice(estimates)
     settings = PackSettings(tuple(task_names), tuple(lam[t] for t in task_names), merger, mtv_dtype, codecs, level,
                             device, allow_nonfinite, base_ref, tuple(reps[t] for t in task_names))
 
@@ -147,6 +153,7 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
             return run_job(job, family, settings)
 
         identical: dict[str, bool] = {}
+        sums = {t: quality.zero_sums() for t in task_names}  # the rebuild's estimate, summed chunk by chunk
         done = 0
         if engine is None:
             results = ordered_map(work, jobs, cost=lambda job: job.cost, budget=budget, workers=workers)
@@ -156,6 +163,8 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
             job = result.job
             for role, task, (data, params, digest), ones in result.pieces:
                 writer.write_chunk(entry_for(role, job, task, result.mtv_dtype), data, params, digest, ones)
+            for task, task_sums in result.quality.items():
+                sums[task] += task_sums
             if job.kind == "masked":
                 identical[job.name] = identical.get(job.name, True) and result.identical
                 if job.index == len(chunk_plan(job.shape, chunk_elements)) - 1 and identical[job.name]:
@@ -168,7 +177,7 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
             if progress:
                 progress("packing", done, len(jobs))
 
-        task_entries = [task_entry(t, family.tasks[t], reps[t], lam[t]) for t in task_names]
+        task_entries = [task_entry(t, family.tasks[t], reps[t], lam[t], quality.estimate(sums[t])) for t in task_names]
         manifest = {
             "format": "tallzip", "version": FORMAT_VERSION, "created_by": f"tallzip {__version__}",
             "merge": {"method": merge, **({"density": density} if merge == "ties" else {})},
@@ -186,6 +195,9 @@ def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "s
             manifest["representation_choice"] = {"tolerance": selector.tolerance, "candidates": list(selector.candidates),
                                                  "scores": selector.scores,
                                                  **({"mtv_weighed": selector.mtv_weighed} if selector.mtv_weighed else {})}
+        if auto:
+            manifest["representation_choice"] = {"method": AUTO, "min_cosine": quality.POOR_COSINE,
+                                                 "candidates": list(AUTO_CANDIDATES), "estimates": estimates}
         if isinstance(lambdas, LambdaSelector):
             manifest["lambda_scores"] = {t: {str(k): v for k, v in s.items()} for t, s in lambdas.scores.items()}
         return writer.finish(manifest)

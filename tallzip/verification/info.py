@@ -8,6 +8,7 @@ import math
 import numpy as np
 import torch
 
+from tallzip.ops import quality
 from tallzip.archive.archive import Archive
 from tallzip.run.chunks import ordered_map
 from tallzip.formats.container.constants import FLOAT_DTYPES, KIND_MASKED, KIND_SHARED, QUANT_BITS, ROLE_MASK, ROLE_MTV
@@ -65,6 +66,9 @@ def summary(archive: Archive) -> dict:
                 row["mask_bits"] += math.prod(s["shape"])
             elif s["role"] not in REPRESENTATION_SECTION_ROLES:
                 row["own_bytes"] += s["length"]
+    for entry in m["tasks"]:  # the data-free estimate of the rebuild (ops/quality.py), where pack recorded it
+        tasks[entry["name"]]["estimate"] = entry.get("estimate")
+        tasks[entry["name"]]["estimate_poor"] = quality.is_poor(entry.get("estimate"))
     for row in tasks.values():
         row["density"] = row["mask_ones"] / row["mask_bits"] if row["mask_bits"] else 0.0
         row["mask_bits_per_param"] = 8 * row["mask_bytes"] / row["mask_bits"] if row["mask_bits"] else 0.0
@@ -100,6 +104,7 @@ def summary(archive: Archive) -> dict:
         "inputs": {"tasks_bytes": inputs, "base_bytes": base_bytes, "n_tasks": len(tasks)},
         "ratio_vs_tasks": inputs / size if size else 0.0,
         "ratio_vs_tasks_and_base": (inputs + base_bytes) / size if size else 0.0,
+        "estimate_min_cosine": quality.POOR_COSINE,
     }
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from tallzip.ops import quality
 from tallzip.ops import taskvec
 from tallzip.archive.archive import Archive
 from tallzip.run.chunks import ordered_map, workers_within
@@ -139,6 +140,14 @@ class _Folder:
         return usable
 
 
+def estimates_report(task_entries) -> dict:
+    """The data-free estimates pack recorded (None: not recorded, an older archive), and the tasks they call poor:
+    reported, not a verdict (a rebuild that matches its archive can still be a poor copy of the model)."""
+    return {"estimates": {e["name"]: e.get("estimate") for e in task_entries},
+            "estimates_poor": [name for name, _, _ in quality.poor_tasks(task_entries)],
+            "estimate_min_cosine": quality.POOR_COSINE}
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 def verify(archive: Archive, against=None, progress=None, workers: int | None = None) -> dict:
@@ -170,7 +179,8 @@ def verify(archive: Archive, against=None, progress=None, workers: int | None = 
             if progress:
                 progress(label, stored if i == len(work) else min(done, stored), stored)
     report = {"archive": str(archive.path), "sections": len(entries), "ok": True,
-              "mtv_dtypes": sorted({e["dtype"] for e in entries if e["role"] == ROLE_MTV})}
+              "mtv_dtypes": sorted({e["dtype"] for e in entries if e["role"] == ROLE_MTV}),
+              **estimates_report(archive.manifest["tasks"])}
     if folder is None:
         return report
     total.differences()

@@ -1,0 +1,122 @@
+"""A data-free estimate of how well a task is rebuilt (issue 20): computed from the weights alone, chunk by chunk.
+
+For a task t with task vector tau_t = theta_t - theta_0 and rebuilt weights theta^_t (as the archive gives them
+back: tall's base + m_t * stored mtv, a q* task's dequantized vector, exact's own bits), over the masked
+(mergeable) tensors:
+
+- rel_error = ||theta^_t - theta_t||^2 / ||tau_t||^2: the share of the task vector's energy the rebuild gets
+  wrong (0 for exact; 1 for the base itself; above 1 when the rebuild moves away from the task);
+- cosine = <theta^_t - theta_0, tau_t> / (||theta^_t - theta_0|| ||tau_t||): whether it points the same way.
+
+Each chunk gives three sums (pairwise, in the weights' compute precision; float64 across chunks) (||tau||^2, ||error||^2, <rebuilt tau, tau>) that add up over chunks in any
+order of reading, kept in the chunk order for byte-identical manifests.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+SUMS = 3  # tau_sq, err_sq, dot
+# Calibrated on the vision family (8/14/20 tasks) and two language families (benchmarks/RESULTS.md, "A data-free
+# estimate of rebuild quality"): every (task, representation) measured with a cosine above 0.9839 kept >= 95% of
+# its gain or accuracy; at 0.9838 one did not (q3 on a language classification task, 93.5%), and tall (cosines
+# 0.17-0.75) kept 11-104%. rel_error does not separate them as well (tall's error is the other tasks' vectors,
+# ~1.1-2.4 on both benchmarks, harmless on vision 8). 0.99 leaves a margin: pack warns below it; --keep auto picks
+# the smallest representation at or above it (q4 on every benchmark family, q3 on some language tasks).
+POOR_COSINE = 0.99
+
+
+def zero_sums() -> np.ndarray:
+    return np.zeros(SUMS, dtype=np.float64)
+
+
+def as_float_array(tensor) -> np.ndarray:
+    """Flat numpy float32 (float64 stays float64) of a torch tensor or array; bfloat16 widened by its bits (torch's
+    own conversion stalls on a loaded CPU)."""
+    if isinstance(tensor, torch.Tensor):
+        tensor = tensor.detach().reshape(-1).cpu()
+        if tensor.dtype == torch.bfloat16:
+            bits = tensor.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16
+            return bits.view(np.float32)
+        if tensor.dtype not in (torch.float32, torch.float64):
+            tensor = tensor.float()
+        tensor = tensor.numpy()
+    array = np.asarray(tensor).reshape(-1)
+    return array if array.dtype in (np.float32, np.float64) else array.astype(np.float32)
+
+
+def round_to_bfloat16(values: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (nearest, ties to even, as torch casts finite values), widened back."""
+    bits = values.view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return rounded.view(np.float32)
+
+
+def _sum_of_products(a: np.ndarray, b: np.ndarray) -> float:
+    """np.sum's pairwise summation (no threads, a fixed order: the same bytes on every machine), in the arrays'
+    own precision (float32 pairwise: ~1e-7 relative over a chunk), added up in float64 by the caller."""
+    return float(np.sum(a * b))
+
+
+def rebuild_sums(base, task, rebuilt) -> np.ndarray:
+    """[||tau||^2, ||rebuilt - task||^2, <rebuilt - base, tau>] of one chunk (torch tensors or numpy arrays)."""
+    b, t, r = as_float_array(base), as_float_array(task), as_float_array(rebuilt)
+    tau = t - b
+    err = r - t
+    return np.array([_sum_of_products(tau, tau), _sum_of_products(err, err), _sum_of_products(r - b, tau)],
+                    dtype=np.float64)
+
+
+def exact_sums(base, task) -> np.ndarray:
+    """The sums of a task kept bit for bit: no error, the rebuilt vector is tau itself."""
+    tau = as_float_array(task) - as_float_array(base)
+    energy = _sum_of_products(tau, tau)
+    return np.array([energy, 0.0, energy], dtype=np.float64)
+
+
+def estimate(sums) -> dict | None:
+    """{"rel_error", "cosine"} from a task's summed [tau_sq, err_sq, dot] (a task equal to its base: 0 and 1);
+    None when a sum is not finite (weights packed with allow_nonfinite): not recorded."""
+    tau_sq, err_sq, dot = (float(x) for x in sums)
+    if not all(math.isfinite(x) for x in (tau_sq, err_sq, dot)):
+        return None
+    if tau_sq <= 0.0:
+        return {"rel_error": 0.0, "cosine": 1.0}
+    rebuilt_sq = max(err_sq + 2.0 * dot - tau_sq, 0.0)  # ||r||^2 = ||r - tau||^2 + 2<r, tau> - ||tau||^2
+    cosine = dot / math.sqrt(rebuilt_sq * tau_sq) if rebuilt_sq > 0.0 else 0.0
+    return {"rel_error": _rounded(err_sq / tau_sq), "cosine": _rounded(max(-1.0, min(1.0, cosine)))}
+
+
+def _rounded(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
+def is_poor(task_estimate: dict | None, threshold: float = POOR_COSINE) -> bool:
+    """Whether an estimate says the task may lose more than 5% of its gain (None: not recorded)."""
+    return task_estimate is not None and task_estimate["cosine"] < threshold
+
+
+def poor_tasks(task_entries) -> list[tuple[str, str, dict]]:
+    """(name, representation, estimate) of each manifest task entry whose recorded estimate is poor."""
+    return [(e["name"], e["representation"], e["estimate"]) for e in task_entries if is_poor(e.get("estimate"))]
+
+
+def warning_line(name: str, representation: str, task_estimate: dict) -> str:
+    """The one line pack prints (and --json lists) for a task whose estimate is poor."""
+    return (f"task {name}: {representation} rebuild estimate is poor (cosine {task_estimate['cosine']:.3f} < "
+            f"{POOR_COSINE}, rel_error {task_estimate['rel_error']:.3f}); it may keep under 95% of its fine-tuning gain "
+            f"(check it with your data, or use --keep auto / --keep {name}=q4)")
+
+
+def auto_representation(estimates: dict, candidates, threshold: float = POOR_COSINE) -> str:
+    """The first of `candidates` (smallest first) whose estimate is not poor, else "exact"."""
+    for rep in candidates:
+        if estimates.get(rep) is not None and not is_poor(estimates[rep], threshold):
+            return rep
+    return "exact"
+
+
+__all__ = ["POOR_COSINE", "SUMS", "zero_sums", "as_float_array", "round_to_bfloat16", "rebuild_sums", "exact_sums", "estimate", "is_poor", "poor_tasks", "warning_line",
+           "auto_representation"]
