@@ -53,6 +53,7 @@ from tallzip import merge
 from benchmarks.accuracy_library import DEFAULT_LAMBDA, ROLE_BASE, LambdaSelector, summary
 from benchmarks.family import PRESETS, TASK_SETTINGS, Family, FinetuneRegressionWarning, build_family
 from benchmarks.metrics import mean_accuracy, normalized_accuracy
+from tallzip.options import RunOptions, StoreOptions
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -128,8 +129,7 @@ def pack_and_rebuild(bench: Bench, label: str, archive: Path, *, merge_method: s
                      mtv_dtype: str = "float32", lambda_rule: str | None = None) -> Row:
     """Pack the family with tallzip, rebuild every task from the archive, evaluate it."""
     start = time.perf_counter()
-    tallzip.pack(bench.task_paths, bench.base_path, archive, lambdas=lambdas, merge=merge_method,
-                 mtv_dtype=mtv_dtype, device=bench.device, force=True)
+    tallzip.pack(bench.task_paths, bench.base_path, archive, store=StoreOptions(lambdas=lambdas, merge=merge_method, mtv_dtype=mtv_dtype), run=RunOptions(device=bench.device), force=True)
     packed_seconds = time.perf_counter() - start
     val, test = {}, {}
     with tallzip.open(archive) as opened:

@@ -17,6 +17,7 @@ import click
 # one-line "interrupted" of friendly_errors.
 import tallzip
 from tallzip import options as packing
+from tallzip.options import RunOptions, StoreOptions
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import FormatError
 
@@ -207,11 +208,11 @@ def pack(checkpoints_dir, base, output, lambdas, keep, merge, density, mtv_dtype
     """Pack the fine-tuned checkpoints in CHECKPOINTS_DIR into one archive."""
     progress = Progress(not as_json)
     try:
-        tallzip.pack(checkpoints_dir, base, output, lambdas=parse_lambdas(lambdas), merge=merge, density=density,
-                     mtv_dtype=mtv_dtype, base_ref=base_ref, device=device, force=force, level=level,
-                     codecs={"float": float_codec, "mask": mask_codec},
-                     allow_nonfinite=allow_nonfinite, progress=progress, memory=memory,
-                     chunk_elements=chunk_elements, engine=engine, address=address, keep=parse_keep(keep))
+        store = StoreOptions(lambdas=parse_lambdas(lambdas), keep=parse_keep(keep), merge=merge, density=density,
+                             mtv_dtype=mtv_dtype, codecs={"float": float_codec, "mask": mask_codec}, level=level,
+                             base_ref=base_ref, allow_nonfinite=allow_nonfinite, chunk_elements=chunk_elements)
+        run = RunOptions(memory=memory, engine=engine, address=address, device=device, progress=progress)
+        tallzip.pack(checkpoints_dir, base, output, store, run, force=force)
     finally:
         progress.close()
     with tallzip.open(output) as archive:
@@ -345,8 +346,8 @@ def merge(source, base, output, method, alpha, k, lambdas, density, allow_nonfin
         from tallzip.merging import merge as merging  # torch: loaded when the command runs
         report = merging.merge_to_file(source, output, method=method, base=base, alpha=alpha, k=k,
                                        lambdas=parse_lambdas(lambdas) if lambdas else None, density=density,
-                                       device=device, force=force, allow_nonfinite=allow_nonfinite,
-                                       progress=progress, memory=memory)
+                                       force=force, allow_nonfinite=allow_nonfinite,
+                                       run=RunOptions(memory=memory, device=device, progress=progress))
     finally:
         progress.close()
     for message in report.warnings:

@@ -109,7 +109,7 @@ def test_select_lambdas_picks_the_first_best_score(bench, tmp_path):
         return planned[(len(calls) - 1) % len(planned)]
 
     selector = tallzip.select_lambdas(score)
-    tallzip.pack(bench.task_paths, bench.base_path, tmp_path / "a.tallz", lambdas=selector)
+    tallzip.pack(bench.task_paths, bench.base_path, tmp_path / "a.tallz", store=StoreOptions(lambdas=selector))
     assert len(calls) == len(bench.tasks) * len(planned)
     assert tallzip.open(tmp_path / "a.tallz").lambdas == {t: 0.4 for t in bench.tasks}
     assert selector.scores[bench.tasks[0]] == dict(zip((0.2, 0.3, 0.4, 0.5, 0.6), planned))
@@ -187,6 +187,7 @@ def test_outputs_feed_the_storage_benchmark_and_results_md(bench, tmp_path, monk
 
 from benchmarks import frontier as frontier_module, frontier_report  # noqa: E402
 from benchmarks.frontier_report import SECTION_TITLE as FRONTIER_TITLE, write_frontier_outputs  # noqa: E402
+from tallzip.options import StoreOptions
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import json, sys
 import tallzip
 from tallzip.merging import merge as merging
 from tallzip.verification.verify import verify
+from tallzip.options import RunOptions, StoreOptions
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -54,8 +55,7 @@ def big(tmp_path_factory):
     fam = root / "big"
     tensor_bytes = write_big_family(fam)
     archive = root / "big.tallz"
-    tallzip.pack(fam / "tasks", fam / "base.safetensors", archive, memory="256M", chunk_elements=1 << 20,
-                 codecs={"float": "zstd", "mask": "bits+zstd"}, device="cpu")
+    tallzip.pack(fam / "tasks", fam / "base.safetensors", archive, store=StoreOptions(chunk_elements=1 << 20, codecs={"float": "zstd", "mask": "bits+zstd"}), run=RunOptions(memory="256M", device="cpu"))
     some = root / "some"  # two of the three tasks: the mtv cannot be recomputed, only the masks checked
     some.mkdir()
     for name in ("t0.safetensors", "t2.safetensors"):

@@ -61,7 +61,7 @@ def chunked(tmp_path):
     base, tasks = chunk_family()
     base_path, tasks_dir = write_family(tmp_path / "fam", base, tasks)
     out = tmp_path / "c.tallz"
-    manifest = tallzip.pack(tasks_dir, base_path, out, chunk_elements=CHUNK)
+    manifest = tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(chunk_elements=CHUNK))
     return base, tasks, base_path, tasks_dir, out, manifest
 
 
@@ -129,10 +129,10 @@ def test_chunk_boundaries_rebuild_bit_identical(chunked):
 def test_archive_bytes_do_not_depend_on_workers_or_budget(chunked, tmp_path):
     _, _, base_path, tasks_dir, out, _ = chunked
     other = tmp_path / "other.tallz"
-    tallzip.pack(tasks_dir, base_path, other, chunk_elements=CHUNK, workers=1, memory="64M")
+    tallzip.pack(tasks_dir, base_path, other, store=StoreOptions(chunk_elements=CHUNK), run=RunOptions(workers=1, memory="64M"))
     assert other.read_bytes() == out.read_bytes()
     third = tmp_path / "third.tallz"
-    tallzip.pack(tasks_dir, base_path, third, chunk_elements=2048)
+    tallzip.pack(tasks_dir, base_path, third, store=StoreOptions(chunk_elements=2048))
     assert third.read_bytes() != out.read_bytes()  # the chunk size is part of the archive
 
 
@@ -283,6 +283,7 @@ def test_read_range_matches_the_tensor_and_loops_short_reads(tmp_path, monkeypat
 
 MEASURE = r'''
 import resource, sys, tallzip
+from tallzip.options import RunOptions, StoreOptions
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 tallzip.pack(sys.argv[1], sys.argv[2], sys.argv[3], memory=sys.argv[4], chunk_elements=int(sys.argv[5]))
 print(base * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -310,8 +311,7 @@ def test_pack_holds_a_small_memory_budget(tmp_path):
 def test_ties_statistics_are_found_chunk_by_chunk_and_recorded(tmp_path):
     base, tasks = chunk_family()
     base_path, tasks_dir = write_family(tmp_path / "fam", base, tasks)
-    manifest = tallzip.pack(tasks_dir, base_path, tmp_path / "t.tallz", merge="ties", density=0.3,
-                            chunk_elements=CHUNK)
+    manifest = tallzip.pack(tasks_dir, base_path, tmp_path / "t.tallz", store=StoreOptions(merge="ties", density=0.3, chunk_elements=CHUNK))
     names = list(SHAPES)
     for t, got in zip(tasks, manifest["merge"]["thresholds"]):
         magnitudes = np.sort(np.concatenate([np.abs(tasks[t][n] - base[n]).reshape(-1) for n in names]))

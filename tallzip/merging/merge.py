@@ -38,7 +38,7 @@ from tallzip.formats.tensors import torch_dtype
 from tallzip.ops.tall import tall_mask
 from tallzip.ops.ties import MtvMerger
 from tallzip.packing.lambdas import LambdaSelector, task_lambdas
-from tallzip.options import MERGE_VERB_METHODS
+from tallzip.options import MERGE_VERB_METHODS, RunOptions, from_keywords
 from tallzip.run.threads import resolve_device
 
 METHODS = MERGE_VERB_METHODS
@@ -116,72 +116,80 @@ def _options(method, alpha, k, density, lambdas, allow_nonfinite=False) -> _Opti
     return _Options(method, float(alpha), k, density, lambdas, bool(allow_nonfinite))
 
 
+MERGE_RUN_FIELDS = ("device", "progress", "memory")  # of RunOptions, the ones a merge uses
+
+
 def merge(source, *, method: str, base=None, alpha: float | None = None, k: int | None = None,
-          lambdas=None, density: float | None = None, device: str = "auto", allow_nonfinite: bool = False,
-          progress=None, memory=None) -> "OrderedDict[str, torch.Tensor]":
+          lambdas=None, density: float | None = None, allow_nonfinite: bool = False, run: RunOptions | None = None,
+          **deprecated) -> "OrderedDict[str, torch.Tensor]":
     """The merged model's state dict (CPU tensors, the base's names, order and dtypes).
 
     source: a folder of fine-tuned checkpoints (or {task: path}) with `base`, or an archive path / Archive.
-    method: task-arithmetic (base + alpha * sum tau), ties (top-`density` trim over each whole task
-    vector, elected sign, disjoint mean), consensus-ta / consensus-ties (base + alpha * [count >= k] * mtv,
-    count = how many tasks' TALL masks use a weight; mtv = sum, or TIES with disjoint sum), or average
-    (base + alpha * mean tau; alpha 1 is the mean of the fine-tuned weights).
+    method: one of METHODS (the registry, merging/methods.py): task-arithmetic (base + alpha * sum tau),
+    ties (top-`density` trim over each whole task vector, elected sign, disjoint mean), consensus-ta /
+    consensus-ties (base + alpha * [count >= k] * mtv, count = how many tasks' TALL masks use a weight;
+    mtv = sum, or TIES with disjoint sum), or average (base + alpha * mean tau; alpha 1 is the mean of the
+    fine-tuned weights).
     alpha: in (0, 2]; default DEFAULT_ALPHA[method]. k: consensus only, default 2. lambdas: the TALL
     masks' lambda when merging from a folder (one number or {task: number}, '*' for the rest; default
     0.4); an archive uses the lambdas it was packed with. density: TIES share kept, default 0.2.
     k above the number of tasks is an error; settings that leave the base unchanged give a warning.
     Inputs holding NaN or Inf (and outputs that overflow their dtype) are refused, naming the task and
-    tensor, unless allow_nonfinite. memory: the budget for chunks worked on at once ('1.5G', '256M');
-    the state dict returned holds the model's size on top of it.
+    tensor, unless allow_nonfinite. run: a RunOptions; its device, progress and memory apply (memory: the
+    budget for chunks worked on at once; the state dict returned holds the model's size on top of it).
+    **deprecated: device, progress, memory as keyword arguments (go in the next release).
     """
+    _, run = from_keywords("merge", None, run, deprecated, store_fields=(), run_fields=MERGE_RUN_FIELDS)
     state, report = merge_with_report(source, method=method, base=base, alpha=alpha, k=k, lambdas=lambdas,
-                                      density=density, device=device, allow_nonfinite=allow_nonfinite,
-                                      progress=progress, memory=memory)
+                                      density=density, allow_nonfinite=allow_nonfinite, run=run)
     for message in report.warnings:
         warnings.warn(message, stacklevel=2)
     return state
 
 
 def merge_with_report(source, *, method: str, base=None, alpha=None, k=None, lambdas=None, density=None,
-                      device="auto", allow_nonfinite=False, progress=None,
-                      memory=None) -> tuple["OrderedDict[str, torch.Tensor]", MergeReport]:
+                      allow_nonfinite=False, run: RunOptions | None = None,
+                      **deprecated) -> tuple["OrderedDict[str, torch.Tensor]", MergeReport]:
     """`merge`, also returning the MergeReport: settings, which tensors were merged, kept or left out,
     and warnings (not issued: the caller shows them)."""
+    _, run = from_keywords("merge_with_report", None, run, deprecated, store_fields=(), run_fields=MERGE_RUN_FIELDS)
     options = _options(method, alpha, k, density, lambdas, allow_nonfinite)
-    with _merge_run(source, options, base, device, progress, memory) as run:
-        state = _assembled(run)
-    return state, run.report
+    with _merge_run(source, options, base, run) as merge_run:
+        state = _assembled(merge_run)
+    return state, merge_run.report
 
 
 def merge_to_file(source, output, *, method: str, base=None, alpha=None, k=None, lambdas=None, density=None,
-                  device="auto", force: bool = False, allow_nonfinite: bool = False, progress=None,
-                  memory=None) -> MergeReport:
+                  force: bool = False, allow_nonfinite: bool = False, run: RunOptions | None = None,
+                  **deprecated) -> MergeReport:
     """Merge and write the model to `output`: safetensors, a torch state dict for .pt/.pth/.bin, or for any
     other name a folder in the base's layout (_write_folder). No input file is ever the output.
 
     The output keeps the base's tensor names, order, dtypes and (safetensors) metadata. A safetensors
     output is written chunk by chunk as the merge goes (memory: the budget); a torch output is one
     pickle that torch.save writes from a whole state dict, so it needs the model's size in memory too.
+    run: as for `merge` (device, progress, memory; **deprecated: them as keyword arguments).
     """
+    _, run = from_keywords("merge_to_file", None, run, deprecated, store_fields=(), run_fields=MERGE_RUN_FIELDS)
     output = Path(output)
     fmt = _output_format(output)
     if fmt != "folder" and output.exists() and not force:  # fail before the work, not after it
         raise TallzipError(f"{output}: already exists (use --force to overwrite)")
     options = _options(method, alpha, k, density, lambdas, allow_nonfinite)
-    with _merge_run(source, options, base, device, progress, memory) as run:
+    with _merge_run(source, options, base, run) as merge_run:
         if fmt == "folder":
-            _write_folder(run, output, force)
-            run.report.output = str(output)
-            return run.report
-        with atomic_output(output, force=force, inputs=run.inputs) as tmp:
+            _write_folder(merge_run, output, force)
+            merge_run.report.output = str(output)
+            return merge_run.report
+        with atomic_output(output, force=force, inputs=merge_run.inputs) as tmp:
             if fmt == "safetensors":
-                with SafetensorsStream(tmp, run.specs, run.metadata) as stream:
-                    for name, start, flat in run.chunks:
+                with SafetensorsStream(tmp, merge_run.specs, merge_run.metadata) as stream:
+                    for name, start, flat in merge_run.chunks:
                         stream.write_part(name, start, flat)
             else:
-                save_tensors(_assembled(run), tmp, fmt)
-    run.report.output = str(output)
-    return run.report
+                save_tensors(_assembled(merge_run), tmp, fmt)
+    merge_run.report.output = str(output)
+    return merge_run.report
 
 
 def _output_format(output: Path) -> str:
@@ -243,8 +251,8 @@ def _assembled(run: _MergeRun) -> "OrderedDict[str, torch.Tensor]":
 
 
 @contextmanager
-def _merge_run(source, options: _Options, base, device, progress, memory):
-    device = resolve_device(device)
+def _merge_run(source, options: _Options, base, run: RunOptions):
+    device, progress, memory = resolve_device(run.device), run.progress, run.memory
     if isinstance(source, Archive):
         yield _from_archive(source, options, device, progress, memory)
         return
