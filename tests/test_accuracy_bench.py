@@ -18,6 +18,7 @@ from benchmarks.sizes import storage
 from benchmarks.accuracy import Bench, compression_rows, merging_rows, reference_rows, scaled, select_alpha
 from benchmarks.family import PRESETS, FinetuneRegressionWarning, build_family
 from benchmarks.vit import VisionTransformer, classify
+from tallzip.options import StoreOptions
 
 ALPHAS = (0.0, 0.5, 1.0)  # a short grid keeps the test fast; the benchmark uses 0.0, 0.1, ..., 1.0
 
@@ -187,7 +188,6 @@ def test_outputs_feed_the_storage_benchmark_and_results_md(bench, tmp_path, monk
 
 from benchmarks import frontier as frontier_module, frontier_report  # noqa: E402
 from benchmarks.frontier_report import SECTION_TITLE as FRONTIER_TITLE, write_frontier_outputs  # noqa: E402
-from tallzip.options import StoreOptions
 
 
 @pytest.fixture(scope="module")

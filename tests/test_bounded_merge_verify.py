@@ -13,6 +13,7 @@ from safetensors.numpy import load_file as np_load_file
 
 import tallzip
 from conftest import write_big_family
+from tallzip.options import RunOptions, StoreOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_MIB = 96
@@ -26,7 +27,7 @@ import json, sys
 import tallzip
 from tallzip.merging import merge as merging
 from tallzip.verification.verify import verify
-from tallzip.options import RunOptions, StoreOptions
+from tallzip.options import RunOptions
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -35,7 +36,8 @@ def status(key):
 before = status("VmRSS")
 command, archive, target = sys.argv[1:4]
 if command == "merge":
-    merging.merge_to_file(archive, target, method="consensus-ta", k=2, memory="96M", device="cpu")
+    merging.merge_to_file(archive, target, method="consensus-ta", k=2,
+                          run=RunOptions(memory="96M", device="cpu"))
     verdict = None
 elif command == "agreement":
     with tallzip.open(archive, memory="96M") as arc:

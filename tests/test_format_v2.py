@@ -28,6 +28,7 @@ from tallzip.formats.checkpoints.checkpoint import open_checkpoint
 from tallzip.formats.errors import CorruptArchiveError
 
 from conftest import np_rebuilt, write_big_family, write_family
+from tallzip.options import RunOptions, StoreOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -283,7 +284,6 @@ def test_read_range_matches_the_tensor_and_loops_short_reads(tmp_path, monkeypat
 
 MEASURE = r'''
 import resource, sys, tallzip
-from tallzip.options import RunOptions, StoreOptions
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 tallzip.pack(sys.argv[1], sys.argv[2], sys.argv[3], memory=sys.argv[4], chunk_elements=int(sys.argv[5]))
 print(base * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

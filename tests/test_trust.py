@@ -42,6 +42,7 @@ from tallzip.formats.errors import FormatError
 from conftest import np_rebuilt, numpy_family, write_family
 
 import fuzz
+from tallzip.options import RunOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -212,7 +213,6 @@ def test_zstd_frame_declaring_more_than_the_section_refused_before_decoding(tmp_
 FORK_SERVER = r'''
 import json, os, resource, signal, sys
 from tallzip.cli.main import cli
-from tallzip.options import RunOptions
 
 print("ready", flush=True)
 for line in sys.stdin:
