@@ -155,9 +155,9 @@ def from_keywords(verb: str, store: StoreOptions | None, run: RunOptions | None,
     unknown = sorted(set(keywords) - set(store_fields) - set(run_fields))
     if unknown:
         raise TypeError(f"{verb}() got an unexpected keyword argument {unknown[0]!r}")
+    instead = " and ".join((["store=StoreOptions(...)"] if store_fields else []) + ["run=RunOptions(...)"])
     warnings.warn(f"{verb}(): the keyword arguments {', '.join(sorted(keywords))} are deprecated and go in the next "
-                  f"release; pass store=StoreOptions(...) and run=RunOptions(...) (tallzip.options)",
-                  DeprecationWarning, stacklevel=stacklevel)
+                  f"release; pass {instead} (tallzip.options)", DeprecationWarning, stacklevel=stacklevel)
     store_kw = {k: v for k, v in keywords.items() if k in store_fields}
     run_kw = {k: v for k, v in keywords.items() if k in run_fields}
     return (replace(store, **store_kw) if store_kw else store), (replace(run, **run_kw) if run_kw else run)

@@ -152,7 +152,7 @@ def assert_state(got, want, exact=False):
 
 
 def folder_merge(fam, method, **kw):
-    return tallzip.merge(fam["tasks_dir"], base=fam["base_path"], method=method, device="cpu", **kw)
+    return tallzip.merge(fam["tasks_dir"], base=fam["base_path"], method=method, run=RunOptions(device="cpu"), **kw)
 
 
 # --- each method against numpy -------------------------------------------------------------------
@@ -251,9 +251,9 @@ def archives(family, tmp_path_factory):
 def test_archive_gives_the_same_tensors_as_the_folder(family, archives, method, packed, k):
     options = {"k": k} if k is not None else {}
     from_folder, folder_report = merge_with_report(
-        family["tasks_dir"], base=family["base_path"], method=method, alpha=0.7, device="cpu",
+        family["tasks_dir"], base=family["base_path"], method=method, alpha=0.7, run=RunOptions(device="cpu"),
         **({"lambdas": LAMBDAS} if k is not None else {}), **options)
-    from_archive, archive_report = merge_with_report(archives[packed], method=method, alpha=0.7, device="cpu",
+    from_archive, archive_report = merge_with_report(archives[packed], method=method, alpha=0.7, run=RunOptions(device="cpu"),
                                                      **options)
     assert archive_report.consensus_kept == folder_report.consensus_kept
     assert archive_report.consensus_total == folder_report.consensus_total

@@ -1,4 +1,5 @@
-"""`merge`: one merged model from a family — task arithmetic, TIES, Consensus Merging, or the plain average.
+"""`merge`: one merged model from a family — task arithmetic, TIES, Consensus Merging, or the plain average
+(each method's math and the registry: methods.py; here the reading, chunking and writing).
 
     tallzip.merge("finetuned/", base="base.safetensors", method="consensus-ta", k=2)  # -> state dict
     tallzip.merge("family.tallz", method="consensus-ta")                               # no checkpoint needed
@@ -11,7 +12,7 @@ TIES and the average need.
 The merge works chunk by chunk (one chunk of every task at a time, chunk jobs on a thread pool within
 the memory budget, chunks.ordered_map), so its memory is the budget whatever the number of tasks and
 the size of a tensor; a safetensors output is written as the chunks come. TIES first finds each task's
-trim threshold over its WHOLE task vector, exactly, by histograms read chunk by chunk (packing's _Merger).
+trim threshold over its WHOLE task vector, exactly, by histograms read chunk by chunk (ops/ties.MtvMerger).
 """
 from __future__ import annotations
 
@@ -35,24 +36,23 @@ from tallzip.formats.checkpoints.folders import CHECKPOINT_EXTS, HF_MODEL_FILES,
 from tallzip.formats.container.constants import (DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES, FLOAT_DTYPES, KIND_MASKED, KIND_PER_TASK, KIND_SHARED, ROLE_MTV)
 from tallzip.formats.checkpoints.outputs import SafetensorsStream, atomic_output, save_tensors, write_shard_index
 from tallzip.formats.tensors import torch_dtype
-from tallzip.ops.tall import tall_mask
 from tallzip.ops.ties import MtvMerger
 from tallzip.packing.lambdas import LambdaSelector, task_lambdas
-from tallzip.options import MERGE_VERB_METHODS, RunOptions, from_keywords
+from tallzip.merging.methods import METHODS, archive_methods
+from tallzip.options import RunOptions, from_keywords
 from tallzip.run.threads import resolve_device
 
-METHODS = MERGE_VERB_METHODS
-CONSENSUS_METHODS = ("consensus-ta", "consensus-ties")
-TIES_METHODS = ("ties", "consensus-ties")
+CONSENSUS_METHODS = tuple(name for name, m in METHODS.items() if m.consensus)
+TIES_METHODS = tuple(name for name, m in METHODS.items() if m.trims)
 # Without a validation set to pick alpha on: 0.3 for the methods that add up whole task vectors (task
 # arithmetic's usual range for about 8 tasks, and consensus-ties adds by disjoint SUM); 1.0 for TIES,
 # whose disjoint mean is already on the scale of one task vector (the TIES paper's no-validation
 # setting), and for the average, where alpha 1 gives exactly the mean of the fine-tuned weights.
-DEFAULT_ALPHA = {"task-arithmetic": 0.3, "consensus-ta": 0.3, "consensus-ties": 0.3, "ties": 1.0, "average": 1.0}
+DEFAULT_ALPHA = {name: m.default_alpha for name, m in METHODS.items()}
 DEFAULT_K = 2
 MAX_ALPHA = 2.0
 # The mtv an archive was packed with (its manifest's `merge`) decides which methods it can serve.
-ARCHIVE_METHODS = {"sum": ("task-arithmetic", "consensus-ta"), "ties": ("consensus-ties",)}
+ARCHIVE_METHODS = {packed: archive_methods(packed) for packed in ("sum", "ties")}
 
 
 @dataclass
@@ -292,15 +292,17 @@ def _from_family(family: Family, source: str, opt: _Options, device, progress, b
     method = opt.method
     report = MergeReport(method, opt.alpha, source, "folder", family.names, k=opt.k)
     merger = None
-    if method in TIES_METHODS:
+    rule = METHODS[method]
+    if rule.trims:
         density = taskvec.DEFAULT_TIES_DENSITY if opt.density is None else opt.density
         report.density = density
         merger = MtvMerger(family, "ties", density, device, progress)  # whole-vector thresholds, chunk by chunk
-    elif method in CONSENSUS_METHODS:
-        merger = MtvMerger(family, "sum", taskvec.DEFAULT_TIES_DENSITY, device, progress)
-    if method in CONSENSUS_METHODS:
-        lambdas = taskvec.DEFAULT_LAMBDA if opt.lambdas is None else opt.lambdas
-        report.lambdas = task_lambdas(lambdas, family.names)
+    elif rule.mtv is not None:
+        merger = MtvMerger(family, rule.mtv, taskvec.DEFAULT_TIES_DENSITY, device, progress)
+    lambdas = None
+    if rule.consensus:
+        report.lambdas = task_lambdas(taskvec.DEFAULT_LAMBDA if opt.lambdas is None else opt.lambdas, family.names)
+        lambdas = [report.lambdas[task] for task in family.names]
     report.task_only = sorted({n for t in family.names for n in family.own_names(t)})
     _check_k(opt, len(family.names))
 
@@ -323,19 +325,7 @@ def _from_family(family: Family, source: str, opt: _Options, device, progress, b
             taskvec.refuse_nonfinite(name, [base_t, *task_ts], labels, "merge")
         base_d, tasks_d = base_t.to(device), [t.to(device) for t in task_ts]
         del task_ts
-        kept = total = 0
-        if method == "task-arithmetic":
-            vector = taskvec.sum_task_vectors(base_d, tasks_d)
-        elif method == "average":
-            vector = taskvec.sum_task_vectors(base_d, tasks_d) / len(tasks_d)
-        elif method == "ties":
-            taus = [taskvec.task_vector(base_d, t) for t in tasks_d]
-            vector = taskvec.ties_merge(taus, merger.thresholds, merger.majority, reduce="mean")
-        else:  # consensus: the same mtv the masks were made with
-            mtv = merger.mtv(base_d, tasks_d)
-            masks = [tall_mask(base_d, t, mtv, report.lambdas[task])
-                     for task, t in zip(family.names, tasks_d)]
-            vector, kept, total = _consensus(mtv, masks, opt.k)
+        vector, kept, total = rule.from_tasks(base_d, tasks_d, merger, lambdas, opt.k)
         merged, changed = _merged(base_d, vector, name, opt)
         return name, start, merged, (kept, total, changed)
 
@@ -356,11 +346,11 @@ def _from_archive(archive: Archive, opt: _Options, device, progress, memory) -> 
     packed = archive.merge_info.get("method")
     supported = ARCHIVE_METHODS.get(packed, ())
     if method not in supported:
-        if method in ("ties", "average"):
+        if METHODS[method].archive_mtv is None:  # works on the task vectors themselves
             why = (f"{method} needs each task's own task vector, which an archive does not keep "
                    f"(merge from the checkpoints folder with --base)")
         else:
-            other = "--merge ties" if method == "consensus-ties" else "--merge sum (the default)"
+            other = "--merge ties" if METHODS[method].archive_mtv == "ties" else "--merge sum (the default)"
             why = f"{method} needs an archive packed with {other}, or the checkpoints folder with --base"
         can = ", ".join(supported) or "none of the merge methods"
         raise TallzipError(f"{archive.path.name}: its mtv was merged by {packed!r}, so it supports {can}; {why}")
@@ -411,7 +401,8 @@ def _from_archive(archive: Archive, opt: _Options, device, progress, memory) -> 
         report.notes.append(f"the archive stores the mtv as {'/'.join(sorted(low_precision))}: the merge adds that "
                             f"rounded mtv (merging from the checkpoints folder uses the exact one)")
     labels = [f"{archive.path.name}: the base", f"{archive.path.name} (packed with --allow-nonfinite): the mtv"]
-    consensus = method in CONSENSUS_METHODS
+    rule = METHODS[method]
+    consensus = rule.consensus
 
     def job(item):
         name, index, start, count = item
@@ -427,13 +418,10 @@ def _from_archive(archive: Archive, opt: _Options, device, progress, memory) -> 
         mtv, context = archive.mtv_chunk(name, index)
         if not opt.allow_nonfinite:
             taskvec.refuse_nonfinite(name, [base_t, mtv], labels, "merge")
-        kept = total = 0
-        if consensus:
-            masks = [torch.from_numpy(np.unpackbits(archive.mask_chunk_bits(t, name, index, context), count=count,
-                                                    bitorder="little").view(bool)).to(device) for t in tasks]
-            vector, kept, total = _consensus(mtv.to(device), masks, opt.k)
-        else:
-            vector = mtv.to(device)
+        masks = [torch.from_numpy(np.unpackbits(archive.mask_chunk_bits(t, name, index, context), count=count,
+                                                bitorder="little").view(bool)).to(device)
+                 for t in tasks] if consensus else None
+        vector, kept, total = rule.from_mtv(mtv.to(device), masks, opt.k)
         merged, changed = _merged(base_t.to(device), vector, name, opt)
         return name, start, merged, (kept, total, changed)
 
@@ -476,11 +464,6 @@ def _warn_if_no_op(report: MergeReport):
         kept = (f" (the consensus kept {report.consensus_kept:,} of {report.consensus_total:,} weights, "
                 f"{report.consensus_kept / report.consensus_total:.1%})" if report.consensus_total else "")
         report.warnings.append(f"the merge changed no weight{kept}: the merged model IS THE PLAIN BASE")
-
-def _consensus(mtv: torch.Tensor, masks: list[torch.Tensor], k: int) -> tuple[torch.Tensor, int, int]:
-    """(m_cons * mtv, weights kept, weights), m_cons = (sum_t m_t) >= k."""
-    keep = taskvec.consensus_mask(masks, k)
-    return torch.where(keep, mtv, torch.zeros_like(mtv)), int(keep.sum()), keep.numel()
 
 
 def _lambda_text(lambdas: dict) -> str:
