@@ -95,3 +95,8 @@ def test_cli_builds_the_options(tmp_path, family, monkeypatch):
     assert seen["deprecated"] == {} and seen["force"] is True
     assert seen["store"] == StoreOptions(lambdas=0.3, level=5, codecs={"mask": "bits-lvl"})
     assert (seen["run"].memory, seen["run"].device, seen["run"].engine) == ("256M", "cpu", "local")
+
+
+def test_options_are_top_level_names():
+    import tallzip.options as options
+    assert tallzip.StoreOptions is options.StoreOptions and tallzip.RunOptions is options.RunOptions
