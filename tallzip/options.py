@@ -32,7 +32,10 @@ MAX_LEVEL = 22
 # byte planes; and at level 1, bit-packed masks + zstd give an archive within 0.2% of the context
 # coders' at level 3 (ViT-B/32, N = 8) for half the pack CPU or less, where the context coders
 # (bits-ctx, bits-lvl: ~10% fewer mask bits) cost 2-5x the CPU of all the rest at LLM sizes.
-DEFAULT_CODECS = {"float": "planes+zstd", "mask": "bits+zstd", "other": "zstd"}
+# Floats: blosc2+zstd (issue 21, benchmarks/codec_speed.py) is planes+zstd's byte shuffle and zstd
+# done in C: 1.7-2.1x the decode and 1.1-1.3x the encode throughput per CPU-second, for +0.3-0.7% of
+# the floats' bytes (+0.46% of an LLM-shaped N = 8 archive).
+DEFAULT_CODECS = {"float": "blosc2+zstd", "mask": "bits+zstd", "other": "zstd"}
 DEFAULT_LEVEL = 1
 
 # Mask codecs code one bit per element. bits-ctx-prior also needs the earlier tasks' masks to

@@ -8,7 +8,7 @@ from tallzip.formats.codecs import registry as codecs, floats as float_codecs, m
 from tallzip.formats.codecs.registry import CodecError
 from tallzip.options import StoreOptions
 
-ARRAY_CODECS = ("raw", "zstd", "planes+zstd", "planes+ans")
+ARRAY_CODECS = ("raw", "zstd", "planes+zstd", "planes+ans", "blosc2+zstd")
 LENGTHS = (0, 1, 7, 9, 1001)
 
 
@@ -69,7 +69,7 @@ def test_array_codecs_roundtrip_special_contents(codec):
         assert np.array_equal(out, array)
 
 
-@pytest.mark.parametrize("codec", ("planes+zstd", "planes+ans"))
+@pytest.mark.parametrize("codec", ("planes+zstd", "planes+ans", "blosc2+zstd"))
 def test_planes_codecs_accept_big_endian_input(codec):
     array = float_bits(np.random.default_rng(2), 999).astype(">u4")
     out, _, _ = roundtrip(codec, array, dtype=np.uint32)
@@ -290,7 +290,7 @@ def test_damaged_params_are_a_codec_error(example):
 @pytest.mark.parametrize("example", EXAMPLES, ids=IDS)
 def test_flipped_bytes_never_give_a_silently_wrong_array(example):
     codec, array, context, data, params = example
-    if codec in ("raw", "zstd", "bits+zstd"):
+    if codec in ("raw", "zstd", "bits+zstd", "blosc2+zstd"):
         pytest.skip("no checksum in these payloads; the archive's section sha256 covers stored bytes")
     rng = np.random.default_rng(10)
     for _ in range(40):

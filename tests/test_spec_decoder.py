@@ -1,7 +1,7 @@
 """formats/SPEC.md is enough to read q4 and exact tasks: a decoder written here from the SPEC text
-alone (header, manifest, chunk plan, zstd, planes+zstd, planes+ans with its rANS, the q* decode,
-the delta codec), with numpy, zstandard and blake3 and nothing of tallzip, reads an archive
-tallzip wrote and gets the input checkpoints' bytes (exact) and SPEC's q4 formula (computed from
+alone (header, manifest, chunk plan, zstd, planes+zstd, planes+ans with its rANS, blosc2+zstd
+through the library whose chunk format SPEC names, the q* decode, the delta codec), with numpy,
+zstandard, blosc2 and blake3 and nothing of tallzip, reads an archive tallzip wrote and gets the input checkpoints' bytes (exact) and SPEC's q4 formula (computed from
 the inputs in numpy) back."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import struct
 import zlib
 
 import blake3
+import blosc2
 import numpy as np
 import pytest
 import zstandard
@@ -108,6 +109,16 @@ def decode_codec(codec, payload: bytes, params, width: int, count: int) -> np.nd
     """The elements' unsigned bit patterns (`<u{width}`)."""
     if codec == "zstd":
         return np.frombuffer(zstandard.ZstdDecompressor().decompress(payload), dtype=f"<u{width}").copy()
+    if codec == "blosc2+zstd":  # Blosc2 chunks (format version 5) back to back, cbytes at offset 12
+        assert params == {}
+        parts, at = [], 0
+        while at < len(payload):
+            version, _, flags, typesize, nbytes, _, cbytes = struct.unpack_from("<BBBBiii", payload, at)
+            assert 2 <= version <= 5 and typesize == width and list(payload[at + 16:at + 22]) in ([1, 0, 0, 0, 0, 0], [0] * 6)
+            parts.append(np.frombuffer(blosc2.decompress2(payload[at:at + cbytes]), dtype=f"<u{width}"))
+            assert parts[-1].nbytes == nbytes
+            at += cbytes
+        return np.concatenate(parts)
     if codec == "planes+zstd":
         planes, at = [], 0
         for size in params["sizes"]:
@@ -224,15 +235,16 @@ def packed(tmp_path):
     return base, tasks, out
 
 
-@pytest.mark.parametrize("float_codec", ["planes+zstd", "planes+ans"])
+@pytest.mark.parametrize("float_codec", ["blosc2+zstd", "planes+zstd", "planes+ans"])
 def test_a_decoder_from_the_spec_alone_reads_q4_and_exact(tmp_path, packed, float_codec):
     base, tasks, out = packed
-    if float_codec != "planes+zstd":  # the base coded planes+ans too
+    if float_codec != "blosc2+zstd":  # the default; the base coded with the other codec too
         out = tmp_path / "ans.tallz"
         tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, store=StoreOptions(keep={"t0": "q4", "t1": "exact"}, chunk_elements=CHUNK, codecs={"float": float_codec}))
     data, manifest = read_archive(out)
     assert struct.unpack_from("<I", data, 12)[0] == 1  # tallzip writes the manifest zstd-compressed
     assert not {s["role"] for s in manifest["sections"]} & {"mtv", "mask"}
+    assert {s["codec"] for s in manifest["sections"] if s["role"] == "base" and s["dtype"] == "F32"} == {float_codec}
     for name in ("w", "v", "b", "z"):
         got = spec_q4_tensor(data, manifest, name, "t0")
         want = np_quant_rebuild(base[name], tasks["t0"][name], 4, ROWS[name])

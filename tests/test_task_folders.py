@@ -195,6 +195,28 @@ def test_an_adapter_folder_is_refused_in_one_line(tmp_path, adapter):
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "f.tallz").exists()
 
 
+def test_hidden_files_are_side_files_and_come_back(hf_family, tmp_path):
+    base, tasks, sharded = hf_family
+    (tasks / "t1" / ".gitattributes").write_bytes(b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    out = tmp_path / "f.tallz"
+    run("pack", tasks, "--base", base, "-o", out)
+    run("extract", out, "--task", "t1", "-o", tmp_path / "back")
+    assert (tmp_path / "back" / ".gitattributes").read_bytes() == (tasks / "t1" / ".gitattributes").read_bytes()
+    (tasks / "t1" / ".gitattributes").write_bytes(b"changed\n")
+    assert json.loads(run("verify", out, "--against", tasks, "--json", code=1).output)["verdict"] == "differs"
+
+
+@pytest.mark.parametrize("sub_folder", ["checkpoint-500", ".git"])
+def test_a_sub_folder_of_a_task_is_refused_naming_it(hf_family, tmp_path, sub_folder):
+    base, tasks, sharded = hf_family
+    (tasks / "t2" / sub_folder).mkdir()
+    (tasks / "t2" / sub_folder / "optimizer.pt").write_bytes(b"state")
+    out = tmp_path / "f.tallz"
+    result = run("pack", tasks, "--base", base, "-o", out, code=1)
+    assert f"{sub_folder}/" in result.output and "t2" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
 # ---- item 4: no command writes over one of its inputs -------------------------------------------------
 
 def _refused(result, path: Path, before: bytes):

@@ -377,8 +377,8 @@ def test_info_says_what_the_archive_is(fam, key, dtype, lossless):
     assert info["mtv_dtype"] == [dtype] and info["lossless"] is lossless
     assert info["lambdas"] == LAMBDAS
     mask_codec = DEFAULT_CODECS["mask"]  # the fixture packs with the defaults
-    assert info["codecs"] == {"base": ["planes+zstd", "zstd"], "mask": [mask_codec], "mtv": ["planes+zstd"],
-                              "own": ["planes+zstd", "zstd"]}
+    assert info["codecs"] == {"base": ["blosc2+zstd", "zstd"], "mask": [mask_codec], "mtv": ["blosc2+zstd"],
+                              "own": ["blosc2+zstd", "zstd"]}
     assert info["checked"] is False and "run `tallzip verify`" in info["not_checked"]
     code, text, _ = run("info", fam["archives"][key])
     assert f"lossless: {'yes' if lossless else 'no'}" in text

@@ -20,7 +20,7 @@ from tallzip.formats.container.constants import DTYPE_SIZES
 from tallzip.formats.checkpoints.sources import RemoteFile, RemotePath, is_url, list_folder, location, open_source
 from tallzip.formats.tensors import dtype_name, torch_dtype
 from tallzip.formats.checkpoints.folders import (CHECKPOINT_EXTS, SAFETENSORS_EXT, SHARD_INDEX, TORCH_EXTS, checked_side_file,
-                                                model_in, release_head)
+                                                model_in, refuse_sub_folders, release_head)
 
 
 
@@ -343,7 +343,8 @@ def _open_remote_checkpoint(url: str, storage_options: dict | None = None) -> Ch
     if url.suffix in TORCH_EXTS:
         raise FormatError(f"{url}: torch checkpoints are read from local files only; download it, or use safetensors")
     entries = {e.name: e for e in list_folder(url, storage_options)}
-    kind, name = model_in(url, {n for n, e in entries.items() if not e.is_dir and not n.startswith(".")})
+    refuse_sub_folders(url, [n for n, e in entries.items() if e.is_dir])
+    kind, name = model_in(url, {n for n, e in entries.items() if not e.is_dir})
     if kind == "sharded":
         ckpt = ShardedCheckpoint(url, storage_options, index_name=name)
         model_files = set(ckpt.sharding["files"])
@@ -351,7 +352,7 @@ def _open_remote_checkpoint(url: str, storage_options: dict | None = None) -> Ch
         ckpt = _open_remote_checkpoint(entries[name].location, storage_options)
         model_files = {name}
     for name, e in entries.items():
-        if not e.is_dir and name not in model_files and not name.startswith("."):
+        if not e.is_dir and name not in model_files:
             checked_side_file(e.location, e.size or 0)
             ckpt.extra_files[name] = RemoteFile(e.location, e.size, storage_options)
     return ckpt
@@ -368,8 +369,9 @@ def open_checkpoint(path, exclude=()) -> Checkpoint:
         raise FormatError(f"{path}: no such file or folder")
     if path.is_dir():
         excluded = {Path(p).resolve() for p in exclude if not is_url(p)}
-        files = [p for p in sorted(path.iterdir())
-                 if p.is_file() and not p.name.startswith(".") and p.resolve() not in excluded]
+        entries = [p for p in sorted(path.iterdir()) if p.resolve() not in excluded]
+        refuse_sub_folders(path, [p.name for p in entries if p.is_dir()])
+        files = [p for p in entries if p.is_file()]
         kind, name = model_in(path, {p.name for p in files})
         if kind == "sharded":
             ckpt = ShardedCheckpoint(path, index_name=name)

@@ -68,6 +68,15 @@ def checked_side_file(path, size: int):
                           f"may have; move it out of the task folder")
 
 
+def refuse_sub_folders(folder, names):
+    """A task folder comes back whole or not at all: its files are kept (hidden ones too), and a sub-folder
+    (Trainer's `checkpoint-500/`, `.git/`), which the archive cannot hold, is refused by name, never skipped."""
+    if names:
+        name = sorted(names)[0]
+        raise FormatError(f"{folder}: holds the sub-folder {name}/; a task folder's files are all kept, but not its "
+                          f"sub-folders: move it out of the task folder (or pack a copy without it)")
+
+
 def release_head(task_folder: Path) -> Path | None:
     """The classification head that the authors' releases keep beside a task folder.
 

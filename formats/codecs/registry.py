@@ -12,6 +12,7 @@ codecs (raw, zstd, bits+zstd). It imports no other codec: each of the others, on
 and registers itself, and the package (formats/codecs/__init__) imports them all:
 
     floats        planes+zstd, planes+ans: byte planes of float bits
+    blosc2_zstd   blosc2+zstd: the same byte shuffle and zstd, in c-blosc2 (the default for floats)
     mask_ctx      bits-ctx, bits-ctx-prior: masks grouped by quantiles of |mtv| (format v1)
     mask_levels   bits-lvl: masks grouped by fixed |mtv| level buckets (linear, per chunk)
     mask_groups   the grouping and payloads those two share

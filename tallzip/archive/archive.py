@@ -19,7 +19,7 @@ from tallzip.ops import taskvec
 from tallzip.errors import TallzipError, UnknownTaskError
 from tallzip.run.chunks import chunk_plan, ordered_map, parse_memory
 from tallzip.family import base_digest
-from tallzip.ops.bits import bit_select, unpack_bits
+from tallzip.ops.rebuild import rebuild_from_bits
 from tallzip.formats import codecs as codec_registry
 from tallzip.formats.checkpoints.checkpoint import open_checkpoint
 from tallzip.formats.checkpoints.outputs import SafetensorsStream
@@ -34,30 +34,6 @@ from tallzip.run.threads import resolve_device
 
 def open(path, *, base=None, memory=None) -> "Archive":  # noqa: A001 - mirrors the builtin on purpose
     return Archive(path, base=base, memory=memory)
-
-
-def rebuild_from_bits(base: torch.Tensor, bits: np.ndarray, mtv: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """taskvec.rebuild(base, mask, mtv) with the mask given bit-packed; computed on `device`, where
-    the packed mask is unpacked (an eighth of the bytes of a bool mask cross to a GPU). `mtv` may
-    be in its stored dtype or the compute dtype: the sum is taken in the compute dtype either way."""
-    count = base.numel()
-    if device.type == "cpu":
-        mask = torch.from_numpy(np.unpackbits(bits, count=count, bitorder="little").view(bool)).view(base.shape)
-        if mtv.dtype == base.dtype:
-            # float32, or a bfloat16/float16 base and mtv: torch adds these by widening to float32
-            # and rounding the sum back, exactly taskvec.rebuild's (base + mtv).to(base.dtype), in
-            # half the bytes and with no float32 temporaries
-            out = torch.add(base, mtv.reshape(base.shape))
-        else:
-            out = torch.add(taskvec.as_compute(base), mtv.reshape(base.shape))
-            if out.dtype != base.dtype:
-                out = out.to(base.dtype)
-        # the unmasked entries then take the base's bits back: where(mask, out, base), as a bit-select
-        return bit_select(mask, out, base, in_place=True)
-    packed = torch.empty(bits.shape, dtype=torch.uint8, pin_memory=True)
-    packed.numpy()[:] = bits
-    mask = unpack_bits(packed.to(device, non_blocking=True), count).view(base.shape)
-    return taskvec.rebuild(base.to(device, non_blocking=True), mask, mtv.to(device, non_blocking=True))
 
 
 def _deprecated(old: str, new: str):
@@ -393,13 +369,13 @@ class Archive:
         return self.section_entry(ROLE_OWN, name, task)["shape"]
 
     def iter_task(self, task: str, device="cpu"):
-        """Yield (name, tensor) of one rebuilt task, in its original order.
-
-        Worker threads decode the next chunks while the caller uses this tensor; a tensor of many
-        chunks is assembled in place, so only it and the budget's chunks are held."""
+        """Yield (name, tensor) of one rebuilt task, in its original order. Worker threads decode the next
+        chunks while the caller uses this tensor; only it and the budget's chunks are held."""
         device = resolve_device(device)
-        entry = self.task_entry(task)
-        shapes = {name: self.task_shape(task, name) for name, _ in entry["tensors"]}
+        if device.type == "cpu":
+            yield from self._iter_task_in_place(task)
+            return
+        shapes = {name: self.task_shape(task, name) for name, _ in self.task_entry(task)["tensors"]}
         current, filled = None, 0
         for name, start, flat in self.iter_task_chunks(task, device):
             shape, total = shapes[name], math.prod(shapes[name])
@@ -413,6 +389,31 @@ class Archive:
             if filled == total:
                 yield name, current.reshape(shape)
                 current = None
+
+    def _iter_task_in_place(self, task: str):
+        """iter_task on a CPU: each chunk decoded and rebuilt by the pool's threads into its tensor's slice."""
+        names = [name for name, _ in self.task_entry(task)["tensors"]]
+        shapes, dtypes = {name: self.task_shape(task, name) for name in names}, self.task_dtypes(task)
+        # allocated up front (their pages are touched only as chunks land in them)
+        outputs = {name: torch.empty(math.prod(shapes[name]), dtype=torch_dtype(dtypes[name])) for name in names}
+
+        def job(item):
+            name, index, start, count = item
+            _, tensor, masked = parts = self.chunk_parts(task, name, index)
+            out = outputs[name][start:start + count]
+            if masked is not None and tensor.dtype == out.dtype:  # masked: (mtv, bits), rebuilt in its slice
+                rebuild_from_bits(tensor, masked[1], masked[0], torch.device("cpu"), out=out)
+            else:
+                out.copy_(self.assemble(parts, torch.device("cpu")).reshape(-1))
+            return item
+
+        items = [(name, i, start, count) for name in names for i, (start, count) in enumerate(self.plan(task, name))]
+        filled = dict.fromkeys(names, 0)
+        for name, _, _, count in ordered_map(job, items, cost=lambda it: self._chunk_cost(it[0], it[3]),
+                                             budget=self.memory):
+            filled[name] += count
+            if filled[name] == math.prod(shapes[name]):  # every chunk job of it is done
+                yield name, outputs.pop(name).reshape(shapes[name])
 
     def load(self, task: str, device="cpu") -> "OrderedDict[str, torch.Tensor]":
         """The task's rebuilt state dict: base + mask * mtv, its own tensors as they were."""

@@ -27,6 +27,7 @@ from tallzip.formats.container.reader import is_plain_file_name
 from tallzip.formats.container.writer import ArchiveWriter, encode_chunk
 from tallzip.formats.container.chunking import chunk_plan
 from tallzip.formats.tensors import to_bits
+from tallzip.options import DEFAULT_CODECS
 from tallzip.packing.manifest import task_entry
 from tallzip.packing.jobs import representation_pieces
 from tallzip.ops.representations import ADD_DEFAULT, representation_section
@@ -103,7 +104,7 @@ def add(archive, checkpoint, task: str, *, keep: str = ADD_DEFAULT, base=None, p
         level = arc.manifest.get("level", 3)
         chunk_elements = arc.reader.chunk_elements
         float_codec = next((s["codec"] for s in arc.manifest["sections"] if s["role"] == "base"
-                            and s["dtype"] in FLOAT_DTYPES), "planes+zstd")
+                            and s["dtype"] in FLOAT_DTYPES), DEFAULT_CODECS["float"])
         with ArchiveWriter(archive, force=True, chunk_elements=chunk_elements) as writer:
             _copy_sections(arc, writer, lambda entry: True)
             _pause("copied")

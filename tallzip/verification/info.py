@@ -13,8 +13,8 @@ from tallzip.run.chunks import ordered_map
 from tallzip.formats.container.constants import FLOAT_DTYPES, KIND_MASKED, KIND_SHARED, QUANT_BITS, ROLE_MASK, ROLE_MTV
 
 # Every codec an archive can name codes its bytes exactly; one not listed here is not called lossless.
-LOSSLESS_CODECS = frozenset({"raw", "zstd", "bits+zstd", "planes+zstd", "planes+ans", "bits-ctx", "bits-ctx-prior",
-                             "bits-lvl", "delta"})
+LOSSLESS_CODECS = frozenset({"raw", "zstd", "bits+zstd", "planes+zstd", "planes+ans", "blosc2+zstd", "bits-ctx",
+                             "bits-ctx-prior", "bits-lvl", "delta"})
 # Sections that hold one task's representation of the changed tensors (bits/param per task counts them).
 REPRESENTATION_SECTION_ROLES = (ROLE_MASK, "qcodes", "qscales", "qoffsets", "delta")
 FULL_PRECISION_MTV = ("F32", "F64")
