@@ -214,7 +214,8 @@ def merging_rows(bench: Bench, archives: dict[str, Path], alphas=ALPHAS) -> None
                 and r.settings.get("mtv_dtype") == "float32"}
 
     def vector_of(method, **options):
-        merged = merge(bench.task_paths, base=bench.base_path, method=method, alpha=1.0, device=bench.device, **options)
+        merged = merge(bench.task_paths, base=bench.base_path, method=method, alpha=1.0, run=RunOptions(device=bench.device),
+                       **options)
         return merge_vector(bench.base_state, merged)
 
     merged_row(bench, "task arithmetic", vector_of("task-arithmetic"), alphas, method="task-arithmetic")
@@ -230,8 +231,8 @@ def merging_rows(bench: Bench, archives: dict[str, Path], alphas=ALPHAS) -> None
 
     # Consensus needs only what an archive keeps: the archive route gives the folder route's model.
     from_folder = merge(bench.task_paths, base=bench.base_path, method="consensus-ta", k=2, alpha=1.0,
-                        lambdas=selected.get("sum"), device=bench.device)
-    from_archive = merge(archives["sum"], method="consensus-ta", k=2, alpha=1.0, device=bench.device)
+                        lambdas=selected.get("sum"), run=RunOptions(device=bench.device))
+    from_archive = merge(archives["sum"], method="consensus-ta", k=2, alpha=1.0, run=RunOptions(device=bench.device))
     bench.extra["consensus_archive_vs_folder_max_abs_diff"] = max(
         float((from_folder[n] - from_archive[n]).abs().max()) for n in from_folder)
 

@@ -30,7 +30,7 @@ def test_extract_matches_numpy_formula_bit_for_bit(family, tmp_path, mtv_dtype):
     base, tasks, base_path, tasks_dir = family
     lambdas = {"task0": 0.2, "task1": 0.4, "task2": 0.6}
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, lambdas=lambdas, **({"mtv_dtype": mtv_dtype} if mtv_dtype else {}))
+    tallzip.pack(tasks_dir, base_path, out, StoreOptions(lambdas=lambdas, **({"mtv_dtype": mtv_dtype} if mtv_dtype else {})))
     archive = tallzip.open(out)
     assert archive.tasks == list(tasks)
     for task, sd in tasks.items():
