@@ -54,6 +54,7 @@ from tallzip import merge
 from benchmarks.accuracy_library import DEFAULT_LAMBDA, ROLE_BASE, LambdaSelector, summary
 from benchmarks.family import PRESETS, TASK_SETTINGS, Family, FinetuneRegressionWarning, build_family
 from benchmarks.metrics import mean_accuracy, normalized_accuracy
+from tallzip.options import RunOptions, StoreOptions
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -129,8 +130,7 @@ def pack_and_rebuild(bench: Bench, label: str, archive: Path, *, merge_method: s
                      mtv_dtype: str = "float32", lambda_rule: str | None = None) -> Row:
     """Pack the family with tallzip, rebuild every task from the archive, evaluate it."""
     start = time.perf_counter()
-    tallzip.pack(bench.task_paths, bench.base_path, archive, lambdas=lambdas, merge=merge_method,
-                 mtv_dtype=mtv_dtype, device=bench.device, force=True)
+    tallzip.pack(bench.task_paths, bench.base_path, archive, store=StoreOptions(lambdas=lambdas, merge=merge_method, mtv_dtype=mtv_dtype), run=RunOptions(device=bench.device), force=True)
     packed_seconds = time.perf_counter() - start
     val, test = {}, {}
     with tallzip.open(archive) as opened:
@@ -215,7 +215,8 @@ def merging_rows(bench: Bench, archives: dict[str, Path], alphas=ALPHAS) -> None
                 and r.settings.get("mtv_dtype") == "float32"}
 
     def vector_of(method, **options):
-        merged = merge(bench.task_paths, base=bench.base_path, method=method, alpha=1.0, device=bench.device, **options)
+        merged = merge(bench.task_paths, base=bench.base_path, method=method, alpha=1.0, run=RunOptions(device=bench.device),
+                       **options)
         return merge_vector(bench.base_state, merged)
 
     merged_row(bench, "task arithmetic", vector_of("task-arithmetic"), alphas, method="task-arithmetic")
@@ -231,8 +232,8 @@ def merging_rows(bench: Bench, archives: dict[str, Path], alphas=ALPHAS) -> None
 
     # Consensus needs only what an archive keeps: the archive route gives the folder route's model.
     from_folder = merge(bench.task_paths, base=bench.base_path, method="consensus-ta", k=2, alpha=1.0,
-                        lambdas=selected.get("sum"), device=bench.device)
-    from_archive = merge(archives["sum"], method="consensus-ta", k=2, alpha=1.0, device=bench.device)
+                        lambdas=selected.get("sum"), run=RunOptions(device=bench.device))
+    from_archive = merge(archives["sum"], method="consensus-ta", k=2, alpha=1.0, run=RunOptions(device=bench.device))
     bench.extra["consensus_archive_vs_folder_max_abs_diff"] = max(
         float((from_folder[n] - from_archive[n]).abs().max()) for n in from_folder)
 

@@ -39,6 +39,7 @@ import zstandard
 from safetensors.torch import save_file
 
 import tallzip
+from tallzip.options import RunOptions, StoreOptions
 from tallzip import merge
 
 from benchmarks.accuracy import ALPHAS, Bench, merge_vector, scaled, select_alpha
@@ -150,7 +151,8 @@ def pack_point(fr: Frontier, label: str, kind: str, name: str, *, exact_check: b
     """Pack the family with `pack_options`, rebuild every task from the archive, evaluate it on test."""
     bench = fr.bench
     path = bench.work_dir / f"{name}.tallz"
-    tallzip.pack(bench.task_paths, bench.base_path, path, device=bench.device, force=True, **pack_options)
+    tallzip.pack(bench.task_paths, bench.base_path, path, StoreOptions(**pack_options), RunOptions(device=bench.device),
+                 force=True)
     test = {}
     with tallzip.open(path) as arc:
         reps = {t: arc.representation(t) for t in fr.tasks}
@@ -310,7 +312,7 @@ def merge_points(fr: Frontier, alphas=ALPHAS) -> None:
                                                             "lambdas": fr.sum_lambdas})):
         if options.get("k", 0) > len(fr.tasks):
             continue
-        merged = merge(bench.task_paths, base=bench.base_path, alpha=1.0, device=bench.device, **options)
+        merged = merge(bench.task_paths, base=bench.base_path, alpha=1.0, run=RunOptions(device=bench.device), **options)
         vector = merge_vector(bench.base_state, merged)
         alpha, scores = select_alpha(mean_val, bench.base_state, vector, alphas)
         state = scaled(bench.base_state, vector, alpha)

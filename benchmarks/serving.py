@@ -24,6 +24,7 @@ from tallzip.demo import VIT_B32
 
 from benchmarks.fixtures import generate
 from benchmarks.fixtures.families import vit_preset
+from tallzip.options import StoreOptions
 
 REPRESENTATIONS = ("tall", "q8", "q4", "q2", "exact")
 BLOCK_WEIGHTS = 12 * 768 * 768  # about one ViT-B/32 transformer block
@@ -50,7 +51,7 @@ def main(argv=None):
         folder = Path(tmp)
         keep, n = write_family(folder, args.params)
         out = folder / "family.tallz"
-        tallzip.pack(folder / "family" / "tasks", folder / "family" / "base.safetensors", out, keep=keep)
+        tallzip.pack(folder / "family" / "tasks", folder / "family" / "base.safetensors", out, store=StoreOptions(keep=keep))
         with tallzip.open(out) as arc:
             t0 = time.perf_counter()
             resident = arc.resident(device=args.device)

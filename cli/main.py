@@ -17,6 +17,7 @@ import click
 # one-line "interrupted" of friendly_errors.
 import tallzip
 from tallzip import options as packing
+from tallzip.options import RunOptions, StoreOptions
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import FormatError
 
@@ -221,11 +222,11 @@ def pack(checkpoints_dir, base, output, lambdas, keep, keep_by, keep_tolerance, 
         chosen = tallzip.select_representation(load_evaluate(keep_by), tolerance=keep_tolerance)
     progress = Progress(not as_json)
     try:
-        manifest = tallzip.pack(checkpoints_dir, base, output, lambdas=parse_lambdas(lambdas), merge=merge, density=density,
-                     mtv_dtype=mtv_dtype, base_ref=base_ref, device=device, force=force, level=level,
-                     codecs={"float": float_codec, "mask": mask_codec},
-                     allow_nonfinite=allow_nonfinite, progress=progress, memory=memory,
-                     chunk_elements=chunk_elements, engine=engine, address=address, keep=chosen)
+        store = StoreOptions(lambdas=parse_lambdas(lambdas), keep=chosen, merge=merge, density=density,
+                             mtv_dtype=mtv_dtype, codecs={"float": float_codec, "mask": mask_codec}, level=level,
+                             base_ref=base_ref, allow_nonfinite=allow_nonfinite, chunk_elements=chunk_elements)
+        run = RunOptions(memory=memory, engine=engine, address=address, device=device, progress=progress)
+        manifest = tallzip.pack(checkpoints_dir, base, output, store, run, force=force)
     finally:
         progress.close()
     warnings = [quality.warning_line(*poor) for poor in quality.poor_tasks(manifest["tasks"])]
@@ -362,8 +363,8 @@ def merge(source, base, output, method, alpha, k, lambdas, density, allow_nonfin
         from tallzip.merging import merge as merging  # torch: loaded when the command runs
         report = merging.merge_to_file(source, output, method=method, base=base, alpha=alpha, k=k,
                                        lambdas=parse_lambdas(lambdas) if lambdas else None, density=density,
-                                       device=device, force=force, allow_nonfinite=allow_nonfinite,
-                                       progress=progress, memory=memory)
+                                       force=force, allow_nonfinite=allow_nonfinite,
+                                       run=RunOptions(memory=memory, device=device, progress=progress))
     finally:
         progress.close()
     for message in report.warnings:

@@ -20,12 +20,13 @@ _LAZY = {
     "info": "tallzip.verbs", "merge": "tallzip.verbs", "add": "tallzip.verbs", "remove": "tallzip.verbs",
     "Archive": "tallzip.archive.archive", "select_lambdas": "tallzip.packing.lambdas",
     "select_representation": "tallzip.packing.selection", "agreement": "tallzip.verification.info",
+    "StoreOptions": "tallzip.options", "RunOptions": "tallzip.options",
     "editing": None, "inspect": None,
 }
 _MODULES = {"editing": "tallzip.edit.editing", "inspect": "tallzip.inspect"}
 
 __all__ = ["pack", "open", "extract", "verify", "info", "merge", "add", "remove", "Archive", "select_lambdas",
-           "select_representation", "agreement", "TallzipError", "__version__"]
+           "select_representation", "agreement", "StoreOptions", "RunOptions", "TallzipError", "__version__"]
 
 
 def __getattr__(name):

@@ -7,6 +7,10 @@ loads any model code.
 """
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass, fields, replace
+from typing import Callable
+
 from tallzip.errors import TallzipError
 from tallzip.formats import codecs as codec_registry
 
@@ -20,6 +24,8 @@ DEFAULT_LAMBDA = 0.4
 DEFAULT_TIES_DENSITY = 0.2
 # the methods of `merge` (tallzip/merging/merge.py), named here so the command line lists them without torch
 MERGE_VERB_METHODS = ("task-arithmetic", "ties", "consensus-ta", "consensus-ties", "average")
+ENGINES = ("local", "ray")
+MAX_LEVEL = 22
 
 # Measured side by side (benchmarks/RESULTS.md, "The default codecs and level"): byte planes beat plain
 # zstandard by ~10% on float weights; zstandard level 1 is both smaller and faster than level 3 on
@@ -53,3 +59,108 @@ def checked_codecs(codecs: dict | None) -> dict:
     return chosen
 
 
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """What an archive stores; its bytes depend only on the inputs and these.
+
+    lambdas: one number, {task: number} ('*' for the rest), or select_lambdas(evaluate). keep: how each
+    task is kept: tall (default), q8, q4, q3, q2 or exact for all, {task: rep} with '*' for the rest, or
+    select_representation(evaluate, tolerance). merge: 'sum' or 'ties' (top-`density` trim, disjoint sum).
+    mtv_dtype: the stored mtv's precision ('float32' is lossless). codecs: {'float', 'mask', 'other': codec}
+    (missing keys take DEFAULT_CODECS; held here completed). level: zstandard's, 1..22. base_ref: store only
+    the base's identity. allow_nonfinite: pack tensors holding NaN or Inf. chunk_elements: the chunk size
+    the archive records (default 2^22)."""
+    lambdas: object = DEFAULT_LAMBDA
+    keep: object = None
+    merge: str = "sum"
+    density: float = DEFAULT_TIES_DENSITY
+    mtv_dtype: str = DEFAULT_MTV_DTYPE
+    codecs: dict | None = None
+    level: int = DEFAULT_LEVEL
+    base_ref: bool = False
+    allow_nonfinite: bool = False
+    chunk_elements: int | None = None
+
+    def __post_init__(self):
+        checked(self)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a verb runs; never changes what it writes.
+
+    memory: the budget for chunks in flight (bytes, or '1.5G', '256M'; None: the default). workers: threads
+    (None: the CPUs). engine: 'local' (threads here), 'ray' (Ray tasks on the cluster at `address`: None
+    starts a private one, 'auto' joins `ray start`'s, 'ray://HOST:PORT'), or an Engine (tallzip.run.engines).
+    device: 'auto', 'cpu', 'cuda' or a torch.device. progress: callback(stage, done, total), or None."""
+    memory: object = None
+    workers: int | None = None
+    engine: object = "local"
+    address: str | None = None
+    device: object = "auto"
+    progress: Callable | None = None
+
+    def __post_init__(self):
+        checked(self)
+
+
+def checked(options):
+    """THE checks of the options (StoreOptions and RunOptions call it as they are made); completes
+    StoreOptions.codecs. Returns `options`."""
+    if isinstance(options, StoreOptions):
+        if options.merge not in MERGE_METHODS:
+            raise TallzipError(f"unknown merge {options.merge!r} (expected one of {', '.join(MERGE_METHODS)})")
+        density = options.density
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+            raise TallzipError(f"density must be in (0, 1], got {density!r}")
+        if options.mtv_dtype not in MTV_DTYPES:
+            raise TallzipError(f"unknown mtv dtype {options.mtv_dtype!r} (expected one of {', '.join(MTV_DTYPES)})")
+        object.__setattr__(options, "codecs", checked_codecs(options.codecs))
+        if type(options.level) is not int or not 1 <= options.level <= MAX_LEVEL:
+            raise TallzipError(f"level must be a whole number from 1 to {MAX_LEVEL}, got {options.level!r}")
+        checked_chunk_elements(options.chunk_elements)
+    elif isinstance(options, RunOptions):
+        parse_memory(options.memory)
+        workers = options.workers
+        if workers is not None and (type(workers) is not int or workers < 1):
+            raise TallzipError(f"workers must be a whole number >= 1, got {workers!r}")
+        if isinstance(options.engine, str) and options.engine not in ENGINES:
+            raise TallzipError(f"unknown engine {options.engine!r} (choose from {', '.join(ENGINES)})")
+        if options.progress is not None and not callable(options.progress):
+            raise TallzipError(f"progress must be a callable (stage, done, total), got {options.progress!r}")
+    return options
+
+
+def checked_chunk_elements(value):
+    from tallzip.run.chunks import checked_chunk_elements as check  # its module loads torch: not at `tallzip --help`
+    return check(value)
+
+
+def parse_memory(value):
+    from tallzip.run.chunks import parse_memory as parse  # as above
+    return parse(value)
+
+
+STORE_FIELDS = tuple(f.name for f in fields(StoreOptions))
+RUN_FIELDS = tuple(f.name for f in fields(RunOptions))
+
+
+def from_keywords(verb: str, store: StoreOptions | None, run: RunOptions | None, keywords: dict,
+                  store_fields=STORE_FIELDS, run_fields=RUN_FIELDS, stacklevel: int = 3):
+    """(store, run) with the keyword arguments of the older API (lambdas=..., memory=...) folded in, with
+    a DeprecationWarning: they go in the next release. A keyword that is neither is a TypeError, as Python's."""
+    store = StoreOptions() if store is None else store
+    run = RunOptions() if run is None else run
+    if not keywords:
+        return store, run
+    unknown = sorted(set(keywords) - set(store_fields) - set(run_fields))
+    if unknown:
+        raise TypeError(f"{verb}() got an unexpected keyword argument {unknown[0]!r}")
+    instead = " and ".join((["store=StoreOptions(...)"] if store_fields else []) + ["run=RunOptions(...)"])
+    warnings.warn(f"{verb}(): the keyword arguments {', '.join(sorted(keywords))} are deprecated and go in the next "
+                  f"release; pass {instead} (tallzip.options)", DeprecationWarning, stacklevel=stacklevel)
+    store_kw = {k: v for k, v in keywords.items() if k in store_fields}
+    run_kw = {k: v for k, v in keywords.items() if k in run_fields}
+    return (replace(store, **store_kw) if store_kw else store), (replace(run, **run_kw) if run_kw else run)

@@ -7,27 +7,36 @@ from tallzip.archive.archive import Archive
 from tallzip.archive.archive import open as _open_archive
 from tallzip.edit import editing
 from tallzip.merging import merge as merging
+from tallzip.options import RunOptions, StoreOptions, from_keywords
 from tallzip.packing import pack as packing
 from tallzip.verification import info as info_module
 from tallzip.verification import verify as verification
 
 
-def pack(tasks, base, output, **options) -> dict:
+def pack(tasks, base, output, store: StoreOptions | None = None, run: RunOptions | None = None, *,
+         force: bool = False, **deprecated) -> dict:
     """Pack a family of fine-tuned checkpoints into one archive.
 
     Args:
         tasks: a folder of task checkpoints (files, or folders of shards), or {task: path}.
         base: the pretrained checkpoint (file or folder).
         output: the archive to write (refused if it exists, unless force=True).
-        **options: what to store and how to run, as tallzip.packing.pack.pack documents them
-            (lambdas, merge, density, mtv_dtype, base_ref, codecs, level, keep, chunk_elements;
-            memory, workers, device, engine, address, progress; allow_nonfinite, force).
+        store: what the archive stores, a StoreOptions (lambdas, keep, merge, density, mtv_dtype, codecs,
+            level, base_ref, allow_nonfinite, chunk_elements); default StoreOptions().
+        run: how it runs, a RunOptions (memory, workers, engine, address, device, progress); it never
+            changes the archive's bytes.
+        force: replace an archive at `output`.
+        **deprecated: the same options as keyword arguments (lambdas=0.3, memory="4G"): still taken, with
+            a DeprecationWarning, until the next release.
     Returns:
         The archive's manifest (a dict).
     Example:
-        tallzip.pack("finetuned/", "base.safetensors", "family.tallz", keep={"*": "tall", "cars": "q8"})
+        from tallzip.options import RunOptions, StoreOptions
+        tallzip.pack("finetuned/", "base.safetensors", "family.tallz",
+                     StoreOptions(keep={"*": "tall", "cars": "q8"}), RunOptions(memory="4G"))
     """
-    return packing.pack(tasks, base, output, **options)
+    store, run = from_keywords("pack", store, run, deprecated)
+    return packing.pack(tasks, base, output, store, run, force=force)
 
 
 def open(path, *, base=None, memory=None) -> Archive:  # noqa: A001 - mirrors the builtin on purpose
@@ -46,39 +55,49 @@ def open(path, *, base=None, memory=None) -> Archive:  # noqa: A001 - mirrors th
     return _open_archive(path, base=base, memory=memory)
 
 
-def extract(archive, task, output, *, base=None, memory=None, **options):
+def extract(archive, task, output, *, base=None, fmt=None, force: bool = False, run: RunOptions | None = None,
+            **deprecated):
     """Rebuild one task (or every task, with task None) as checkpoint files.
 
     Args:
         archive: a path or an open Archive.
         task: the task's name; None writes every task into the folder `output`.
         output: a `.safetensors` / `.pt` file, or a folder (the task as it came: shards, side files).
-        base, memory: as for `open` (when `archive` is a path).
-        **options: fmt, force, device, progress (Archive.extract).
+        base: as for `open` (when `archive` is a path).
+        fmt: the model files' format in a folder output ('safetensors' or 'pt'; default the input's).
+        force: replace files of the same names as those written.
+        run: a RunOptions: its memory (when `archive` is a path), device and progress apply; without it
+            the rebuild runs on the CPU. **deprecated: memory, device, progress as keyword arguments.
     Returns:
         The ExtractReport: `.output`, `.paths`, `.files`, `.bytes`, `.seconds`, `.as_dict()`.
     Example:
         tallzip.extract("family.tallz", "cars", "cars.safetensors")
     """
-    with _opened(archive, base, memory) as arc:
-        return arc.extract(task, output, **options)
+    given = run is not None or "device" in deprecated
+    _, run = from_keywords("extract", None, run, deprecated, store_fields=(), run_fields=("memory", "device", "progress"))
+    device = {"device": run.device} if given else {}  # else Archive.extract's default, the CPU
+    with _opened(archive, base, run.memory) as arc:
+        return arc.extract(task, output, fmt=fmt, force=force, progress=run.progress, **device)
 
 
-def verify(archive, against=None, *, base=None, memory=None, progress=None, workers=None) -> dict:
+def verify(archive, against=None, *, base=None, run: RunOptions | None = None, **deprecated) -> dict:
     """Check every section's checksum and decoding; with `against`, whether the archive is that of
     these checkpoints (a verdict per task, "matches" or "differs").
 
     Args:
         archive: a path or an open Archive.
         against: a folder of the original task checkpoints, or None.
-        base, memory: as for `open`; progress: callback(stage, done, total); workers: threads.
+        base: as for `open`.
+        run: a RunOptions: its memory (when `archive` is a path), workers and progress apply.
+            **deprecated: memory, progress, workers as keyword arguments.
     Returns:
         The report (a dict): "verdict", "ok" and, with `against`, "tasks" with each task's verdict.
     Example:
         assert tallzip.verify("family.tallz", against="finetuned/")["verdict"] == "matches"
     """
-    with _opened(archive, base, memory) as arc:
-        return verification.verify(arc, against, progress=progress, workers=workers)
+    _, run = from_keywords("verify", None, run, deprecated, store_fields=(), run_fields=("memory", "progress", "workers"))
+    with _opened(archive, base, run.memory) as arc:
+        return verification.verify(arc, against, progress=run.progress, workers=run.workers)
 
 
 def info(archive, *, base=None) -> dict:
@@ -97,19 +116,24 @@ def info(archive, *, base=None) -> dict:
         return info_module.summary(arc)
 
 
-def merge(source, **options):
+def merge(source, *, method: str, base=None, alpha=None, k=None, lambdas=None, density=None,
+          allow_nonfinite: bool = False, run: RunOptions | None = None, **deprecated):
     """Merge a family into one model (task-arithmetic, ties, consensus-ta, consensus-ties, average).
 
     Args:
         source: a folder of task checkpoints (give base=) or an archive.
-        **options: method (required), base, alpha, k, lambdas, density, allow_nonfinite, device,
-            progress, memory (tallzip.merging.merge.merge).
+        method: the merge method (tallzip.merging.methods.METHODS).
+        base: the base checkpoint (a folder source, or an archive packed with base_ref).
+        alpha, k, lambdas, density, allow_nonfinite: as tallzip.merging.merge.merge documents them.
+        run: a RunOptions: its device, progress and memory apply. **deprecated: them as keyword arguments.
     Returns:
         The merged state dict, {name: tensor} in the base's dtypes.
     Example:
         state = tallzip.merge("family.tallz", method="consensus-ta", k=2)
     """
-    return merging.merge(source, **options)
+    _, run = from_keywords("merge", None, run, deprecated, store_fields=(), run_fields=merging.MERGE_RUN_FIELDS)
+    return merging.merge(source, method=method, base=base, alpha=alpha, k=k, lambdas=lambdas, density=density,
+                         allow_nonfinite=allow_nonfinite, run=run)
 
 
 def add(archive, checkpoint, task: str, **options) -> dict:

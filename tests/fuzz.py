@@ -43,6 +43,7 @@ from tallzip.demo import make_family
 from tallzip.errors import TallzipError
 from tallzip.formats.container.constants import FLAG_MANIFEST_ZSTD, HEADER_SIZE, HEADER_STRUCT, SECTION_ALIGNMENT
 from tallzip.formats.errors import FormatError
+from tallzip.options import RunOptions, StoreOptions
 
 DAMAGE_KINDS = ("bit flip", "byte run", "truncation", "swapped sections", "header", "unprotected")
 # Share of cases per kind: most are anywhere in the file, where they mostly hit section data.
@@ -53,7 +54,7 @@ def build_archive(folder: Path, n_tasks: int = 3, codecs: dict | None = None) ->
     """A small family packed into folder/family.tallz (~90 KB), with the default codecs unless told."""
     base, tasks = make_family(folder, n_tasks, width=16, layers=1, patch=8, image=16, embed=8, frozen_width=8)
     archive = folder / "family.tallz"
-    tallzip.pack(tasks, base, archive, device="cpu", codecs=codecs)
+    tallzip.pack(tasks, base, archive, store=StoreOptions(codecs=codecs), run=RunOptions(device="cpu"))
     return archive
 
 

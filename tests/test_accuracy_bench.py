@@ -18,6 +18,7 @@ from benchmarks.sizes import storage
 from benchmarks.accuracy import Bench, compression_rows, merging_rows, reference_rows, scaled, select_alpha
 from benchmarks.family import PRESETS, FinetuneRegressionWarning, build_family
 from benchmarks.vit import VisionTransformer, classify
+from tallzip.options import StoreOptions
 
 ALPHAS = (0.0, 0.5, 1.0)  # a short grid keeps the test fast; the benchmark uses 0.0, 0.1, ..., 1.0
 
@@ -109,7 +110,7 @@ def test_select_lambdas_picks_the_first_best_score(bench, tmp_path):
         return planned[(len(calls) - 1) % len(planned)]
 
     selector = tallzip.select_lambdas(score)
-    tallzip.pack(bench.task_paths, bench.base_path, tmp_path / "a.tallz", lambdas=selector)
+    tallzip.pack(bench.task_paths, bench.base_path, tmp_path / "a.tallz", store=StoreOptions(lambdas=selector))
     assert len(calls) == len(bench.tasks) * len(planned)
     assert tallzip.open(tmp_path / "a.tallz").lambdas == {t: 0.4 for t in bench.tasks}
     assert selector.scores[bench.tasks[0]] == dict(zip((0.2, 0.3, 0.4, 0.5, 0.6), planned))

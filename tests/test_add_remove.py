@@ -22,6 +22,7 @@ from tallzip.cli.main import cli
 from tallzip.errors import TallzipError
 
 from test_representations import ROWS, np_quant_rebuild
+from tallzip.options import StoreOptions
 
 CHUNK = 1024
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +49,7 @@ def packed(tmp_path):
     (tmp_path / "new").mkdir()
     np_save(new, str(tmp_path / "new" / "n.safetensors"))
     out = tmp_path / "a.tallz"
-    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep={"t0": "tall", "t1": "tall", "*": "q4"},
-                 chunk_elements=CHUNK)
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, store=StoreOptions(keep={"t0": "tall", "t1": "tall", "*": "q4"}, chunk_elements=CHUNK))
     return tmp_path, base, tasks, new, out
 
 
@@ -168,7 +168,7 @@ def test_kill_9_leaves_old_or_new(packed, command, stage):
 def test_base_by_reference_add_needs_the_base_remove_does_not(packed):
     tmp_path, base, _, new, _ = packed
     out = tmp_path / "ref.tallz"
-    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep="q3", base_ref=True, chunk_elements=CHUNK)
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, store=StoreOptions(keep="q3", base_ref=True, chunk_elements=CHUNK))
     with pytest.raises(TallzipError, match="--base"):
         tallzip.add(out, tmp_path / "new" / "n.safetensors", "n", keep="exact")
     tallzip.add(out, tmp_path / "new" / "n.safetensors", "n", keep="exact", base=tmp_path / "base.safetensors")

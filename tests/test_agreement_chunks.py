@@ -8,6 +8,7 @@ import tallzip
 from tallzip.verification.info import layer_kind
 
 from conftest import np_mask, np_mtv, numpy_family, write_family
+from tallzip.options import RunOptions, StoreOptions
 
 LAMBDAS = {"task0": 0.3, "task1": 0.4, "task2": 0.5}
 
@@ -19,8 +20,7 @@ def test_agreement_counts_every_chunk(tmp_path, chunk_elements):
     base, tasks = numpy_family(shapes={"enc.w": (150, 13), "enc.b": (2500,), "blk.0.w": (40, 30), "frozen.emb": (5, 4)})
     base_path, tasks_dir = write_family(tmp_path / "fam", base, tasks)
     archive = tmp_path / "a.tallz"
-    tallzip.pack(tasks_dir, base_path, archive, lambdas=LAMBDAS, mtv_dtype="float32", chunk_elements=chunk_elements,
-                 device="cpu")
+    tallzip.pack(tasks_dir, base_path, archive, store=StoreOptions(lambdas=LAMBDAS, mtv_dtype="float32", chunk_elements=chunk_elements), run=RunOptions(device="cpu"))
     with tallzip.open(archive) as arc:
         data = tallzip.agreement(arc)
         masked = [n for n, info in arc.tensors.items() if info["kind"] == "masked"]

@@ -13,6 +13,7 @@ from safetensors.numpy import load_file as np_load_file
 
 import tallzip
 from conftest import write_big_family
+from tallzip.options import RunOptions, StoreOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_MIB = 96
@@ -26,6 +27,7 @@ import json, sys
 import tallzip
 from tallzip.merging import merge as merging
 from tallzip.verification.verify import verify
+from tallzip.options import RunOptions
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -34,7 +36,8 @@ def status(key):
 before = status("VmRSS")
 command, archive, target = sys.argv[1:4]
 if command == "merge":
-    merging.merge_to_file(archive, target, method="consensus-ta", k=2, memory="96M", device="cpu")
+    merging.merge_to_file(archive, target, method="consensus-ta", k=2,
+                          run=RunOptions(memory="96M", device="cpu"))
     verdict = None
 elif command == "agreement":
     with tallzip.open(archive, memory="96M") as arc:
@@ -54,8 +57,7 @@ def big(tmp_path_factory):
     fam = root / "big"
     tensor_bytes = write_big_family(fam)
     archive = root / "big.tallz"
-    tallzip.pack(fam / "tasks", fam / "base.safetensors", archive, memory="256M", chunk_elements=1 << 20,
-                 codecs={"float": "zstd", "mask": "bits+zstd"}, device="cpu")
+    tallzip.pack(fam / "tasks", fam / "base.safetensors", archive, store=StoreOptions(chunk_elements=1 << 20, codecs={"float": "zstd", "mask": "bits+zstd"}), run=RunOptions(memory="256M", device="cpu"))
     some = root / "some"  # two of the three tasks: the mtv cannot be recomputed, only the masks checked
     some.mkdir()
     for name in ("t0.safetensors", "t2.safetensors"):

@@ -6,6 +6,7 @@ import pytest
 
 from tallzip.formats.codecs import registry as codecs, floats as float_codecs, mask_ctx as mask_codecs
 from tallzip.formats.codecs.registry import CodecError
+from tallzip.options import StoreOptions
 
 ARRAY_CODECS = ("raw", "zstd", "planes+zstd", "planes+ans", "blosc2+zstd")
 LENGTHS = (0, 1, 7, 9, 1001)
@@ -347,8 +348,8 @@ def test_archive_with_new_codecs_extracts_the_same_tensors(tmp_path, mtv_dtype):
     base, tasks = numpy_family(n_tasks=3, shapes={"enc.w": (64, 48), "enc.b": (64,), "blk.0.w": (37, 29)})
     base_path, tasks_dir = write_family(tmp_path / "fam", base, tasks)
     plain, coded = tmp_path / "plain.tallz", tmp_path / "coded.tallz"
-    tallzip.pack(tasks_dir, base_path, plain, mtv_dtype=mtv_dtype)
-    manifest = tallzip.pack(tasks_dir, base_path, coded, mtv_dtype=mtv_dtype, codecs={"float": "planes+ans", "mask": "bits-ctx"})
+    tallzip.pack(tasks_dir, base_path, plain, store=StoreOptions(mtv_dtype=mtv_dtype))
+    manifest = tallzip.pack(tasks_dir, base_path, coded, store=StoreOptions(mtv_dtype=mtv_dtype, codecs={"float": "planes+ans", "mask": "bits-ctx"}))
     assert {s["codec"] for s in manifest["sections"]} >= {"planes+ans", "bits-ctx"}
     for task in tasks:
         expected, got = tallzip.open(plain).load(task), tallzip.open(coded).load(task)

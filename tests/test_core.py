@@ -18,6 +18,7 @@ from tallzip.errors import TallzipError
 from tallzip.formats.errors import CorruptArchiveError, FormatError, UnsupportedVersionError
 
 from conftest import DEFAULT_MTV_DTYPE, np_mask, np_mtv, np_rebuild, np_rebuilt, np_round_mtv, numpy_family, write_family
+from tallzip.options import StoreOptions
 
 
 def _np(t):
@@ -29,7 +30,7 @@ def test_extract_matches_numpy_formula_bit_for_bit(family, tmp_path, mtv_dtype):
     base, tasks, base_path, tasks_dir = family
     lambdas = {"task0": 0.2, "task1": 0.4, "task2": 0.6}
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, lambdas=lambdas, **({"mtv_dtype": mtv_dtype} if mtv_dtype else {}))
+    tallzip.pack(tasks_dir, base_path, out, StoreOptions(lambdas=lambdas, **({"mtv_dtype": mtv_dtype} if mtv_dtype else {})))
     archive = tallzip.open(out)
     assert archive.tasks == list(tasks)
     for task, sd in tasks.items():
@@ -63,7 +64,7 @@ def test_tensor_kinds_are_stored_on_purpose(family, tmp_path):
 def test_mask_density_in_info_matches_numpy(family, tmp_path):
     base, tasks, base_path, tasks_dir = family
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, lambdas=0.3)
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(lambdas=0.3))
     info = summary(tallzip.open(out))
     for task, sd in tasks.items():
         ones = total = 0
@@ -99,7 +100,7 @@ def _np_ties(base, tasks, names, density):
 def test_ties_mtv_matches_numpy(family, tmp_path):
     base, tasks, base_path, tasks_dir = family
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, merge="ties", density=0.2, mtv_dtype="float32")  # the mtv as computed
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(merge="ties", density=0.2, mtv_dtype="float32"))  # the mtv as computed
     archive = tallzip.open(out)
     names = ["enc.w", "enc.b", "blk.0.w", "frozen.emb"]  # ranked over the whole vector, unchanged tensors included
     expected = _np_ties(base, tasks, names, 0.2)
@@ -186,7 +187,7 @@ def test_lambda_selection_api_picks_best_score(family, tmp_path):
         return -float(np.abs(state["enc.w"].numpy() - target).sum())
 
     selector = tallzip.select_lambdas(evaluate)
-    manifest = tallzip.pack(tasks_dir, base_path, tmp_path / "f.tallz", lambdas=selector)
+    manifest = tallzip.pack(tasks_dir, base_path, tmp_path / "f.tallz", store=StoreOptions(lambdas=selector))
     assert {t["name"]: t["lambda"] for t in manifest["tasks"]} == wanted
     assert len(calls) == 3 * 5 and set(selector.scores["task1"]) == {0.2, 0.3, 0.4, 0.5, 0.6}
 
@@ -194,7 +195,7 @@ def test_lambda_selection_api_picks_best_score(family, tmp_path):
 def test_bfloat16_mtv_masks_from_full_precision(family, tmp_path):
     base, tasks, base_path, tasks_dir = family
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, mtv_dtype="bfloat16")
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(mtv_dtype="bfloat16"))
     archive = tallzip.open(out)
     name = "enc.w"
     mtv = np_mtv(base, tasks, name)
@@ -208,7 +209,7 @@ def test_bfloat16_mtv_masks_from_full_precision(family, tmp_path):
 def test_base_by_reference(family, tmp_path):
     base, tasks, base_path, tasks_dir = family
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, base_ref=True)
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(base_ref=True))
     assert not [s for s in tallzip.open(out).manifest["sections"] if s["role"] == "base"]
     with pytest.raises(TallzipError, match="--base"):
         tallzip.open(out).load("task0")
@@ -223,7 +224,7 @@ def test_base_by_reference(family, tmp_path):
 def test_verify_against_originals(family, tmp_path):
     base, tasks, base_path, tasks_dir = family
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, mtv_dtype="float32")
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(mtv_dtype="float32"))
     report = verify(tallzip.open(out), tasks_dir)
     assert report["mtv_dtypes"] == ["F32"] and report["verdict"] == "matches"
     assert report["family"]["mtv_recomputed"] and report["family"]["mtv_tensors_differing"] == {}
@@ -322,5 +323,5 @@ def test_nonfinite_inputs_refused_unless_allowed(tmp_path):
     base_path, tasks_dir = write_family(tmp_path, base, tasks)
     with pytest.raises(TallzipError, match=r"task 'task1'.*'blk.0.w'.*NaN"):
         tallzip.pack(tasks_dir, base_path, tmp_path / "f.tallz")
-    tallzip.pack(tasks_dir, base_path, tmp_path / "f.tallz", allow_nonfinite=True)
+    tallzip.pack(tasks_dir, base_path, tmp_path / "f.tallz", store=StoreOptions(allow_nonfinite=True))
     assert tallzip.open(tmp_path / "f.tallz").load("task0")

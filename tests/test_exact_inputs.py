@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tallzip
+from tallzip.options import StoreOptions
 
 
 def _bytes(t: torch.Tensor) -> bytes:
@@ -47,8 +48,7 @@ def test_exact_is_byte_identical_for_every_dtype_and_input_format(tmp_path):
         json.dumps({"metadata": {}, "weight_map": {n: f for f, part in files.items() for n in part}}))
     (sharded / "config.json").write_text('{"side": 1}')
     out = tmp_path / "a.tallz"
-    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep="exact", chunk_elements=1024,
-                 allow_nonfinite=True)
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, store=StoreOptions(keep="exact", chunk_elements=1024, allow_nonfinite=True))
     with tallzip.open(out) as arc:
         roles = {(s["role"], s["tensor"]) for s in arc.manifest["sections"] if s["task"] == "t0"}
         assert {("delta", "bf"), ("delta", "hf"), ("delta", "f32"), ("delta", "f64"), ("own", "mix")} <= roles

@@ -28,6 +28,7 @@ from tallzip.formats.checkpoints.checkpoint import open_checkpoint
 from tallzip.formats.errors import CorruptArchiveError
 
 from conftest import np_rebuilt, write_big_family, write_family
+from tallzip.options import RunOptions, StoreOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -61,7 +62,7 @@ def chunked(tmp_path):
     base, tasks = chunk_family()
     base_path, tasks_dir = write_family(tmp_path / "fam", base, tasks)
     out = tmp_path / "c.tallz"
-    manifest = tallzip.pack(tasks_dir, base_path, out, chunk_elements=CHUNK)
+    manifest = tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(chunk_elements=CHUNK))
     return base, tasks, base_path, tasks_dir, out, manifest
 
 
@@ -129,10 +130,10 @@ def test_chunk_boundaries_rebuild_bit_identical(chunked):
 def test_archive_bytes_do_not_depend_on_workers_or_budget(chunked, tmp_path):
     _, _, base_path, tasks_dir, out, _ = chunked
     other = tmp_path / "other.tallz"
-    tallzip.pack(tasks_dir, base_path, other, chunk_elements=CHUNK, workers=1, memory="64M")
+    tallzip.pack(tasks_dir, base_path, other, store=StoreOptions(chunk_elements=CHUNK), run=RunOptions(workers=1, memory="64M"))
     assert other.read_bytes() == out.read_bytes()
     third = tmp_path / "third.tallz"
-    tallzip.pack(tasks_dir, base_path, third, chunk_elements=2048)
+    tallzip.pack(tasks_dir, base_path, third, store=StoreOptions(chunk_elements=2048))
     assert third.read_bytes() != out.read_bytes()  # the chunk size is part of the archive
 
 
@@ -310,8 +311,7 @@ def test_pack_holds_a_small_memory_budget(tmp_path):
 def test_ties_statistics_are_found_chunk_by_chunk_and_recorded(tmp_path):
     base, tasks = chunk_family()
     base_path, tasks_dir = write_family(tmp_path / "fam", base, tasks)
-    manifest = tallzip.pack(tasks_dir, base_path, tmp_path / "t.tallz", merge="ties", density=0.3,
-                            chunk_elements=CHUNK)
+    manifest = tallzip.pack(tasks_dir, base_path, tmp_path / "t.tallz", store=StoreOptions(merge="ties", density=0.3, chunk_elements=CHUNK))
     names = list(SHAPES)
     for t, got in zip(tasks, manifest["merge"]["thresholds"]):
         magnitudes = np.sort(np.concatenate([np.abs(tasks[t][n] - base[n]).reshape(-1) for n in names]))

@@ -21,6 +21,7 @@ from tallzip.cli.main import cli
 from tallzip.formats.errors import CorruptArchiveError
 
 from conftest import numpy_family, read_manifest, write_family, write_manifest
+from tallzip.options import RunOptions, StoreOptions
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 LIMIT = 256 << 20  # SPEC: a manifest of at most 256 MiB, stored or decompressed
@@ -32,7 +33,7 @@ def archive(tmp_path_factory):
     base, tasks = numpy_family()
     base_path, tasks_dir = write_family(folder, base, tasks)
     out = folder / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, device="cpu")
+    tallzip.pack(tasks_dir, base_path, out, run=RunOptions(device="cpu"))
     return out
 
 
@@ -194,7 +195,7 @@ def vit_family(tmp_path_factory):
 def test_small_archive_manifest_at_least_3x_smaller(vit_family, keep):
     tasks, base, folder = vit_family
     out = folder / f"{keep}.tallz"
-    tallzip.pack(tasks, base, out, device="cpu", keep=keep)
+    tallzip.pack(tasks, base, out, store=StoreOptions(keep=keep), run=RunOptions(device="cpu"))
     data = out.read_bytes()
     offset, length = struct.unpack_from("<QQ", data, 16)
     manifest, flags = read_manifest(out)

@@ -16,6 +16,7 @@ from tallzip.cli.main import cli
 from tallzip.errors import TallzipError
 from tallzip.verification.info import layer_kind
 from tallzip.merging.merge import merge_with_report
+from tallzip.options import RunOptions, StoreOptions
 
 F32 = np.float32
 N_TASKS = 4
@@ -151,7 +152,7 @@ def assert_state(got, want, exact=False):
 
 
 def folder_merge(fam, method, **kw):
-    return tallzip.merge(fam["tasks_dir"], base=fam["base_path"], method=method, device="cpu", **kw)
+    return tallzip.merge(fam["tasks_dir"], base=fam["base_path"], method=method, run=RunOptions(device="cpu"), **kw)
 
 
 # --- each method against numpy -------------------------------------------------------------------
@@ -185,8 +186,7 @@ def test_ties_trims_over_the_whole_task_vector(family):
 def test_consensus(family, method, k):
     base, tasks = family["base"], family["tasks"]
     mtv = np_sum(base, tasks) if method == "consensus-ta" else np_ties(base, tasks, 0.2, "sum")
-    state, report = merge_with_report(family["tasks_dir"], base=family["base_path"], method=method, k=k,
-                                      alpha=0.5, lambdas=LAMBDAS, device="cpu")
+    state, report = merge_with_report(family["tasks_dir"], base=family["base_path"], method=method, k=k, alpha=0.5, lambdas=LAMBDAS, run=RunOptions(device="cpu"))
     assert_state(state, np_consensus(base, tasks, family["names"], mtv, k, 0.5))
     counts = np.concatenate([np.sum([m[n] for m in np_masks(base, tasks, mtv, family["names"])], axis=0).ravel()
                              for n in mtv])
@@ -219,12 +219,11 @@ def test_consensus_k1_drops_only_weights_no_task_uses(family):
 @pytest.mark.parametrize("method", ["consensus-ta", "consensus-ties"])
 def test_k_above_n_is_refused(family, method):
     with pytest.raises(TallzipError, match=f"k = {N_TASKS + 1} is more than the {N_TASKS} tasks"):
-        merge_with_report(family["tasks_dir"], base=family["base_path"], method=method, k=N_TASKS + 1, device="cpu")
+        merge_with_report(family["tasks_dir"], base=family["base_path"], method=method, k=N_TASKS + 1, run=RunOptions(device="cpu"))
 
 
 def test_non_mergeable_tensors_keep_the_base_and_are_reported(family):
-    state, report = merge_with_report(family["tasks_dir"], base=family["base_path"], method="task-arithmetic",
-                                      device="cpu")
+    state, report = merge_with_report(family["tasks_dir"], base=family["base_path"], method="task-arithmetic", run=RunOptions(device="cpu"))
     assert list(state) == list(family["base"])  # names and order of the base, no task head
     np.testing.assert_array_equal(state["buffer.steps"].numpy(), family["base"]["buffer.steps"])
     assert report.kept_base == ["buffer.steps"]
@@ -240,10 +239,9 @@ def archives(family, tmp_path_factory):
     paths = {}
     for merge in ("sum", "ties"):
         paths[merge] = folder / f"{merge}.tallz"
-        tallzip.pack(family["tasks_dir"], family["base_path"], paths[merge], lambdas=LAMBDAS, merge=merge,
-                     mtv_dtype="float32", device="cpu")  # the mtv exactly as the folder route computes it
+        tallzip.pack(family["tasks_dir"], family["base_path"], paths[merge], store=StoreOptions(lambdas=LAMBDAS, merge=merge, mtv_dtype="float32"), run=RunOptions(device="cpu"))  # the mtv exactly as the folder route computes it
     paths["default"] = folder / "default.tallz"
-    tallzip.pack(family["tasks_dir"], family["base_path"], paths["default"], lambdas=LAMBDAS, device="cpu")
+    tallzip.pack(family["tasks_dir"], family["base_path"], paths["default"], store=StoreOptions(lambdas=LAMBDAS), run=RunOptions(device="cpu"))
     return paths
 
 
@@ -253,9 +251,9 @@ def archives(family, tmp_path_factory):
 def test_archive_gives_the_same_tensors_as_the_folder(family, archives, method, packed, k):
     options = {"k": k} if k is not None else {}
     from_folder, folder_report = merge_with_report(
-        family["tasks_dir"], base=family["base_path"], method=method, alpha=0.7, device="cpu",
+        family["tasks_dir"], base=family["base_path"], method=method, alpha=0.7, run=RunOptions(device="cpu"),
         **({"lambdas": LAMBDAS} if k is not None else {}), **options)
-    from_archive, archive_report = merge_with_report(archives[packed], method=method, alpha=0.7, device="cpu",
+    from_archive, archive_report = merge_with_report(archives[packed], method=method, alpha=0.7, run=RunOptions(device="cpu"),
                                                      **options)
     assert archive_report.consensus_kept == folder_report.consensus_kept
     assert archive_report.consensus_total == folder_report.consensus_total
@@ -270,9 +268,8 @@ def test_archive_gives_the_same_tensors_as_the_folder(family, archives, method, 
 def test_archive_with_a_bfloat16_mtv_merges_within_its_rounding(family, archives):
     """The default archive stores the mtv as bfloat16: merging from it moves each weight by at most
     alpha * |mtv| * 2^-8 (bfloat16 keeps 8 significant bits) from the folder route's weight."""
-    from_folder = tallzip.merge(family["tasks_dir"], base=family["base_path"], method="consensus-ta", alpha=0.7, k=2,
-                        lambdas=LAMBDAS, device="cpu")
-    from_archive = tallzip.merge(archives["default"], method="consensus-ta", alpha=0.7, k=2, device="cpu")
+    from_folder = tallzip.merge(family["tasks_dir"], base=family["base_path"], method="consensus-ta", alpha=0.7, k=2, lambdas=LAMBDAS, run=RunOptions(device="cpu"))
+    from_archive = tallzip.merge(archives["default"], method="consensus-ta", alpha=0.7, k=2, run=RunOptions(device="cpu"))
     moved = False
     for name, want in from_folder.items():
         if not want.is_floating_point():

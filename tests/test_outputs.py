@@ -23,6 +23,7 @@ from tallzip.formats.checkpoints.folders import SHARD_INDEX
 from tallzip.formats.checkpoints.outputs import atomic_output
 
 from conftest import np_rebuilt, numpy_family, write_family
+from tallzip.options import RunOptions
 
 MASKED = ("enc.w", "enc.b", "blk.0.w")
 SHARDS = {"model-00001-of-00002.safetensors": ["enc.w", "enc.b"],
@@ -81,7 +82,7 @@ def packed(tmp_path_factory):
         {"metadata": {}, "weight_map": {n: f for f, names in SHARDS.items() for n in names}}))
     (sharded / "config.json").write_text(CONFIG)
     archive = root / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, archive, device="cpu")
+    tallzip.pack(tasks_dir, base_path, archive, run=RunOptions(device="cpu"))
     return base, tasks, archive
 
 

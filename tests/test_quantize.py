@@ -241,3 +241,16 @@ def test_rebuild_is_base_plus_dequant_rounded_once(dtype):
 def test_storage_bits_counts_codes_and_scales():
     q = qz.quantize(torch.from_numpy(task_vector((4, 100))), qz.QuantSpec(3, 32, False, "rtn", "bfloat16"))
     assert qz.storage_bits(q) == 400 * 3 + 2 * (4 * 4) * 16
+
+
+def test_the_one_group_layout_lengths_and_per_element_spread():
+    """formats' group_lengths and ops' per_element against the layout written out by hand."""
+    from tallzip.formats.container.quant_layout import group_lengths
+    from tallzip.ops.quantize import per_element
+    assert group_lengths((3, 10), 4).tolist() == [4, 4, 2] * 3
+    assert group_lengths((3, 10), None).tolist() == [10] * 3
+    assert group_lengths((8,), 8).tolist() == [8]
+    scales = torch.arange(9, dtype=torch.float32)  # 3 rows x 3 groups, flat as stored
+    expected = np.repeat(np.arange(9, dtype=np.float32).reshape(3, 3), [4, 4, 2], axis=1)
+    np.testing.assert_array_equal(per_element(scales, (3, 10), 4).numpy(), expected)
+    assert per_element(torch.zeros(0), (2, 0), 4).shape == (2, 0)

@@ -18,6 +18,7 @@ import tallzip
 from tallzip.demo import make_family
 from tallzip.run.engines import Job, RayEngine
 from tallzip.errors import TallzipError
+from tallzip.options import RunOptions, StoreOptions
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -127,14 +128,14 @@ def test_a_job_that_keeps_failing_leaves_nothing_at_the_target(ray_cluster, vit_
 def test_ray_refuses_a_gpu_device(vit_family, tmp_path):
     base, tasks = vit_family
     with pytest.raises(TallzipError, match="use --device cpu"):
-        tallzip.pack(tasks, base, tmp_path / "x.tallz", engine="ray", device="cuda")
+        tallzip.pack(tasks, base, tmp_path / "x.tallz", run=RunOptions(engine="ray", device="cuda"))
     assert not (tmp_path / "x.tallz").exists()
 
 
 def test_ray_refuses_torch_pickles_and_address_needs_ray(tmp_path):
     base, tasks = make_family(tmp_path / "pt", n_tasks=2, fmt="pt", width=16, layers=1, frozen_width=8)
     with pytest.raises(TallzipError, match="torch pickle"):
-        tallzip.pack(tasks, base, tmp_path / "x.tallz", engine="ray", chunk_elements=1024)
+        tallzip.pack(tasks, base, tmp_path / "x.tallz", store=StoreOptions(chunk_elements=1024), run=RunOptions(engine="ray"))
     assert not (tmp_path / "x.tallz").exists()
     from click.testing import CliRunner
     from tallzip.cli.main import cli

@@ -14,6 +14,7 @@ import tallzip
 from tallzip.cli.main import cli
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import CorruptArchiveError
+from tallzip.options import StoreOptions
 
 CHUNK = 1024
 GROUP = 128
@@ -93,7 +94,7 @@ ROWS = {"w": (40, 300), "v": (1, 3000), "b": (1, 300), "z": (1, 32)}
 
 def _pack(tmp_path, keep, name="a.tallz"):
     out = tmp_path / name
-    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep=keep, chunk_elements=CHUNK, force=True)
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, store=StoreOptions(keep=keep, chunk_elements=CHUNK), force=True)
     return out
 
 
@@ -257,7 +258,7 @@ def test_select_representation_picks_the_smallest_within_tolerance(family, toler
     selector = tallzip.select_representation(lambda task, sd: scorers[task]({n: v.numpy() for n, v in sd.items()}),
                                              tolerance=tolerance)
     out = tmp_path / "sel.tallz"
-    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep=selector, chunk_elements=CHUNK)
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, store=StoreOptions(keep=selector, chunk_elements=CHUNK))
     expected = {}
     for t, original in tasks.items():  # the same choice from numpy rebuilds
         expected[t] = "exact"
@@ -322,8 +323,7 @@ def test_select_representation_picks_tall_within_tolerance_else_falls_back(famil
 
     selector = tallzip.select_representation(score, tolerance=tolerance, weigh_mtv=False)
     out = tmp_path / "tall-sel.tallz"
-    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep=selector, chunk_elements=CHUNK,
-                 mtv_dtype=mtv_dtype)
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, store=StoreOptions(keep=selector, chunk_elements=CHUNK, mtv_dtype=mtv_dtype))
     expected = {}
     for t, original in tasks.items():
         expected[t] = "exact"
@@ -355,7 +355,7 @@ def test_weighing_the_mtv_drops_tall_when_it_does_not_pay(family):
         lambda task, sd: 1.0 - weight[task] * _relative_error(tasks[task], {n: v.numpy() for n, v in sd.items()}),
         tolerance=tolerance)
     out = tmp_path / "weighed.tallz"
-    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep=selector, chunk_elements=CHUNK)
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, store=StoreOptions(keep=selector, chunk_elements=CHUNK))
     fallback = "exact"
     for rep, bits in (("q2", 2), ("q3", 3), ("q4", 4), ("q8", 8)):
         state = {n: (np_quant_rebuild(base[n], v, bits, ROWS[n]) if n in ROWS else v) for n, v in tasks["t0"].items()}
@@ -374,8 +374,7 @@ def test_weighing_the_mtv_drops_tall_when_it_does_not_pay(family):
                      or all(np.array_equal(got[n], tasks[task][n]) for n in tasks[task]))
 
     selector = tallzip.select_representation(only_tall, tolerance=tolerance)
-    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep=selector, chunk_elements=CHUNK,
-                 force=True)
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, store=StoreOptions(keep=selector, chunk_elements=CHUNK), force=True)
     with tallzip.open(out) as arc:
         assert {arc.representation(t) for t in arc.tasks} == {"tall"}
     assert selector.mtv_weighed["fallbacks"] == {t: "exact" for t in tasks}
@@ -386,7 +385,7 @@ def test_select_representation_without_tall_stores_no_mtv(family):
     tmp_path, base, tasks = family
     selector = tallzip.select_representation(lambda t, s: 1.0, tolerance=0.005, candidates=("q2", "q3"))
     out = tmp_path / "q.tallz"
-    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep=selector, chunk_elements=CHUNK)
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, store=StoreOptions(keep=selector, chunk_elements=CHUNK))
     with tallzip.open(out) as arc:
         assert {arc.representation(t) for t in arc.tasks} == {"q2"}
         assert not any(s["role"] in ("mtv", "mask") for s in arc.manifest["sections"])

@@ -12,6 +12,7 @@ from safetensors.numpy import save_file as np_save
 import tallzip
 
 from test_representations import GROUP, ROWS as _ROWS, np_quant_rebuild
+from tallzip.options import StoreOptions
 
 ROWS = {**_ROWS, "m": (64, 256)}
 
@@ -39,8 +40,7 @@ def family(tmp_path):
         tasks[f"t{k}"] = t
         np_save(t, str(tmp_path / "tasks" / f"t{k}.safetensors"))
     out = tmp_path / "a.tallz"
-    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, mtv_dtype="float32",
-                 keep={"t0": "tall", "t1": "q4", "t2": "exact", "t3": "q2", "t4": "q8"}, chunk_elements=CHUNK)
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, store=StoreOptions(mtv_dtype="float32", keep={"t0": "tall", "t1": "q4", "t2": "exact", "t3": "q2", "t4": "q8"}, chunk_elements=CHUNK))
     return tmp_path, base, tasks, out
 
 
@@ -171,7 +171,7 @@ def test_no_tall_task_resident_holds_no_mtv(family):
         assert without.memory()["shared"] - without._layouts[(torch.float32, GROUP)].nbytes == 2 * 4 * changed + unchanged
         assert with_tall - without.memory()["shared"] == 4 * changed  # base + mtv (as XOR on a CPU)
     only_q4 = tmp_path / "q4.tallz"
-    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", only_q4, keep="q4", chunk_elements=CHUNK)
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", only_q4, store=StoreOptions(keep="q4", chunk_elements=CHUNK))
     with tallzip.open(only_q4) as arc:
         assert not {s["role"] for s in arc.manifest["sections"]} & {"mtv", "mask"}
         resident = arc.resident(device="cpu")

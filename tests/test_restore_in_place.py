@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import tallzip
 from tallzip.archive.archive import rebuild_from_bits
+from tallzip.options import StoreOptions
 
 CPU = torch.device("cpu")
 
@@ -53,7 +54,7 @@ def test_load_of_a_bf16_family_in_many_chunks_equals_the_formula(tmp_path):
         save_file(tasks[f"t{t}"], str(tmp_path / "tasks" / f"t{t}.safetensors"))
     save_file(base, str(tmp_path / "base.safetensors"))
     out = tmp_path / "a.tallz"
-    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, chunk_elements=1024)
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, store=StoreOptions(chunk_elements=1024))
     with tallzip.open(out) as archive:
         for task, tuned in tasks.items():
             got = archive.load(task)

@@ -21,6 +21,7 @@ from safetensors.numpy import save_file as np_save
 import tallzip
 
 from test_representations import ROWS, np_quant_rebuild
+from tallzip.options import StoreOptions
 
 CHUNK = 1024
 NP = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "I8": np.int8, "U8": np.uint8, "I64": np.int64}
@@ -230,8 +231,7 @@ def packed(tmp_path):
         tasks[f"t{k}"] = t
         np_save(t, str(tmp_path / "tasks" / f"t{k}.safetensors"))
     out = tmp_path / "a.tallz"
-    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep={"t0": "q4", "t1": "exact"},
-                 chunk_elements=CHUNK)
+    tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, store=StoreOptions(keep={"t0": "q4", "t1": "exact"}, chunk_elements=CHUNK))
     return base, tasks, out
 
 
@@ -240,8 +240,7 @@ def test_a_decoder_from_the_spec_alone_reads_q4_and_exact(tmp_path, packed, floa
     base, tasks, out = packed
     if float_codec != "blosc2+zstd":  # the default; the base coded with the other codec too
         out = tmp_path / "ans.tallz"
-        tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, keep={"t0": "q4", "t1": "exact"},
-                     chunk_elements=CHUNK, codecs={"float": float_codec})
+        tallzip.pack(tmp_path / "tasks", tmp_path / "base.safetensors", out, store=StoreOptions(keep={"t0": "q4", "t1": "exact"}, chunk_elements=CHUNK, codecs={"float": float_codec}))
     data, manifest = read_archive(out)
     assert struct.unpack_from("<I", data, 12)[0] == 1  # tallzip writes the manifest zstd-compressed
     assert not {s["role"] for s in manifest["sections"]} & {"mtv", "mask"}

@@ -27,6 +27,7 @@ from tallzip.formats.container.reader import ArchiveReader
 from tallzip.formats.container.writer import ArchiveWriter, encode_chunk, encode_packed_mask_chunk
 
 from conftest import np_mask, np_mtv, np_rebuilt, numpy_family, write_family
+from tallzip.options import RunOptions, StoreOptions
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 MASKED = ("enc.w", "enc.b", "blk.0.w")
@@ -125,7 +126,7 @@ def test_masked_tensor_bfloat16_inputs(monkeypatch):
 def test_pack_then_load_extract_and_iter_are_the_formula(packed, monkeypatch, codec):
     base, tasks, base_path, tasks_dir, out = packed
     monkeypatch.setattr(tall, "CPU_CHUNK", 11)
-    tallzip.pack(tasks_dir, base_path, out, lambdas=0.3, device="cpu", codecs={"mask": codec})
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(lambdas=0.3, codecs={"mask": codec}), run=RunOptions(device="cpu"))
     with tallzip.open(out) as archive:
         for task in tasks:
             expected = expected_task(base, tasks, task, 0.3)
@@ -148,7 +149,7 @@ def test_pack_then_load_extract_and_iter_are_the_formula(packed, monkeypatch, co
 def test_extract_all_writes_every_task_as_the_formula(packed, fmt):
     base, tasks, base_path, tasks_dir, out = packed
     lambdas = {"task0": 0.2, "task1": 0.4, "task2": 0.6}
-    tallzip.pack(tasks_dir, base_path, out, lambdas=lambdas)
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(lambdas=lambdas))
     folder = out.parent / "all"
     with tallzip.open(out) as archive:
         paths = archive.extract(None, folder, fmt=fmt).paths
@@ -178,7 +179,7 @@ def test_nonfinite_inputs_are_named(packed, tmp_path):
     base_path, tasks_dir = write_family(tmp_path / "badbase", bad_base, tasks)
     with pytest.raises(TallzipError, match=r"base: tensor 'blk.0.w' holds NaN or Inf"):
         tallzip.pack(tasks_dir, base_path, out)
-    tallzip.pack(tasks_dir, base_path, out, allow_nonfinite=True)
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(allow_nonfinite=True))
     assert out.exists()
 
 
@@ -304,7 +305,7 @@ def test_safetensors_stream_refuses_wrong_or_missing_tensors(tmp_path):
 def test_resident_switch_is_the_formula_and_equals_load(packed):
     base, tasks, base_path, tasks_dir, out = packed
     lambdas = {"task0": 0.2, "task1": 0.4, "task2": 0.6}
-    tallzip.pack(tasks_dir, base_path, out, lambdas=lambdas)
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(lambdas=lambdas))
     with tallzip.open(out) as archive:
         resident = archive.resident(device="cpu")
         for task in ["task1", "task0", "task2", "task1"]:  # back and forth
@@ -322,7 +323,7 @@ def test_resident_switch_is_the_formula_and_equals_load(packed):
 
 def test_resident_bind_updates_a_module_in_place(packed):
     base, tasks, base_path, tasks_dir, out = packed
-    tallzip.pack(tasks_dir, base_path, out, lambdas=0.4)
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(lambdas=0.4))
 
     class Encoder(torch.nn.Module):
         def __init__(self):
@@ -356,8 +357,8 @@ def test_resident_bind_updates_a_module_in_place(packed):
 def test_gpu_pack_masks_agree_with_cpu_bit_for_bit(packed, tmp_path):
     base, tasks, base_path, tasks_dir, out = packed
     on_gpu = tmp_path / "gpu.tallz"
-    tallzip.pack(tasks_dir, base_path, out, lambdas=0.3, device="cpu")
-    tallzip.pack(tasks_dir, base_path, on_gpu, lambdas=0.3, device="cuda")
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(lambdas=0.3), run=RunOptions(device="cpu"))
+    tallzip.pack(tasks_dir, base_path, on_gpu, store=StoreOptions(lambdas=0.3), run=RunOptions(device="cuda"))
     with tallzip.open(out) as a, tallzip.open(on_gpu) as b:
         sections = lambda arc: {(s["role"], s["tensor"], s["task"]): s["sha256"] for s in arc.manifest["sections"]}
         assert sections(a) == sections(b)
@@ -379,7 +380,7 @@ def test_gpu_bit_packing_matches_numpy():
 @cuda
 def test_gpu_resident_switch_equals_load(packed):
     base, tasks, base_path, tasks_dir, out = packed
-    tallzip.pack(tasks_dir, base_path, out, lambdas=0.5)
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(lambdas=0.5))
     with tallzip.open(out) as archive:
         resident = archive.resident(device="cuda")
         for task in tasks:

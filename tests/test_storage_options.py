@@ -20,6 +20,7 @@ from tallzip.options import FLOAT_CODECS, MASK_CODECS
 
 from conftest import DEFAULT_MTV_DTYPE, np_mask, np_mtv, np_rebuilt, np_round_mtv, numpy_family, write_family
 from conftest import read_manifest as conftest_read_manifest
+from tallzip.options import StoreOptions
 
 # enc.w is big enough for the context and ANS codecs to code rather than fall back to plain bits
 SHAPES = {"enc.w": (128, 96), "enc.b": (128,), "blk.0.w": (37, 29), "frozen.emb": (40, 16)}
@@ -87,7 +88,7 @@ def section_codecs(archive_path):
 def test_float_codecs_are_lossless(fam, tmp_path, float_codec):
     base, tasks, base_path, tasks_dir = fam
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, lambdas=LAM, mtv_dtype="float32", codecs={"float": float_codec})
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(lambdas=LAM, mtv_dtype="float32", codecs={"float": float_codec}))
     coded = section_codecs(out)
     assert {c for (role, _, _), (c, _) in coded.items() if role in ("base", "mtv")} == {float_codec}
     with tallzip.open(out) as archive:
@@ -102,7 +103,7 @@ def test_planes_ans_codes_the_exponent_plane_with_ans(fam, tmp_path):
     """Guards the test above: with these tensors planes+ans really takes its ANS path."""
     _, _, base_path, tasks_dir = fam
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, codecs={"float": "planes+ans"})
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(codecs={"float": "planes+ans"}))
     codings = [coding for coding, _ in section_codecs(out)[("base", "enc.w", None)][1]["planes"]]
     assert codings[3] == "ans"  # the top byte: the exponent after the sign is rotated down
 
@@ -111,7 +112,7 @@ def test_planes_ans_codes_the_exponent_plane_with_ans(fam, tmp_path):
 def test_mask_codecs_are_lossless(fam, tmp_path, mask_codec):
     base, tasks, base_path, tasks_dir = fam
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, lambdas=LAM, codecs={"mask": mask_codec})
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(lambdas=LAM, codecs={"mask": mask_codec}))
     coded = section_codecs(out)
     assert {c for (role, _, _), (c, _) in coded.items() if role == "mask"} == {mask_codec}
     if mask_codec == "bits-ctx":  # the context model, not a fallback, coded the big tensor
@@ -132,7 +133,7 @@ def test_reduced_precision_mtv(fam, tmp_path, mtv_dtype, mask_codec):
     rounded one (and the context mask codec decodes against the rounded mtv the reader holds)."""
     base, tasks, base_path, tasks_dir = fam
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, lambdas=LAM, mtv_dtype=mtv_dtype, codecs={"mask": mask_codec})
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(lambdas=LAM, mtv_dtype=mtv_dtype, codecs={"mask": mask_codec}))
     with tallzip.open(out) as archive:
         for name in MASKED:
             assert archive.tensors[name]["kind"] == "masked"
@@ -143,8 +144,7 @@ def test_reduced_precision_mtv(fam, tmp_path, mtv_dtype, mask_codec):
 def test_base_by_reference_with_every_option(fam, tmp_path):
     base, tasks, base_path, tasks_dir = fam
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, lambdas=LAM, mtv_dtype="bfloat16", base_ref=True,
-                 codecs={"float": "planes+ans", "mask": "bits-ctx"})
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(lambdas=LAM, mtv_dtype="bfloat16", base_ref=True, codecs={"float": "planes+ans", "mask": "bits-ctx"}))
     assert not [key for key in section_codecs(out) if key[0] == "base"]
     with pytest.raises(TallzipError, match="--base"):
         extract_all(out, tmp_path / "nobase")
@@ -213,7 +213,7 @@ def test_pack_refuses_bad_codecs(fam, tmp_path, choice, message):
     _, _, base_path, tasks_dir = fam
     out = tmp_path / "f.tallz"
     with pytest.raises(TallzipError, match=re.escape(message)):
-        tallzip.pack(tasks_dir, base_path, out, codecs=choice)
+        tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(codecs=choice))
     assert not out.exists()
 
 

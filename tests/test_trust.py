@@ -42,6 +42,7 @@ from tallzip.formats.errors import FormatError
 from conftest import np_rebuilt, numpy_family, write_family
 
 import fuzz
+from tallzip.options import RunOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +115,7 @@ def small_archive(tmp_path_factory):
     base, tasks = numpy_family()
     base_path, tasks_dir = write_family(folder, base, tasks)
     archive = folder / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, archive, device="cpu")
+    tallzip.pack(tasks_dir, base_path, archive, run=RunOptions(device="cpu"))
     with tallzip.open(archive) as opened:
         return archive.read_bytes(), opened.manifest
 
@@ -339,7 +340,7 @@ def test_kill_9_during_pack_leaves_nothing_at_the_target(tmp_path, forks, medium
 def test_kill_9_during_extract_leaves_nothing_at_the_target(tmp_path, forks, medium_family):
     base, tasks_dir = medium_family
     archive = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base, archive, device="cpu")
+    tallzip.pack(tasks_dir, base, archive, run=RunOptions(device="cpu"))
     expected = expected_models(base, tasks_dir)
     seen = kill_at_random_points(forks, ["extract", archive, "--all", "-o", tmp_path / "all", "--device", "cpu"],
                                  tmp_path / "all", kills=5, seed=2)
@@ -449,7 +450,7 @@ def test_nonfinite_refused_naming_the_tensor_unless_allowed(tmp_path, where, nam
 def test_two_processes_extract_at_once(tmp_path, forks, medium_family):
     base, tasks_dir = medium_family
     archive = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base, archive, device="cpu")
+    tallzip.pack(tasks_dir, base, archive, run=RunOptions(device="cpu"))
     expected = expected_models(base, tasks_dir)
     runs = [forks.start("extract", archive, "--all", "-o", tmp_path / "a", "--device", "cpu"),
             forks.start("extract", archive, "--all", "-o", tmp_path / "b", "--device", "cpu"),
@@ -474,7 +475,7 @@ def test_file_size_limit_during_pack_and_extract(tmp_path, forks, medium_family)
     one_line_error(code, output, str(archive), "File too large", "nothing was written")
     assert not archive.exists() and stray_files(tmp_path, archive.name) == []
 
-    tallzip.pack(tasks_dir, base, archive, device="cpu")
+    tallzip.pack(tasks_dir, base, archive, run=RunOptions(device="cpu"))
     for args in (["--task", "task0", "-o", tmp_path / "t.safetensors"],
                  ["--task", "task0", "--format", "pt", "-o", tmp_path / "t.pt"],
                  ["--all", "-o", tmp_path / "all"]):
@@ -505,7 +506,7 @@ def test_full_disk_during_pack_and_extract(tmp_path, small_disk, medium_family):
     assert list(small_disk.iterdir()) == []
 
     archive = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base, archive, device="cpu")
+    tallzip.pack(tasks_dir, base, archive, run=RunOptions(device="cpu"))
     for args in (["--task", "task0", "-o", small_disk / "t.safetensors"],
                  ["--task", "task0", "--format", "pt", "-o", small_disk / "t.pt"],
                  ["--all", "-o", small_disk / "all"]):

@@ -8,6 +8,7 @@ import pytest
 from safetensors.numpy import load_file as np_load_file
 
 import tallzip
+from tallzip.options import RunOptions, StoreOptions
 
 VERBS = ("pack", "open", "extract", "verify", "info", "merge", "add", "remove")
 
@@ -36,7 +37,7 @@ def test_import_tallzip_and_help_load_no_torch():
 def test_verbs_extract_verify_info_on_a_path(tmp_path, family):
     base, tasks, base_path, tasks_dir = family
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, device="cpu", mtv_dtype="float32")
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(mtv_dtype="float32"), run=RunOptions(device="cpu"))
     report = tallzip.extract(out, "task0", tmp_path / "t0.safetensors")
     assert report.output == tmp_path / "t0.safetensors" and report.bytes == report.output.stat().st_size
     got = np_load_file(str(report.output))
@@ -55,7 +56,7 @@ def test_verbs_extract_verify_info_on_a_path(tmp_path, family):
 def test_deprecated_aliases_still_work_and_warn(tmp_path, family):
     _, _, base_path, tasks_dir = family
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, device="cpu")
+    tallzip.pack(tasks_dir, base_path, out, run=RunOptions(device="cpu"))
     sys.modules.pop("tallzip.inspect", None)
     with pytest.warns(DeprecationWarning, match="tallzip.inspect"):
         import tallzip.inspect as old_inspect

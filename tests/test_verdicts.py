@@ -26,6 +26,7 @@ from tallzip.merging.merge import merge_with_report
 from tallzip.verification.compare import mask_check
 
 from conftest import np_mask, np_mtv, np_rebuild, np_round_mtv, numpy_family, write_family
+from tallzip.options import RunOptions, StoreOptions
 
 F32 = np.float32
 LAMBDAS = {"task0": 0.3, "task1": 0.4, "task2": 0.5}
@@ -387,7 +388,7 @@ def test_info_says_what_the_archive_is(fam, key, dtype, lossless):
 
 def test_info_names_other_codecs(fam, tmp_path):
     out = tmp_path / "fast.tallz"
-    tallzip.pack(fam["tasks_dir"], fam["base_path"], out, lambdas=0.4, codecs={"float": "zstd", "mask": "bits+zstd"})
+    tallzip.pack(fam["tasks_dir"], fam["base_path"], out, store=StoreOptions(lambdas=0.4, codecs={"float": "zstd", "mask": "bits+zstd"}))
     info = summary(tallzip.open(out))
     assert info["codecs"]["mask"] == ["bits+zstd"] and info["codecs"]["mtv"] == ["zstd"]
     code, text, _ = run("info", out)
@@ -411,7 +412,7 @@ def test_merge_refuses_nonfinite_inputs_unless_allowed(tmp_path):
     assert code == 0 and np.isnan(load_file(str(out))["blk.0.w"][2, 3])
     # an archive packed with --allow-nonfinite holds a NaN mtv there: merging from it is refused too
     archive = tmp_path / "nan.tallz"
-    tallzip.pack(tasks_dir, base_path, archive, allow_nonfinite=True)
+    tallzip.pack(tasks_dir, base_path, archive, store=StoreOptions(allow_nonfinite=True))
     code, _, err = run("merge", archive, "-o", tmp_path / "a.safetensors", "--method", "consensus-ta")
     assert code == 1 and "mtv" in err and "'blk.0.w'" in err and not (tmp_path / "a.safetensors").exists()
     code, _, err = run("merge", archive, "-o", tmp_path / "a.safetensors", "--method", "consensus-ta",
@@ -476,12 +477,10 @@ def test_merge_that_keeps_no_weight_warns_loudly(tmp_path):
     assert all(np.array_equal(merged[n], base[n]) for n in base)
     code, stdout, err = run(*args, "--k", "1", "--json")
     assert code == 0 and err == "" and json.loads(stdout)["warnings"] == []  # k = 1 keeps the used weights
-    state, report = merge_with_report(tmp_path / "tasks", base=tmp_path / "base.safetensors", method="consensus-ta",
-                                      k=2, device="cpu")
+    state, report = merge_with_report(tmp_path / "tasks", base=tmp_path / "base.safetensors", method="consensus-ta", k=2, run=RunOptions(device="cpu"))
     assert report.warnings and report.consensus_kept == 0
     with pytest.warns(UserWarning, match="PLAIN BASE"):
-        tallzip.merge(tmp_path / "tasks", base=tmp_path / "base.safetensors", method="consensus-ta", k=2,
-                      device="cpu")
+        tallzip.merge(tmp_path / "tasks", base=tmp_path / "base.safetensors", method="consensus-ta", k=2, run=RunOptions(device="cpu"))
 
 
 # --- what pack --allow-nonfinite gives back (the README says it) -----------------------------------
@@ -494,7 +493,7 @@ def test_pack_allow_nonfinite_gives_back_the_base_value_where_a_task_had_nan(tmp
     tasks["task0"]["head.weight"][0, 0] = np.nan
     base_path, tasks_dir = write_family(tmp_path / "fam", base, tasks)
     out = tmp_path / "f.tallz"
-    tallzip.pack(tasks_dir, base_path, out, allow_nonfinite=True)
+    tallzip.pack(tasks_dir, base_path, out, store=StoreOptions(allow_nonfinite=True))
     archive = tallzip.open(out)
     for task in tasks:
         got = archive.load(task)

@@ -65,6 +65,7 @@ from benchmarks.fixtures import generate
 from benchmarks.fixtures.families import vit_preset
 from benchmarks.sizes.library import (DEFAULT_CODECS, DEFAULT_MTV_DTYPE, Family, available_cpus, codecs, tall_mask,
                                       taskvec, to_bits)
+from tallzip.options import RunOptions, StoreOptions
 
 HERE = Path(__file__).resolve().parents[1]  # benchmarks/
 CACHE_ROOT = HERE / ".cache"
@@ -302,9 +303,7 @@ def pack_checked(base_path, task_paths, n, sizes: Sizes, lam, out_dir: Path, log
     layout = PACKED
     out = out_dir / f"packed-{n}.tallz"
     start = time.perf_counter()
-    manifest = tallzip.pack({t: task_paths[t] for t in list(task_paths)[:n]}, base_path, out, lambdas=lam,
-                            mtv_dtype=layout.mtv_dtype, base_ref=layout.base_ref, force=True, device="cpu",
-                            codecs={"float": layout.float_codec, "mask": layout.mask_codec})
+    manifest = tallzip.pack({t: task_paths[t] for t in list(task_paths)[:n]}, base_path, out, store=StoreOptions(lambdas=lam, mtv_dtype=layout.mtv_dtype, base_ref=layout.base_ref, codecs={"float": layout.float_codec, "mask": layout.mask_codec}), run=RunOptions(device="cpu"), force=True)
     seconds = time.perf_counter() - start
     real = {"base": 0, "mtv": 0, "mask": 0, "own": 0}
     for s in manifest["sections"]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from tallzip.formats.container.chunking import chunk_plan, chunk_shape
 
 
@@ -23,6 +25,17 @@ def quant_rows(shape, group: int | None) -> tuple[int, int, int, int]:
     size = cols if group is None else group
     groups = -(-cols // size) if size else 0
     return rows, cols, max(size, 1), groups
+
+
+def group_lengths(shape, group: int | None) -> np.ndarray:
+    """The length of every group of a tensor or chunk seen with `shape`, row after row (int64): `group`
+    elements each, the last of a row shorter when `group` does not divide the row."""
+    rows, cols, size, groups = quant_rows(shape, group)
+    if not groups:
+        return np.zeros(0, dtype=np.int64)
+    row = np.full(groups, size, dtype=np.int64)
+    row[-1] = cols - size * (groups - 1)
+    return np.tile(row, rows)
 
 
 def scales_plan(shape, chunk_elements: int, group: int | None) -> list[tuple[int, int, tuple]]:

@@ -1,4 +1,5 @@
-"""`merge`: one merged model from a family — task arithmetic, TIES, Consensus Merging, or the plain average.
+"""`merge`: one merged model from a family — task arithmetic, TIES, Consensus Merging, or the plain average
+(each method's math and the registry: methods.py; here the reading, chunking and writing).
 
     tallzip.merge("finetuned/", base="base.safetensors", method="consensus-ta", k=2)  # -> state dict
     tallzip.merge("family.tallz", method="consensus-ta")                               # no checkpoint needed
@@ -11,7 +12,7 @@ TIES and the average need.
 The merge works chunk by chunk (one chunk of every task at a time, chunk jobs on a thread pool within
 the memory budget, chunks.ordered_map), so its memory is the budget whatever the number of tasks and
 the size of a tensor; a safetensors output is written as the chunks come. TIES first finds each task's
-trim threshold over its WHOLE task vector, exactly, by histograms read chunk by chunk (packing's _Merger).
+trim threshold over its WHOLE task vector, exactly, by histograms read chunk by chunk (ops/ties.MtvMerger).
 """
 from __future__ import annotations
 
@@ -35,24 +36,23 @@ from tallzip.formats.checkpoints.folders import CHECKPOINT_EXTS, HF_MODEL_FILES,
 from tallzip.formats.container.constants import (DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES, FLOAT_DTYPES, KIND_MASKED, KIND_PER_TASK, KIND_SHARED, ROLE_MTV)
 from tallzip.formats.checkpoints.outputs import SafetensorsStream, atomic_output, save_tensors, write_shard_index
 from tallzip.formats.tensors import torch_dtype
-from tallzip.ops.tall import tall_mask
 from tallzip.ops.ties import MtvMerger
 from tallzip.packing.lambdas import LambdaSelector, task_lambdas
-from tallzip.options import MERGE_VERB_METHODS
+from tallzip.merging.methods import METHODS, archive_methods
+from tallzip.options import RunOptions, from_keywords
 from tallzip.run.threads import resolve_device
 
-METHODS = MERGE_VERB_METHODS
-CONSENSUS_METHODS = ("consensus-ta", "consensus-ties")
-TIES_METHODS = ("ties", "consensus-ties")
+CONSENSUS_METHODS = tuple(name for name, m in METHODS.items() if m.consensus)
+TIES_METHODS = tuple(name for name, m in METHODS.items() if m.trims)
 # Without a validation set to pick alpha on: 0.3 for the methods that add up whole task vectors (task
 # arithmetic's usual range for about 8 tasks, and consensus-ties adds by disjoint SUM); 1.0 for TIES,
 # whose disjoint mean is already on the scale of one task vector (the TIES paper's no-validation
 # setting), and for the average, where alpha 1 gives exactly the mean of the fine-tuned weights.
-DEFAULT_ALPHA = {"task-arithmetic": 0.3, "consensus-ta": 0.3, "consensus-ties": 0.3, "ties": 1.0, "average": 1.0}
+DEFAULT_ALPHA = {name: m.default_alpha for name, m in METHODS.items()}
 DEFAULT_K = 2
 MAX_ALPHA = 2.0
 # The mtv an archive was packed with (its manifest's `merge`) decides which methods it can serve.
-ARCHIVE_METHODS = {"sum": ("task-arithmetic", "consensus-ta"), "ties": ("consensus-ties",)}
+ARCHIVE_METHODS = {packed: archive_methods(packed) for packed in ("sum", "ties")}
 
 
 @dataclass
@@ -116,72 +116,80 @@ def _options(method, alpha, k, density, lambdas, allow_nonfinite=False) -> _Opti
     return _Options(method, float(alpha), k, density, lambdas, bool(allow_nonfinite))
 
 
+MERGE_RUN_FIELDS = ("device", "progress", "memory")  # of RunOptions, the ones a merge uses
+
+
 def merge(source, *, method: str, base=None, alpha: float | None = None, k: int | None = None,
-          lambdas=None, density: float | None = None, device: str = "auto", allow_nonfinite: bool = False,
-          progress=None, memory=None) -> "OrderedDict[str, torch.Tensor]":
+          lambdas=None, density: float | None = None, allow_nonfinite: bool = False, run: RunOptions | None = None,
+          **deprecated) -> "OrderedDict[str, torch.Tensor]":
     """The merged model's state dict (CPU tensors, the base's names, order and dtypes).
 
     source: a folder of fine-tuned checkpoints (or {task: path}) with `base`, or an archive path / Archive.
-    method: task-arithmetic (base + alpha * sum tau), ties (top-`density` trim over each whole task
-    vector, elected sign, disjoint mean), consensus-ta / consensus-ties (base + alpha * [count >= k] * mtv,
-    count = how many tasks' TALL masks use a weight; mtv = sum, or TIES with disjoint sum), or average
-    (base + alpha * mean tau; alpha 1 is the mean of the fine-tuned weights).
+    method: one of METHODS (the registry, merging/methods.py): task-arithmetic (base + alpha * sum tau),
+    ties (top-`density` trim over each whole task vector, elected sign, disjoint mean), consensus-ta /
+    consensus-ties (base + alpha * [count >= k] * mtv, count = how many tasks' TALL masks use a weight;
+    mtv = sum, or TIES with disjoint sum), or average (base + alpha * mean tau; alpha 1 is the mean of the
+    fine-tuned weights).
     alpha: in (0, 2]; default DEFAULT_ALPHA[method]. k: consensus only, default 2. lambdas: the TALL
     masks' lambda when merging from a folder (one number or {task: number}, '*' for the rest; default
     0.4); an archive uses the lambdas it was packed with. density: TIES share kept, default 0.2.
     k above the number of tasks is an error; settings that leave the base unchanged give a warning.
     Inputs holding NaN or Inf (and outputs that overflow their dtype) are refused, naming the task and
-    tensor, unless allow_nonfinite. memory: the budget for chunks worked on at once ('1.5G', '256M');
-    the state dict returned holds the model's size on top of it.
+    tensor, unless allow_nonfinite. run: a RunOptions; its device, progress and memory apply (memory: the
+    budget for chunks worked on at once; the state dict returned holds the model's size on top of it).
+    **deprecated: device, progress, memory as keyword arguments (go in the next release).
     """
+    _, run = from_keywords("merge", None, run, deprecated, store_fields=(), run_fields=MERGE_RUN_FIELDS)
     state, report = merge_with_report(source, method=method, base=base, alpha=alpha, k=k, lambdas=lambdas,
-                                      density=density, device=device, allow_nonfinite=allow_nonfinite,
-                                      progress=progress, memory=memory)
+                                      density=density, allow_nonfinite=allow_nonfinite, run=run)
     for message in report.warnings:
         warnings.warn(message, stacklevel=2)
     return state
 
 
 def merge_with_report(source, *, method: str, base=None, alpha=None, k=None, lambdas=None, density=None,
-                      device="auto", allow_nonfinite=False, progress=None,
-                      memory=None) -> tuple["OrderedDict[str, torch.Tensor]", MergeReport]:
+                      allow_nonfinite=False, run: RunOptions | None = None,
+                      **deprecated) -> tuple["OrderedDict[str, torch.Tensor]", MergeReport]:
     """`merge`, also returning the MergeReport: settings, which tensors were merged, kept or left out,
     and warnings (not issued: the caller shows them)."""
+    _, run = from_keywords("merge_with_report", None, run, deprecated, store_fields=(), run_fields=MERGE_RUN_FIELDS)
     options = _options(method, alpha, k, density, lambdas, allow_nonfinite)
-    with _merge_run(source, options, base, device, progress, memory) as run:
-        state = _assembled(run)
-    return state, run.report
+    with _merge_run(source, options, base, run) as merge_run:
+        state = _assembled(merge_run)
+    return state, merge_run.report
 
 
 def merge_to_file(source, output, *, method: str, base=None, alpha=None, k=None, lambdas=None, density=None,
-                  device="auto", force: bool = False, allow_nonfinite: bool = False, progress=None,
-                  memory=None) -> MergeReport:
+                  force: bool = False, allow_nonfinite: bool = False, run: RunOptions | None = None,
+                  **deprecated) -> MergeReport:
     """Merge and write the model to `output`: safetensors, a torch state dict for .pt/.pth/.bin, or for any
     other name a folder in the base's layout (_write_folder). No input file is ever the output.
 
     The output keeps the base's tensor names, order, dtypes and (safetensors) metadata. A safetensors
     output is written chunk by chunk as the merge goes (memory: the budget); a torch output is one
     pickle that torch.save writes from a whole state dict, so it needs the model's size in memory too.
+    run: as for `merge` (device, progress, memory; **deprecated: them as keyword arguments).
     """
+    _, run = from_keywords("merge_to_file", None, run, deprecated, store_fields=(), run_fields=MERGE_RUN_FIELDS)
     output = Path(output)
     fmt = _output_format(output)
     if fmt != "folder" and output.exists() and not force:  # fail before the work, not after it
         raise TallzipError(f"{output}: already exists (use --force to overwrite)")
     options = _options(method, alpha, k, density, lambdas, allow_nonfinite)
-    with _merge_run(source, options, base, device, progress, memory) as run:
+    with _merge_run(source, options, base, run) as merge_run:
         if fmt == "folder":
-            _write_folder(run, output, force)
-            run.report.output = str(output)
-            return run.report
-        with atomic_output(output, force=force, inputs=run.inputs) as tmp:
+            _write_folder(merge_run, output, force)
+            merge_run.report.output = str(output)
+            return merge_run.report
+        with atomic_output(output, force=force, inputs=merge_run.inputs) as tmp:
             if fmt == "safetensors":
-                with SafetensorsStream(tmp, run.specs, run.metadata) as stream:
-                    for name, start, flat in run.chunks:
+                with SafetensorsStream(tmp, merge_run.specs, merge_run.metadata) as stream:
+                    for name, start, flat in merge_run.chunks:
                         stream.write_part(name, start, flat)
             else:
-                save_tensors(_assembled(run), tmp, fmt)
-    run.report.output = str(output)
-    return run.report
+                save_tensors(_assembled(merge_run), tmp, fmt)
+    merge_run.report.output = str(output)
+    return merge_run.report
 
 
 def _output_format(output: Path) -> str:
@@ -243,8 +251,8 @@ def _assembled(run: _MergeRun) -> "OrderedDict[str, torch.Tensor]":
 
 
 @contextmanager
-def _merge_run(source, options: _Options, base, device, progress, memory):
-    device = resolve_device(device)
+def _merge_run(source, options: _Options, base, run: RunOptions):
+    device, progress, memory = resolve_device(run.device), run.progress, run.memory
     if isinstance(source, Archive):
         yield _from_archive(source, options, device, progress, memory)
         return
@@ -284,15 +292,17 @@ def _from_family(family: Family, source: str, opt: _Options, device, progress, b
     method = opt.method
     report = MergeReport(method, opt.alpha, source, "folder", family.names, k=opt.k)
     merger = None
-    if method in TIES_METHODS:
+    rule = METHODS[method]
+    if rule.trims:
         density = taskvec.DEFAULT_TIES_DENSITY if opt.density is None else opt.density
         report.density = density
         merger = MtvMerger(family, "ties", density, device, progress)  # whole-vector thresholds, chunk by chunk
-    elif method in CONSENSUS_METHODS:
-        merger = MtvMerger(family, "sum", taskvec.DEFAULT_TIES_DENSITY, device, progress)
-    if method in CONSENSUS_METHODS:
-        lambdas = taskvec.DEFAULT_LAMBDA if opt.lambdas is None else opt.lambdas
-        report.lambdas = task_lambdas(lambdas, family.names)
+    elif rule.mtv is not None:
+        merger = MtvMerger(family, rule.mtv, taskvec.DEFAULT_TIES_DENSITY, device, progress)
+    lambdas = None
+    if rule.consensus:
+        report.lambdas = task_lambdas(taskvec.DEFAULT_LAMBDA if opt.lambdas is None else opt.lambdas, family.names)
+        lambdas = [report.lambdas[task] for task in family.names]
     report.task_only = sorted({n for t in family.names for n in family.own_names(t)})
     _check_k(opt, len(family.names))
 
@@ -315,19 +325,7 @@ def _from_family(family: Family, source: str, opt: _Options, device, progress, b
             taskvec.refuse_nonfinite(name, [base_t, *task_ts], labels, "merge")
         base_d, tasks_d = base_t.to(device), [t.to(device) for t in task_ts]
         del task_ts
-        kept = total = 0
-        if method == "task-arithmetic":
-            vector = taskvec.sum_task_vectors(base_d, tasks_d)
-        elif method == "average":
-            vector = taskvec.sum_task_vectors(base_d, tasks_d) / len(tasks_d)
-        elif method == "ties":
-            taus = [taskvec.task_vector(base_d, t) for t in tasks_d]
-            vector = taskvec.ties_merge(taus, merger.thresholds, merger.majority, reduce="mean")
-        else:  # consensus: the same mtv the masks were made with
-            mtv = merger.mtv(base_d, tasks_d)
-            masks = [tall_mask(base_d, t, mtv, report.lambdas[task])
-                     for task, t in zip(family.names, tasks_d)]
-            vector, kept, total = _consensus(mtv, masks, opt.k)
+        vector, kept, total = rule.from_tasks(base_d, tasks_d, merger, lambdas, opt.k)
         merged, changed = _merged(base_d, vector, name, opt)
         return name, start, merged, (kept, total, changed)
 
@@ -348,11 +346,11 @@ def _from_archive(archive: Archive, opt: _Options, device, progress, memory) -> 
     packed = archive.merge_info.get("method")
     supported = ARCHIVE_METHODS.get(packed, ())
     if method not in supported:
-        if method in ("ties", "average"):
+        if METHODS[method].archive_mtv is None:  # works on the task vectors themselves
             why = (f"{method} needs each task's own task vector, which an archive does not keep "
                    f"(merge from the checkpoints folder with --base)")
         else:
-            other = "--merge ties" if method == "consensus-ties" else "--merge sum (the default)"
+            other = "--merge ties" if METHODS[method].archive_mtv == "ties" else "--merge sum (the default)"
             why = f"{method} needs an archive packed with {other}, or the checkpoints folder with --base"
         can = ", ".join(supported) or "none of the merge methods"
         raise TallzipError(f"{archive.path.name}: its mtv was merged by {packed!r}, so it supports {can}; {why}")
@@ -403,7 +401,8 @@ def _from_archive(archive: Archive, opt: _Options, device, progress, memory) -> 
         report.notes.append(f"the archive stores the mtv as {'/'.join(sorted(low_precision))}: the merge adds that "
                             f"rounded mtv (merging from the checkpoints folder uses the exact one)")
     labels = [f"{archive.path.name}: the base", f"{archive.path.name} (packed with --allow-nonfinite): the mtv"]
-    consensus = method in CONSENSUS_METHODS
+    rule = METHODS[method]
+    consensus = rule.consensus
 
     def job(item):
         name, index, start, count = item
@@ -419,13 +418,10 @@ def _from_archive(archive: Archive, opt: _Options, device, progress, memory) -> 
         mtv, context = archive.mtv_chunk(name, index)
         if not opt.allow_nonfinite:
             taskvec.refuse_nonfinite(name, [base_t, mtv], labels, "merge")
-        kept = total = 0
-        if consensus:
-            masks = [torch.from_numpy(np.unpackbits(archive.mask_chunk_bits(t, name, index, context), count=count,
-                                                    bitorder="little").view(bool)).to(device) for t in tasks]
-            vector, kept, total = _consensus(mtv.to(device), masks, opt.k)
-        else:
-            vector = mtv.to(device)
+        masks = [torch.from_numpy(np.unpackbits(archive.mask_chunk_bits(t, name, index, context), count=count,
+                                                bitorder="little").view(bool)).to(device)
+                 for t in tasks] if consensus else None
+        vector, kept, total = rule.from_mtv(mtv.to(device), masks, opt.k)
         merged, changed = _merged(base_t.to(device), vector, name, opt)
         return name, start, merged, (kept, total, changed)
 
@@ -468,11 +464,6 @@ def _warn_if_no_op(report: MergeReport):
         kept = (f" (the consensus kept {report.consensus_kept:,} of {report.consensus_total:,} weights, "
                 f"{report.consensus_kept / report.consensus_total:.1%})" if report.consensus_total else "")
         report.warnings.append(f"the merge changed no weight{kept}: the merged model IS THE PLAIN BASE")
-
-def _consensus(mtv: torch.Tensor, masks: list[torch.Tensor], k: int) -> tuple[torch.Tensor, int, int]:
-    """(m_cons * mtv, weights kept, weights), m_cons = (sum_t m_t) >= k."""
-    keep = taskvec.consensus_mask(masks, k)
-    return torch.where(keep, mtv, torch.zeros_like(mtv)), int(keep.sum()), keep.numel()
 
 
 def _lambda_text(lambdas: dict) -> str:

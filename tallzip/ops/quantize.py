@@ -193,20 +193,24 @@ def quantize(tau: torch.Tensor, spec: QuantSpec) -> Quantized:
                      None if offsets is None else offsets.reshape(rows, groups).contiguous(), spec)
 
 
-def _per_element(values: torch.Tensor, rows: int, cols: int, size: int, groups: int) -> torch.Tensor:
-    """(rows, groups) per-group values repeated over each group's elements: (rows, cols) float32."""
-    return values.to(torch.float32).repeat_interleave(size, dim=1)[:, :cols] if groups else \
-        torch.empty(rows, 0, dtype=torch.float32, device=values.device)
+def per_element(values: torch.Tensor, shape, group: int | None) -> torch.Tensor:
+    """Per-group values (scales, offsets: rows x groups, in any shape) repeated over each group's elements
+    of a tensor or chunk seen with `shape` (quant_layout.quant_rows): (rows, cols) float32. Every decode
+    and check of q* values (dequantize, the chunk decode, verify's bound) spreads them with this."""
+    rows, cols, size, groups = row_layout(shape, group)
+    if not groups:
+        return torch.empty(rows, 0, dtype=torch.float32, device=values.device)
+    return values.to(torch.float32).reshape(rows, groups).repeat_interleave(size, dim=1)[:, :cols]
 
 
 def dequantize(quantized: Quantized) -> torch.Tensor:
     """The task vector the codes stand for, float32, the codes' shape: q * scale (+ offset)."""
     spec = quantized.spec
-    rows, cols, size, groups = row_layout(quantized.shape, spec.group)
+    rows, cols, _, _ = row_layout(quantized.shape, spec.group)
     q = quantized.codes.reshape(rows, cols).to(torch.float32)
-    values = q * _per_element(quantized.scales, rows, cols, size, groups)
+    values = q * per_element(quantized.scales, quantized.shape, spec.group)
     if quantized.offsets is not None:
-        values = values + _per_element(quantized.offsets, rows, cols, size, groups)
+        values = values + per_element(quantized.offsets, quantized.shape, spec.group)
     return values.reshape(quantized.shape)
 
 
@@ -223,9 +227,9 @@ def guarantee_violations(tau: torch.Tensor, quantized: Quantized) -> torch.Tenso
     with "rtn" the grid covers every group, so that case never arises on quantize's own output).
     """
     spec = quantized.spec
-    rows, cols, size, groups = row_layout(quantized.shape, spec.group)
+    rows, cols, _, _ = row_layout(quantized.shape, spec.group)
     x = tau.reshape(rows, cols).to(torch.float32)
-    half = _per_element(quantized.scales, rows, cols, size, groups) / 2
+    half = per_element(quantized.scales, quantized.shape, spec.group) / 2
     value = dequantize(quantized).reshape(rows, cols)
     q = quantized.codes.reshape(rows, cols).to(torch.int32)
     slack = 4 * torch.finfo(torch.float32).eps * (x.abs() + value.abs())  # the decode's own rounding

@@ -13,7 +13,7 @@ import torch
 
 from tallzip.errors import TallzipError
 from tallzip.formats.container.constants import QUANT_BITS, REPRESENTATION_EXACT, REPRESENTATION_TALL, REPRESENTATIONS
-from tallzip.ops.quantize import QuantSpec, quantize
+from tallzip.ops.quantize import QuantSpec, per_element, quantize
 from tallzip.ops.taskvec import as_compute
 
 DEFAULT_REPRESENTATION = REPRESENTATION_TALL  # pack without --keep: today's archive
@@ -71,15 +71,10 @@ def quantize_chunk(base: torch.Tensor, task: torch.Tensor, chunk_shape, represen
 def dequantize_chunk(codes: torch.Tensor, scales: torch.Tensor, chunk_shape, group: int | None,
                      offsets: torch.Tensor | None = None) -> torch.Tensor:
     """f32(code) * f32(scale of its group) [+ f32(offset of its group)], flat float32 (SPEC.md: the q* decode)."""
-    from tallzip.formats.container.quant_layout import quant_rows
-    rows, cols, size, groups = quant_rows(chunk_shape, group)
-
-    def per_element(values):
-        return values.to(torch.float32).reshape(rows, groups).repeat_interleave(size, dim=1)[:, :cols]
-
-    value = codes.reshape(rows, cols).to(torch.float32) * per_element(scales)
+    scale = per_element(scales, chunk_shape, group)  # (rows, cols)
+    value = codes.reshape(scale.shape).to(torch.float32) * scale
     if offsets is not None:
-        value = value + per_element(offsets)
+        value = value + per_element(offsets, chunk_shape, group)
     return value.reshape(-1)
 
 

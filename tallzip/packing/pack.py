@@ -13,7 +13,7 @@ import contextlib
 import torch
 
 from tallzip.version import __version__
-from tallzip.ops import quality, taskvec
+from tallzip.ops import quality
 from tallzip.errors import TallzipError
 from tallzip.family import Family, base_digest
 from tallzip.run.chunks import checked_chunk_elements, chunk_plan, ordered_map, parse_memory
@@ -26,7 +26,7 @@ from tallzip.formats.checkpoints.outputs import refuse_inputs_as_output
 from tallzip.ops.representations import (REPRESENTATION_ROLES, representation_section,
                                          task_representations)
 from tallzip.ops.ties import MtvMerger
-from tallzip.options import DEFAULT_LEVEL, DEFAULT_MTV_DTYPE, MTV_DTYPES, checked_codecs
+from tallzip.options import RunOptions, StoreOptions
 from tallzip.packing.jobs import ChunkJob, PackSettings, dtype_of, job_cost, run_job
 from tallzip.packing.manifest import task_entry
 from tallzip.packing.lambdas import LambdaSelector, selected_lambdas, task_lambdas
@@ -36,37 +36,28 @@ from tallzip.packing.selection import RepresentationSelector, choose as choose_r
 MASK_RULE = "mask = |base - task| > lambda * |(base + mtv) - task|, float32"
 
 
-def pack(tasks, base, output, *, lambdas=taskvec.DEFAULT_LAMBDA, merge: str = "sum",
-         density: float = taskvec.DEFAULT_TIES_DENSITY, mtv_dtype: str = DEFAULT_MTV_DTYPE, base_ref: bool = False,
-         device: str = "auto", force: bool = False, level: int = DEFAULT_LEVEL, allow_nonfinite: bool = False,
-         codecs: dict | None = None, progress=None, memory=None, chunk_elements: int | None = None,
-         workers: int | None = None, engine="local", address: str | None = None, keep=None) -> dict:
+def pack(tasks, base, output, store: StoreOptions | None = None, run: RunOptions | None = None, *,
+         force: bool = False) -> dict:
     """Pack a family into one archive at `output`; returns its manifest.
 
-    tasks: folder of checkpoints, or {task: path}. lambdas: one number, {task: number} ('*' for the
-    rest), or select_lambdas(evaluate). merge: 'sum' or 'ties' (top-`density` trim, disjoint sum).
-    mtv_dtype: precision the mtv is stored at (masks always come from the full-precision mtv);
-    'float32' makes the archive lossless: every task rebuilt exactly as base + m_t * mtv.
-    base_ref: store only the base's identity; extract then needs the base file.
-    codecs: {'float': one of FLOAT_CODECS (base, mtv, float tensors of a task's own), 'mask': one of
-    MASK_CODECS, 'other': one of FLOAT_CODECS (integer tensors)}; missing keys take DEFAULT_CODECS.
-    memory: the budget for chunks in flight (bytes, or '1.5G', '256M'); chunk_elements: the chunk
-    size the archive records (default 2^22). keep: how each task is kept (representations.py): one of
-    tall (default), q8, q4, q3, q2, exact for all, {task: rep} with '*' for the rest, 'auto' (each task's
-    smallest representation whose data-free estimate is good, packing/auto.py), or
-    select_representation(evaluate, tolerance) (recorded in the manifest with the scores). Neither the budget nor `workers` changes the archive's
-    bytes: those depend only on the inputs and the options above.
-    engine: 'local' (threads here) or 'ray' (chunk jobs as Ray tasks on the cluster at `address`:
-    None starts a private local one, 'auto' joins `ray start`'s, 'ray://HOST:PORT' Ray Client), or
-    an Engine (tallzip.engines). Each Ray task reads its own byte ranges of the inputs, so every
+    tasks: folder of checkpoints, or {task: path}. store: what the archive stores (StoreOptions: lambdas,
+    keep (tall, q8..q2, exact, {task: rep}, 'auto': each task's smallest representation whose data-free
+    estimate is good, or select_representation(evaluate, tolerance)), merge, density, mtv_dtype, codecs, level, base_ref, allow_nonfinite, chunk_elements); masks
+    always come from the full-precision mtv. run: how (RunOptions: memory, workers, engine, address,
+    device, progress); neither the budget nor the workers change the archive's bytes. force: replace an
+    archive at `output`.
+    engine 'ray' runs the chunk jobs as Ray tasks: each reads its own byte ranges of the inputs, so every
     worker must see the same paths; the archive is byte-identical to the local one. The TIES
     thresholds (one reduction per task over the whole model) are still computed here, first.
     """
-    if mtv_dtype not in MTV_DTYPES:
-        raise TallzipError(f"unknown mtv dtype {mtv_dtype!r} (expected one of {', '.join(MTV_DTYPES)})")
-    codecs = checked_codecs(codecs)
-    budget = parse_memory(memory)
-    chunk_elements = checked_chunk_elements(chunk_elements)
+    store = StoreOptions() if store is None else store
+    run = RunOptions() if run is None else run
+    lambdas, keep, merge, density = store.lambdas, store.keep, store.merge, store.density
+    mtv_dtype, codecs, level, base_ref = store.mtv_dtype, store.codecs, store.level, store.base_ref
+    allow_nonfinite = store.allow_nonfinite
+    device, progress, workers, engine, address = run.device, run.progress, run.workers, run.engine, run.address
+    budget = parse_memory(run.memory)
+    chunk_elements = checked_chunk_elements(store.chunk_elements)
     family = Family.open(tasks, base)
     refuse_inputs_as_output([output], family.local_files())  # before any work (the writer checks again)
     if not (isinstance(engine, str) and engine == "local"):  # tallzip's own refusals before Ray is looked for

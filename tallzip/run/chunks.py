@@ -59,31 +59,43 @@ def ordered_map(job: Callable, items: Iterable, *, cost: Callable, budget: int,
     one, so the caller should be done with it by then. The first error is raised in order; the jobs
     after it are cancelled."""
     workers = max(1, workers or available_cpus())
-    max_ahead = 2 * workers
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tallzip-chunk") as pool:
+        yield from ordered_window(items, submit=lambda item: pool.submit(job, item),
+                                  result=lambda future, item: future.result(), cancel=lambda future: future.cancel(),
+                                  cost=cost, budget=budget, max_ahead=2 * workers)
+
+
+def ordered_window(items: Iterable, *, submit: Callable, result: Callable, cancel: Callable, cost: Callable,
+                   budget: int | None, max_ahead: int) -> Iterator:
+    """THE ordered, bounded window (ordered_map's threads and the engines' workers both run through it):
+    yields result(submit(item), item) for every item, in order. An item is submitted only while fewer than
+    `max_ahead` are in flight and the costs of those submitted and not yet handed back stay within `budget`
+    (None: no byte bound); with none in flight one always starts, however costly. A result stays charged
+    until the caller asks for the next one. The first error is raised in order; cancel(handle) is called
+    for every item still in flight."""
     items = iter(items)
-    pending: deque = deque()  # (future, cost), in item order
+    pending: deque = deque()  # (handle, item, cost), in item order
     charged = 0
     upcoming = next(items, _END)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tallzip-chunk") as pool:
-        try:
-            while True:
-                while upcoming is not _END and len(pending) < max_ahead:
-                    c = cost(upcoming)
-                    if pending and charged + c > budget:
-                        break
-                    pending.append((pool.submit(job, upcoming), c))
-                    charged += c
-                    upcoming = next(items, _END)
-                if not pending:
-                    return
-                future, c = pending.popleft()
-                result = future.result()
-                yield result
-                del result
-                charged -= c
-        finally:
-            for future, _ in pending:
-                future.cancel()
+    try:
+        while True:
+            while upcoming is not _END and len(pending) < max_ahead:
+                c = cost(upcoming)
+                if pending and budget is not None and charged + c > budget:
+                    break
+                pending.append((submit(upcoming), upcoming, c))
+                charged += c
+                upcoming = next(items, _END)
+            if not pending:
+                return
+            handle, item, c = pending.popleft()
+            value = result(handle, item)
+            yield value
+            del value
+            charged -= c
+    finally:
+        for handle, _, _ in pending:
+            cancel(handle)
 
 
 _END = object()

@@ -6,18 +6,20 @@ iterates `engine.map(jobs)` and gets each job's result in submission order, so i
 front to back while later jobs still run. What is in flight (submitted, not yet handed back) is bounded by
 a count and by the jobs' declared sizes, which is what keeps a pack under its memory budget.
 
-No scheduling is done here: LocalEngine hands jobs to a thread pool (the coders release the GIL), RayEngine
-to Ray tasks; Ray places them, and retries a task whose worker process dies (max_retries), not we.
+The window itself is chunks.ordered_window, the one that ordered_map runs too. No scheduling is done here:
+LocalEngine hands jobs to a thread pool (the coders release the GIL), RayEngine to Ray tasks; Ray places them,
+and retries a task whose worker process dies (max_retries), not we.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from tallzip.errors import MissingExtraError, TallzipError
 from tallzip.formats.errors import one_line
+from tallzip.run.chunks import ordered_window
 from tallzip.run.threads import available_cpus
 
 RAY_EXTRA_HINT = "pip install 'tallzip[ray]'"
@@ -59,37 +61,13 @@ class Engine:
         return self._ordered(iter(jobs), max_jobs, max_bytes_in_flight, progress, label, total)
 
     def _ordered(self, jobs, max_jobs, max_bytes, progress, label, total):
-        pending: deque = deque()  # (handle, job), in submission order
-        held = 0
-        upcoming = None
-        exhausted = False
-        done = 0
-        try:
-            while True:
-                while True:
-                    if upcoming is None and not exhausted:
-                        upcoming = next(jobs, None)
-                        exhausted = upcoming is None
-                    if upcoming is None:
-                        break
-                    if pending and (len(pending) >= max_jobs
-                                    or (max_bytes is not None and held + upcoming.nbytes > max_bytes)):
-                        break
-                    pending.append((self._submit(upcoming), upcoming))
-                    held += upcoming.nbytes
-                    upcoming = None
-                if not pending:
-                    return
-                handle, job = pending.popleft()
-                result = self._result(handle, job)
-                held -= job.nbytes
-                done += 1
+        window = ordered_window(jobs, submit=self._submit, result=self._result, cancel=self._cancel,
+                                cost=lambda job: job.nbytes, budget=max_bytes, max_ahead=max_jobs)
+        with contextlib.closing(window):  # stopping early cancels the jobs in flight
+            for done, result in enumerate(window, 1):
                 if progress:
                     progress(label, done, total)
                 yield result
-        finally:
-            for handle, _ in pending:
-                self._cancel(handle)
 
     def share(self, obj):
         """A handle to `obj` for jobs to take as a top-level argument, sent to the workers once (Ray's

@@ -21,7 +21,7 @@ import torch
 
 from tallzip.formats.container.chunking import chunk_shape
 from tallzip.formats.container.constants import ROLE_QCODES
-from tallzip.formats.container.quant_layout import quant_rows
+from tallzip.formats.container.quant_layout import group_lengths
 from tallzip.ops.taskvec import as_compute
 
 SLICE_ELEMENTS = {"cpu": 1 << 20, "other": 1 << 24}  # a multiple of 8; small on a CPU to stay in cache
@@ -84,11 +84,9 @@ class GroupLayout:
             for start, c in plans[name]:
                 if c == 0:
                     continue
-                rows, cols, step, per_row = quant_rows(chunk_shape(shape, start, c), group)
-                pattern = np.full(per_row, step, dtype=np.int64)
-                pattern[-1] = cols - step * (per_row - 1)
-                lengths.append(np.tile(pattern, rows))
-                mine += rows * per_row
+                chunk_groups = group_lengths(chunk_shape(shape, start, c), group)
+                lengths.append(chunk_groups)
+                mine += len(chunk_groups)
             self.first[name] = (groups, mine)
             groups += mine
             position = offset + count

@@ -14,6 +14,7 @@ import torch
 
 from tallzip.formats.container.constants import QUANT_BITS, REPRESENTATION_EXACT
 from tallzip.formats.tensors import to_bits, torch_dtype
+from tallzip.ops.quantize import per_element
 from tallzip.ops.representations import dequantize_chunk, rebuild_quantized
 from tallzip.ops.taskvec import as_compute
 
@@ -32,9 +33,7 @@ def guarantee_of(representation: str) -> str:
 def quant_outside(tau: torch.Tensor, value: torch.Tensor, scales: torch.Tensor, shape, group) -> int:
     """How many weights of one chunk break |tau - value| <= scale / 2 (+ rounding), value being the
     decode f32(code) * f32(scale) [+ offset] (representations.dequantize_chunk)."""
-    from tallzip.formats.container.quant_layout import quant_rows
-    rows, cols, size, groups = quant_rows(shape, group)
-    half = scales.to(torch.float32).reshape(rows, groups).repeat_interleave(size, dim=1)[:, :cols].reshape(-1) / 2
+    half = per_element(scales, shape, group).reshape(-1) / 2
     x = tau.reshape(-1).to(torch.float32)
     slack = 4 * torch.finfo(torch.float32).eps * (x.abs() + value.abs())
     return int(torch.count_nonzero((x - value).abs() > half + slack))
