@@ -299,6 +299,3 @@ def main(argv=None):
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
-
-if __name__ == "__main__":
-    main()

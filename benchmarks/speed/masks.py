@@ -334,6 +334,3 @@ def main(argv=None):
             med = statistics.median(ts)
             print(f"  {name:22} {med * 1e3:8.1f} ms   {today / med:5.2f}x   ({count * (args.tasks + 1) * (2 if kind == 'bf16' else 4) / med / 1e9:.2f} GB/s of inputs)")
 
-
-if __name__ == "__main__":
-    main()
