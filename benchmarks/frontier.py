@@ -27,7 +27,6 @@ the base, so its bytes stay. Ratio = the N fine-tuned files' bytes / the point's
 """
 from __future__ import annotations
 
-import importlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from tallzip import merge
 
 from benchmarks.accuracy import ALPHAS, Bench, merge_vector, scaled, select_alpha
 from benchmarks.accuracy_library import CANDIDATES, DEFAULT_CODECS, DEFAULT_LEVEL, ROLE_BASE, codecs, summary, to_bits
+from benchmarks.fixtures.lossless import zipnn_bytes
 from benchmarks.metrics import mean_accuracy, min_normalized_accuracy, normalized_accuracy
 
 AUTO_TOLERANCE = 0.005
@@ -220,29 +220,13 @@ def exact_points(fr: Frontier) -> None:
         compressor = zstandard.ZstdCompressor(level=level)
         fr.add(f"zstd -{level} of the files", "lossless file coder", sum(len(compressor.compress(d)) for d in data),
                0, ft)
-    zipnn = zipnn_bytes(data)
+    zipnn = zipnn_bytes(data, "float32")
     if zipnn is not None:
         nbytes, roundtrip, version = zipnn
         fr.add(f"zipnn {version} of the files" + ("" if roundtrip else " (did NOT decode back)"),
                "lossless file coder", nbytes, 0, ft, roundtrip=roundtrip)
     else:
         fr.extra["zipnn"] = "not installed (pip install zipnn==0.5.4)"
-
-
-def zipnn_bytes(files: list[bytes]):
-    """(bytes, every file decoded back identical, version) of zipnn's float32 byte coder, or None."""
-    try:
-        zipnn = importlib.import_module("zipnn")
-    except Exception:  # noqa: BLE001 -- optional: any failure to import means "not available"
-        return None
-    from importlib.metadata import version
-    total, roundtrip = 0, True
-    for data in files:
-        coder = zipnn.ZipNN(input_format="byte", bytearray_dtype="float32", threads=1)
-        packed = bytes(coder.compress(bytearray(data)))  # a copy: zipnn reorders its input buffer in place
-        total += len(packed)
-        roundtrip = roundtrip and bytes(coder.decompress(packed)) == data
-    return total, roundtrip, version("zipnn")
 
 
 # --------------------------------------------------------------------------- references

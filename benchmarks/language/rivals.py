@@ -6,12 +6,10 @@
   the norms are kept in full (16-bit), as the paper keeps them.
 - bitx_bytes: BitX (ZipLLM, arXiv 2505.06252): each bf16 weight XORed with the base's, the XOR's exponent byte as
   one stream and its sign + mantissa byte as another, zstd level 3 each; other dtypes XORed and zstd'd whole.
-- zipnn_bytes: zipnn's byte-grouping coder on each file as it is (pip zipnn, built from source here).
+- zipnn: its byte-grouping coder on each file as it is (benchmarks/fixtures/lossless.py; pip zipnn, built from source).
 """
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -77,20 +75,3 @@ def bitx_roundtrip(base: torch.Tensor, task: torch.Tensor) -> bool:
     back = ((sign_mantissa & 0x80) << 8) | (exponent << 7) | (sign_mantissa & 0x7F)
     restored = torch.from_numpy(back.view(np.int16).copy()) ^ base.view(torch.int16).reshape(-1)
     return torch.equal(restored, task.view(torch.int16).reshape(-1))
-
-
-def zipnn_bytes(files: list[Path]):
-    """(total bytes, every file decoded back identical, zipnn's version) or None when zipnn is not installed."""
-    try:
-        zipnn = importlib.import_module("zipnn")
-    except Exception:  # noqa: BLE001 -- optional: any failure to import means "not available"
-        return None
-    from importlib.metadata import version
-    total, roundtrip = 0, True
-    for path in files:
-        data = path.read_bytes()
-        coder = zipnn.ZipNN(input_format="byte", bytearray_dtype="bfloat16", threads=1)
-        packed = bytes(coder.compress(bytearray(data)))  # a copy: zipnn reorders its input in place
-        total += len(packed)
-        roundtrip = roundtrip and bytes(coder.decompress(packed)) == data
-    return total, roundtrip, version("zipnn")

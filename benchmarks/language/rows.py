@@ -22,6 +22,8 @@ import zstandard
 
 import tallzip
 
+from benchmarks.fixtures.lossless import zipnn_bytes
+
 from . import family as family_mod
 from . import rivals, tallness
 from .scoring import Family, folder_state
@@ -200,8 +202,8 @@ class Bench:
                         for t in self.tasks for p in (self.tasks_dir / t).iterdir() if p.suffix != ".safetensors")
         self.extra["bitx"] = {"tensor_bytes_per_task": bitx, "tensor_bytes": sum(bitx.values()), "roundtrip": roundtrip,
                               "side_files_bytes": side, "side_files_zstd3": side_zstd}
-        zipnn_base = rivals.zipnn_bytes(sorted(self.base_dir.glob("*.safetensors")))
-        zipnn_tasks = rivals.zipnn_bytes(sorted(self.tasks_dir.rglob("*.safetensors")))
+        zipnn_base = zipnn_bytes((p.read_bytes() for p in sorted(self.base_dir.glob("*.safetensors"))), "bfloat16")
+        zipnn_tasks = zipnn_bytes((p.read_bytes() for p in sorted(self.tasks_dir.rglob("*.safetensors"))), "bfloat16")
         self.extra["zipnn"] = ({"base_bytes": zipnn_base[0], "task_weight_bytes": zipnn_tasks[0],
                                 "roundtrip": zipnn_base[1] and zipnn_tasks[1], "version": zipnn_tasks[2]}
                                if zipnn_tasks else "not installed (pip install zipnn==0.5.4 builds from source)")
