@@ -42,6 +42,18 @@ def parse_keep(values) -> dict | str | None:
     return out or None
 
 
+def parse_lowrank(energy, quant_values):
+    """LowRankOptions from `--lowrank-energy E` and `--lowrank-quant PATTERN=BITS` (defaults where not given)."""
+    from tallzip.options import LowRankOptions
+    pairs = []
+    for value in quant_values:
+        pattern, sep, bits = value.rpartition("=")
+        if not sep or not pattern or bits not in ("2", "3", "4", "8"):
+            raise click.BadParameter(f"{value!r}: expected PATTERN=BITS, BITS one of 2, 3, 4, 8", param_hint="--lowrank-quant")
+        pairs.append((pattern, int(bits)))
+    return LowRankOptions(**({"energy": energy} if energy is not None else {}), quant_tensors=tuple(pairs))
+
+
 def load_evaluate(spec: str):
     """`module:function` (a module importable from here, or a path to a .py file) -> the function."""
     import importlib

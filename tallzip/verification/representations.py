@@ -1,10 +1,12 @@
-"""`verify --against` for tasks kept as q* or exact: each representation's own guarantee, checked
+"""`verify --against` for tasks kept as q*, lowrank or exact: each representation's own guarantee, checked
 against the original checkpoint (tall tasks keep the TALL mask checks of verification.py).
 
 * exact: every weight rebuilt bit-identical to the original;
 * q* (symmetric round-to-nearest, scale rounded up so the grid covers the group: no clipping):
   tau = f32(original) - f32(base) lies within half a stored scale of f32(code) * f32(scale), plus the
   decode's own float32 rounding (a few ulps).
+* lowrank: per tensor, ||tau - value|| / ||tau|| recomputed over its chunks is no larger than the relative error
+  the manifest recorded (rounded up) plus LOWRANK_SLACK of it; codes and scales range-checked as they are read.
 Math over chunks of tensors; the archive gives the chunks (verification.py walks them).
 """
 from __future__ import annotations
@@ -18,7 +20,13 @@ from tallzip.ops.quantize import per_element
 from tallzip.ops.representations import dequantize_chunk, rebuild_quantized
 from tallzip.ops.taskvec import as_compute
 
+# lowrank (SPEC.md): a tensor's relative error recomputed from the original may exceed the one recorded at pack (4
+# significant digits, rounded up) by this share at most: what the float32 decode and summation order can move.
+LOWRANK_SLACK = 1e-3
+
 GUARANTEES = {
+    "lowrank": "each tensor's relative error ||tau - value|| / ||tau|| no larger than the one recorded at pack "
+               f"(+{LOWRANK_SLACK:g} of it), codes within the grid",
     "tall": "the TALL mask is what the rule gives from the checkpoint, within the stored mtv's rounding",
     "exact": "every weight bit-identical",
     **{q: "every weight of the task vector within half a stored scale (round to nearest, no clipping)"
@@ -54,6 +62,24 @@ def check_task_chunk(arc, task: str, name: str, index: int, base_c: torch.Tensor
     value = dequantize_chunk(codes, scales, shape, group, offsets)
     error.add(rebuild_quantized(base_c, value).to(torch_dtype(arc.task_dtypes(task)[name])), orig_c)
     return quant_outside(as_compute(orig_c) - as_compute(base_c), value, scales, shape, group)
+
+
+def lowrank_chunk_sums(arc, task: str, name: str, index: int, base_c: torch.Tensor, orig_c: torch.Tensor,
+                       error) -> tuple[float, float]:
+    """Chunk `index` of one tensor of a lowrank task against the original: adds the rebuild error into `error`
+    and returns (||tau - value||^2, ||tau||^2) over the chunk (float64), for the tensor's relative error."""
+    start, count = arc.plan(task, name)[index]
+    value = arc.lowrank(task).value(name, start, count)
+    error.add(rebuild_quantized(base_c, value).to(torch_dtype(arc.task_dtypes(task)[name])), orig_c)
+    tau = (as_compute(orig_c) - as_compute(base_c)).reshape(-1).to(torch.float64)
+    diff = tau - value.to(torch.float64)
+    return float(torch.dot(diff, diff)), float(torch.dot(tau, tau))
+
+
+def lowrank_exceeds(diff_sq: float, tau_sq: float, recorded: float) -> float | None:
+    """The recomputed relative error when it breaks the lowrank guarantee, else None."""
+    rel = (diff_sq / tau_sq) ** 0.5 if tau_sq > 0 else (0.0 if diff_sq == 0 else float("inf"))
+    return rel if rel > recorded * (1 + LOWRANK_SLACK) + 1e-7 else None
 
 
 def difference_text(representation: str, outside: int, total: int) -> str:

@@ -1,0 +1,300 @@
+"""The `lowrank` representation in the archive (issue 22; formats/SPEC.md "lowrank"): a decoder written here from the
+SPEC text (numpy, zstandard and the spec-decoder's container reader, nothing of tallzip's) reads what tallzip
+wrote and agrees with tallzip's rebuild to float32 rounding and with the originals within the recorded error; the
+rank follows the energy rule of a numpy SVD; the committed fixture still reads; damaged or inconsistent low-rank
+entries are refused with one line; verify says "differs" for an edited task file; resident serving, add and
+info handle it."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from click.testing import CliRunner
+from safetensors.numpy import load_file as np_load, save_file as np_save
+
+import tallzip
+from tallzip.cli.main import cli
+from tallzip.errors import TallzipError
+from tallzip.formats.errors import CorruptArchiveError
+from tallzip.options import LowRankOptions, StoreOptions
+
+from test_spec_decoder import bf16_to_f32, plan, read_archive, read_section, section_chunks
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+sys.path.insert(0, str(FIXTURES))
+from make_lowrank_fixture import CHUNK, KEEP, lowrank_family, write  # noqa: E402
+
+
+# --- the decoder, from SPEC.md "lowrank" only ---------------------------------------------------------
+
+def spec_lowrank_values(data, manifest, task) -> dict:
+    """{tensor: the decoded task vector (float32, the tensor's shape)} of a lowrank task, as SPEC says."""
+    entry = next(t for t in manifest["tasks"] if t["name"] == task)
+    params = entry["lowrank"]
+    assert params["scale_dtype"] == "BF16"
+    c = manifest["chunk_elements"]
+    codes_entry = next(s for s in manifest["sections"] if (s["role"], s["task"]) == ("lrcodes", task))
+    codes = read_section(data, manifest, "lrcodes", "", task, counts=[n for _, n in plan(codes_entry["shape"], c)])
+    codes = codes.view(np.int8)
+    scales = np.concatenate([bf16_to_f32(np.frombuffer(zstandard.ZstdDecompressor().decompress(p), dtype="<u2"))
+                             for _, _, p, _ in section_chunks(data, manifest, "lrscales", "", task)])
+    g, at_code, at_scale, out = params["group"], 0, 0, {}
+    for name, r, b, _ in params["tensors"]:
+        shape = manifest["tensors"][name]["shape"]
+        m, n = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, shape[0] if shape else 1)
+        q = 2 ** (b - 1) - 1
+        if r:
+            own = codes[at_code:at_code + r * (m + n)].astype(np.float32)
+            s = scales[at_scale:at_scale + 2 * r]
+            left = own[:r * m].reshape(r, m) * s[:r, None]
+            right = own[r * m:].reshape(r, n) * s[r:, None]
+            value = left.T @ right
+            at_code, at_scale = at_code + r * (m + n), at_scale + 2 * r
+        else:
+            groups = -(-n // g)
+            own = codes[at_code:at_code + m * n].astype(np.float32)
+            s = scales[at_scale:at_scale + m * groups]
+            i = np.arange(m * n)
+            value = own * s[(i // n) * groups + (i % n) // g]
+            at_code, at_scale = at_code + m * n, at_scale + m * groups
+        assert np.abs(codes[at_code - (r * (m + n) if r else m * n):at_code]).max(initial=0) <= q
+        out[name] = value.reshape(shape).astype(np.float32)
+    assert (at_code, at_scale) == (len(codes), len(scales))  # the streams hold exactly the records
+    return out
+
+
+def rel_error(tau, value) -> float:
+    tau, value = tau.astype(np.float64), value.astype(np.float64)
+    return float(np.linalg.norm(tau - value) / np.linalg.norm(tau))
+
+
+@pytest.fixture
+def family(tmp_path):
+    base_path, tasks_path = write(tmp_path / "fam")
+    base, tasks = lowrank_family()
+    return base, tasks, base_path, tasks_path
+
+
+def _pack(family, out, **store):
+    _, _, base_path, tasks_path = family
+    tallzip.pack(tasks_path, base_path, out, StoreOptions(chunk_elements=CHUNK, **{"keep": KEEP, **store}))
+    return out
+
+
+def test_a_decoder_from_the_spec_reads_lowrank_tasks(family, tmp_path):
+    base, tasks, _, _ = family
+    out = _pack(family, tmp_path / "a.tallz", lowrank=LowRankOptions(quant_tensors=(("conv.*", 3),)))
+    data, manifest = read_archive(out)
+    with tallzip.open(out) as archive:
+        for task in ("task0", "task1"):
+            values = spec_lowrank_values(data, manifest, task)
+            records = {r[0]: r for r in archive.task_entry(task)["lowrank"]["tensors"]}
+            assert set(values) == {"enc.w", "conv.w", "enc.b"}  # every changed float tensor, not frozen.emb
+            assert records["enc.w"][1] > 0 and records["enc.b"][1] == 0 and records["conv.w"][1:3] == [0, 3]
+            loaded = archive.load(task)
+            for name, value in values.items():
+                want = base[name] + value  # SPEC: f32(base) + value, cast to the task's float32
+                got = loaded[name].numpy()
+                assert np.allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max())), (task, name)
+                tau = tasks[task][name] - base[name]
+                recorded = records[name][3]
+                assert rel_error(tau, value) <= recorded * (1 + 1e-3) + 1e-6, (task, name)
+                assert rel_error(tau, value) >= recorded * 0.99, (task, name)  # recorded rounded up, not loose
+            assert np.array_equal(loaded["head.weight"].numpy(), tasks[task]["head.weight"])
+            assert np.array_equal(loaded["frozen.emb"].numpy(), base["frozen.emb"])
+
+
+def test_the_rank_is_the_energy_rule_of_a_numpy_svd(family, tmp_path):
+    base, tasks, _, _ = family
+    for energy in (0.8, 0.95):
+        out = _pack(family, tmp_path / f"e{energy}.tallz", lowrank=LowRankOptions(energy=energy))
+        with tallzip.open(out) as archive:
+            for task in ("task0", "task1"):
+                records = {r[0]: r for r in archive.task_entry(task)["lowrank"]["tensors"]}
+                for name in ("enc.w", "conv.w"):
+                    tau = (tasks[task][name] - base[name]).astype(np.float64)
+                    s = np.linalg.svd(tau.reshape(tau.shape[0], -1), compute_uv=False)
+                    want = int(np.argmax(np.cumsum(s ** 2) >= energy * (s ** 2).sum() * (1 - 1e-12))) + 1
+                    assert records[name][1] == want, (energy, task, name)
+
+
+def test_pack_is_deterministic_and_the_randomized_svd_bounded(family, tmp_path):
+    one = _pack(family, tmp_path / "one.tallz")
+    two = _pack(family, tmp_path / "two.tallz")
+    assert one.read_bytes() == two.read_bytes()
+    # a memory budget below the matrices: the seeded randomized SVD, same bytes twice, the same ranks
+    small = LowRankOptions(memory_bytes=1 << 16)
+    three = _pack(family, tmp_path / "three.tallz", lowrank=small)
+    four = _pack(family, tmp_path / "four.tallz", lowrank=small)
+    assert three.read_bytes() == four.read_bytes()
+    with tallzip.open(one) as a, tallzip.open(three) as b:
+        exact = {r[0]: r for r in a.task_entry("task0")["lowrank"]["tensors"]}
+        randomized = {r[0]: r for r in b.task_entry("task0")["lowrank"]["tensors"]}
+        assert randomized["enc.w"][1] == exact["enc.w"][1] == 3
+        assert randomized["enc.w"][3] <= exact["enc.w"][3] * 1.05
+
+
+def test_the_committed_fixture_still_reads(tmp_path):
+    base, tasks = lowrank_family()
+    tasks = {**tasks, "added": tasks["task1"]}
+    fixture = FIXTURES / "lowrank-family.tallz"
+    data, manifest = read_archive(fixture)
+    with tallzip.open(fixture) as archive:
+        assert [archive.representation(t) for t in archive.tasks] == ["lowrank", "lowrank", "tall", "q2", "lowrank"]
+        for task in ("task0", "task1", "added"):
+            values = spec_lowrank_values(data, manifest, task)
+            out = archive.extract(task, tmp_path / f"{task}.safetensors").output
+            got = np_load(str(out))
+            for name, value in values.items():
+                want = base[name] + value
+                assert np.allclose(got[name], want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max())), (task, name)
+            assert np.array_equal(got["steps"], tasks[task]["steps"])
+    result = CliRunner().invoke(cli, ["verify", str(fixture), "--against", str(_folder(tmp_path, tasks)), "--json"])
+    report = json.loads(result.output)
+    assert result.exit_code == 0 and all(t["verdict"] == "matches" for t in report["tasks"].values()), result.output
+
+
+def _folder(tmp_path, tasks) -> Path:
+    folder = tmp_path / "against"
+    folder.mkdir(exist_ok=True)
+    for name, sd in tasks.items():
+        np_save(dict(sd), str(folder / f"{name}.safetensors"))
+    return folder
+
+
+def test_verify_says_differs_for_an_edited_task_file(family, tmp_path):
+    base, tasks, _, tasks_path = family
+    out = _pack(family, tmp_path / "a.tallz", keep="lowrank")
+    against = tmp_path / "against"
+    shutil.copytree(tasks_path, against)
+    result = CliRunner().invoke(cli, ["verify", str(out), "--against", str(against), "--json"])
+    assert result.exit_code == 0, result.output
+    assert {t["verdict"] for t in json.loads(result.output)["tasks"].values()} == {"matches"}
+    edited = dict(tasks["task1"])
+    edited["enc.w"] = edited["enc.w"].copy()
+    edited["enc.w"][5, :8] += 0.02  # a few weights, well inside the float range of the task vector
+    np_save(edited, str(against / "task1.safetensors"))
+    result = CliRunner().invoke(cli, ["verify", str(out), "--against", str(against), "--json"])
+    report = json.loads(result.output)
+    assert result.exit_code != 0
+    assert report["tasks"]["task1"]["verdict"] == "differs"
+    assert report["tasks"]["task1"]["tensors_differing"] == ["enc.w"]
+    assert "lowrank: relative error" in report["tasks"]["task1"]["differences"][0]["what"]
+    assert {report["tasks"][t]["verdict"] for t in ("task0", "task2", "task3")} == {"matches"}
+
+
+def _rewritten(out: Path, tmp_path: Path, change) -> Path:
+    import fuzz
+    data, manifest = read_archive(out)
+    manifest = json.loads(json.dumps(manifest))
+    change(manifest)
+    bad = tmp_path / "bad.tallz"
+    fuzz.write_with_manifest(data, manifest, bad)
+    return bad
+
+
+def _task(manifest, name="task0"):
+    return next(t for t in manifest["tasks"] if t["name"] == name)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: _task(m)["lowrank"]["tensors"][2].__setitem__(1, 41), "rank 41 does not fit"),
+    (lambda m: _task(m)["lowrank"]["tensors"][2].__setitem__(1, 4), "wrong size"),
+    (lambda m: _task(m)["lowrank"]["tensors"].pop(2), "no lowrank record"),
+    (lambda m: _task(m)["lowrank"]["tensors"][1].__setitem__(1, 1), "does not fit its shape"),
+    (lambda m: _task(m)["lowrank"]["tensors"][1].__setitem__(2, 5), "bad lowrank tensor record"),
+    (lambda m: _task(m)["lowrank"]["tensors"].append(list(_task(m)["lowrank"]["tensors"][0])), "repeated"),
+    (lambda m: _task(m).pop("lowrank"), "no lowrank parameters"),
+    (lambda m: next(s for s in m["sections"] if s["role"] == "lrscales" and s["task"] == "task0").__setitem__(
+        "dtype", "F32"), "does not fit its tensor or task"),
+    (lambda m: [m["sections"].remove(s) for s in list(m["sections"]) if s["role"] == "lrcodes" and s["task"] == "task0"],
+     "lowrank sections missing"),
+])
+def test_inconsistent_lowrank_entries_are_refused(family, tmp_path, change, message):
+    out = _pack(family, tmp_path / "a.tallz")
+    bad = _rewritten(out, tmp_path, change)
+    with pytest.raises(CorruptArchiveError, match=message):
+        tallzip.open(bad)
+    result = CliRunner().invoke(cli, ["extract", str(bad), "--task", "task0", "-o", str(tmp_path / "t.safetensors")])
+    assert result.exit_code != 0 and "Traceback" not in result.output and not (tmp_path / "t.safetensors").exists()
+
+
+def test_codes_out_of_the_grid_are_refused_not_rebuilt(family, tmp_path):
+    """A stream whose (checksummed) codes exceed the record's grid: claimed as 2-bit, stored as 4-bit."""
+    out = _pack(family, tmp_path / "a.tallz")
+    bad = _rewritten(out, tmp_path, lambda m: _task(m)["lowrank"]["tensors"][2].__setitem__(2, 2))
+    with tallzip.open(bad) as archive:
+        with pytest.raises(CorruptArchiveError, match="codes out of range"):
+            archive.load("task0")
+
+
+def test_an_unknown_representation_is_refused_by_name(family, tmp_path):
+    from tallzip.formats.errors import UnsupportedVersionError
+    out = _pack(family, tmp_path / "a.tallz")
+    bad = _rewritten(out, tmp_path, lambda m: _task(m).__setitem__("representation", "lowrank2"))
+    with pytest.raises(UnsupportedVersionError, match="'lowrank2'"):
+        tallzip.open(bad)
+
+
+def test_resident_switches_to_what_load_gives(family, tmp_path):
+    out = _pack(family, tmp_path / "a.tallz")
+    with tallzip.open(out) as archive:
+        resident = archive.resident("cpu")
+        for task in archive.tasks * 2:
+            live = resident.state_dict(task)
+            for name, tensor in archive.load(task).items():
+                assert torch.equal(live[name], tensor), (task, name)
+        assert resident.memory()["tasks"]["task0"] > 0
+
+
+def test_add_keeps_a_new_task_lowrank_and_info_counts_it(family, tmp_path):
+    base, tasks, _, tasks_path = family
+    out = _pack(family, tmp_path / "a.tallz", keep="tall")
+    result = CliRunner().invoke(cli, ["add", str(out), str(tasks_path / "task3.safetensors"), "--task", "late",
+                                      "--keep", "lowrank"])
+    assert result.exit_code == 0, result.output
+    data, manifest = read_archive(out)
+    values = spec_lowrank_values(data, manifest, "late")
+    with tallzip.open(out) as archive:
+        assert archive.representation("late") == "lowrank"
+        got = archive.load("late")
+        for name, value in values.items():
+            assert np.allclose(got[name].numpy(), base[name] + value, atol=1e-6), name
+    info = json.loads(CliRunner().invoke(cli, ["info", str(out), "--json"]).output)
+    row = info["tasks"]["late"]
+    coded = sum(s["length"] for s in manifest["sections"] if s["task"] == "late" and s["role"].startswith("lr"))
+    masked = sum(math.prod(t["shape"]) for t in manifest["tensors"].values() if t["kind"] == "masked")
+    assert row["representation"] == "lowrank" and row["bits_per_param"] == pytest.approx(8 * coded / masked)
+    assert info["lossless"] is False
+
+
+def test_lowrank_options_are_checked():
+    with pytest.raises(TallzipError, match="energy"):
+        LowRankOptions(energy=1.5)
+    with pytest.raises(TallzipError, match="bits"):
+        LowRankOptions(factor_bits=5)
+    with pytest.raises(TallzipError, match="bits"):
+        LowRankOptions(quant_tensors=(("conv*", 7),))
+    assert LowRankOptions(quant_tensors=(("conv*", 3),)).tensor_bits("conv1.weight") == 3
+    assert LowRankOptions().tensor_bits("conv1.weight") is None
+
+
+def test_pack_cli_takes_the_lowrank_options(family, tmp_path):
+    _, _, base_path, tasks_path = family
+    out = tmp_path / "cli.tallz"
+    result = CliRunner().invoke(cli, ["pack", str(tasks_path), "--base", str(base_path), "-o", str(out), "--keep",
+                                      "lowrank", "--lowrank-energy", "0.8", "--lowrank-quant", "conv.*=8"])
+    assert result.exit_code == 0, result.output
+    with tallzip.open(out) as archive:
+        params = archive.task_entry("task0")["lowrank"]
+        assert params["energy"] == 0.8 and ["conv.w", 0, 8] == params["tensors"][0][:3]
+    result = CliRunner().invoke(cli, ["pack", str(tasks_path), "--base", str(base_path), "-o", str(tmp_path / "x"),
+                                      "--keep", "lowrank", "--lowrank-quant", "conv.*=5"])
+    assert result.exit_code != 0 and "PATTERN=BITS" in result.output
