@@ -298,3 +298,39 @@ def test_pack_cli_takes_the_lowrank_options(family, tmp_path):
     result = CliRunner().invoke(cli, ["pack", str(tasks_path), "--base", str(base_path), "-o", str(tmp_path / "x"),
                                       "--keep", "lowrank", "--lowrank-quant", "conv.*=5"])
     assert result.exit_code != 0 and "PATTERN=BITS" in result.output
+
+
+def test_select_representation_scores_lowrank_as_the_archive_rebuilds_it(family, tmp_path):
+    """A score that is the rebuilt enc.w's distance to the original: lowrank passes only within a tolerance that
+    its error fits (numpy's), and the score recorded is the stored model's."""
+    base, tasks, base_path, tasks_path = family
+
+    def score(task, state):
+        tau = tasks[task]["enc.w"] - base["enc.w"]
+        return -float(np.linalg.norm(state["enc.w"].numpy() - tasks[task]["enc.w"]) / np.linalg.norm(tau))
+
+    out = tmp_path / "sel.tallz"
+    selector = tallzip.select_representation(score, tolerance=0.5, candidates=("lowrank", "q2"))
+    tallzip.pack(tasks_path, base_path, out, StoreOptions(keep=selector, chunk_elements=CHUNK))
+    with tallzip.open(out) as archive:
+        for task in tasks:
+            # finetuned scores 0, so the floor is 0 whatever the tolerance: nothing lossy is within it -> exact
+            assert archive.representation(task) == "exact"
+    relative = lambda t: lambda task, state: 1.0 + score(task, state)  # noqa: E731  fine-tuned: 1.0
+    selector = tallzip.select_representation(relative(None), tolerance=0.2, candidates=("lowrank", "q2"))
+    tallzip.pack(tasks_path, base_path, out, StoreOptions(keep=selector, chunk_elements=CHUNK), force=True)
+    data, manifest = read_archive(out)
+    with tallzip.open(out) as archive:
+        for task in tasks:
+            assert archive.representation(task) == "lowrank"  # its enc.w error (~0.15) is within 0.2
+            value = spec_lowrank_values(data, manifest, task)["enc.w"]
+            want = 1.0 - rel_error(tasks[task]["enc.w"] - base["enc.w"], value)
+            assert selector.scores[task]["lowrank"] == pytest.approx(want, abs=1e-5)
+            assert selector.scores[task]["lowrank"] == relative(None)(task, archive.load(task))
+    selector = tallzip.select_representation(relative(None), tolerance=0.1, candidates=("lowrank", "q2"))
+    tallzip.pack(tasks_path, base_path, out, StoreOptions(keep=selector, chunk_elements=CHUNK), force=True)
+    with tallzip.open(out) as archive:  # lowrank's ~0.15 is not within 0.1 (nor q2's): the fine-tuned tensors
+        assert {archive.representation(t) for t in tasks} == {"exact"}
+    assert all(0.8 < selector.scores[t]["lowrank"] < 0.9 and "q2" in selector.scores[t] for t in tasks)
+    with pytest.raises(TallzipError, match="'q1x'"):
+        tallzip.select_representation(score, candidates=("q1x",))

@@ -79,6 +79,7 @@ def pack(tasks, base, output, store: StoreOptions | None = None, run: RunOptions
     if lam is None:
         lam = selected_lambdas(family, merger, lambdas, device, progress)
     if selector is not None:  # after the mtv's method and the lambdas: the tall candidate is rebuilt from them
+        selector.lowrank = store.lowrank  # a lowrank candidate is scored as it will be stored
         keep = choose_representations(family, selector, chunk_elements, progress, tall=(merger, lam, mtv_dtype))
         reps = task_representations(keep, task_names)
     if auto:  # from the weights alone: one extra pass estimating every candidate
