@@ -179,7 +179,7 @@ def cli():
 @click.option("--lambda", "lambdas", multiple=True, metavar="[TASK=]L", help="mask lambda, for all or one task (default 0.4)")
 @click.option("--keep", "keep", multiple=True, metavar="[TASK=]REP",
               help="how tasks are kept: REP for all, TASK=REP for one (TASK=exact, say); REP is tall (default; "
-                   "base + mask * mtv), q8, q4, q3, q2 (the task's own vector quantized), lowrank (its matrices' quantized "
+                   "base + mask * mtv), q8, q4, q3, q2, q1 (the task's own vector quantized; q1: signs), lowrank (its matrices' quantized "
                    "top singular triplets, ~1-1.5 bits/weight) or exact (lossless); "
                    "auto: per task the smallest whose data-free estimate is good (no data needed)")
 @click.option("--keep-by", "keep_by", metavar="MODULE:FUNCTION",
@@ -410,7 +410,7 @@ def verify_cmd(archive, against, base, memory, as_json):
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--task", required=True, help="name of the new task")
-@click.option("--keep", type=click.Choice(["q2", "q3", "q4", "q8", "lowrank", "exact", "tall"]), default="q2", show_default=True,
+@click.option("--keep", type=click.Choice(["q1", "q2", "q3", "q4", "q8", "lowrank", "exact", "tall"]), default="q2", show_default=True,
               help="how the new task is kept (tall is refused: the task is not in the stored mtv)")
 @click.option("--base", type=click.Path(path_type=Path), help="the base, for archives packed with --base-ref")
 @AS_JSON

@@ -107,7 +107,7 @@ class StoreOptions:
     """What an archive stores; its bytes depend only on the inputs and these.
 
     lambdas: one number, {task: number} ('*' for the rest), or select_lambdas(evaluate). keep: how each
-    task is kept: tall (default), q8, q4, q3, q2, lowrank or exact for all, {task: rep} with '*' for the rest, or
+    task is kept: tall (default), q8, q4, q3, q2, q1, lowrank or exact for all, {task: rep} with '*' for the rest, or
     select_representation(evaluate, tolerance). merge: 'sum' or 'ties' (top-`density` trim, disjoint sum).
     mtv_dtype: the stored mtv's precision ('float32' is lossless). codecs: {'float', 'mask', 'other': codec}
     (missing keys take DEFAULT_CODECS; held here completed). level: zstandard's, 1..22. base_ref: store only

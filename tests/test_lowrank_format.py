@@ -1,4 +1,4 @@
-"""The `lowrank` representation in the archive (issue 22; formats/SPEC.md "lowrank"): a decoder written here from the
+"""The `lowrank` and `q1` representations in the archive (issue 22; formats/SPEC.md): a decoder written here from the
 SPEC text (numpy, zstandard and the spec-decoder's container reader, nothing of tallzip's) reads what tallzip
 wrote and agrees with tallzip's rebuild to float32 rounding and with the originals within the recorded error; the
 rank follows the energy rule of a numpy SVD; the committed fixture still reads; damaged or inconsistent low-rank
@@ -25,7 +25,7 @@ from tallzip.errors import TallzipError
 from tallzip.formats.errors import CorruptArchiveError
 from tallzip.options import LowRankOptions, StoreOptions
 
-from test_spec_decoder import bf16_to_f32, plan, read_archive, read_section, section_chunks
+from test_spec_decoder import bf16_to_f32, chunk_view_shape, plan, read_archive, read_section, section_chunks
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 sys.path.insert(0, str(FIXTURES))
@@ -68,6 +68,44 @@ def spec_lowrank_values(data, manifest, task) -> dict:
         out[name] = value.reshape(shape).astype(np.float32)
     assert (at_code, at_scale) == (len(codes), len(scales))  # the streams hold exactly the records
     return out
+
+
+def spec_q1_values(data, manifest, task) -> dict:
+    """SPEC "q1": a q* task with b = 1 on the sign grid: value = f32(code) * f32(scale[r * G + j]) per chunk."""
+    quant = next(t for t in manifest["tasks"] if t["name"] == task)["quant"]
+    assert quant == {"bits": 1, "group": 128, "grid": "sign", "method": "mean", "scale_dtype": "BF16"}
+    out = {}
+    for name, info in manifest["tensors"].items():
+        if info["kind"] != "masked":
+            continue
+        shape, chunks = info["shape"], plan(info["shape"], manifest["chunk_elements"])
+        codes = read_section(data, manifest, "qcodes", name, task, counts=[n for _, n in chunks]).view(np.int8)
+        assert set(np.unique(codes).tolist()) <= {-1, 1}
+        parts = [bf16_to_f32(np.frombuffer(zstandard.ZstdDecompressor().decompress(p), dtype="<u2"))
+                 for _, _, p, _ in section_chunks(data, manifest, "qscales", name, task)]
+        value = np.empty(math.prod(shape), dtype=np.float32)
+        for (start, count), scales in zip(chunks, parts):
+            view = chunk_view_shape(shape, start, count)
+            cols = view[-1] if view else 1
+            i = np.arange(count)
+            value[start:start + count] = codes[start:start + count].astype(np.float32) * \
+                scales[(i // cols) * -(-cols // 128) + (i % cols) // 128]
+        out[name] = value.reshape(shape)
+    return out
+
+
+def np_q1(tau: np.ndarray, chunk_elements: int):
+    """SPEC's q1 writer in numpy: per chunk's rows, groups of 128: codes -1 where tau < 0 else +1, scale = mean |tau|
+    (float64 here, before its bfloat16 rounding); the codes flat and each weight's scale, flat."""
+    shape, codes, scales = tau.shape, np.where(tau.reshape(-1) < 0, -1, 1).astype(np.int8), []
+    for start, count in plan(list(shape), chunk_elements):
+        view = chunk_view_shape(list(shape), start, count)
+        rows = tau.reshape(-1)[start:start + count].reshape(-1, view[-1] if view else 1)
+        for row in rows:
+            for g in range(0, row.size, 128):
+                group = np.abs(row[g:g + 128]).astype(np.float64)
+                scales += [group.mean()] * group.size
+    return codes, np.array(scales)
 
 
 def rel_error(tau, value) -> float:
@@ -147,7 +185,10 @@ def test_the_committed_fixture_still_reads(tmp_path):
     fixture = FIXTURES / "lowrank-family.tallz"
     data, manifest = read_archive(fixture)
     with tallzip.open(fixture) as archive:
-        assert [archive.representation(t) for t in archive.tasks] == ["lowrank", "lowrank", "tall", "q2", "lowrank"]
+        assert [archive.representation(t) for t in archive.tasks] == ["lowrank", "lowrank", "tall", "q1", "lowrank"]
+        q1 = archive.load("task3")
+        for name, want in spec_q1_values(data, manifest, "task3").items():
+            assert np.array_equal(q1[name].numpy(), base[name] + want), name  # elementwise: bit for bit
         for task in ("task0", "task1", "added"):
             values = spec_lowrank_values(data, manifest, task)
             out = archive.extract(task, tmp_path / f"{task}.safetensors").output
@@ -334,3 +375,54 @@ def test_select_representation_scores_lowrank_as_the_archive_rebuilds_it(family,
     assert all(0.8 < selector.scores[t]["lowrank"] < 0.9 and "q2" in selector.scores[t] for t in tasks)
     with pytest.raises(TallzipError, match="'q1x'"):
         tallzip.select_representation(score, candidates=("q1x",))
+
+
+def test_q1_stores_signs_and_mean_magnitudes_as_the_spec_says(family, tmp_path):
+    base, tasks, _, tasks_path = family
+    out = _pack(family, tmp_path / "q1.tallz", keep="q1")
+    data, manifest = read_archive(out)
+    with tallzip.open(out) as archive:
+        for task in tasks:
+            assert archive.representation(task) == "q1"
+            values = spec_q1_values(data, manifest, task)
+            loaded = archive.load(task)
+            for name, value in values.items():
+                tau = tasks[task][name] - base[name]
+                codes, means = np_q1(tau, CHUNK)
+                assert np.array_equal(np.sign(value.reshape(-1)).astype(np.int8), codes), (task, name)
+                # each weight's stored scale: the group's mean |tau| rounded to bfloat16 (half an ulp: <= 2^-8 of it)
+                assert np.all(np.abs(np.abs(value.reshape(-1)) - means) <= 2 ** -8 * means * (1 + 1e-6)), (task, name)
+                assert np.array_equal(loaded[name].numpy(), base[name] + value), (task, name)
+        resident = archive.resident("cpu")
+        for task in tasks:
+            assert all(torch.equal(resident.state_dict(task)[n], t) for n, t in archive.load(task).items())
+    against = tmp_path / "against"
+    shutil.copytree(tasks_path, against)
+    result = CliRunner().invoke(cli, ["verify", str(out), "--against", str(against), "--json"])
+    assert result.exit_code == 0 and {t["verdict"] for t in json.loads(result.output)["tasks"].values()} == {"matches"}
+    edited = dict(tasks["task2"])
+    edited["enc.w"] = edited["enc.w"].copy()
+    tau = edited["enc.w"][7, 3] - base["enc.w"][7, 3]
+    edited["enc.w"][7, 3] = base["enc.w"][7, 3] - tau  # one weight's task vector flipped: another sign
+    np_save(edited, str(against / "task2.safetensors"))
+    result = CliRunner().invoke(cli, ["verify", str(out), "--against", str(against), "--json"])
+    report = json.loads(result.output)["tasks"]
+    assert result.exit_code != 0 and report["task2"]["verdict"] == "differs"
+    assert report["task2"]["tensors_differing"] == ["enc.w"] and "another sign" in report["task2"]["differences"][0]["what"]
+    assert {report[t]["verdict"] for t in ("task0", "task1", "task3")} == {"matches"}
+
+
+def test_q1_codes_beyond_the_sign_grid_are_refused(family, tmp_path):
+    """A q3 task relabelled q1 (its quant made a valid sign grid): its codes (up to +-3) are refused at decode."""
+    out = _pack(family, tmp_path / "q3.tallz", keep="q3")
+
+    def relabel(m):
+        _task(m, "task0")["representation"] = "q1"
+        _task(m, "task0")["quant"].update(bits=1, grid="sign")
+    bad = _rewritten(out, tmp_path, relabel)
+    with tallzip.open(bad) as archive:
+        with pytest.raises(CorruptArchiveError, match="codes out of range"):
+            archive.load("task0")
+    bad = _rewritten(out, tmp_path, lambda m: _task(m, "task0").update(representation="q1"))  # bits 3 for q1
+    with pytest.raises(CorruptArchiveError, match="bad quant parameters"):
+        tallzip.open(bad)

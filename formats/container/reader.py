@@ -115,7 +115,8 @@ def _is_dtype_list(value) -> bool:
 
 def _is_quant(value, bits: int) -> bool:
     """A q* task's "quant" entry: what its codes and scales mean (SPEC.md, representations)."""
-    return (isinstance(value, dict) and value.get("bits") == bits and value.get("grid") in ("symmetric", "asymmetric")
+    return (isinstance(value, dict) and value.get("bits") == bits and value.get("grid") in ("symmetric", "asymmetric", "sign")
+            and (value.get("grid") == "sign") == (bits == 1)  # q1 is a sign code, and only q1
             and (value.get("group") is None or (_is_count(value.get("group")) and value["group"] >= 1))
             and _one_of(value.get("scale_dtype"), SCALE_DTYPES) and isinstance(value.get("method", "rtn"), str))
 
@@ -331,7 +332,7 @@ class ArchiveReader:
             elif role == ROLE_QCODES:
                 quant = quants.get(task) if reps.get(task) in QUANT_BITS else None
                 ok = (quant is not None and info is not None and entry["shape"] == info["shape"]
-                      and entry["dtype"] == ("I8" if quant["grid"] == "symmetric" else "U8"))
+                      and entry["dtype"] == ("U8" if quant["grid"] == "asymmetric" else "I8"))
             elif role in (ROLE_QSCALES, ROLE_QOFFSETS):
                 quant = quants.get(task) if reps.get(task) in QUANT_BITS else None
                 ok = (quant is not None and info is not None and entry["of_shape"] == info["shape"]

@@ -187,7 +187,7 @@ class Archive(DeprecatedAliases):
         raise CorruptArchiveError(f"{self.path}: damaged archive (tensor {name!r} of unknown kind)")
 
     def representation(self, task: str) -> str:
-        """How the task is rebuilt: tall, q8, q4, q3, q2, lowrank or exact (SPEC.md)."""
+        """How the task is rebuilt: tall, q8, q4, q3, q2, q1, lowrank or exact (SPEC.md)."""
         return self.task_entry(task).get("representation", REPRESENTATION_TALL)
 
     def has_own_rebuild(self, task: str, name: str) -> bool:
@@ -204,7 +204,7 @@ class Archive(DeprecatedAliases):
         """(codes, scales float32, offsets float32 or None, chunk shape) of one chunk of a q* task's
         tensor, range-checked."""
         quant = self.task_entry(task)["quant"]
-        symmetric = quant["grid"] == "symmetric"
+        symmetric = quant["grid"] != "asymmetric"  # "sign" (q1): codes -1/+1, decoded as symmetric
         codes_entry = self.section_entry(ROLE_QCODES, name, task)
         chunk = self.reader.chunks(codes_entry)[index]
         codes = torch.from_numpy(self.reader.read_chunk(codes_entry, chunk).view(np.int8 if symmetric else np.uint8)
@@ -217,7 +217,8 @@ class Archive(DeprecatedAliases):
 
         scales = side(ROLE_QSCALES)
         offsets = None if symmetric else side(ROLE_QOFFSETS)
-        low, high = (-(2 ** (quant["bits"] - 1) - 1), 2 ** (quant["bits"] - 1) - 1) if symmetric else \
+        top = max(1, 2 ** (quant["bits"] - 1) - 1)
+        low, high = (-top, top) if symmetric else \
             (0, 2 ** quant["bits"] - 1)
         if (codes.numel() and (int(codes.min()) < low or int(codes.max()) > high)) or \
                 not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()) or \

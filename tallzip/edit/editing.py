@@ -85,13 +85,13 @@ def _open_v2(path, base, need_base: bool = True) -> Archive:
 
 def add(archive, checkpoint, task: str, *, keep: str = ADD_DEFAULT, base=None, progress=None,
         lowrank: LowRankOptions | None = None) -> dict:
-    """Add `checkpoint` as task `task`, kept as `keep` (q8/q4/q3/q2/lowrank/exact; lowrank: how, LowRankOptions);
+    """Add `checkpoint` as task `task`, kept as `keep` (q8/q4/q3/q2/q1/lowrank/exact; lowrank: how, LowRankOptions);
     returns the new manifest."""
     if keep == REPRESENTATION_TALL:
         raise TallzipError("a task added later cannot be kept tall: it is not in the stored mtv, so a mask would "
-                           "select another vector (the other tasks' sum); use q8, q4, q3, q2, lowrank or exact")
+                           "select another vector (the other tasks' sum); use q8, q4, q3, q2, q1, lowrank or exact")
     if keep not in REPRESENTATIONS:
-        raise TallzipError(f"unknown representation {keep!r} (expected one of q8, q4, q3, q2, lowrank, exact)")
+        raise TallzipError(f"unknown representation {keep!r} (expected one of q8, q4, q3, q2, q1, lowrank, exact)")
     if not is_plain_file_name(task):
         raise TallzipError(f"task name {task!r} cannot be a file name (no '/', '\\', NUL, '.' or '..')")
     arc = _open_v2(archive, base)

@@ -31,13 +31,13 @@ from tallzip.ops.tall import tall_mask
 from tallzip.ops.taskvec import as_compute, rebuild as tall_rebuild, stored_mtv
 
 CANDIDATES = ("tall", "q2", "q3", "q4", "q8")  # smallest first; exact is the fallback and needs no evaluation
-# also allowed, not tried unless named (issue 22): lowrank, ~1.4 bits per weight on the vision benchmark (RESULTS.md,
+# also allowed, not tried unless named (issue 22; q1 below): lowrank, ~1.4 bits per weight on the vision benchmark (RESULTS.md,
 # "Real archives"), so ("tall", "lowrank", "q2", ...) tries it before q2
-ALLOWED = (*CANDIDATES, "lowrank")
+ALLOWED = (*CANDIDATES, "lowrank", "q1")  # q1: ~1.1 bits per weight, 96.9% there: for families it suits
 # Bits per weight before entropy coding, to weigh the mtv against what tall saves: a mask bit; q* codes plus
 # a bfloat16 scale per group of 128 (and an offset for the asymmetric q2); exact: the weight's own bits.
 NOMINAL_BITS = {"tall": 1.0, "q2": 2 + 32 / QUANT_GROUP, "q3": 3 + 16 / QUANT_GROUP, "q4": 4 + 16 / QUANT_GROUP,
-                "q8": 8 + 16 / QUANT_GROUP, "lowrank": 1.5}
+                "q8": 8 + 16 / QUANT_GROUP, "lowrank": 1.5, "q1": 1 + 16 / QUANT_GROUP}
 MTV_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 
 

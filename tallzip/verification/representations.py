@@ -5,6 +5,8 @@ against the original checkpoint (tall tasks keep the TALL mask checks of verific
 * q* (symmetric round-to-nearest, scale rounded up so the grid covers the group: no clipping):
   tau = f32(original) - f32(base) lies within half a stored scale of f32(code) * f32(scale), plus the
   decode's own float32 rounding (a few ulps).
+* q1: every stored code is tau's sign (-1 where tau < 0, else +1) and every scale mean |tau| of its group,
+  to the bfloat16 rounding (2^-8 relative) and the summation order;
 * lowrank: per tensor, ||tau - value|| / ||tau|| recomputed over its chunks is no larger than the relative error
   the manifest recorded (rounded up) plus LOWRANK_SLACK of it; codes and scales range-checked as they are read.
 Math over chunks of tensors; the archive gives the chunks (verification.py walks them).
@@ -17,6 +19,7 @@ import torch
 from tallzip.formats.container.constants import QUANT_BITS, REPRESENTATION_EXACT
 from tallzip.formats.tensors import to_bits, torch_dtype
 from tallzip.ops.quantize import per_element
+from tallzip.ops.signcode import SignSpec, sign_quantize
 from tallzip.ops.representations import dequantize_chunk, rebuild_quantized
 from tallzip.ops.taskvec import as_compute
 
@@ -30,7 +33,9 @@ GUARANTEES = {
     "tall": "the TALL mask is what the rule gives from the checkpoint, within the stored mtv's rounding",
     "exact": "every weight bit-identical",
     **{q: "every weight of the task vector within half a stored scale (round to nearest, no clipping)"
-       for q in QUANT_BITS},
+       for q in QUANT_BITS if q != "q1"},
+    "q1": "every stored sign that of the task vector's weight, every scale the mean |tau| of its group "
+          "(to the scale dtype's rounding)",
 }
 
 
@@ -58,10 +63,26 @@ def check_task_chunk(arc, task: str, name: str, index: int, base_c: torch.Tensor
         return int(np.count_nonzero(to_bits(rebuilt) != to_bits(orig_c.to(rebuilt.dtype))))
     # the archive's q* rebuild (Archive._represented_chunk), the codes decoded once for it and the check
     codes, scales, offsets, shape = arc.quant_chunk(task, name, index)
-    group = arc.task_entry(task)["quant"]["group"]
+    quant = arc.task_entry(task)["quant"]
+    group = quant["group"]
     value = dequantize_chunk(codes, scales, shape, group, offsets)
     error.add(rebuild_quantized(base_c, value).to(torch_dtype(arc.task_dtypes(task)[name])), orig_c)
-    return quant_outside(as_compute(orig_c) - as_compute(base_c), value, scales, shape, group)
+    tau = as_compute(orig_c) - as_compute(base_c)
+    if quant["grid"] == "sign":
+        return sign_outside(tau, codes, scales, shape, group)
+    return quant_outside(tau, value, scales, shape, group)
+
+
+def sign_outside(tau: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, shape, group) -> int:
+    """How many weights of one q1 chunk break its guarantee: a stored sign that is not tau's (-1 where tau < 0,
+    else +1), or a weight of a group whose stored scale is not mean |tau| of the group (2^-7 of it plus a float32
+    ulp: a bfloat16 rounding to nearest and the summation order)."""
+    x = tau.reshape(-1).to(torch.float32)
+    wrong_sign = codes.reshape(-1) != torch.where(x < 0, -1, 1).to(codes.dtype)
+    mean = sign_quantize(x.reshape(shape), SignSpec(group, 1.0, "float32")).scales.reshape(-1)
+    off = (scales.reshape(-1).to(torch.float32) - mean).abs() > 2.0 ** -7 * mean + torch.finfo(torch.float32).tiny
+    wrong_scale = per_element(off.to(torch.float32), shape, group).reshape(-1) > 0
+    return int(torch.count_nonzero(wrong_sign | wrong_scale))
 
 
 def lowrank_chunk_sums(arc, task: str, name: str, index: int, base_c: torch.Tensor, orig_c: torch.Tensor,
@@ -85,5 +106,6 @@ def lowrank_exceeds(diff_sq: float, tau_sq: float, recorded: float) -> float | N
 def difference_text(representation: str, outside: int, total: int) -> str:
     """The difference a q*/exact task's tensor is reported with, `outside` of its `total` weights off."""
     what = "values differ (exact: must be bit-identical)" if representation == REPRESENTATION_EXACT else \
+        "weights have another sign or a group's mean |tau| another scale" if representation == "q1" else \
         f"weights lie beyond half a stored scale of their {representation} code"
     return f"{representation}: {outside:,} of {total:,} {what}"
