@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from benchmarks.data import TASKS
 from benchmarks.family import Family
 
 HERE = Path(__file__).resolve().parent
+VAL_FLOOR = 0.995  # of the fine-tuned val accuracy (250 images: 0.4% an image)
 GOAL = {"ratio": 12.0, "normalized": 0.995, "min_task": 0.99}
 CONV = (("conv1.weight", 3),)
 SETTINGS = [
@@ -45,7 +47,14 @@ SETTINGS = [
     ("lowrank e0.93, 4-bit; conv1 q3", LowRankOptions(energy=0.93, quant_tensors=CONV)),
     ("lowrank e0.93, 4-bit; conv1 q3; --float-codec planes+ans", LowRankOptions(energy=0.93, quant_tensors=CONV),
      {"codecs": {"float": "planes+ans"}}),
+    ("every task q1 (sign + bf16 mean |tau| per 128)", LowRankOptions(), {"keep": "q1"}),
 ]
+
+
+def _packed(bench: Bench, work: Path, options) -> Path:
+    path = work / "val-choice.tallz"
+    tallzip.pack(bench.task_paths, bench.base_path, path, StoreOptions(keep="lowrank", lowrank=options), force=True)
+    return path
 
 
 def pack(bench: Bench, tasks, path: Path, **store) -> dict:
@@ -58,7 +67,8 @@ def pack(bench: Bench, tasks, path: Path, **store) -> dict:
             "base_bytes": sum(s["length"] for s in sections if s["role"] == "base"),
             "roles": {r: sum(s["length"] for s in sections if s["role"] == r) for r in {s["role"] for s in sections}},
             "digests": {s["task"]: [c["blake3"] for c in s["chunks"]] for s in sections if s["role"] == "lrcodes"},
-            "records": {t["name"]: t.get("lowrank", {}).get("tensors") for t in manifest["tasks"]}}
+            "records": {t["name"]: t.get("lowrank", {}).get("tensors") or [] for t in manifest["tasks"]},
+            "estimates": {t["name"]: t.get("estimate") for t in manifest["tasks"]}}
 
 
 def other_codecs(path: Path) -> dict:
@@ -79,6 +89,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", type=int, nargs="+", default=[8, 14, 20])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--settings", type=int, nargs="+", default=list(range(len(SETTINGS))))
+    parser.add_argument("--val-choice", action="store_true",
+                        help="also: e0.92 + conv1 q3, each task raised to e0.95 where its val accuracy falls under VAL_FLOOR")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "lowrank_archive.json")
     args = parser.parse_args(argv)
     command = "python -m benchmarks.lowrank_archive " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -103,19 +115,20 @@ def main(argv=None) -> int:
                                     "base_ref": inputs / q2_ref["bytes"], "sections": q2["sections"]})
             print(f"N={n} q2: {q2['bytes']:,} B {inputs / q2['bytes']:.2f}x, --base-ref {inputs / q2_ref['bytes']:.2f}x",
                   flush=True)
-        for index in args.settings:
-            label, options, *extra = SETTINGS[index]
-            extra = extra[0] if extra else {}
+        def measure(index, label, options, extra, energies=()):
+            """Pack, evaluate and record one setting; energies: (task, energy) pairs (those among the N packed)."""
             packs = {}
             for n in args.tasks:
                 path = work / f"lr{index}-{n}.tallz"
-                packs[n] = pack(bench, bench.tasks[:n], path, keep="lowrank", lowrank=options, **extra)
-                packs[n]["ref"] = pack(bench, bench.tasks[:n], work / f"lr{index}-{n}-ref.tallz", keep="lowrank",
-                                       lowrank=options, base_ref=True, **extra)
+                extra = {"keep": "lowrank", **extra}
+                mine = replace(options, task_energy=tuple(p for p in energies if p[0] in bench.tasks[:n]))
+                packs[n] = pack(bench, bench.tasks[:n], path, lowrank=mine, **extra)
+                packs[n]["ref"] = pack(bench, bench.tasks[:n], work / f"lr{index}-{n}-ref.tallz", lowrank=mine,
+                                       base_ref=True, **extra)
                 if n == n_max and index == 0:
                     results["codecs"] = other_codecs(path)
             for n in args.tasks:  # a task's sections do not depend on the others
-                assert all(packs[n]["digests"][t] == packs[n_max]["digests"][t] for t in bench.tasks[:n])
+                assert all(packs[n]["digests"].get(t) == packs[n_max]["digests"].get(t) for t in bench.tasks[:n])
             test, seconds = {}, time.perf_counter()
             with tallzip.open(work / f"lr{index}-{n_max}.tallz") as arc:
                 for task in bench.tasks:
@@ -127,7 +140,7 @@ def main(argv=None) -> int:
                 norm = {t: test[t] / ft[t] for t in tasks}
                 p = packs[n]
                 params = sum(v.numel() for v in bench.base_state.values())
-                payload = sum(p["roles"].get(r, 0) for r in ("lrcodes", "lrscales"))
+                payload = sum(p["roles"].get(r, 0) for r in ("lrcodes", "lrscales", "qcodes", "qscales"))
                 ranks = [r[1] for t in tasks for r in p["records"][t] if r[1]]
                 row = {"label": label, "tasks": n, "bytes": p["bytes"], "ref_bytes": p["ref"]["bytes"],
                        "self_contained": inputs / p["bytes"], "base_ref": inputs / p["ref"]["bytes"],
@@ -138,6 +151,7 @@ def main(argv=None) -> int:
                        "normalized": statistics.mean(norm.values()), "min_task": min(norm.values()),
                        "worst": min(norm, key=norm.get), "tasks_under_99": sorted(t for t in tasks if norm[t] < 0.99),
                        "per_task": norm, "median_rank": statistics.median(ranks) if ranks else 0,
+                       "estimate_cosine": {t: (p["estimates"][t] or {}).get("cosine") for t in tasks},
                        "eval_seconds": round(seconds, 1)}
                 row["meets_goal"] = (row["self_contained"] >= GOAL["ratio"] and row["normalized"] >= GOAL["normalized"]
                                      and row["min_task"] >= GOAL["min_task"])
@@ -146,6 +160,20 @@ def main(argv=None) -> int:
                       f"{row['archive_bits_per_weight_per_task']:.3f} b/w/task (payload {row['payload_bits_per_weight_per_task']:.3f}), "
                       f"manifest {row['manifest_bytes']:,} B, {row['normalized']:.2%} (min {row['min_task']:.2%} "
                       f"{row['worst']}), goal {'MET' if row['meets_goal'] else 'not met'}", flush=True)
+
+        for index in args.settings:
+            label, options, *extra = SETTINGS[index]
+            measure(index, label, options, extra[0] if extra else {})
+        if args.val_choice:
+            # per task on val: e0.92 + conv1 q3 where it keeps >= VAL_FLOOR of the fine-tuned val accuracy, else e0.95
+            options = SETTINGS[3][1]
+            with tallzip.open(_packed(bench, work, options)) as arc:
+                val = {t: family.evaluate(t, arc.load(t), "val") / bench.finetuned["val"][t] for t in bench.tasks}
+            raised = tuple((t, 0.95) for t in bench.tasks if val[t] < VAL_FLOOR)
+            results["val_choice"] = {"val_normalized": val, "raised_to_0.95": [t for t, _ in raised], "floor": VAL_FLOOR}
+            print(f"on val, under {VAL_FLOOR:.1%} at e0.92: {[t for t, _ in raised]}", flush=True)
+            measure(len(SETTINGS), f"lowrank e0.92 (e0.95 where val < {VAL_FLOOR:.1%}: {len(raised)} tasks), 4-bit; "
+                                   f"conv1 q3", options, {}, raised)
     results["elapsed_seconds"] = round(time.perf_counter() - start)
     print(f"codes streams of the {n_max}-task e0.95 archive by codec: {results['codecs']}")
     print(f"elapsed {results['elapsed_seconds']} s")

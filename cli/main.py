@@ -203,8 +203,8 @@ def cli():
 @click.option("--allow-nonfinite", is_flag=True, help="pack tensors holding NaN or Inf")
 @click.option("--chunk-elements", type=int, default=None,
               help="elements per chunk the archive is cut into (default 4194304 = 2^22)")
-@click.option("--lowrank-energy", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="lowrank tasks: share of each matrix's ||tau||^2 its rank keeps (default 0.95)")
+@click.option("--lowrank-energy", "lowrank_energy", multiple=True, metavar="[TASK=]E",
+              help="lowrank tasks: share of each matrix's ||tau||^2 its rank keeps, for all or one task (default 0.95)")
 @click.option("--lowrank-quant", "lowrank_quant", multiple=True, metavar="PATTERN=BITS",
               help="lowrank tasks: keep tensors matching PATTERN (fnmatch) as q{BITS} (2, 3, 4, 8) instead of factors")
 @MEMORY

@@ -73,19 +73,24 @@ class LowRankOptions:
     fraction of ||tau||^2; factor_bits: its factors' codes (one bfloat16 scale per singular vector); fallback_bits:
     the q* code (groups of `group` along the matrix's rows) of 1-d tensors and of matrices whose rank would cost
     more; quant_tensors: ((fnmatch pattern, bits), ...) tensors always kept as q{bits} instead of factors (e.g.
-    a patch convolution low rank keeps poorly); seed: the randomized SVD's (matrices over memory_bytes as float64)."""
+    a patch convolution low rank keeps poorly); task_energy: ((task, energy), ...) another energy for those tasks
+    (one that evaluation showed needs more, or keeps its accuracy with less); seed: the randomized SVD's (matrices
+    over memory_bytes as float64)."""
     energy: float = 0.95
     factor_bits: int = 4
     fallback_bits: int = 4
     group: int = 128
     quant_tensors: tuple = ()
+    task_energy: tuple = ()
     seed: int = 0
     memory_bytes: int = 256 << 20
 
     def __post_init__(self):
-        energy = self.energy
-        if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
-            raise TallzipError(f"lowrank energy must be in (0, 1], got {energy!r}")
+        pairs = [pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else (None, None) for pair in self.task_energy]
+        for energy in [self.energy, *(e for _, e in pairs)]:
+            if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
+                raise TallzipError(f"lowrank energy must be in (0, 1], got {energy!r} (task_energy: (task, energy) pairs)")
+        object.__setattr__(self, "task_energy", tuple((str(t), float(e)) for t, e in pairs))
         bits = [self.factor_bits, self.fallback_bits, *(pair[1] if isinstance(pair, (tuple, list)) and len(pair) == 2
                                                        else None for pair in self.quant_tensors)]
         if any(b not in LOWRANK_BITS or type(b) is not int for b in bits):
@@ -95,6 +100,11 @@ class LowRankOptions:
         if type(self.memory_bytes) is not int or self.memory_bytes < 1 << 16:
             raise TallzipError(f"lowrank memory_bytes must be a whole number >= 65536, got {self.memory_bytes!r}")
         object.__setattr__(self, "quant_tensors", tuple((str(p), int(b)) for p, b in self.quant_tensors))
+
+    def for_task(self, task: str) -> "LowRankOptions":
+        """These options with the task's own energy, where task_energy gives one."""
+        energy = dict(self.task_energy).get(task)
+        return self if energy is None else replace(self, energy=energy, task_energy=())
 
     def tensor_bits(self, name: str) -> int | None:
         """The q* bits `name` is always kept at (quant_tensors), or None: factors when they pay."""

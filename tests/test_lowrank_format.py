@@ -339,6 +339,20 @@ def test_pack_cli_takes_the_lowrank_options(family, tmp_path):
     result = CliRunner().invoke(cli, ["pack", str(tasks_path), "--base", str(base_path), "-o", str(tmp_path / "x"),
                                       "--keep", "lowrank", "--lowrank-quant", "conv.*=5"])
     assert result.exit_code != 0 and "PATTERN=BITS" in result.output
+    result = CliRunner().invoke(cli, ["pack", str(tasks_path), "--base", str(base_path), "-o", str(out), "--force",
+                                      "--keep", "lowrank", "--lowrank-energy", "0.8", "--lowrank-energy", "task1=0.99"])
+    assert result.exit_code == 0, result.output
+    with tallzip.open(out) as archive:
+        assert [archive.task_entry(t)["lowrank"]["energy"] for t in ("task0", "task1", "task2")] == [0.8, 0.99, 0.8]
+        ranks = {t: archive.task_entry(t)["lowrank"]["tensors"][2][1] for t in ("task0", "task1")}
+        assert ranks["task1"] > ranks["task0"]  # more energy, more of the spectrum
+    for bad, message in ((["--lowrank-energy", "task9=0.9"], "unknown task 'task9'"),
+                         (["--lowrank-energy", "task1=lots"], "[TASK=]ENERGY"),
+                         (["--lowrank-energy", "1.5"], "energy must be in (0, 1]")):
+        result = CliRunner().invoke(cli, ["pack", str(tasks_path), "--base", str(base_path), "-o", str(tmp_path / "y"),
+                                          "--keep", "lowrank", *bad])
+        assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
+        assert not (tmp_path / "y").exists()
 
 
 def test_select_representation_scores_lowrank_as_the_archive_rebuilds_it(family, tmp_path):

@@ -44,6 +44,7 @@ def lowrank_params(options, records) -> dict:
 def write_lowrank_task(writer, task: str, names, read_pair, options, level: int, chunk_elements: int, progress=None):
     """Code every tensor of `names` for `task` and write its two sections. read_pair(name) -> (base, task
     tensor), whole. Returns (the "lowrank" field, the rebuild's sums of ops/quality.py)."""
+    options = options.for_task(task)
     records, codes, scales, sums = [], [], [], quality.zero_sums()
     for i, name in enumerate(names):
         base, tensor = read_pair(name)

@@ -71,6 +71,9 @@ def pack(tasks, base, output, store: StoreOptions | None = None, run: RunOptions
         if not is_plain_file_name(t):
             raise TallzipError(f"task name {t!r} cannot be a file name (no '/', '\\', NUL, '.' or '..')")
     lam = task_lambdas(lambdas, task_names)
+    unknown = sorted(set(dict(store.lowrank.task_energy)) - set(task_names))
+    if unknown:
+        raise TallzipError(f"lowrank task_energy names unknown task {unknown[0]!r}; tasks: {', '.join(task_names)}")
     selector = keep if isinstance(keep, RepresentationSelector) else None
     auto = isinstance(keep, str) and keep == AUTO
     if selector is None and not auto:

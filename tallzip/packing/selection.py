@@ -108,7 +108,7 @@ def quantized_state(family, task: str, rep: str, chunk_elements: int) -> dict:
 def lowrank_state(family, task: str, options, chunk_elements: int) -> dict:
     """The task's state dict as a `lowrank` archive rebuilds it (options: LowRankOptions; decoded chunk by chunk
     in the archive's plan, as the reader decodes)."""
-    ckpt = family.tasks[task]
+    ckpt, options = family.tasks[task], options.for_task(task)
     state = {}
     for name in ckpt.names:
         tensor = ckpt.get(name)
