@@ -206,7 +206,7 @@ def cli():
 @click.option("--lowrank-energy", "lowrank_energy", multiple=True, metavar="[TASK=]E",
               help="lowrank tasks: share of each matrix's ||tau||^2 its rank keeps, for all or one task (default 0.95)")
 @click.option("--lowrank-quant", "lowrank_quant", multiple=True, metavar="PATTERN=BITS",
-              help="lowrank tasks: keep tensors matching PATTERN (fnmatch) as q{BITS} (2, 3, 4, 8) instead of factors")
+              help="lowrank tasks: tensors PATTERN matches (fnmatch) kept q{BITS} (2, 3, 4, 8), e.g. conv1.weight=3")
 @MEMORY
 @DEVICE
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
