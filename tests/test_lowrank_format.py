@@ -440,3 +440,22 @@ def test_q1_codes_beyond_the_sign_grid_are_refused(family, tmp_path):
     bad = _rewritten(out, tmp_path, lambda m: _task(m, "task0").update(representation="q1"))  # bits 3 for q1
     with pytest.raises(CorruptArchiveError, match="bad quant parameters"):
         tallzip.open(bad)
+
+
+def test_base_by_reference_and_remove(family, tmp_path):
+    _, tasks, base_path, tasks_path = family
+    whole = _pack(family, tmp_path / "whole.tallz", keep="lowrank")
+    ref = _pack(family, tmp_path / "ref.tallz", keep="lowrank", base_ref=True)
+    assert ref.stat().st_size < whole.stat().st_size
+    with tallzip.open(whole) as a, tallzip.open(ref, base=base_path) as b:
+        for task in tasks:
+            want, got = a.load(task), b.load(task)
+            assert all(torch.equal(want[n], got[n]) for n in want), task
+    result = CliRunner().invoke(cli, ["remove", str(whole), "--task", "task1"])
+    assert result.exit_code == 0, result.output
+    with tallzip.open(whole) as archive, tallzip.open(ref, base=base_path) as b:
+        assert archive.tasks == ["task0", "task2", "task3"]
+        assert not any(s["task"] == "task1" for s in archive.manifest["sections"])
+        for task in archive.tasks:
+            want = b.load(task)
+            assert all(torch.equal(t, want[n]) for n, t in archive.load(task).items()), task
