@@ -13,6 +13,7 @@ it into the mtv would change every tall task's rebuild and their masks' decoding
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -30,7 +31,7 @@ from tallzip.formats.tensors import to_bits
 from tallzip.options import DEFAULT_CODECS, LowRankOptions
 from tallzip.packing.manifest import task_entry
 from tallzip.packing.jobs import representation_chunk
-from tallzip.packing.lowrank_pack import write_lowrank_task
+from tallzip.packing.lowrank_pack import write_lowrank_tasks
 from tallzip.ops import quality
 from tallzip.ops.representations import ADD_DEFAULT, representation_section
 
@@ -164,8 +165,10 @@ def _write_task(arc: Archive, writer, ckpt, task, rep, level, float_codec, chunk
                                                             chunk_elements, rep))
                 writer.write_chunk(entries[role], *coded)
     if rep == REPRESENTATION_LOWRANK:
-        fields, task_sums = write_lowrank_task(writer, task, lowrank_names, lambda n: (arc.base_tensor(n), ckpt.get(n)),
-                                               lowrank, level, chunk_elements)
+        coded = write_lowrank_tasks(writer, {task: lowrank_names}, lambda _, n: (arc.base_tensor(n), ckpt.get(n)),
+                                    lowrank, level, chunk_elements, budget=arc.memory,
+                                    sizes={n: math.prod(arc.tensors[n]["shape"]) for n in lowrank_names})
+        fields, task_sums = coded[task]
         sums += task_sums
     for name in ckpt.names:
         if name not in arc.tensors:

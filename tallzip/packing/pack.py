@@ -9,6 +9,7 @@ pool compresses and hashes the sections made before.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -29,7 +30,7 @@ from tallzip.ops.ties import MtvMerger
 from tallzip.options import RunOptions, StoreOptions
 from tallzip.packing.jobs import ChunkJob, PackSettings, dtype_of, job_cost, run_job
 from tallzip.packing.manifest import task_entry
-from tallzip.packing.lowrank_pack import write_lowrank_task
+from tallzip.packing.lowrank_pack import write_lowrank_tasks
 from tallzip.packing.lambdas import LambdaSelector, selected_lambdas, task_lambdas
 from tallzip.packing.auto import AUTO, AUTO_CANDIDATES, auto_choice, candidate_estimates
 from tallzip.packing.selection import RepresentationSelector, choose as choose_representations
@@ -173,14 +174,15 @@ def pack(tasks, base, output, store: StoreOptions | None = None, run: RunOptions
             if progress:
                 progress("packing", done, len(jobs))
 
-        lowrank = {}
-        for t in [t for t in task_names if reps[t] == REPRESENTATION_LOWRANK]:  # coded whole, tensor by tensor
-            rebuilt = [n for n in family.base.names if tensors_table[n]["kind"] == KIND_MASKED]
-            lowrank[t], task_sums = write_lowrank_task(writer, t, rebuilt, lambda n: (family.base.get(n), family.tasks[t].get(n)),
-                                                       store.lowrank, level, chunk_elements, progress)
+        rebuilt = [n for n in family.base.names if tensors_table[n]["kind"] == KIND_MASKED]
+        coded = write_lowrank_tasks(writer, {t: rebuilt for t in task_names if reps[t] == REPRESENTATION_LOWRANK},
+                                    lambda t, n: (family.base.get(n), family.tasks[t].get(n)), store.lowrank, level,
+                                    chunk_elements, budget=budget, workers=workers, progress=progress,
+                                    sizes={n: math.prod(family.base.shapes[n]) for n in rebuilt})
+        for t, (_, task_sums) in coded.items():  # lowrank tasks: coded whole, after the chunks (lowrank_pack.py)
             sums[t] += task_sums
-        task_entries = [task_entry(t, family.tasks[t], reps[t], lam[t], quality.estimate(sums[t]), lowrank.get(t))
-                        for t in task_names]
+        task_entries = [task_entry(t, family.tasks[t], reps[t], lam[t], quality.estimate(sums[t]),
+                                   coded[t][0] if t in coded else None) for t in task_names]
         manifest = {
             "format": "tallzip", "version": FORMAT_VERSION, "created_by": f"tallzip {__version__}",
             "merge": {"method": merge, **({"density": density} if merge == "ties" else {})},
