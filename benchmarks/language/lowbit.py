@@ -127,6 +127,11 @@ def grid(matrices: set) -> list[tuple[str, str, object]]:
         points.append(with_quant(f"low-rank energy {e:g}, 4-bit", "low-rank", lowrank(e), "head", "q3"))
         label, encode = head_apart(f"low-rank energy {e:g}, 4-bit", lowrank(e), lowrank(e))
         points.append((label, "low-rank", encode))
+    for e in (0.95, 0.97, 0.98):
+        embedding_q2 = vision.encode_split(is_embedding, vision.encode_quant(vision.Q2), lowrank(e))
+        points.append(with_quant(f"low-rank energy {e:g}, 4-bit; embedding q2", "low-rank", embedding_q2, "head", "q3"))
+    embedding_09 = vision.encode_split(is_embedding, lowrank(0.9), lowrank(0.98))
+    points.append(with_quant("low-rank energy 0.98, 4-bit; embedding at 0.9", "low-rank", embedding_09, "head", "q3"))
     label, encode = head_apart("low-rank energy 0.95, 3-bit", lowrank(0.95, 3), lowrank(0.95, 3))
     points.append((label, "low-rank", encode))
     label, encode = head_apart("low-rank energy 0.95 attention + MLP, 0.98 embedding + head, 4-bit",
