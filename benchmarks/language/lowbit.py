@@ -157,6 +157,8 @@ AUTO_TOLERANCE = 0.005
 AUTO_CANDIDATES = ("low-rank energy 0.9, 4-bit; head mean row apart", "low-rank energy 0.92, 4-bit; head mean row apart",
                    "low-rank energy 0.95, 4-bit; head mean row apart", "low-rank energy 0.98, 4-bit; head mean row apart",
                    "low-rank energy 0.95, 4-bit; head q3", "low-rank energy 0.98, 4-bit; head q3",
+                   "low-rank energy 0.95, 4-bit; embedding q2; head q3", "low-rank energy 0.97, 4-bit; embedding q2; head q3",
+                   "low-rank energy 0.98, 4-bit; embedding q2; head q3",
                    "q2 (asym g128, probe count)", "q3 (sym g128, probe count)", "q4 (sym g128, probe count)")
 
 
