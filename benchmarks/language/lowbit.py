@@ -408,11 +408,11 @@ def plot(rows: list[dict], path: Path, params: int) -> None:
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.set_ylim(max(0.0, min(100 * r["min_task"] for r in rows) - 3), 104)
+        ax.set_ylim(max(0.0, min(100 * r["min_task"] for r in rows) - 3), 112)
         ax.set_xlabel(f"{what} ratio against the 8 task folders (log)")
         ax.set_ylabel("quality % (o mean, v worst task): gain kept / normalized accuracy")
-        ax.set_title(f"Language family (Llama {params / 1e6:.2f}M, 8 full fine-tunes), {what}; * = real archive; "
-                     "filled: generative >= 99%, <= 2 examples lost", fontsize=9)
+        ax.set_title(f"Language family (Llama {params / 1e6:.2f}M, 8 full fine-tunes), {what}\n* = real archive; "
+                     "filled o: every generative task >= 99%, <= 2 classification examples lost", fontsize=9)
     handles = [axes[0].scatter([], [], c=c, label=k) for k, c in colours.items()]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(colours))
     fig.savefig(path, dpi=100)
