@@ -47,14 +47,21 @@ OUT = report.RESULTS / "lowbit_language.json"
 STORE = Path("/work/cache/i22l/lowbit-language/store.json")
 FAMILY = Path("/work/cache/language/cpu-05773139c9")
 ENERGIES = (0.85, 0.9, 0.92, 0.95, 0.98)
-REFERENCE_ROWS = {"every task q2": "q2", "every task q3": "q3", "every task q4": "q4", "every task q8": "q8",
-                  "every task exact": "exact", "tall, TIES mtv, lambda on val": "tall-ties",
-                  "auto 0.5% on val (select_representation)": "auto"}
+REFERENCE_ROWS = ("every task q2", "every task q3", "every task q4", "every task q8", "every task exact",
+                  "tall, TIES mtv, lambda on val", "auto 0.5% on val (select_representation)")  # language.json's
+
+
+def is_embedding(name: str) -> bool:
+    return "embed_tokens" in name
+
+
+def is_head(name: str) -> bool:
+    return name.startswith("lm_head")
 
 
 def is_embedding_or_head(name: str) -> bool:
     """The token embedding and the LM head: 4096 x 256 each, 40% of this model's weights."""
-    return "embed_tokens" in name or name.startswith("lm_head")
+    return is_embedding(name) or is_head(name)
 
 
 def keep_full(taus: dict):
@@ -72,18 +79,11 @@ def lowrank(energy: float, bits: int = 4, **more):
     return vision.encode_lowrank(lr.LowRankSpec(budget=None, energy=energy, rest_bits=bits, **more))
 
 
-def is_embedding(name: str) -> bool:
-    return "embed_tokens" in name
-
-
-def is_head(name: str) -> bool:
-    return name.startswith("lm_head")
-
-
 def mean_row_apart(encode):
-    """A matrix's mean row kept at 16 bits, `encode` of the rest. For the LM head this matters: the mean row adds
-    the same vector to every vocabulary row, a logit shift the softmax does not see, and it holds 44-88% of the
-    head's task-vector energy here, so an energy rule on the raw head keeps rank 2-10 of what the outputs need."""
+    """A matrix's mean row kept at 16 bits, `encode` of the rest. Tried on the LM head: its mean row (the same
+    vector added to every vocabulary row, a logit shift the softmax does not see) holds 44-88% of the head's
+    task-vector energy here, so an energy rule on the raw head keeps rank 2-10; measured, taking it apart does not
+    make the rest low rank enough (RESULTS.md, "Language rows")."""
     def encode_apart(taus):
         means = {n: t.mean(dim=0, keepdim=True).to(torch.bfloat16).to(torch.float32) for n, t in taus.items()}
         values, cost = encode({n: t - means[n] for n, t in taus.items()})
@@ -180,6 +180,8 @@ def auto_entries(stored: dict, tasks: list, tolerance: float = AUTO_TOLERANCE) -
 
 
 class Probe:
+    """The family (base, tasks, evaluation) and the store of (point, task) results."""
+
     def __init__(self, folder: Path, store: Path, log=print):
         self.folder, self.store, self.log = Path(folder), Path(store), log
         self.fam = Family(folder)
