@@ -48,7 +48,8 @@ STORE = Path("/work/cache/i22l/lowbit-language/store.json")
 FAMILY = Path("/work/cache/language/cpu-05773139c9")
 ENERGIES = (0.85, 0.9, 0.92, 0.95, 0.98)
 REFERENCE_ROWS = ("every task q2", "every task q3", "every task q4", "every task q8", "every task exact",
-                  "tall, TIES mtv, lambda on val", "auto 0.5% on val (select_representation)")  # language.json's
+                  "tall, TIES mtv, lambda on val", "tall, sum mtv, default lambda 0.4 (tallzip's default)",
+                  "auto 0.5% on val (select_representation)")  # language.json's
 
 
 def is_embedding(name: str) -> bool:
