@@ -236,12 +236,15 @@ def pack(checkpoints_dir, base, output, lambdas, keep, keep_by, keep_tolerance, 
     finally:
         progress.close()
     warnings = [quality.warning_line(*poor) for poor in quality.poor_tasks(manifest["tasks"])]
+    notes = quality.notes(manifest["tasks"])
     for line in warnings:
         click.echo(f"warning: {line}", err=True)
+    for line in notes:
+        click.echo(f"note: {line}", err=True)
     with tallzip.open(output) as archive:
         info = summary(archive)
     if as_json:
-        _echo_json({**info, "warnings": warnings})
+        _echo_json({**info, "warnings": warnings, "notes": notes})
     else:
         click.echo(f"wrote {output}: {human_bytes(info['archive_bytes'])}, {len(info['tasks'])} tasks, "
                    f"{info['ratio_vs_tasks']:.2f}x smaller than the {len(info['tasks'])} inputs")

@@ -64,9 +64,9 @@ def format_info(info: dict) -> str:
           human_bytes(r["own_bytes"]), f"{r.get('bits_per_param', r['mask_bits_per_param']):.3f}",
           estimate_text(r.get("estimate")) + (" (poor)" if r.get("estimate_poor") else "")]
          for t, r in info["tasks"].items()]))
+    thresholds = thresholds_text(info["estimate_min_cosine"], info.get("estimate_min_cosine_by_representation"))
     out.append("rebuild estimate: data-free, from the weights at pack time (cosine of the rebuilt task vector with "
-               f"the original; poor below {info['estimate_min_cosine']}: the task may keep under 95% of "
-               "its fine-tuning gain)")
+               f"the original; poor below {thresholds}: the task may keep under 95% of its fine-tuning gain)")
     out.append("bits/param: the task's own sections (mask, or codes and scales, or delta) over the changed "
                "parameters; the mtv, shared by the tall tasks, is not counted")
     out.append("")
@@ -94,9 +94,14 @@ def estimate_text(estimate) -> str:
     return f"cosine {estimate['cosine']:.3f}, rel error {estimate['rel_error']:.3g}"
 
 
-def estimate_lines(estimates: dict, poor: list, min_cosine: float) -> list:
+def thresholds_text(min_cosine: float, by_representation: dict | None) -> str:
+    """'0.99' or '0.99; lowrank: 0.92': the cosine under which an estimate is called poor, per representation."""
+    return "; ".join([f"{min_cosine}"] + [f"{rep}: {v}" for rep, v in (by_representation or {}).items()])
+
+
+def estimate_lines(estimates: dict, poor: list, min_cosine: float, by_representation: dict | None = None) -> list:
     out = ["data-free rebuild estimate (recorded by pack; cosine of the rebuilt task vector with the original, "
-           f"poor below {min_cosine}): " + "; ".join(f"{t} {estimate_text(e)}" for t, e in estimates.items())]
+           f"poor below {thresholds_text(min_cosine, by_representation)}): " + "; ".join(f"{t} {estimate_text(e)}" for t, e in estimates.items())]
     out += [f"warning: task {t}: its estimate is poor; the rebuilt model may keep under 95% of its fine-tuning gain"
             for t in poor]
     return out
@@ -105,7 +110,8 @@ def estimate_lines(estimates: dict, poor: list, min_cosine: float) -> list:
 def format_verify(report: dict) -> str:
     out = [f"{report['archive']}: {report['sections']} sections, every checksum and decoding OK"]
     if "estimates" in report:
-        out += estimate_lines(report["estimates"], report["estimates_poor"], report["estimate_min_cosine"])
+        out += estimate_lines(report["estimates"], report["estimates_poor"], report["estimate_min_cosine"],
+                              report.get("estimate_min_cosine_by_representation"))
     if "tasks" not in report:
         return "\n".join(out)
     family = report["family"]

@@ -68,7 +68,8 @@ def summary(archive: Archive) -> dict:
                 row["own_bytes"] += s["length"]
     for entry in m["tasks"]:  # the data-free estimate of the rebuild (ops/quality.py), where pack recorded it
         tasks[entry["name"]]["estimate"] = entry.get("estimate")
-        tasks[entry["name"]]["estimate_poor"] = quality.is_poor(entry.get("estimate"))
+        tasks[entry["name"]]["estimate_poor"] = quality.is_poor(entry.get("estimate"),
+                                                                 representation=entry.get("representation", "tall"))
     for row in tasks.values():
         row["density"] = row["mask_ones"] / row["mask_bits"] if row["mask_bits"] else 0.0
         row["mask_bits_per_param"] = 8 * row["mask_bytes"] / row["mask_bits"] if row["mask_bits"] else 0.0
@@ -105,6 +106,7 @@ def summary(archive: Archive) -> dict:
         "ratio_vs_tasks": inputs / size if size else 0.0,
         "ratio_vs_tasks_and_base": (inputs + base_bytes) / size if size else 0.0,
         "estimate_min_cosine": quality.POOR_COSINE,
+        "estimate_min_cosine_by_representation": dict(quality.POOR_COSINE_BY_REPRESENTATION),
     }
 
 

@@ -145,7 +145,8 @@ def estimates_report(task_entries) -> dict:
     reported, not a verdict (a rebuild that matches its archive can still be a poor copy of the model)."""
     return {"estimates": {e["name"]: e.get("estimate") for e in task_entries},
             "estimates_poor": [name for name, _, _ in quality.poor_tasks(task_entries)],
-            "estimate_min_cosine": quality.POOR_COSINE}
+            "estimate_min_cosine": quality.POOR_COSINE,
+            "estimate_min_cosine_by_representation": dict(quality.POOR_COSINE_BY_REPRESENTATION)}
 
 
 # --- the run ------------------------------------------------------------------------------------
