@@ -42,8 +42,9 @@ def parse_keep(values) -> dict | str | None:
     return out or None
 
 
-def parse_lowrank(energy_values, quant_values):
-    """LowRankOptions from `--lowrank-energy [TASK=]E` and `--lowrank-quant PATTERN=BITS` (defaults where not given)."""
+def parse_lowrank(energy_values, quant_values, codes_codec: str = "planes+ans"):
+    """LowRankOptions from `--lowrank-energy [TASK=]E`, `--lowrank-quant PATTERN=BITS` and `--lowrank-codes-codec`
+    (defaults where not given)."""
     from tallzip.options import LowRankOptions
     energy, per_task = None, []
     for value in energy_values:
@@ -63,7 +64,7 @@ def parse_lowrank(energy_values, quant_values):
             raise click.BadParameter(f"{value!r}: expected PATTERN=BITS, BITS one of 2, 3, 4, 8", param_hint="--lowrank-quant")
         pairs.append((pattern, int(bits)))
     return LowRankOptions(**({"energy": energy} if energy is not None else {}), quant_tensors=tuple(pairs),
-                          task_energy=tuple(per_task))
+                          task_energy=tuple(per_task), codes_codec=codes_codec)
 
 
 def load_evaluate(spec: str):

@@ -65,6 +65,10 @@ def checked_codecs(codecs: dict | None) -> dict:
 # the measured point keeping every task of the 20-task family >= 99% (99.91%, with the patch convolution q3); 0.92
 # is 0.3 b/w smaller but let the least low-rank task fall to 98.3%. 1-d tensors q4.
 LOWRANK_BITS = (2, 3, 4, 8)
+# The codecs a lowrank task's codes stream may be written with: planes+ans (an order-0 coder over the stream's one
+# histogram, fast) or zstd at the archive's level, smaller at level 19 where the stream mixes code widths (the
+# language family with the embedding and head q2/q3: -11.5%; benchmarks/RESULTS.md "Real language archives").
+LOWRANK_CODES_CODECS = ("planes+ans", "zstd")
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,8 @@ class LowRankOptions:
     more; quant_tensors: ((fnmatch pattern, bits), ...) tensors always kept as q{bits} instead of factors (e.g.
     a patch convolution low rank keeps poorly); task_energy: ((task, energy), ...) another energy for those tasks
     (one that evaluation showed needs more, or keeps its accuracy with less); seed: the randomized SVD's (matrices
-    over memory_bytes as float64)."""
+    over memory_bytes as float64); codes_codec: the codec of the task's codes stream (LOWRANK_CODES_CODECS; zstd at
+    the archive's level)."""
     energy: float = 0.95
     factor_bits: int = 4
     fallback_bits: int = 4
@@ -84,6 +89,7 @@ class LowRankOptions:
     task_energy: tuple = ()
     seed: int = 0
     memory_bytes: int = 256 << 20
+    codes_codec: str = "planes+ans"
 
     def __post_init__(self):
         pairs = [pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else (None, None) for pair in self.task_energy]
@@ -100,6 +106,9 @@ class LowRankOptions:
         if type(self.memory_bytes) is not int or self.memory_bytes < 1 << 16:
             raise TallzipError(f"lowrank memory_bytes must be a whole number >= 65536, got {self.memory_bytes!r}")
         object.__setattr__(self, "quant_tensors", tuple((str(p), int(b)) for p, b in self.quant_tensors))
+        if self.codes_codec not in LOWRANK_CODES_CODECS:
+            raise TallzipError(f"lowrank codes_codec must be one of {', '.join(LOWRANK_CODES_CODECS)}, "
+                               f"got {self.codes_codec!r}")
 
     def for_task(self, task: str) -> "LowRankOptions":
         """These options with the task's own energy, where task_energy gives one."""

@@ -464,3 +464,27 @@ def test_base_by_reference_and_remove(family, tmp_path):
         for task in archive.tasks:
             want = b.load(task)
             assert all(torch.equal(t, want[n]) for n, t in archive.load(task).items()), task
+
+
+def test_the_codes_stream_in_zstd_decodes_to_the_same_codes(family, tmp_path):
+    """codes_codec="zstd" (an encoder's choice, SPEC: each chunk records its codec): the same codes, as the SPEC
+    decoder reads them, and the same rebuilt weights as the default planes+ans stream."""
+    options = LowRankOptions(quant_tensors=(("conv.*", 2),))
+    ans = _pack(family, tmp_path / "ans.tallz", lowrank=options)
+    zst = _pack(family, tmp_path / "zstd.tallz", lowrank=LowRankOptions(quant_tensors=(("conv.*", 2),),
+                                                                       codes_codec="zstd"))
+    (data_a, man_a), (data_z, man_z) = read_archive(ans), read_archive(zst)
+    codecs = {s["codec"] for s in man_z["sections"] if s["role"] == "lrcodes"}
+    assert codecs == {"zstd"} and {s["codec"] for s in man_a["sections"] if s["role"] == "lrcodes"} == {"planes+ans"}
+    with tallzip.open(ans) as a, tallzip.open(zst) as z:
+        for task in ("task0", "task1"):
+            want, got = spec_lowrank_values(data_a, man_a, task), spec_lowrank_values(data_z, man_z, task)
+            assert want.keys() == got.keys() and all(np.array_equal(want[n], got[n]) for n in want)
+            left, right = a.load(task), z.load(task)
+            assert all(torch.equal(left[n], right[n]) for n in left)
+    with pytest.raises(TallzipError, match="codes_codec"):
+        LowRankOptions(codes_codec="lzma")
+    _, _, base_path, tasks_path = family
+    bad = CliRunner().invoke(cli, ["pack", str(tasks_path), "--base", str(base_path), "-o", str(tmp_path / "x.tallz"),
+                                   "--keep", "lowrank", "--lowrank-codes-codec", "lzma"])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output and not (tmp_path / "x.tallz").exists()

@@ -58,6 +58,11 @@ SETTINGS = [
     ("lowrank e0.98, 4-bit; embedding q4; head q3", "lr98-e4-h3", lowrank_args(0.98, **{EMBEDDING: 4, HEAD: 3}), None),
     ("lowrank e0.98, 4-bit; embedding + head q4", "lr98-e4-h4",
      lowrank_args(0.98, **{EMBEDDING: 4, HEAD: 4}), "low-rank energy 0.98, 4-bit; embedding + head q4"),
+    ("lowrank e0.98, 4-bit; emb q2 (ternary); head q3; --float-codec planes+ans", "lr98-e2-h3-pa",
+     [*lowrank_args(0.98, **{EMBEDDING: 2, HEAD: 3}), "--float-codec", "planes+ans"], None),
+    ("lowrank e0.98, 4-bit; emb q2 (ternary); head q3; planes+ans; codes zstd -19", "lr98-e2-h3-pa-z19",
+     [*lowrank_args(0.98, **{EMBEDDING: 2, HEAD: 3}), "--float-codec", "planes+ans", "--level", "19",
+      "--lowrank-codes-codec", "zstd"], None),
     ("every task q2", "q2", ["--keep", "q2"], "q2 (asym g128, probe count)"),
 ]
 

@@ -26,8 +26,9 @@ from tallzip.run.chunks import ordered_map
 from tallzip.run.threads import single_torch_thread
 
 SCALE_DTYPE = "BF16"
-# planes+ans on one-byte codes is an order-0 ANS coder over their histogram (as q* codes); scales zstd.
-CODES_CODEC, SCALES_CODEC = "planes+ans", "zstd"
+# codes: the options' codes_codec (planes+ans by default: an order-0 ANS coder over their histogram, as q*
+# codes); scales zstd.
+SCALES_CODEC = "zstd"
 
 
 def _recorded(rel_error: float) -> float:
@@ -58,8 +59,8 @@ def _encoded(task: str, name: str, read_pair, options):
     return [name, code.rank, code.bits, _recorded(code.rel_error)], code.codes, code.scales, sums
 
 
-def _write_streams(writer, task: str, codes: list, scales: list, level: int, chunk_elements: int):
-    for role, parts, dtype, codec in ((ROLE_LRCODES, codes, "I8", CODES_CODEC),
+def _write_streams(writer, task: str, codes: list, scales: list, level: int, chunk_elements: int, codes_codec: str):
+    for role, parts, dtype, codec in ((ROLE_LRCODES, codes, "I8", codes_codec),
                                       (ROLE_LRSCALES, scales, SCALE_DTYPE, SCALES_CODEC)):
         flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int8 if dtype == "I8" else torch.bfloat16)
         entry = writer.section(role=role, tensor="", task=task, dtype=dtype, shape=[flat.numel()], codec=codec)
@@ -90,7 +91,7 @@ def write_lowrank_tasks(writer, names: dict, read_pair, options, level: int, chu
             all_scales.append(scales)
             task_sums += sums
             if len(records) == len(names[task]):  # the task's last tensor: its sections, then its memory goes
-                _write_streams(writer, task, all_codes, all_scales, level, chunk_elements)
+                _write_streams(writer, task, all_codes, all_scales, level, chunk_elements, options.codes_codec)
                 out[task] = (lowrank_params(options.for_task(task), records), task_sums)
                 parts[task] = None
             done += 1
@@ -98,7 +99,7 @@ def write_lowrank_tasks(writer, names: dict, read_pair, options, level: int, chu
                 progress("low rank", done, len(items))
     for task in names:  # a task with no tensor to rebuild: empty sections
         if task not in out:
-            _write_streams(writer, task, [], [], level, chunk_elements)
+            _write_streams(writer, task, [], [], level, chunk_elements, options.codes_codec)
             out[task] = (lowrank_params(options.for_task(task), []), quality.zero_sums())
     return out
 
