@@ -100,8 +100,9 @@ def thresholds_text(min_cosine: float, by_representation: dict | None) -> str:
 
 
 def estimate_lines(estimates: dict, poor: list, min_cosine: float, by_representation: dict | None = None) -> list:
+    thresholds = thresholds_text(min_cosine, by_representation)
     out = ["data-free rebuild estimate (recorded by pack; cosine of the rebuilt task vector with the original, "
-           f"poor below {thresholds_text(min_cosine, by_representation)}): " + "; ".join(f"{t} {estimate_text(e)}" for t, e in estimates.items())]
+           f"poor below {thresholds}): " + "; ".join(f"{t} {estimate_text(e)}" for t, e in estimates.items())]
     out += [f"warning: task {t}: its estimate is poor; the rebuilt model may keep under 95% of its fine-tuning gain"
             for t in poor]
     return out
