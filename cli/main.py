@@ -21,7 +21,7 @@ from tallzip.options import RunOptions, StoreOptions
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import FormatError
 
-from tallzip.cli.params import (PATH_OR_URL, CodecChoice, base_for_folder_source, load_evaluate, parse_keep, parse_lowrank,
+from tallzip.cli.params import (PATH_OR_URL, CodecChoice, lowrank_options, base_for_folder_source, load_evaluate, parse_keep, parse_lowrank,
                                 parse_lambdas)
 from tallzip.cli.report import format_agreement, format_info, format_merge, format_verify, human_bytes, plot_agreement
 
@@ -203,13 +203,7 @@ def cli():
 @click.option("--allow-nonfinite", is_flag=True, help="pack tensors holding NaN or Inf")
 @click.option("--chunk-elements", type=int, default=None,
               help="elements per chunk the archive is cut into (default 4194304 = 2^22)")
-@click.option("--lowrank-energy", "lowrank_energy", multiple=True, metavar="[TASK=]E",
-              help="lowrank tasks: share of each matrix's ||tau||^2 its rank keeps, for all or one task (default 0.95)")
-@click.option("--lowrank-quant", "lowrank_quant", multiple=True, metavar="PATTERN=BITS",
-              help="lowrank tasks: tensors PATTERN matches (fnmatch) kept q{BITS} (2, 3, 4, 8), e.g. conv1.weight=3")
-@click.option("--lowrank-codes-codec", "lowrank_codes_codec", type=click.Choice(["planes+ans", "zstd"]),
-              default="planes+ans", show_default=True,
-              help="lowrank tasks: the codec of their codes stream (zstd at --level; at --level 19 it was 3-12%% smaller)")
+@lowrank_options
 @MEMORY
 @DEVICE
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,

@@ -67,6 +67,23 @@ def parse_lowrank(energy_values, quant_values, codes_codec: str = "planes+ans"):
                           task_energy=tuple(per_task), codes_codec=codes_codec)
 
 
+def lowrank_options(command):
+    """pack's three options for lowrank tasks (parse_lowrank reads them)."""
+    for option in reversed([
+        click.option("--lowrank-energy", "lowrank_energy", multiple=True, metavar="[TASK=]E",
+                     help="lowrank tasks: share of each matrix's ||tau||^2 its rank keeps, for all or one task "
+                          "(default 0.95)"),
+        click.option("--lowrank-quant", "lowrank_quant", multiple=True, metavar="PATTERN=BITS",
+                     help="lowrank tasks: tensors PATTERN matches (fnmatch) kept q{BITS} (2, 3, 4, 8), e.g. "
+                          "conv1.weight=3"),
+        click.option("--lowrank-codes-codec", "lowrank_codes_codec", type=click.Choice(["planes+ans", "zstd"]),
+                     default="planes+ans", show_default=True,
+                     help="lowrank tasks: the codec of their codes stream (zstd at --level; at --level 19 it was "
+                          "3-12%% smaller)")]):
+        command = option(command)
+    return command
+
+
 def load_evaluate(spec: str):
     """`module:function` (a module importable from here, or a path to a .py file) -> the function."""
     import importlib
