@@ -108,7 +108,7 @@ def measure(fam: Family, folder: Path, work: Path, name: str, options: list[str]
     log(f"  {name}: {path.stat().st_size:,} B, --base-ref {ref.stat().st_size:,} B, pack {pack_s:.0f} s")
     return {"bytes": path.stat().st_size, "ref_bytes": ref.stat().st_size, "sections": sections,
             "section_count": len(manifest["sections"]), "pack_seconds": round(pack_s, 1),
-            "pack_stderr_warnings": [line for line in warnings.splitlines() if "warning" in line],
+            "pack_stderr": [line for line in warnings.splitlines() if line.startswith(("warning", "note"))],
             "verify": json.loads(verified), "per_task": per_task}
 
 
@@ -141,8 +141,9 @@ def row(fam: Family, label: str, sim_label: str | None, result: dict, folders: i
             "simulated_normalized": statistics.mean(sim_quality.values()) if len(sim_quality) == len(tasks) else None,
             "simulated_min_task": min(sim_quality.values()) if len(sim_quality) == len(tasks) else None,
             "largest_difference": max((abs(quality[t] - sim_quality[t]) for t in sim_quality), default=None),
-            "verify": result["verify"], "pack_seconds": result["pack_seconds"],
-            "warnings": result["pack_stderr_warnings"],
+            "verify": {"ok": result["verify"]["ok"], "verdict": result["verify"].get("verdict"),
+                       "tasks": {t: v.get("verdict") for t, v in result["verify"].get("tasks", {}).items()}},
+            "pack_seconds": result["pack_seconds"],
             "estimates": {t: result["per_task"][t]["estimate"] for t in tasks},
             "ranks": {t: result["per_task"][t]["ranks"] for t in tasks}}
 
