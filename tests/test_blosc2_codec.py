@@ -55,6 +55,28 @@ def test_the_payload_is_a_blosc2_chunk_as_spec_says():
     assert len(data) < 1.01 * len(planes)
 
 
+def zstd_levels_of_first_stream(data, stream, bits):
+    """The zstd levels whose python-zstandard frame equals the chunk's first block's stream `stream`."""
+    import zstandard
+    first_block = struct.unpack_from("<i", data, 32)[0]
+    pos = first_block
+    for _ in range(stream + 1):
+        size = struct.unpack_from("<i", data, pos)[0]
+        frame, pos = bytes(data[pos + 4:pos + 4 + size]), pos + 4 + size
+    plane = bits.view(np.uint8).reshape(-1, bits.itemsize)[:, stream].tobytes()
+    return {z for z in range(1, 23) if zstandard.ZstdCompressor(level=z).compress(plane) == frame}
+
+
+@pytest.mark.parametrize("level, zstd_level", [(1, 1), (3, 3), (4, 5), (9, 9), (15, 15), (16, 22), (19, 22)])
+def test_the_archive_level_is_zstds_level(level, zstd_level):
+    """c-blosc2's clevel is not zstd's level (its c runs zstd at 2c - 1, 9 at 22): the archive's
+    zstandard level reaches zstd, checked on the exponent stream's frame against python-zstandard's."""
+    bits = weights_bits(200_000, np.uint32)
+    data = encode(bits, level=level)
+    assert zstd_level in zstd_levels_of_first_stream(data, 3, bits)
+    assert np.array_equal(decode(data, np.uint32, bits.size), bits)
+
+
 def test_several_blosc2_chunks_when_the_array_is_large(monkeypatch):
     monkeypatch.setattr(blosc2_codec, "CHUNK_BYTES", 1 << 16)
     bits = weights_bits(100_003, np.uint32)

@@ -47,6 +47,16 @@ def _blosc2():
     return blosc2
 
 
+def blosc2_clevel(level: int) -> int:
+    """The c-blosc2 clevel whose zstd level is the smallest at or above the archive's zstandard level.
+
+    c-blosc2 takes no zstd level: its clevel c runs zstd at level 2c - 1 for c = 1..8 and at zstd's
+    maximum, 22, for c = 9 (c-blosc2 3.6.1; tests/test_blosc2_codec.py checks it against python-zstandard's
+    frames). Passing the archive's level as the clevel ran zstd at another level (3 -> 5) and failed
+    above 9 (`--level 19`). Archive level 1, the default, is clevel 1 either way."""
+    return (level + 2) // 2 if level <= 15 else 9
+
+
 def _little_endian(array: np.ndarray) -> np.ndarray:
     flat = np.ascontiguousarray(array.reshape(-1))
     return flat.astype(flat.dtype.newbyteorder("<"), copy=False)
@@ -60,7 +70,7 @@ def _encode(array, *, level, threads, **_):
     parts = []
     for start in range(0, max(flat.size, 1), span):
         piece = flat[start:start + span]
-        parts.append(blosc2.compress2(piece, typesize=itemsize, clevel=level, codec=blosc2.Codec.ZSTD,
+        parts.append(blosc2.compress2(piece, typesize=itemsize, clevel=blosc2_clevel(level), codec=blosc2.Codec.ZSTD,
                                       filters=[blosc2.Filter.SHUFFLE], filters_meta=[0],
                                       splitmode=blosc2.SplitMode.ALWAYS_SPLIT, blocksize=BLOCK_BYTES,
                                       nthreads=max(1, threads)))
