@@ -69,6 +69,47 @@ def rebuild_sums(base, task, rebuilt) -> np.ndarray:
                     dtype=np.float64)
 
 
+# np.sum's pairwise summation (numpy/_core/src/umath/loops_utils.h): a range of more than PAIRWISE_BLOCK elements is
+# the sum of its two halves, the first half rounded down to a multiple of 8; below it, a fixed 8-way loop.
+PAIRWISE_BLOCK = 128
+
+
+def pairwise_total(count: int, leaf: int, piece_sums, start: int = 0):
+    """piece_sums(lo, hi) over pieces of at most `leaf` elements (>= PAIRWISE_BLOCK), added up as np.sum adds a
+    float32 array of `count` elements: each sum bit for bit np.sum of the whole range of products (tested), so a
+    loop over cache-sized pieces gives the same sums as one pass over the whole slice. None from every piece: None."""
+    if count <= leaf:
+        return piece_sums(start, start + count)
+    half = count // 2
+    half -= half % 8
+    left = pairwise_total(half, leaf, piece_sums, start)
+    right = pairwise_total(count - half, leaf, piece_sums, start + half)
+    return None if left is None else left + right
+
+
+def tall_piece_sums(base: np.ndarray, tasks: np.ndarray, abs_taus: np.ndarray, masks: np.ndarray, added: np.ndarray,
+                    work: np.ndarray, unmasked: np.ndarray) -> np.ndarray:
+    """(N, 3) float32: rebuild_sums' three float32 sums, per task, of one piece of tall rebuilds
+    r_t = where(m_t, added, base) (added: base + the stored mtv, in the base's precision), from what the TALL rule
+    has at hand: base (n,), tasks (N, n) and abs_taus = |tasks - base| (N, n, overwritten) in float32, masks (N, n);
+    work (N, n) and unmasked (N, n, bool): scratch. The same products as rebuild_sums: |tau|^2 is tau^2, and
+    unmasked, r - t = base - task = -tau exactly and r - base = 0."""
+    sums = np.empty((len(tasks), SUMS), dtype=np.float32)
+    np.multiply(abs_taus, abs_taus, out=abs_taus)
+    np.sum(abs_taus, axis=1, out=sums[:, 0])
+    np.logical_not(masks, out=unmasked)
+    np.subtract(added, tasks, out=work)
+    np.multiply(work, work, out=work)
+    np.copyto(work, abs_taus, where=unmasked)
+    np.sum(work, axis=1, out=sums[:, 1])
+    delta = added - base
+    np.subtract(tasks, base, out=work)
+    np.multiply(work, delta, out=work)
+    np.copyto(work, 0, where=unmasked)
+    np.sum(work, axis=1, out=sums[:, 2])
+    return sums
+
+
 def exact_sums(base, task) -> np.ndarray:
     """The sums of a task kept bit for bit: no error, the rebuilt vector is tau itself."""
     tau = as_float_array(task) - as_float_array(base)
@@ -118,5 +159,5 @@ def auto_representation(estimates: dict, candidates, threshold: float = POOR_COS
     return "exact"
 
 
-__all__ = ["POOR_COSINE", "SUMS", "zero_sums", "as_float_array", "round_to_bfloat16", "rebuild_sums", "exact_sums", "estimate", "is_poor", "poor_tasks", "warning_line",
+__all__ = ["POOR_COSINE", "SUMS", "PAIRWISE_BLOCK", "pairwise_total", "tall_piece_sums", "zero_sums", "as_float_array", "round_to_bfloat16", "rebuild_sums", "exact_sums", "estimate", "is_poor", "poor_tasks", "warning_line",
            "auto_representation"]
