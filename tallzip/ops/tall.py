@@ -158,7 +158,6 @@ def _summed_masks_cpu(base, tasks, lambdas, compute, mtv_out, estimate: Estimate
     sources = [_widenable(t) for t in (base, *tasks)]
     mtv_np = mtv.numpy()
     rebuilt_bf16 = base.dtype == torch.bfloat16
-    unmasked = np.empty((n_tasks, size), dtype=bool) if estimate is not None else None
 
     def piece(start, stop):
         n = stop - start
@@ -175,7 +174,7 @@ def _summed_masks_cpu(base, tasks, lambdas, compute, mtv_out, estimate: Estimate
         if rebuilt_bf16:
             added = quality.round_to_bfloat16(added)
         return quality.tall_piece_sums(wide[0, :n], wide[1:, :n], taus[:, :n], masks[:, start:stop], added,
-                                       others[:-1, :n], unmasked[:, :n])
+                                       others[:-1, :n])
 
     with np.errstate(all="ignore"):  # NaN/Inf inputs are refused by the caller (pack_jobs), not warned about
         if estimate is not None:
