@@ -64,8 +64,9 @@ class Checkpoint:
                              f"of {numel} elements")
         return numel
 
-    def will_need(self, name: str):
-        """Hint that `name` is read soon, so the OS can start reading it in the background."""
+    def will_need(self, name: str, start: int = 0, count: int | None = None):
+        """Hint that `name` (elements start..start + count; None: to its end) is read soon, so the OS can start
+        reading it in the background."""
 
     @property
     def nbytes(self) -> int:
@@ -195,10 +196,13 @@ class SafetensorsCheckpoint(Checkpoint):
             self._read_into(memoryview(tensor.view(torch.uint8).numpy()), begin + start * itemsize)
         return tensor
 
-    def will_need(self, name):
+    def will_need(self, name, start=0, count=None):
         begin, end = self._spans[name]
-        if end > begin and self._fd is not None and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd, begin, end - begin, os.POSIX_FADV_WILLNEED)
+        itemsize = DTYPE_SIZES[self.dtypes[name]]
+        first = min(end, begin + start * itemsize)
+        last = end if count is None else min(end, first + count * itemsize)
+        if last > first and self._fd is not None and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, first, last - first, os.POSIX_FADV_WILLNEED)
 
     def __getstate__(self):
         # A checkpoint sent to another process (a Ray worker) travels as its parsed header; the
@@ -271,8 +275,8 @@ class ShardedCheckpoint(Checkpoint):
     def read_range(self, name, start, count, out=None):
         return self._where[name].read_range(name, start, count, out)
 
-    def will_need(self, name):
-        self._where[name].will_need(name)
+    def will_need(self, name, start=0, count=None):
+        self._where[name].will_need(name, start, count)
 
 
 class TorchCheckpoint(Checkpoint):
@@ -317,8 +321,8 @@ class TorchCheckpoint(Checkpoint):
         flat = self._tensors[name].reshape(-1)[start:start + count]
         return flat.clone() if out is None else out[:count].copy_(flat)
 
-    def will_need(self, name):
-        if self._lazy is not None:
+    def will_need(self, name, start=0, count=None):
+        if self._lazy is not None and start == 0 and count is None:  # a range: no hint (records are small)
             self._lazy.will_need(name)
 
 
