@@ -64,9 +64,8 @@ class Checkpoint:
                              f"of {numel} elements")
         return numel
 
-    def will_need(self, name: str, start: int = 0, count: int | None = None):
-        """Hint that `name` (elements start..start + count; None: to its end) is read soon, so the OS can start
-        reading it in the background."""
+    def will_need(self, name: str):
+        """Hint that `name` is read soon, so the OS can start reading it in the background."""
 
     @property
     def nbytes(self) -> int:
@@ -196,13 +195,10 @@ class SafetensorsCheckpoint(Checkpoint):
             self._read_into(memoryview(tensor.view(torch.uint8).numpy()), begin + start * itemsize)
         return tensor
 
-    def will_need(self, name, start=0, count=None):
+    def will_need(self, name):
         begin, end = self._spans[name]
-        itemsize = DTYPE_SIZES[self.dtypes[name]]
-        first = min(end, begin + start * itemsize)
-        last = end if count is None else min(end, first + count * itemsize)
-        if last > first and self._fd is not None and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd, first, last - first, os.POSIX_FADV_WILLNEED)
+        if end > begin and self._fd is not None and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, begin, end - begin, os.POSIX_FADV_WILLNEED)
 
     def __getstate__(self):
         # A checkpoint sent to another process (a Ray worker) travels as its parsed header; the
@@ -275,8 +271,8 @@ class ShardedCheckpoint(Checkpoint):
     def read_range(self, name, start, count, out=None):
         return self._where[name].read_range(name, start, count, out)
 
-    def will_need(self, name, start=0, count=None):
-        self._where[name].will_need(name, start, count)
+    def will_need(self, name):
+        self._where[name].will_need(name)
 
 
 class TorchCheckpoint(Checkpoint):
@@ -321,8 +317,8 @@ class TorchCheckpoint(Checkpoint):
         flat = self._tensors[name].reshape(-1)[start:start + count]
         return flat.clone() if out is None else out[:count].copy_(flat)
 
-    def will_need(self, name, start=0, count=None):
-        if self._lazy is not None and start == 0 and count is None:  # a range: no hint (records are small)
+    def will_need(self, name):
+        if self._lazy is not None:
             self._lazy.will_need(name)
 
 

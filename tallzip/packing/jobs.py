@@ -111,20 +111,6 @@ def run_job(job: ChunkJob, family, settings: PackSettings) -> ChunkResult:
     return result
 
 
-def announce_reads(job: ChunkJob, family, settings: PackSettings):
-    """Ask the OS to start reading the byte ranges `job` reads (posix_fadvise WILLNEED, a hint, no I/O waited
-    for): called as the job is queued, so the disk reads it while the jobs before it compute."""
-    if job.kind == "file":
-        return
-    if job.kind == "own":
-        family.tasks[job.task].will_need(job.name, job.start, job.count)
-        return
-    family.base.will_need(job.name, job.start, job.count)
-    if job.kind in ("masked", "per-task"):
-        for task in settings.task_names:
-            family.tasks[task].will_need(job.name, job.start, job.count)
-
-
 def run_shared_job(job: ChunkJob, shared) -> ChunkResult:
     """A chunk job on an engine's worker: `shared` is (family, settings), sent once per pack. One
     PyTorch thread per job on a CPU, as the local route (the engine runs one job per CPU)."""
@@ -265,4 +251,4 @@ def dtype_of(family, job: ChunkJob) -> str:
     return family.base.dtypes[job.name]
 
 
-__all__ = ["ChunkJob", "ChunkResult", "PackSettings", "announce_reads", "run_job", "run_shared_job", "job_cost", "mask_context", "dtype_of", "dtype_name"]
+__all__ = ["ChunkJob", "ChunkResult", "PackSettings", "run_job", "run_shared_job", "job_cost", "mask_context", "dtype_of", "dtype_name"]

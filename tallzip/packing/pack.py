@@ -27,7 +27,7 @@ from tallzip.ops.representations import (REPRESENTATION_ROLES, representation_se
                                          task_representations)
 from tallzip.ops.ties import MtvMerger
 from tallzip.options import RunOptions, StoreOptions
-from tallzip.packing.jobs import ChunkJob, PackSettings, announce_reads, dtype_of, job_cost, run_job
+from tallzip.packing.jobs import ChunkJob, PackSettings, dtype_of, job_cost, run_job
 from tallzip.packing.manifest import task_entry
 from tallzip.packing.lambdas import LambdaSelector, selected_lambdas, task_lambdas
 from tallzip.packing.auto import AUTO, AUTO_CANDIDATES, auto_choice, candidate_estimates
@@ -147,8 +147,7 @@ def pack(tasks, base, output, store: StoreOptions | None = None, run: RunOptions
         sums = {t: quality.zero_sums() for t in task_names}  # the rebuild's estimate, summed chunk by chunk
         done = 0
         if engine is None:
-            results = ordered_map(work, jobs, cost=lambda job: job.cost, budget=budget, workers=workers,
-                                  announce=lambda job: announce_reads(job, family, settings))
+            results = ordered_map(work, jobs, cost=lambda job: job.cost, budget=budget, workers=workers)
         else:
             results = _engine_results(engine, own_engine, jobs, family, settings, budget)
         for result in results:

@@ -51,22 +51,16 @@ def checked_chunk_elements(value) -> int:
 
 
 def ordered_map(job: Callable, items: Iterable, *, cost: Callable, budget: int,
-                workers: int | None = None, announce: Callable | None = None) -> Iterator:
+                workers: int | None = None) -> Iterator:
     """Yield job(item) for every item, in order, computing up to a few ahead on `workers` threads.
 
     A job starts only while the costs of the jobs started and not yet handed back stay within
     `budget` (the first one always starts). A result is charged until the caller asks for the next
     one, so the caller should be done with it by then. The first error is raised in order; the jobs
-    after it are cancelled. announce(item), if given, is called as an item is queued (up to 2 x workers
-    ahead of the jobs computing): pack asks the OS there to start reading the item's byte ranges."""
+    after it are cancelled."""
     workers = max(1, workers or available_cpus())
-
-    def submit(pool, item):
-        if announce is not None:
-            announce(item)
-        return pool.submit(job, item)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tallzip-chunk") as pool:
-        yield from ordered_window(items, submit=lambda item: submit(pool, item),
+        yield from ordered_window(items, submit=lambda item: pool.submit(job, item),
                                   result=lambda future, item: future.result(), cancel=lambda future: future.cancel(),
                                   cost=cost, budget=budget, max_ahead=2 * workers)
 
