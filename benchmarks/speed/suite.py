@@ -165,7 +165,7 @@ def subset_folder(work: Path, tasks: dict) -> Path:
 # --- measurements ------------------------------------------------------------------------------
 
 def measure_commands(family: str, n: int, base: Path, task_paths: list, work: Path, trees: dict, device: str,
-                     codecs, repeat: int, memory: str | None, ops=OPS) -> dict:
+                     codecs, repeat: int, memory: str | None, ops=OPS, pack_repeat: int | None = None) -> dict:
     """Every command on a cold cache, each in its own process, median of `repeat`, for each tree (the trees
     alternate run by run, so both see the same machine); the references (reading the inputs, safetensors'
     load+save and load of the original) once per run, as they do not depend on the tree."""
@@ -207,7 +207,7 @@ def measure_commands(family: str, n: int, base: Path, task_paths: list, work: Pa
     for op in ["pack", *[o for o in ops if o != "pack"]]:
         if op != "pack" and not all(a.is_file() for a in archives.values()):
             break
-        for r in range(repeat):
+        for r in range((pack_repeat or repeat) if op == "pack" else repeat):
             order = list(trees) if r % 2 == 0 else list(reversed(trees))
             for who in order:
                 cold(*orig_files)
@@ -390,6 +390,8 @@ def main(argv=None):
     parser.add_argument("--compare", type=Path, metavar="OTHER_CHECKOUT",
                         help="also time every command with this checkout's tallzip, alternately (A/B)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each command (the median is shown)")
+    parser.add_argument("--pack-repeat", type=int, help="runs of pack (default: --repeat), when only the archives "
+                        "are needed for the other commands")
     parser.add_argument("--memory", help="memory budget passed to every command (e.g. 1G), where supported")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--codecs", choices=["default", "fast"], default="default")
@@ -436,7 +438,7 @@ def main(argv=None):
                   f"in {base.parent}")
             for n in sizes:
                 results["rows"].append(measure_commands("vit", n, base, task_paths, work, trees, device, codecs,
-                                                        args.repeat, args.memory, args.ops))
+                                                        args.repeat, args.memory, args.ops, args.pack_repeat))
             n = max(sizes)
             tasks = {p.stem: p for p in task_paths[:n]}
             if not args.no_switch or args.progress:
@@ -465,13 +467,14 @@ def main(argv=None):
                   f"{sum(p.stat().st_size for p in all_files([base])) / 1e9:.2f} GB per checkpoint, in {base.parent}")
             for n in args.llm_tasks:
                 results["rows"].append(measure_commands(preset, n, base, task_paths, work, trees, device,
-                                                        codecs, args.repeat, args.memory, args.ops))
+                                                        codecs, args.repeat, args.memory, args.ops, args.pack_repeat))
         for folder in args.family_dir:
             base = folder / "base"
             task_paths = sorted(p for p in (folder / "tasks").iterdir() if not p.name.startswith("."))
             print(f"family on disk: {folder}: {len(task_paths)} tasks + base")
             results["rows"].append(measure_commands(folder.name, len(task_paths), base, task_paths, work, trees,
-                                                    device, codecs, args.repeat, args.memory, args.ops))
+                                                    device, codecs, args.repeat, args.memory, args.ops,
+                                                    args.pack_repeat))
         if device != "cuda":
             results["notes"].append("no CUDA device here: the GPU figures were not measured")
         report_commands(results["rows"], results["cpus"])
