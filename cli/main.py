@@ -21,7 +21,7 @@ from tallzip.options import RunOptions, StoreOptions
 from tallzip.errors import TallzipError
 from tallzip.formats.errors import FormatError
 
-from tallzip.cli.params import (PATH_OR_URL, CodecChoice, base_for_folder_source, load_evaluate, parse_keep,
+from tallzip.cli.params import (PATH_OR_URL, CodecChoice, base_for_folder_source, load_evaluate, parse_keep, parse_lowrank,
                                 parse_lambdas)
 from tallzip.cli.report import format_agreement, format_info, format_merge, format_verify, human_bytes, plot_agreement
 
@@ -179,7 +179,8 @@ def cli():
 @click.option("--lambda", "lambdas", multiple=True, metavar="[TASK=]L", help="mask lambda, for all or one task (default 0.4)")
 @click.option("--keep", "keep", multiple=True, metavar="[TASK=]REP",
               help="how tasks are kept: REP for all, TASK=REP for one (TASK=exact, say); REP is tall (default; "
-                   "base + mask * mtv), q8, q4, q3, q2 (the task's own vector quantized) or exact (lossless); "
+                   "base + mask * mtv), q8, q4, q3, q2, q1 (the task's own vector quantized; q1: signs), lowrank (its matrices' quantized "
+                   "top singular triplets, ~1-1.5 bits/weight) or exact (lossless); "
                    "auto: per task the smallest whose data-free estimate is good (no data needed)")
 @click.option("--keep-by", "keep_by", metavar="MODULE:FUNCTION",
               help="MODULE:FUNCTION (or path/file.py:FUNCTION): choose each task's representation by evaluation, "
@@ -202,6 +203,10 @@ def cli():
 @click.option("--allow-nonfinite", is_flag=True, help="pack tensors holding NaN or Inf")
 @click.option("--chunk-elements", type=int, default=None,
               help="elements per chunk the archive is cut into (default 4194304 = 2^22)")
+@click.option("--lowrank-energy", "lowrank_energy", multiple=True, metavar="[TASK=]E",
+              help="lowrank tasks: share of each matrix's ||tau||^2 its rank keeps, for all or one task (default 0.95)")
+@click.option("--lowrank-quant", "lowrank_quant", multiple=True, metavar="PATTERN=BITS",
+              help="lowrank tasks: tensors PATTERN matches (fnmatch) kept q{BITS} (2, 3, 4, 8), e.g. conv1.weight=3")
 @MEMORY
 @DEVICE
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -212,7 +217,7 @@ def cli():
 @AS_JSON
 @friendly_errors
 def pack(checkpoints_dir, base, output, lambdas, keep, keep_by, keep_tolerance, merge, density, mtv_dtype, float_codec, mask_codec, base_ref, level,
-         allow_nonfinite, chunk_elements, memory, device, engine, address, force, as_json):
+         allow_nonfinite, chunk_elements, lowrank_energy, lowrank_quant, memory, device, engine, address, force, as_json):
     """Pack the fine-tuned checkpoints in CHECKPOINTS_DIR into one archive."""
     from tallzip.ops import quality
     if keep and keep_by:
@@ -224,7 +229,8 @@ def pack(checkpoints_dir, base, output, lambdas, keep, keep_by, keep_tolerance, 
     try:
         store = StoreOptions(lambdas=parse_lambdas(lambdas), keep=chosen, merge=merge, density=density,
                              mtv_dtype=mtv_dtype, codecs={"float": float_codec, "mask": mask_codec}, level=level,
-                             base_ref=base_ref, allow_nonfinite=allow_nonfinite, chunk_elements=chunk_elements)
+                             base_ref=base_ref, allow_nonfinite=allow_nonfinite, chunk_elements=chunk_elements,
+                             lowrank=parse_lowrank(lowrank_energy, lowrank_quant))
         run = RunOptions(memory=memory, engine=engine, address=address, device=device, progress=progress)
         manifest = tallzip.pack(checkpoints_dir, base, output, store, run, force=force)
     finally:
@@ -404,7 +410,7 @@ def verify_cmd(archive, against, base, memory, as_json):
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--task", required=True, help="name of the new task")
-@click.option("--keep", type=click.Choice(["q2", "q3", "q4", "q8", "exact", "tall"]), default="q2", show_default=True,
+@click.option("--keep", type=click.Choice(["q1", "q2", "q3", "q4", "q8", "lowrank", "exact", "tall"]), default="q2", show_default=True,
               help="how the new task is kept (tall is refused: the task is not in the stored mtv)")
 @click.option("--base", type=click.Path(path_type=Path), help="the base, for archives packed with --base-ref")
 @AS_JSON

@@ -42,6 +42,30 @@ def parse_keep(values) -> dict | str | None:
     return out or None
 
 
+def parse_lowrank(energy_values, quant_values):
+    """LowRankOptions from `--lowrank-energy [TASK=]E` and `--lowrank-quant PATTERN=BITS` (defaults where not given)."""
+    from tallzip.options import LowRankOptions
+    energy, per_task = None, []
+    for value in energy_values:
+        task, _, number = value.rpartition("=")
+        try:
+            number = float(number)
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: expected [TASK=]ENERGY, a number in (0, 1]", param_hint="--lowrank-energy") from None
+        if task:
+            per_task.append((task, number))
+        else:
+            energy = number
+    pairs = []
+    for value in quant_values:
+        pattern, sep, bits = value.rpartition("=")
+        if not sep or not pattern or bits not in ("2", "3", "4", "8"):
+            raise click.BadParameter(f"{value!r}: expected PATTERN=BITS, BITS one of 2, 3, 4, 8", param_hint="--lowrank-quant")
+        pairs.append((pattern, int(bits)))
+    return LowRankOptions(**({"energy": energy} if energy is not None else {}), quant_tensors=tuple(pairs),
+                          task_energy=tuple(per_task))
+
+
 def load_evaluate(spec: str):
     """`module:function` (a module importable from here, or a path to a .py file) -> the function."""
     import importlib

@@ -49,7 +49,8 @@ def format_info(info: dict) -> str:
     level = info["zstd_level"]
     out.append("codecs: " + ", ".join(f"{role} {'/'.join(used)}" for role, used in info["codecs"].items())
                + f"; zstd level {level if level is not None else 'not recorded in the archive'}")
-    quantized = [t for t, r in info["tasks"].items() if r.get("representation", "tall")[:1] == "q"]
+    quantized = [t for t, r in info["tasks"].items() if r.get("representation", "tall")[:1] == "q"
+                 or r.get("representation") == "lowrank"]
     out.append("lossless: " + ("yes: " + info["lossless_means"] if info["lossless"] else
                                f"no: task{'s' if len(quantized) > 1 else ''} {', '.join(quantized)} kept quantized"
                                if quantized else
@@ -162,6 +163,7 @@ def format_verify(report: dict) -> str:
             out.append("stored masks: the TALL rule with the recomputed mtv, bit for bit")
     kept = {r.get("representation", "tall") for r in report["tasks"].values()}
     how = [what for rep, what in (("tall", "tall: base + mask * mtv"), ("q", "qN: the quantized task vector"),
+                                  ("lowrank", "lowrank: its quantized top singular triplets"),
                                   ("exact", "exact: bit for bit, 0")) if any(k.startswith(rep) for k in kept)]
     out.append(f"rel L2 is how far each rebuilt task ({'; '.join(how)}) is from its original: the "
                "compression's approximation, reported, not judged")

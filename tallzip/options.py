@@ -61,17 +61,68 @@ def checked_codecs(codecs: dict | None) -> dict:
 
 
 
+# Low-rank tasks (issue 22, benchmarks/RESULTS.md "Below two bits per weight"): energy 0.95 with 4-bit factors was
+# the measured point keeping every task of the 20-task family >= 99% (99.91%, with the patch convolution q3); 0.92
+# is 0.3 b/w smaller but let the least low-rank task fall to 98.3%. 1-d tensors q4.
+LOWRANK_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class LowRankOptions:
+    """How `lowrank` tasks are kept. energy: each matrix keeps the smallest rank whose singular values hold this
+    fraction of ||tau||^2; factor_bits: its factors' codes (one bfloat16 scale per singular vector); fallback_bits:
+    the q* code (groups of `group` along the matrix's rows) of 1-d tensors and of matrices whose rank would cost
+    more; quant_tensors: ((fnmatch pattern, bits), ...) tensors always kept as q{bits} instead of factors (e.g.
+    a patch convolution low rank keeps poorly); task_energy: ((task, energy), ...) another energy for those tasks
+    (one that evaluation showed needs more, or keeps its accuracy with less); seed: the randomized SVD's (matrices
+    over memory_bytes as float64)."""
+    energy: float = 0.95
+    factor_bits: int = 4
+    fallback_bits: int = 4
+    group: int = 128
+    quant_tensors: tuple = ()
+    task_energy: tuple = ()
+    seed: int = 0
+    memory_bytes: int = 256 << 20
+
+    def __post_init__(self):
+        pairs = [pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else (None, None) for pair in self.task_energy]
+        for energy in [self.energy, *(e for _, e in pairs)]:
+            if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
+                raise TallzipError(f"lowrank energy must be in (0, 1], got {energy!r} (task_energy: (task, energy) pairs)")
+        object.__setattr__(self, "task_energy", tuple((str(t), float(e)) for t, e in pairs))
+        bits = [self.factor_bits, self.fallback_bits, *(pair[1] if isinstance(pair, (tuple, list)) and len(pair) == 2
+                                                       else None for pair in self.quant_tensors)]
+        if any(b not in LOWRANK_BITS or type(b) is not int for b in bits):
+            raise TallzipError(f"lowrank bits must be one of {LOWRANK_BITS} (quant_tensors: (pattern, bits) pairs)")
+        if type(self.group) is not int or self.group < 1 or type(self.seed) is not int:
+            raise TallzipError(f"lowrank group must be a whole number >= 1 and seed a whole number")
+        if type(self.memory_bytes) is not int or self.memory_bytes < 1 << 16:
+            raise TallzipError(f"lowrank memory_bytes must be a whole number >= 65536, got {self.memory_bytes!r}")
+        object.__setattr__(self, "quant_tensors", tuple((str(p), int(b)) for p, b in self.quant_tensors))
+
+    def for_task(self, task: str) -> "LowRankOptions":
+        """These options with the task's own energy, where task_energy gives one."""
+        energy = dict(self.task_energy).get(task)
+        return self if energy is None else replace(self, energy=energy, task_energy=())
+
+    def tensor_bits(self, name: str) -> int | None:
+        """The q* bits `name` is always kept at (quant_tensors), or None: factors when they pay."""
+        from fnmatch import fnmatchcase
+        return next((bits for pattern, bits in self.quant_tensors if fnmatchcase(name, pattern)), None)
+
+
 @dataclass(frozen=True)
 class StoreOptions:
     """What an archive stores; its bytes depend only on the inputs and these.
 
     lambdas: one number, {task: number} ('*' for the rest), or select_lambdas(evaluate). keep: how each
-    task is kept: tall (default), q8, q4, q3, q2 or exact for all, {task: rep} with '*' for the rest, or
+    task is kept: tall (default), q8, q4, q3, q2, q1, lowrank or exact for all, {task: rep} with '*' for the rest, or
     select_representation(evaluate, tolerance). merge: 'sum' or 'ties' (top-`density` trim, disjoint sum).
     mtv_dtype: the stored mtv's precision ('float32' is lossless). codecs: {'float', 'mask', 'other': codec}
     (missing keys take DEFAULT_CODECS; held here completed). level: zstandard's, 1..22. base_ref: store only
     the base's identity. allow_nonfinite: pack tensors holding NaN or Inf. chunk_elements: the chunk size
-    the archive records (default 2^22)."""
+    the archive records (default 2^22). lowrank: how `lowrank` tasks are kept (LowRankOptions)."""
     lambdas: object = DEFAULT_LAMBDA
     keep: object = None
     merge: str = "sum"
@@ -82,6 +133,7 @@ class StoreOptions:
     base_ref: bool = False
     allow_nonfinite: bool = False
     chunk_elements: int | None = None
+    lowrank: LowRankOptions = LowRankOptions()
 
     def __post_init__(self):
         checked(self)
@@ -121,6 +173,8 @@ def checked(options):
         if type(options.level) is not int or not 1 <= options.level <= MAX_LEVEL:
             raise TallzipError(f"level must be a whole number from 1 to {MAX_LEVEL}, got {options.level!r}")
         checked_chunk_elements(options.chunk_elements)
+        if not isinstance(options.lowrank, LowRankOptions):
+            raise TallzipError(f"lowrank must be a LowRankOptions, got {options.lowrank!r}")
     elif isinstance(options, RunOptions):
         parse_memory(options.memory)
         workers = options.workers

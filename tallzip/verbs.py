@@ -143,7 +143,8 @@ def add(archive, checkpoint, task: str, **options) -> dict:
         archive: the archive's path (rewritten beside itself, renamed over the old one when complete).
         checkpoint: the task's checkpoint (file or folder).
         task: its name in the archive.
-        **options: keep (q8, q4, q3, q2, exact; default q2), base, progress.
+        **options: keep (q8, q4, q3, q2, q1, lowrank, exact; default q2), base, progress, lowrank (LowRankOptions:
+            how a lowrank task is kept).
     Returns:
         The new manifest (a dict).
     Example:

@@ -15,5 +15,6 @@ per-locale name lists. All ship inside the wheels; nothing is downloaded (HF_HUB
 
 Modules: corpora (the text), family (tokenizer, model, pretraining, fine-tunes, the cache), scoring (evaluate
 a state dict or folder on a task; `benchmarks.language.scoring:evaluate`), rows (the measurements, through
-tallzip's public API and CLI), rivals, tallness (why TALL masks do poorly here), report (tables, plots, JSON).
+tallzip's public API and CLI), rivals, tallness (why TALL masks do poorly here), report (tables, plots, JSON); lowbit (issue 22: the
+below-two-bits points on this family, `python -m benchmarks.language.lowbit`).
 """

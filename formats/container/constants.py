@@ -38,6 +38,8 @@ ROLE_QCODES = "qcodes"  # q8/q4/q3/q2 tasks: one integer code per weight of a ch
 ROLE_QSCALES = "qscales"  # q8/q4/q3/q2 tasks: one scale per group of a chunk's rows (BF16/F16/F32)
 ROLE_QOFFSETS = "qoffsets"  # asymmetric grids (q2): one offset per group, laid out as the scales
 ROLE_DELTA = "delta"    # exact tasks: the tensor's bits coded given the base's (codec "delta")
+ROLE_LRCODES = "lrcodes"  # lowrank tasks: every tensor's codes, end to end, one section per task (I8)
+ROLE_LRSCALES = "lrscales"  # lowrank tasks: every tensor's scales, end to end, one section per task
 
 # Kinds of tensor, as the manifest's tensor table records them.
 KIND_MASKED = "masked"  # float, in the base and every task with the same shape: base + mtv + a mask per task
@@ -46,8 +48,9 @@ KIND_PER_TASK = "per-task"  # not mergeable (integer, bool) and not identical: a
 # How a task is rebuilt (task entry field "representation"; absent in version 1 = "tall").
 REPRESENTATION_TALL = "tall"  # base + mask_t * mtv
 REPRESENTATION_EXACT = "exact"  # the task's bits given the base's, lossless
-QUANT_BITS = {"q8": 8, "q4": 4, "q3": 3, "q2": 2}  # base + the task's own vector, quantized
-REPRESENTATIONS = (REPRESENTATION_TALL, *QUANT_BITS, REPRESENTATION_EXACT)
+QUANT_BITS = {"q8": 8, "q4": 4, "q3": 3, "q2": 2, "q1": 1}  # base + the task's own vector, quantized (q1: signs)
+REPRESENTATION_LOWRANK = "lowrank"  # base + quantized top singular triplets of the task vector (issue 22)
+REPRESENTATIONS = (REPRESENTATION_TALL, *QUANT_BITS, REPRESENTATION_LOWRANK, REPRESENTATION_EXACT)
 SCALE_DTYPES = ("BF16", "F16", "F32")
 # Tensors that are neither live only in the tasks' own sections (ROLE_OWN).
 

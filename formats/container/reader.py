@@ -20,7 +20,8 @@ import numpy as np
 
 from tallzip.formats.codecs import registry as codecs
 from tallzip.formats.container.chunking import chunk_count, chunk_plan, chunk_shape, mask_context
-from tallzip.formats.container.constants import (DTYPE_SIZES, FLOAT_DTYPES, HEADER_SIZE, HEADER_STRUCT, KIND_MASKED, KIND_PER_TASK, KIND_SHARED, MAGIC, MAX_CHUNK_ELEMENTS, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, MAX_TENSOR_ELEMENTS, MIN_CHUNK_ELEMENTS, QUANT_BITS, READABLE_VERSIONS, REPRESENTATION_TALL, REPRESENTATIONS, ROLE_BASE, ROLE_DELTA, ROLE_FILE, ROLE_MASK, ROLE_MTV, ROLE_OWN, ROLE_QCODES, ROLE_QOFFSETS, ROLE_QSCALES, SCALE_DTYPES)
+from tallzip.formats.container.constants import (DTYPE_SIZES, FLOAT_DTYPES, HEADER_SIZE, HEADER_STRUCT, KIND_MASKED, KIND_PER_TASK, KIND_SHARED, MAGIC, MAX_CHUNK_ELEMENTS, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, MAX_TENSOR_ELEMENTS, MIN_CHUNK_ELEMENTS, QUANT_BITS, READABLE_VERSIONS, REPRESENTATION_LOWRANK, REPRESENTATION_TALL, REPRESENTATIONS, ROLE_BASE, ROLE_DELTA, ROLE_FILE, ROLE_LRCODES, ROLE_LRSCALES, ROLE_MASK, ROLE_MTV, ROLE_OWN, ROLE_QCODES, ROLE_QOFFSETS, ROLE_QSCALES, SCALE_DTYPES)
+from tallzip.formats.container.lowrank_layout import lowrank_params_problem, stream_totals
 from tallzip.formats.container.manifest import check_flags, decode_manifest
 from tallzip.formats.container.quant_layout import scales_plan
 from tallzip.formats.checkpoints.sources import is_url, location, open_source
@@ -36,7 +37,8 @@ _SLACK = 1 << 20
 # more than any archive within MAX_MANIFEST_BYTES holds, and bounds the parse to ~1 GB.
 MAX_MANIFEST_VALUES = 16_000_000
 # Section roles and tensor kinds (SPEC.md); the manifest is checked against them before use.
-_ROLES = {ROLE_BASE, ROLE_MTV, ROLE_MASK, ROLE_OWN, ROLE_FILE, ROLE_QCODES, ROLE_QSCALES, ROLE_QOFFSETS, ROLE_DELTA}
+_ROLES = {ROLE_BASE, ROLE_MTV, ROLE_MASK, ROLE_OWN, ROLE_FILE, ROLE_QCODES, ROLE_QSCALES, ROLE_QOFFSETS, ROLE_DELTA,
+          ROLE_LRCODES, ROLE_LRSCALES}
 _KINDS = {KIND_MASKED, KIND_SHARED, KIND_PER_TASK}
 
 
@@ -113,7 +115,8 @@ def _is_dtype_list(value) -> bool:
 
 def _is_quant(value, bits: int) -> bool:
     """A q* task's "quant" entry: what its codes and scales mean (SPEC.md, representations)."""
-    return (isinstance(value, dict) and value.get("bits") == bits and value.get("grid") in ("symmetric", "asymmetric")
+    return (isinstance(value, dict) and value.get("bits") == bits and value.get("grid") in ("symmetric", "asymmetric", "sign")
+            and (value.get("grid") == "sign") == (bits == 1)  # q1 is a sign code, and only q1
             and (value.get("group") is None or (_is_count(value.get("group")) and value["group"] >= 1))
             and _one_of(value.get("scale_dtype"), SCALE_DTYPES) and isinstance(value.get("method", "rtn"), str))
 
@@ -313,7 +316,10 @@ class ArchiveReader:
                                               f"which this tallzip cannot rebuild (it knows {', '.join(REPRESENTATIONS)})")
             if representation in QUANT_BITS and not _is_quant(task.get("quant"), QUANT_BITS[representation]):
                 refuse(f"bad quant parameters for task {name!r}")
+            if representation == REPRESENTATION_LOWRANK:
+                self._check_lowrank(task, tensors, refuse)
             reps[name], quants[name] = representation, task.get("quant")
+        tasks_by_name = {task["name"]: task for task in tasks}
         for entry in self._index.values():
             role, info, task = entry["role"], tensors.get(entry["tensor"]), entry["task"]
             if role in (ROLE_BASE, ROLE_MTV):
@@ -326,12 +332,16 @@ class ArchiveReader:
             elif role == ROLE_QCODES:
                 quant = quants.get(task) if reps.get(task) in QUANT_BITS else None
                 ok = (quant is not None and info is not None and entry["shape"] == info["shape"]
-                      and entry["dtype"] == ("I8" if quant["grid"] == "symmetric" else "U8"))
+                      and entry["dtype"] == ("U8" if quant["grid"] == "asymmetric" else "I8"))
             elif role in (ROLE_QSCALES, ROLE_QOFFSETS):
                 quant = quants.get(task) if reps.get(task) in QUANT_BITS else None
                 ok = (quant is not None and info is not None and entry["of_shape"] == info["shape"]
                       and entry["dtype"] == quant["scale_dtype"] and entry["group"] == quant["group"]
                       and (role == ROLE_QSCALES or quant["grid"] == "asymmetric"))
+            elif role in (ROLE_LRCODES, ROLE_LRSCALES):
+                params = tasks_by_name.get(task, {}).get("lowrank")
+                ok = (reps.get(task) == REPRESENTATION_LOWRANK and entry["tensor"] == "" and len(entry["shape"]) == 1
+                      and entry["dtype"] == ("I8" if role == ROLE_LRCODES else params["scale_dtype"]))
             elif role == ROLE_DELTA:
                 ok = (reps.get(task) == "exact" and info is not None and entry["shape"] == info["shape"]
                       and entry["dtype"] == info["dtype"] and entry["codec"] == "delta")
@@ -340,6 +350,24 @@ class ArchiveReader:
                     and len(entry["shape"]) == 1
             if not ok:
                 refuse(f"section {section_label(entry)} does not fit its tensor or task")
+
+    def _check_lowrank(self, task: dict, tensors: dict, refuse):
+        """A lowrank task: its parameters decodable, every tensor it rebuilds from the base listed, and its two
+        streams holding exactly what the list says (lowrank_layout.py)."""
+        name, params = task["name"], task.get("lowrank")
+        problem = lowrank_params_problem(params, {n: info["shape"] for n, info in tensors.items()})
+        if problem is None:
+            listed = {record[0] for record in params["tensors"]}
+            missing = [n for n, _ in task["tensors"] if tensors.get(n, {}).get("kind") == KIND_MASKED
+                       and self.section(ROLE_OWN, n, name) is None and n not in listed]
+            codes, scales = self.section(ROLE_LRCODES, "", name), self.section(ROLE_LRSCALES, "", name)
+            totals = stream_totals(params["tensors"], {n: tensors[n]["shape"] for n in listed}, params["group"])
+            if missing:
+                problem = f"tensor {missing[0]!r} has no lowrank record"
+            elif codes is None or scales is None or (codes["shape"], scales["shape"]) != ([totals[0]], [totals[1]]):
+                problem = "lowrank sections missing or of the wrong size"
+        if problem is not None:
+            refuse(f"task {name!r}: {problem}")
 
     def section(self, role: str, tensor: str | None, task: str | None = None) -> dict | None:
         return self._index.get((role, tensor, task))

@@ -8,7 +8,6 @@ more than the budget, and load() the model plus the budget.
 from __future__ import annotations
 
 import math
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -22,21 +21,19 @@ from tallzip.family import base_digest
 from tallzip.ops.rebuild import rebuild_from_bits
 from tallzip.formats import codecs as codec_registry
 from tallzip.formats.checkpoints.checkpoint import open_checkpoint
-from tallzip.formats.container.constants import (DTYPE_SIZES, KIND_MASKED, KIND_PER_TASK, KIND_SHARED, REPRESENTATION_EXACT, REPRESENTATION_TALL, ROLE_BASE, ROLE_DELTA, ROLE_MASK, ROLE_MTV, ROLE_OWN, ROLE_QCODES, ROLE_QOFFSETS, ROLE_QSCALES)
+from tallzip.formats.container.constants import (DTYPE_SIZES, KIND_MASKED, KIND_PER_TASK, KIND_SHARED, REPRESENTATION_EXACT, REPRESENTATION_LOWRANK, REPRESENTATION_TALL, ROLE_BASE, ROLE_DELTA, ROLE_MASK, ROLE_MTV, ROLE_OWN, ROLE_QCODES, ROLE_QOFFSETS, ROLE_QSCALES)
 from tallzip.formats.errors import CorruptArchiveError
 from tallzip.formats.checkpoints.sources import is_url, location
 from tallzip.formats.container.reader import ArchiveReader
 from tallzip.formats.tensors import from_bits, to_bits, torch_dtype
 from tallzip.ops.representations import dequantize_chunk, rebuild_quantized
 from tallzip.run.threads import resolve_device
+from tallzip.archive.lowrank_read import LowRankStreams
+from tallzip.archive.deprecated import DeprecatedAliases
 
 
 def open(path, *, base=None, memory=None) -> "Archive":  # noqa: A001 - mirrors the builtin on purpose
     return Archive(path, base=base, memory=memory)
-
-
-def _deprecated(old: str, new: str):
-    warnings.warn(f"{old} is deprecated and goes in the next release: use {new}", DeprecationWarning, stacklevel=3)
 
 
 class _LazyContext:
@@ -53,7 +50,7 @@ class _LazyContext:
         return self._value
 
 
-class Archive:
+class Archive(DeprecatedAliases):
     def __init__(self, path, *, base=None, memory=None):
         self.path = location(path)
         if not is_url(path) and not self.path.is_file():  # say which path and what was expected, not the OS's bare "Is a directory"
@@ -71,7 +68,7 @@ class Archive:
             raise CorruptArchiveError(f"{self.path}: damaged archive (manifest lacks tasks, tensors or base)") from None
         self.base_checkpoint = None
         self._dtypes: dict = {}
-        self._context_cache = None
+        self._context_cache, self._lowrank = None, {}
         if self.base_info.get("by_reference"):
             if base is not None:
                 self.attach_base(base)
@@ -189,18 +186,24 @@ class Archive:
         raise CorruptArchiveError(f"{self.path}: damaged archive (tensor {name!r} of unknown kind)")
 
     def representation(self, task: str) -> str:
-        """How the task is rebuilt: tall, q8, q4, q3, q2 or exact (SPEC.md)."""
+        """How the task is rebuilt: tall, q8, q4, q3, q2, q1, lowrank or exact (SPEC.md)."""
         return self.task_entry(task).get("representation", REPRESENTATION_TALL)
 
     def has_own_rebuild(self, task: str, name: str) -> bool:
-        """A q*/exact task added later may carry sections for a tensor the other tasks share."""
+        """A q*/lowrank/exact task added later may carry a rebuild of a tensor the other tasks share."""
+        if self.representation(task) == REPRESENTATION_LOWRANK:
+            return self.lowrank(task).has(name)
         return any(self.reader.section(role, name, task) is not None for role in (ROLE_QCODES, ROLE_DELTA))
+
+    def lowrank(self, task: str) -> LowRankStreams:
+        """A lowrank task's streams, decoded on first use and kept (archive/lowrank_read.py)."""
+        return self._lowrank.get(task) or self._lowrank.setdefault(task, LowRankStreams(self, task))
 
     def quant_chunk(self, task: str, name: str, index: int):
         """(codes, scales float32, offsets float32 or None, chunk shape) of one chunk of a q* task's
         tensor, range-checked."""
         quant = self.task_entry(task)["quant"]
-        symmetric = quant["grid"] == "symmetric"
+        symmetric = quant["grid"] != "asymmetric"  # "sign" (q1): codes -1/+1, decoded as symmetric
         codes_entry = self.section_entry(ROLE_QCODES, name, task)
         chunk = self.reader.chunks(codes_entry)[index]
         codes = torch.from_numpy(self.reader.read_chunk(codes_entry, chunk).view(np.int8 if symmetric else np.uint8)
@@ -213,7 +216,8 @@ class Archive:
 
         scales = side(ROLE_QSCALES)
         offsets = None if symmetric else side(ROLE_QOFFSETS)
-        low, high = (-(2 ** (quant["bits"] - 1) - 1), 2 ** (quant["bits"] - 1) - 1) if symmetric else \
+        top = max(1, 2 ** (quant["bits"] - 1) - 1)
+        low, high = (-top, top) if symmetric else \
             (0, 2 ** quant["bits"] - 1)
         if (codes.numel() and (int(codes.min()) < low or int(codes.max()) > high)) or \
                 not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()) or \
@@ -223,7 +227,9 @@ class Archive:
         return codes, scales, offsets, chunk.shape
 
     def _represented_chunk(self, task: str, rep: str, name: str, index: int, base: torch.Tensor) -> torch.Tensor:
-        """One chunk of a q* or exact task, flat, in the compute dtype (q*) or the task's dtype (exact)."""
+        """One chunk of a q*, lowrank or exact task, flat, in the compute dtype (q*, lowrank) or the task's (exact)."""
+        if rep == REPRESENTATION_LOWRANK:
+            return rebuild_quantized(base, self.lowrank(task).value(name, *self.plan(task, name)[index]))
         if rep == REPRESENTATION_EXACT:
             entry = self.section_entry(ROLE_DELTA, name, task)
             chunk = self.reader.chunks(entry)[index]
@@ -454,22 +460,6 @@ class Archive:
         if task is None:
             return extracting.extract_all(self, output, fmt=fmt, force=force, device=device, progress=progress)
         return extracting.extract_task(self, task, output, fmt=fmt, force=force, device=device, progress=progress)
-
-    def extract_with_report(self, task: str, output, *, fmt=None, force=False, device="cpu", progress=None):
-        """Deprecated alias of `extract` (which now returns the report); goes in the next release."""
-        _deprecated("Archive.extract_with_report", "Archive.extract")
-        return self.extract(task, output, fmt=fmt, force=force, device=device, progress=progress)
-
-    def extract_all(self, folder, *, fmt: str | None = None, force: bool = False, device="cpu",
-                    progress=None) -> list[Path]:
-        """Deprecated: `extract(None, folder).paths`; goes in the next release."""
-        _deprecated("Archive.extract_all", "Archive.extract(None, folder)")
-        return self.extract(None, folder, fmt=fmt, force=force, device=device, progress=progress).paths
-
-    def extract_all_with_report(self, folder, *, fmt=None, force=False, device="cpu", progress=None):
-        """Deprecated alias of `extract(None, folder)`; goes in the next release."""
-        _deprecated("Archive.extract_all_with_report", "Archive.extract(None, folder)")
-        return self.extract(None, folder, fmt=fmt, force=force, device=device, progress=progress)
 
     def close(self):
         self.reader.close()

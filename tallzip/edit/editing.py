@@ -13,6 +13,7 @@ it into the mtv would change every tall task's rebuild and their masks' decoding
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -22,14 +23,15 @@ from tallzip.ops import taskvec
 from tallzip.archive.archive import Archive
 from tallzip.errors import TallzipError, TaskMismatchError
 from tallzip.formats.checkpoints.checkpoint import open_checkpoint
-from tallzip.formats.container.constants import (FLOAT_DTYPES, KIND_PER_TASK, KIND_SHARED, REPRESENTATION_TALL, REPRESENTATIONS, ROLE_FILE, ROLE_MASK, ROLE_MTV, ROLE_OWN)
+from tallzip.formats.container.constants import (FLOAT_DTYPES, KIND_PER_TASK, KIND_SHARED, REPRESENTATION_LOWRANK, REPRESENTATION_TALL, REPRESENTATIONS, ROLE_FILE, ROLE_MASK, ROLE_MTV, ROLE_OWN)
 from tallzip.formats.container.reader import is_plain_file_name
 from tallzip.formats.container.writer import ArchiveWriter, encode_chunk
 from tallzip.formats.container.chunking import chunk_plan
 from tallzip.formats.tensors import to_bits
-from tallzip.options import DEFAULT_CODECS
+from tallzip.options import DEFAULT_CODECS, LowRankOptions
 from tallzip.packing.manifest import task_entry
 from tallzip.packing.jobs import representation_chunk
+from tallzip.packing.lowrank_pack import write_lowrank_tasks
 from tallzip.ops import quality
 from tallzip.ops.representations import ADD_DEFAULT, representation_section
 
@@ -82,13 +84,15 @@ def _open_v2(path, base, need_base: bool = True) -> Archive:
     return arc
 
 
-def add(archive, checkpoint, task: str, *, keep: str = ADD_DEFAULT, base=None, progress=None) -> dict:
-    """Add `checkpoint` as task `task`, kept as `keep` (q8/q4/q3/q2/exact); returns the new manifest."""
+def add(archive, checkpoint, task: str, *, keep: str = ADD_DEFAULT, base=None, progress=None,
+        lowrank: LowRankOptions | None = None) -> dict:
+    """Add `checkpoint` as task `task`, kept as `keep` (q8/q4/q3/q2/q1/lowrank/exact; lowrank: how, LowRankOptions);
+    returns the new manifest."""
     if keep == REPRESENTATION_TALL:
         raise TallzipError("a task added later cannot be kept tall: it is not in the stored mtv, so a mask would "
-                           "select another vector (the other tasks' sum); use q8, q4, q3, q2 or exact")
+                           "select another vector (the other tasks' sum); use q8, q4, q3, q2, q1, lowrank or exact")
     if keep not in REPRESENTATIONS:
-        raise TallzipError(f"unknown representation {keep!r} (expected one of q8, q4, q3, q2, exact)")
+        raise TallzipError(f"unknown representation {keep!r} (expected one of q8, q4, q3, q2, q1, lowrank, exact)")
     if not is_plain_file_name(task):
         raise TallzipError(f"task name {task!r} cannot be a file name (no '/', '\\', NUL, '.' or '..')")
     arc = _open_v2(archive, base)
@@ -109,9 +113,10 @@ def add(archive, checkpoint, task: str, *, keep: str = ADD_DEFAULT, base=None, p
         with ArchiveWriter(archive, force=True, chunk_elements=chunk_elements) as writer:
             _copy_sections(arc, writer, lambda entry: True)
             _pause("copied")
-            sums = _write_task(arc, writer, ckpt, task, keep, level, float_codec, chunk_elements)
+            sums, fields = _write_task(arc, writer, ckpt, task, keep, level, float_codec, chunk_elements,
+                                       lowrank or LowRankOptions())
             _pause("added")
-            entry = task_entry(task, ckpt, keep, taskvec.DEFAULT_LAMBDA, quality.estimate(sums))
+            entry = task_entry(task, ckpt, keep, taskvec.DEFAULT_LAMBDA, quality.estimate(sums), fields)
             manifest = writer.finish(_edited_manifest(arc, [*arc.manifest["tasks"], entry]))
         _pause("written")
         return manifest
@@ -119,10 +124,11 @@ def add(archive, checkpoint, task: str, *, keep: str = ADD_DEFAULT, base=None, p
         arc.close()
 
 
-def _write_task(arc: Archive, writer, ckpt, task, rep, level, float_codec, chunk_elements):
+def _write_task(arc: Archive, writer, ckpt, task, rep, level, float_codec, chunk_elements, lowrank):
     """The new task's sections: its representation of every base tensor it changes, its own tensors
-    and side files. Returns the rebuild's sums (ops/quality.py) over the tensors it keeps as `rep`."""
-    sums = quality.zero_sums()
+    and side files. Returns (the rebuild's sums (ops/quality.py) over the tensors it keeps as `rep`, a lowrank
+    task's "lowrank" field or None)."""
+    sums, lowrank_names, fields = quality.zero_sums(), [], None
 
     def own(name, shape, dtype, read):
         codec = float_codec if dtype in FLOAT_DTYPES else "zstd"
@@ -142,6 +148,9 @@ def _write_task(arc: Archive, writer, ckpt, task, rep, level, float_codec, chunk
             continue
         if info["kind"] == KIND_SHARED and dtype == info["dtype"] and _equal_to_base(arc, ckpt, name, plan):
             continue  # unchanged: the base is this task's tensor too
+        if rep == REPRESENTATION_LOWRANK:
+            lowrank_names.append(name)  # coded whole, after this loop
+            continue
         entries = {}
         for index, (start, count) in enumerate(plan):
             pieces, chunk_sums = representation_chunk(rep, arc.base_chunk(name, index),
@@ -155,6 +164,12 @@ def _write_task(arc: Archive, writer, ckpt, task, rep, level, float_codec, chunk
                                      representation_section(writer, role, name, task, shape, info["dtype"],
                                                             chunk_elements, rep))
                 writer.write_chunk(entries[role], *coded)
+    if rep == REPRESENTATION_LOWRANK:
+        coded = write_lowrank_tasks(writer, {task: lowrank_names}, lambda _, n: (arc.base_tensor(n), ckpt.get(n)),
+                                    lowrank, level, chunk_elements, budget=arc.memory,
+                                    sizes={n: math.prod(arc.tensors[n]["shape"]) for n in lowrank_names})
+        fields, task_sums = coded[task]
+        sums += task_sums
     for name in ckpt.names:
         if name not in arc.tensors:
             own(name, list(ckpt.shapes[name]), ckpt.dtypes[name],
@@ -165,7 +180,7 @@ def _write_task(arc: Archive, writer, ckpt, task, rep, level, float_codec, chunk
         entry = writer.section(role=ROLE_FILE, tensor=fname, task=task, dtype="U8", shape=[data.numel()], codec="zstd")
         for start, count in chunk_plan([data.numel()], chunk_elements):
             writer.write_chunk(entry, *encode_chunk("zstd", data[start:start + count].numpy(), level))
-    return sums
+    return sums, fields
 
 
 def _equal_to_base(arc, ckpt, name, plan) -> bool:

@@ -2,7 +2,9 @@
 
 * `tall`: base + mask_t * mtv (the default of format v1);
 * `q8`, `q4`, `q3`, `q2`: base + the task's own vector quantized (symmetric round-to-nearest, bfloat16
-  scales rounded up, groups of QUANT_GROUP elements of a row: the measured default);
+  scales rounded up, groups of QUANT_GROUP elements of a row: the measured default); `q1`: its signs, and per
+  group the mean |tau| (issue 22);
+* `lowrank`: quantized top singular triplets per matrix (ops/lowrank_store.py, coded whole by packing/lowrank_pack.py);
 * `exact`: the task's bits coded given the base's, lossless.
 
 Math only: choosing a representation per task, and the chunk-level quantize / dequantize / rebuild.
@@ -14,6 +16,7 @@ import torch
 from tallzip.errors import TallzipError
 from tallzip.formats.container.constants import QUANT_BITS, REPRESENTATION_EXACT, REPRESENTATION_TALL, REPRESENTATIONS
 from tallzip.ops.quantize import QuantSpec, per_element, quantize
+from tallzip.ops.signcode import SignSpec, sign_codes, sign_quantize
 from tallzip.ops.taskvec import as_compute
 
 DEFAULT_REPRESENTATION = REPRESENTATION_TALL  # pack without --keep: today's archive
@@ -24,6 +27,9 @@ ASYMMETRIC = ("q2",)  # REPRESENTATIONS.md: asymmetric for q2 (99.90% vs ternary
 QUANT_GROUP = 128
 SCALE_DTYPE = "BF16"
 _TORCH_SCALE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+# q1 (issue 22, BitDelta-style): codes -1/+1, the least-squares scale mean |tau| per group (ops/signcode.py); the
+# decode is q*'s symmetric one, value = f32(code) * f32(scale)
+SIGN_CODE = "q1"
 
 
 def quant_spec(representation: str) -> QuantSpec:
@@ -34,6 +40,8 @@ def quant_spec(representation: str) -> QuantSpec:
 
 def quant_params(representation: str) -> dict:
     """The task entry's "quant": what its codes and scales mean (SPEC.md)."""
+    if representation == SIGN_CODE:
+        return {"bits": 1, "group": QUANT_GROUP, "grid": "sign", "method": "mean", "scale_dtype": SCALE_DTYPE}
     return {"bits": QUANT_BITS[representation], "group": QUANT_GROUP,
             "grid": "asymmetric" if representation in ASYMMETRIC else "symmetric", "method": "rtn",
             "scale_dtype": SCALE_DTYPE}
@@ -62,6 +70,9 @@ def quantize_chunk(base: torch.Tensor, task: torch.Tensor, chunk_shape, represen
     None) of one chunk: tau = f32(task) - f32(base)."""
     tau = (as_compute(task) - as_compute(base)).reshape(chunk_shape)
     try:
+        if representation == SIGN_CODE:  # q1: a sign per weight, the mean |tau| of its group as the scale
+            code = sign_quantize(tau, SignSpec(QUANT_GROUP, 1.0, _TORCH_SCALE[SCALE_DTYPE]))
+            return sign_codes(code).reshape(-1), code.scales.reshape(-1), None
         q = quantize(tau, quant_spec(representation))
     except ValueError as exc:
         raise TallzipError(f"{exc}; keep such a task as exact or tall") from None

@@ -180,7 +180,7 @@ def _masked_chunk(job: ChunkJob, family, settings: PackSettings) -> ChunkResult:
                 coded = encode_packed_mask_chunk(settings.codecs["mask"], bits, count, settings.level, context)
                 result.pieces.append(("mask", task, coded, n_ones))
     for task, rep in zip(settings.task_names, reps):
-        if rep != "tall":
+        if rep not in ("tall", "lowrank"):  # lowrank tasks are coded whole, after the chunks (lowrank_pack.py)
             tensor = family.tasks[task].read_range(name, start, count)
             pieces, result.quality[task] = representation_chunk(rep, base, tensor, job.shape, start, count,
                                                                 settings.level, float_codec)

@@ -9,6 +9,7 @@ pool compresses and hashes the sections made before.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -19,7 +20,7 @@ from tallzip.family import Family, base_digest
 from tallzip.run.chunks import checked_chunk_elements, chunk_plan, ordered_map, parse_memory
 from tallzip.run.threads import available_cpus, resolve_device, single_torch_thread
 from tallzip.formats.container.constants import (DTYPE_SIZES, FLOAT_DTYPES, FORMAT_VERSION, KIND_MASKED, KIND_PER_TASK,
-                                                 KIND_SHARED, ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV)
+                                                 KIND_SHARED, REPRESENTATION_LOWRANK, ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV)
 from tallzip.formats.container.reader import is_plain_file_name
 from tallzip.formats.container.writer import ArchiveWriter
 from tallzip.formats.checkpoints.outputs import refuse_inputs_as_output
@@ -29,6 +30,7 @@ from tallzip.ops.ties import MtvMerger
 from tallzip.options import RunOptions, StoreOptions
 from tallzip.packing.jobs import ChunkJob, PackSettings, dtype_of, job_cost, run_job
 from tallzip.packing.manifest import task_entry
+from tallzip.packing.lowrank_pack import write_lowrank_tasks
 from tallzip.packing.lambdas import LambdaSelector, selected_lambdas, task_lambdas
 from tallzip.packing.auto import AUTO, AUTO_CANDIDATES, auto_choice, candidate_estimates
 from tallzip.packing.selection import RepresentationSelector, choose as choose_representations
@@ -41,7 +43,7 @@ def pack(tasks, base, output, store: StoreOptions | None = None, run: RunOptions
     """Pack a family into one archive at `output`; returns its manifest.
 
     tasks: folder of checkpoints, or {task: path}. store: what the archive stores (StoreOptions: lambdas,
-    keep (tall, q8..q2, exact, {task: rep}, 'auto': each task's smallest representation whose data-free
+    keep (tall, q8..q2, lowrank, exact, {task: rep}, 'auto': each task's smallest representation whose data-free
     estimate is good, or select_representation(evaluate, tolerance)), merge, density, mtv_dtype, codecs, level, base_ref, allow_nonfinite, chunk_elements); masks
     always come from the full-precision mtv. run: how (RunOptions: memory, workers, engine, address,
     device, progress); neither the budget nor the workers change the archive's bytes. force: replace an
@@ -70,6 +72,9 @@ def pack(tasks, base, output, store: StoreOptions | None = None, run: RunOptions
         if not is_plain_file_name(t):
             raise TallzipError(f"task name {t!r} cannot be a file name (no '/', '\\', NUL, '.' or '..')")
     lam = task_lambdas(lambdas, task_names)
+    unknown = sorted(set(dict(store.lowrank.task_energy)) - set(task_names))
+    if unknown:
+        raise TallzipError(f"lowrank task_energy names unknown task {unknown[0]!r}; tasks: {', '.join(task_names)}")
     selector = keep if isinstance(keep, RepresentationSelector) else None
     auto = isinstance(keep, str) and keep == AUTO
     if selector is None and not auto:
@@ -78,6 +83,7 @@ def pack(tasks, base, output, store: StoreOptions | None = None, run: RunOptions
     if lam is None:
         lam = selected_lambdas(family, merger, lambdas, device, progress)
     if selector is not None:  # after the mtv's method and the lambdas: the tall candidate is rebuilt from them
+        selector.lowrank = store.lowrank  # a lowrank candidate is scored as it will be stored
         keep = choose_representations(family, selector, chunk_elements, progress, tall=(merger, lam, mtv_dtype))
         reps = task_representations(keep, task_names)
     if auto:  # from the weights alone: one extra pass estimating every candidate
@@ -168,7 +174,15 @@ def pack(tasks, base, output, store: StoreOptions | None = None, run: RunOptions
             if progress:
                 progress("packing", done, len(jobs))
 
-        task_entries = [task_entry(t, family.tasks[t], reps[t], lam[t], quality.estimate(sums[t])) for t in task_names]
+        rebuilt = [n for n in family.base.names if tensors_table[n]["kind"] == KIND_MASKED]
+        coded = write_lowrank_tasks(writer, {t: rebuilt for t in task_names if reps[t] == REPRESENTATION_LOWRANK},
+                                    lambda t, n: (family.base.get(n), family.tasks[t].get(n)), store.lowrank, level,
+                                    chunk_elements, budget=budget, workers=workers, progress=progress,
+                                    sizes={n: math.prod(family.base.shapes[n]) for n in rebuilt})
+        for t, (_, task_sums) in coded.items():  # lowrank tasks: coded whole, after the chunks (lowrank_pack.py)
+            sums[t] += task_sums
+        task_entries = [task_entry(t, family.tasks[t], reps[t], lam[t], quality.estimate(sums[t]),
+                                   coded[t][0] if t in coded else None) for t in task_names]
         manifest = {
             "format": "tallzip", "version": FORMAT_VERSION, "created_by": f"tallzip {__version__}",
             "merge": {"method": merge, **({"density": density} if merge == "ties" else {})},

@@ -25,15 +25,19 @@ import torch
 
 from tallzip.errors import TallzipError
 from tallzip.formats.container.chunking import chunk_plan, chunk_shape
+from tallzip.ops.lowrank_store import decode_range, encode_tensor
 from tallzip.ops.representations import QUANT_GROUP, dequantize_chunk, quantize_chunk, rebuild_quantized
 from tallzip.ops.tall import tall_mask
 from tallzip.ops.taskvec import as_compute, rebuild as tall_rebuild, stored_mtv
 
 CANDIDATES = ("tall", "q2", "q3", "q4", "q8")  # smallest first; exact is the fallback and needs no evaluation
+# also allowed, not tried unless named (issue 22; q1 below): lowrank, ~1.4 bits per weight on the vision benchmark (RESULTS.md,
+# "Real archives"), so ("tall", "lowrank", "q2", ...) tries it before q2
+ALLOWED = (*CANDIDATES, "lowrank", "q1")  # q1: ~1.1 bits per weight, 96.9% there: for families it suits
 # Bits per weight before entropy coding, to weigh the mtv against what tall saves: a mask bit; q* codes plus
 # a bfloat16 scale per group of 128 (and an offset for the asymmetric q2); exact: the weight's own bits.
 NOMINAL_BITS = {"tall": 1.0, "q2": 2 + 32 / QUANT_GROUP, "q3": 3 + 16 / QUANT_GROUP, "q4": 4 + 16 / QUANT_GROUP,
-                "q8": 8 + 16 / QUANT_GROUP}
+                "q8": 8 + 16 / QUANT_GROUP, "lowrank": 1.5, "q1": 1 + 16 / QUANT_GROUP}
 MTV_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 
 
@@ -48,15 +52,16 @@ class RepresentationSelector:
     scores: dict = field(default_factory=dict)   # filled in: task -> {"finetuned": s, rep: s, ...}
     chosen: dict = field(default_factory=dict)   # filled in: task -> representation
     mtv_weighed: dict = field(default_factory=dict)  # filled in when tall was weighed against the mtv
+    lowrank: object = None  # the LowRankOptions pack stores lowrank tasks with (pack fills it in from StoreOptions)
 
 
 def select_representation(evaluate, tolerance: float = 0.005, candidates=CANDIDATES,
                           weigh_mtv: bool = True) -> RepresentationSelector:
     if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
         raise TallzipError(f"tolerance must be a number in [0, 1), got {tolerance!r}")
-    unknown = [c for c in candidates if c not in CANDIDATES]
+    unknown = [c for c in candidates if c not in ALLOWED]
     if unknown:
-        raise TallzipError(f"candidate {unknown[0]!r} is not one of {', '.join(CANDIDATES)} (exact is always the last)")
+        raise TallzipError(f"candidate {unknown[0]!r} is not one of {', '.join(ALLOWED)} (exact is always the last)")
     return RepresentationSelector(evaluate, float(tolerance), tuple(candidates), bool(weigh_mtv))
 
 
@@ -100,6 +105,26 @@ def quantized_state(family, task: str, rep: str, chunk_elements: int) -> dict:
     return state
 
 
+def lowrank_state(family, task: str, options, chunk_elements: int) -> dict:
+    """The task's state dict as a `lowrank` archive rebuilds it (options: LowRankOptions; decoded chunk by chunk
+    in the archive's plan, as the reader decodes)."""
+    ckpt, options = family.tasks[task], options.for_task(task)
+    state = {}
+    for name in ckpt.names:
+        tensor = ckpt.get(name)
+        if name not in family.base or not family.is_mergeable(name):
+            state[name] = tensor
+            continue
+        base = family.base.get(name)
+        code = encode_tensor(as_compute(tensor) - as_compute(base), options, options.tensor_bits(name))
+        flat_base, parts = base.reshape(-1), []
+        for start, count in chunk_plan(tuple(base.shape), chunk_elements):
+            value = decode_range(code.codes, code.scales, code.shape, code.rank, options.group, start, count)
+            parts.append(rebuild_quantized(flat_base[start:start + count], value).to(tensor.dtype))
+        state[name] = torch.cat(parts).reshape(base.shape) if parts else tensor
+    return state
+
+
 def _score(selector, task, state) -> float:
     value = float(selector.evaluate(task, state))
     if value != value or value in (float("inf"), float("-inf")):
@@ -132,6 +157,8 @@ def _first_within(family, selector, task, candidates, floor, chunk_elements, tal
             if rep == "tall":
                 merger, lambdas, mtv_dtype = tall
                 state = tall_state(family, task, merger, lambdas[task], mtv_dtype)
+            elif rep == "lowrank":
+                state = lowrank_state(family, task, selector.lowrank, chunk_elements)
             else:
                 state = quantized_state(family, task, rep, chunk_elements)
             scores[rep] = _score(selector, task, state)

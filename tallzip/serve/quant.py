@@ -128,8 +128,8 @@ class QuantTask:
 
     def __init__(self, archive, task: str, group, layout: GroupLayout, covered: list, device: torch.device):
         quant = archive.task_entry(task)["quant"]
-        self.symmetric = quant["grid"] == "symmetric"
-        self.shift = 2 ** (quant["bits"] - 1) - 1 if self.symmetric else 0  # u = code + shift
+        self.symmetric = quant["grid"] != "asymmetric"  # q1's sign grid too: codes -1/+1
+        self.shift = max(1, 2 ** (quant["bits"] - 1) - 1) if self.symmetric else 0  # u = code + shift
         self.bits = held_bits(quant["bits"])
         self.layout = layout
         codes = torch.zeros(group.size * self.bits // 8, dtype=torch.uint8)

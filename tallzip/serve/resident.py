@@ -15,6 +15,7 @@ switch() rewrites. What each task keeps besides, by representation:
   exactly the bits of Archive.load(task).
 * q8/q4/q3/q2: its codes, packed at 8/4/4/2 bits, and its scales (resident_quant.py); a switch
   computes base + f32(code) * f32(scale) into the live buffer, slice by slice: no float copy.
+* lowrank: its factors' and q* tensors' codes and scales (serve/lowrank.py); a switch decodes them chunk by chunk.
 * exact: its tensors themselves (lossless, so a full copy in the base's dtype); a switch copies them.
 
 Tensors no task changed are held once; each task's own tensors (heads, and tensors it keeps in
@@ -35,10 +36,11 @@ import torch
 from tallzip.ops import taskvec
 from tallzip.ops.bits import flip_select_into, unpack_bits
 from tallzip.errors import TallzipError
-from tallzip.formats.container.constants import (KIND_MASKED, KIND_SHARED, REPRESENTATION_EXACT, REPRESENTATION_TALL, ROLE_DELTA, ROLE_MASK, ROLE_OWN, ROLE_QCODES)
+from tallzip.formats.container.constants import (KIND_MASKED, KIND_SHARED, REPRESENTATION_EXACT, REPRESENTATION_LOWRANK, REPRESENTATION_TALL, ROLE_DELTA, ROLE_MASK, ROLE_OWN)
 from tallzip.formats.tensors import torch_bits_dtype, torch_dtype
 from tallzip.run.threads import available_cpus, resolve_device
 from tallzip.serve.quant import GroupLayout, QuantTask, quant_covered, runs
+from tallzip.serve.lowrank import LowRankTask
 
 _ALIGN = 64  # elements: every tensor starts on a whole byte of mask bits and an aligned address
 _CPU_SLICE = 1 << 20  # elements per step of a switch on a CPU (a multiple of 8)
@@ -93,7 +95,7 @@ class Resident:
         masked = [n for n, info in archive.tensors.items() if info["kind"] == KIND_MASKED]
         # a base tensor the others share, for which a task added later stores its own codes or delta
         rebuilt_shared = [n for n, info in archive.tensors.items() if info["kind"] == KIND_SHARED and any(
-            archive.reader.section(role, n, t) is not None for t in self.tasks for role in (ROLE_QCODES, ROLE_DELTA))]
+            archive.has_own_rebuild(t, n) for t in self.tasks)]
         switched = masked + rebuilt_shared
         for name in switched:
             info = archive.tensors[name]
@@ -165,6 +167,11 @@ class Resident:
                         offset, count, _ = group.spans[name]
                         flat[offset:offset + count] = archive.task_tensor(task, name, self.device).reshape(-1)
                 self._exact[task][dtype] = flat
+        elif rep == REPRESENTATION_LOWRANK:
+            self._quant[task] = {dtype: LowRankTask(archive, task, group, [n for n in in_group.get(dtype, [])
+                                                                        if archive.has_own_rebuild(task, n)], self.device)
+                                 for dtype, group in self._groups.items()}
+            self._from_base[task] = {dtype: [] for dtype in self._groups}  # rebuild_into starts from the base
         elif rep != REPRESENTATION_TALL:
             self._quant[task], self._from_base[task] = {}, {}
             group_setting = archive.task_entry(task)["quant"]["group"]

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from tallzip.formats.container.constants import (DTYPE_SIZES, KIND_MASKED, KIND_PER_TASK, REPRESENTATION_EXACT, REPRESENTATION_TALL, ROLE_BASE, ROLE_DELTA, ROLE_FILE, ROLE_MASK, ROLE_MTV, ROLE_OWN, ROLE_QCODES, ROLE_QOFFSETS, ROLE_QSCALES)
-from tallzip.verification.representations import check_task_chunk, difference_text
+from tallzip.formats.container.constants import (DTYPE_SIZES, KIND_MASKED, KIND_PER_TASK, REPRESENTATION_EXACT, REPRESENTATION_LOWRANK, REPRESENTATION_TALL, ROLE_BASE, ROLE_DELTA, ROLE_FILE, ROLE_MASK, ROLE_MTV, ROLE_OWN, ROLE_QCODES, ROLE_QOFFSETS, ROLE_QSCALES)
+from tallzip.verification.representations import check_task_chunk, difference_text, lowrank_chunk_sums, lowrank_exceeds
 from tallzip.verification.compare import SLICE, ErrorSums, compare_masked_chunk, count_unequal
 
 _OVERHEAD = 1 << 20
@@ -52,6 +52,7 @@ class UnitResult:
         self.tasks: dict[str, TaskFindings] = {}
         self.mtv_differing: dict[str, int] = {}  # tensor -> weights whose stored mtv is not the recomputed one
         self.counts: dict[tuple, list] = {}
+        self.lowrank: dict[tuple, list] = {}  # (task, tensor) -> [||tau - value||^2, ||tau||^2, recorded rel. error]
 
     def task(self, name) -> TaskFindings:
         return self.tasks.setdefault(name, TaskFindings())
@@ -68,6 +69,9 @@ class UnitResult:
             self.mtv_differing[name] = self.mtv_differing.get(name, 0) + n
         for key, (differing, of) in other.counts.items():
             self.count(*key, differing, of)
+        for key, (diff_sq, tau_sq, recorded) in other.lowrank.items():
+            total = self.lowrank.setdefault(key, [0.0, 0.0, recorded])
+            total[0], total[1] = total[0] + diff_sq, total[1] + tau_sq
 
     def differences(self):
         """The summed counts as differences, one per tensor and task."""
@@ -81,6 +85,11 @@ class UnitResult:
             else:
                 text = difference_text(what, differing, of)
             self.task(task).differences.append({"tensor": name, "what": text})
+        for (task, name), (diff_sq, tau_sq, recorded) in self.lowrank.items():
+            rel = lowrank_exceeds(diff_sq, tau_sq, recorded)
+            if rel is not None:
+                self.task(task).differences.append({"tensor": name, "what": f"lowrank: relative error {rel:.4g} of the "
+                                                    f"task vector, above the {recorded:.4g} recorded at pack"})
 
 
 def _representation_roles(archive, task, name) -> list[str]:
@@ -89,6 +98,8 @@ def _representation_roles(archive, task, name) -> list[str]:
         return [ROLE_OWN]
     if archive.representation(task) == REPRESENTATION_EXACT:
         return [ROLE_DELTA]
+    if archive.representation(task) == REPRESENTATION_LOWRANK:
+        return []  # the task's two streams: checked whole, as sections no chunk rebuild reads
     quant = archive.task_entry(task)["quant"]
     return [ROLE_QCODES, ROLE_QSCALES] + ([ROLE_QOFFSETS] if quant["grid"] != "symmetric" else [])
 
@@ -209,7 +220,12 @@ class UnitRunner:
         shared = (base,) if base is not None else None
         originals = self._originals(name, start, count, archive.tasks)
         for task in spec["represented"]:
-            if task in originals:
+            if task in originals and archive.representation(task) == REPRESENTATION_LOWRANK \
+                    and archive.reader.section(ROLE_OWN, name, task) is None:
+                sums = lowrank_chunk_sums(archive, task, name, index, base, originals[task], result.task(task).error)
+                total = result.lowrank.setdefault((task, name), [0.0, 0.0, archive.lowrank(task).rel_error(name)])
+                total[0], total[1] = total[0] + sums[0], total[1] + sums[1]
+            elif task in originals:
                 outside = check_task_chunk(archive, task, name, index, base, originals[task], result.task(task).error)
                 result.count(task, name, archive.representation(task), outside, count)
             else:  # decoded (and so checked) all the same

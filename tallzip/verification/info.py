@@ -17,7 +17,7 @@ from tallzip.formats.container.constants import FLOAT_DTYPES, KIND_MASKED, KIND_
 LOSSLESS_CODECS = frozenset({"raw", "zstd", "bits+zstd", "planes+zstd", "planes+ans", "blosc2+zstd", "bits-ctx",
                              "bits-ctx-prior", "bits-lvl", "delta"})
 # Sections that hold one task's representation of the changed tensors (bits/param per task counts them).
-REPRESENTATION_SECTION_ROLES = (ROLE_MASK, "qcodes", "qscales", "qoffsets", "delta")
+REPRESENTATION_SECTION_ROLES = (ROLE_MASK, "qcodes", "qscales", "qoffsets", "delta", "lrcodes", "lrscales")
 FULL_PRECISION_MTV = ("F32", "F64")
 LOSSLESS_MEANS = ("every task rebuilds exactly as base + mask * mtv with the float32 mtv the masks were made "
                   "from (the TALL rule itself is not the fine-tuned model: see `verify --against`)")
@@ -95,7 +95,7 @@ def summary(archive: Archive) -> dict:
         "codecs": {role: sorted(used) for role, used in sorted(codecs.items())},
         "zstd_level": recorded_level(m),
         "lossless": (all(d in FULL_PRECISION_MTV for d in mtv_dtypes) and all_codecs <= LOSSLESS_CODECS
-                     and not any(r["representation"] in QUANT_BITS for r in tasks.values())),
+                     and not any(r["representation"] in (*QUANT_BITS, "lowrank") for r in tasks.values())),
         "representations": {t: r["representation"] for t, r in tasks.items()},
         "lossless_means": lossless_means(r["representation"] for r in tasks.values()),
         "checked": False, "not_checked": NOT_CHECKED,
