@@ -182,21 +182,26 @@ def run(cache_dir: Path, task_counts, results_dir: Path, language_json: Path | N
 
 def estimate_overhead(family_dir: Path, repeats: int = 3) -> dict:
     """Seconds of tallzip.pack (tall, default options) on a family folder (tasks/ and base/) with the estimate and
-    with its per-slice function replaced by zeros, interleaved in one process; medians."""
+    without it (the TALL loop asked for no sums, the per-slice function replaced by zeros), interleaved in one
+    process; medians."""
     from tallzip.ops import quality
     from tallzip.packing import jobs
-    real, times = jobs.tall_sums, {"with": [], "without": []}
+    real, real_loop, times = jobs.tall_sums, jobs.masked_tensor_and_sums, {"with": [], "without": []}
+
+    def loop_without(merger, base, tasks, lambdas, device, request, mtv_out=None):  # the TALL loop, no sums
+        return real_loop(merger, base, tasks, lambdas, device, None, mtv_out=mtv_out)
+    without = (lambda *a, **k: quality.zero_sums(), loop_without)
     with tempfile.TemporaryDirectory(prefix="tallzip-overhead-") as work:
         try:
             for _ in range(repeats):
-                for label, sums in (("with", real), ("without", lambda *a, **k: quality.zero_sums())):
-                    jobs.tall_sums = sums
+                for label, (sums, loop) in (("with", (real, real_loop)), ("without", without)):
+                    jobs.tall_sums, jobs.masked_tensor_and_sums = sums, loop
                     start = time.perf_counter()
                     tallzip.pack(Path(family_dir) / "tasks", Path(family_dir) / "base", Path(work) / "a.tallz",
                                  force=True)
                     times[label].append(time.perf_counter() - start)
         finally:
-            jobs.tall_sums = real
+            jobs.tall_sums, jobs.masked_tensor_and_sums = real, real_loop
     return {label: {"seconds": [round(t, 2) for t in ts], "median": round(float(np.median(ts)), 2)}
             for label, ts in times.items()}
 

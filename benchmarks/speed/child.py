@@ -96,11 +96,12 @@ def _original_files(path) -> list[Path]:
 
 
 def op_load_original(spec):
-    """What load is compared with: every tensor of the original read into memory with safetensors."""
+    """What load is compared with: every tensor of the original read into memory with safetensors, materialized
+    (load_file maps the file: its tensors are read only when touched; clone() reads them, as issue 21 measured)."""
     from safetensors.torch import load_file
     total = 0
     for path in _original_files(spec["original"]):
-        state = load_file(str(path))
+        state = {name: tensor.clone() for name, tensor in load_file(str(path)).items()}
         total += sum(t.numel() * t.element_size() for t in state.values())
         del state
     spec["loaded_bytes"] = total

@@ -19,6 +19,7 @@ byte-identical: the A/B run of a change.
     python -m benchmarks.speed --quick                  # small ViT shapes, N = 2 and 4: seconds
     python -m benchmarks.speed --quick --compare /work/main --repeat 3
     python -m benchmarks.speed --family llm --llm-preset 1b --llm-tasks 8 --repeat 1
+    python -m benchmarks.speed --family-dir /work/cache/language/cpu-05773139c9 --ops pack --compare /work/main
     python -m benchmarks.speed --codecs fast            # zstd / bits+zstd instead of the default codecs
     python -m benchmarks.speed engines [--quick]        # the job engines side by side (engines.py)
 """
@@ -164,7 +165,7 @@ def subset_folder(work: Path, tasks: dict) -> Path:
 # --- measurements ------------------------------------------------------------------------------
 
 def measure_commands(family: str, n: int, base: Path, task_paths: list, work: Path, trees: dict, device: str,
-                     codecs, repeat: int, memory: str | None, ops=OPS) -> dict:
+                     codecs, repeat: int, memory: str | None, ops=OPS, pack_repeat: int | None = None) -> dict:
     """Every command on a cold cache, each in its own process, median of `repeat`, for each tree (the trees
     alternate run by run, so both see the same machine); the references (reading the inputs, safetensors'
     load+save and load of the original) once per run, as they do not depend on the tree."""
@@ -206,7 +207,7 @@ def measure_commands(family: str, n: int, base: Path, task_paths: list, work: Pa
     for op in ["pack", *[o for o in ops if o != "pack"]]:
         if op != "pack" and not all(a.is_file() for a in archives.values()):
             break
-        for r in range(repeat):
+        for r in range((pack_repeat or repeat) if op == "pack" else repeat):
             order = list(trees) if r % 2 == 0 else list(reversed(trees))
             for who in order:
                 cold(*orig_files)
@@ -376,16 +377,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, N = 2 and 4, ViT family only")
-    parser.add_argument("--family", nargs="+", choices=["vit", "llm"], default=["vit", "llm"])
+    parser.add_argument("--family", nargs="+", choices=["vit", "llm"], default=None,
+                        help="generated families to time (default: vit llm; none with --family-dir)")
+    parser.add_argument("--family-dir", type=Path, action="append", default=[], metavar="DIR",
+                        help="also time a family on disk: DIR/base and DIR/tasks/* (e.g. benchmarks.language's)")
     parser.add_argument("--tasks", type=int, nargs="+", help="ViT family sizes (default 2 8 20; quick: 2 4)")
     parser.add_argument("--llm-tasks", type=int, nargs="+", default=[2, 8], help="LLM family sizes")
-    parser.add_argument("--llm-preset", default="small", choices=["small", "1b"],
-                        help="benchmarks.fixtures preset llm-* (small: 0.8 GB, 1b: 2.2 GB)")
+    parser.add_argument("--llm-preset", default="small", choices=["small", "1b", "gpt2xl"],
+                        help="benchmarks.fixtures preset llm-* (small: 0.8 GB, 1b: 2.2 GB, gpt2xl: 0.99 GB)")
     parser.add_argument("--llm-dtype", default="bf16")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="the commands to time (pack always)")
     parser.add_argument("--compare", type=Path, metavar="OTHER_CHECKOUT",
                         help="also time every command with this checkout's tallzip, alternately (A/B)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each command (the median is shown)")
+    parser.add_argument("--pack-repeat", type=int, help="runs of pack (default: --repeat), when only the archives "
+                        "are needed for the other commands")
     parser.add_argument("--memory", help="memory budget passed to every command (e.g. 1G), where supported")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--codecs", choices=["default", "fast"], default="default")
@@ -405,7 +411,7 @@ def main(argv=None):
     command = "python -m benchmarks.speed " + " ".join(sys.argv[1:] if argv is None else argv)
     print("$ " + command)
     sizes = args.tasks or ([2, 4] if args.quick else [2, 8, 20])
-    families = ["vit"] if args.quick else args.family
+    families = ["vit"] if args.quick else args.family or ([] if args.family_dir else ["vit", "llm"])
     codecs = FAST_CODECS if args.codecs == "fast" else None
     device = args.device
     if device == "auto":
@@ -432,7 +438,7 @@ def main(argv=None):
                   f"in {base.parent}")
             for n in sizes:
                 results["rows"].append(measure_commands("vit", n, base, task_paths, work, trees, device, codecs,
-                                                        args.repeat, args.memory, args.ops))
+                                                        args.repeat, args.memory, args.ops, args.pack_repeat))
             n = max(sizes)
             tasks = {p.stem: p for p in task_paths[:n]}
             if not args.no_switch or args.progress:
@@ -461,7 +467,14 @@ def main(argv=None):
                   f"{sum(p.stat().st_size for p in all_files([base])) / 1e9:.2f} GB per checkpoint, in {base.parent}")
             for n in args.llm_tasks:
                 results["rows"].append(measure_commands(preset, n, base, task_paths, work, trees, device,
-                                                        codecs, args.repeat, args.memory, args.ops))
+                                                        codecs, args.repeat, args.memory, args.ops, args.pack_repeat))
+        for folder in args.family_dir:
+            base = folder / "base"
+            task_paths = sorted(p for p in (folder / "tasks").iterdir() if not p.name.startswith("."))
+            print(f"family on disk: {folder}: {len(task_paths)} tasks + base")
+            results["rows"].append(measure_commands(folder.name, len(task_paths), base, task_paths, work, trees,
+                                                    device, codecs, args.repeat, args.memory, args.ops,
+                                                    args.pack_repeat))
         if device != "cuda":
             results["notes"].append("no CUDA device here: the GPU figures were not measured")
         report_commands(results["rows"], results["cpus"])

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -364,6 +365,7 @@ class SafetensorsStream:
         self._in_flight_bytes = 0
         self._written: set = set()
         self._parts: dict = {}  # name -> elements written so far
+        self._lock = threading.Lock()
         os.ftruncate(self._fd, self._data_start + position)
         self._pwrite(len(blob).to_bytes(8, "little") + blob, 0)
 
@@ -382,25 +384,37 @@ class SafetensorsStream:
                               f"expected {dtype} {list(shape)}")
         self.write_part(name, 0, tensor.reshape(-1))
 
+    def _claim(self, name: str, start: int, flat: torch.Tensor) -> int:
+        """Check that elements start .. start+len(flat) of `name` fit, count them, and return their file offset."""
+        with self._lock:
+            if name not in self._specs or name in self._written:
+                raise FormatError(f"{self.path}: tensor {name!r} is not expected here (unknown, or written twice)")
+            dtype, shape, offset = self._specs[name]
+            count = flat.numel()
+            if dtype_name(flat.dtype) != dtype or start < 0 or start + count > math.prod(shape):
+                raise FormatError(f"{self.path}: part of tensor {name!r} ({dtype_name(flat.dtype)}, elements {start}.."
+                                  f"{start + count}) does not fit {dtype} {list(shape)}")
+            done = self._parts.get(name, 0) + count
+            self._parts[name] = done
+            if done == math.prod(shape):
+                self._written.add(name)
+            return self._data_start + offset + start * DTYPE_SIZES[dtype]
+
+    def write_part_here(self, name: str, start: int, flat: torch.Tensor):
+        """write_part, written by this thread before it returns (any thread may call it: extract's pool threads
+        write the chunk they rebuilt while it is in their caches; `flat` may be reused after)."""
+        position = self._claim(name, start, flat)
+        if flat.numel():
+            self._pwrite(flat.detach().contiguous().reshape(-1).view(torch.uint8).numpy(), position)
+
     def write_part(self, name: str, start: int, flat: torch.Tensor):
         """Elements start .. start+len(flat) of a tensor's flattened data (chunks may come in any
         order; the tensor is complete once every element was written exactly once, by count)."""
-        if name not in self._specs or name in self._written:
-            raise FormatError(f"{self.path}: tensor {name!r} is not expected here (unknown, or written twice)")
-        dtype, shape, offset = self._specs[name]
-        count = flat.numel()
-        if dtype_name(flat.dtype) != dtype or start < 0 or start + count > math.prod(shape):
-            raise FormatError(f"{self.path}: part of tensor {name!r} ({dtype_name(flat.dtype)}, elements {start}.."
-                              f"{start + count}) does not fit {dtype} {list(shape)}")
-        done = self._parts.get(name, 0) + count
-        self._parts[name] = done
-        if done == math.prod(shape):
-            self._written.add(name)
+        position = self._claim(name, start, flat)
         flat = flat.detach().to("cpu").contiguous().reshape(-1)
-        if not count:
+        if not flat.numel():
             return
         data = flat.view(torch.uint8).numpy()  # kept alive by the job until written
-        position = self._data_start + offset + start * DTYPE_SIZES[dtype]
         self._in_flight.append((self._pool.submit(self._pwrite, data, position), data.nbytes))
         self._in_flight_bytes += data.nbytes
         while self._in_flight and self._in_flight_bytes > self._MAX_IN_FLIGHT:

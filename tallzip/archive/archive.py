@@ -21,7 +21,6 @@ from tallzip.family import base_digest
 from tallzip.ops.rebuild import rebuild_from_bits
 from tallzip.formats import codecs as codec_registry
 from tallzip.formats.checkpoints.checkpoint import open_checkpoint
-from tallzip.formats.checkpoints.outputs import SafetensorsStream
 from tallzip.formats.container.constants import (DTYPE_SIZES, KIND_MASKED, KIND_PER_TASK, KIND_SHARED, REPRESENTATION_EXACT, REPRESENTATION_LOWRANK, REPRESENTATION_TALL, ROLE_BASE, ROLE_DELTA, ROLE_MASK, ROLE_MTV, ROLE_OWN, ROLE_QCODES, ROLE_QOFFSETS, ROLE_QSCALES)
 from tallzip.formats.errors import CorruptArchiveError
 from tallzip.formats.checkpoints.sources import is_url, location
@@ -240,7 +239,7 @@ class Archive(DeprecatedAliases):
         value = dequantize_chunk(codes, scales, shape, self.task_entry(task)["quant"]["group"], offsets)
         return rebuild_quantized(base, value)
 
-    def _chunk_cost(self, name: str, count: int, tasks: int = 1) -> int:
+    def chunk_cost(self, name: str, count: int, tasks: int = 1) -> int:
         """Bytes one chunk job holds at its peak: base, mtv (stored, float32, compute), the mask,
         the rebuilt chunk per task, and the mask codec's working set (~20 bytes per element)."""
         info = self.tensors.get(name)
@@ -256,7 +255,7 @@ class Archive(DeprecatedAliases):
         # on a CPU the rebuild runs on the pool's threads too; a GPU is fed from this thread
         here = device.type != "cpu"
         job = lambda item: (item, self._assembled_in_worker(self.chunk_parts(task, item[0], item[1]), device))  # noqa: E731
-        for (name, _, start, _), parts in ordered_map(job, items, cost=lambda it: self._chunk_cost(it[0], it[3]),
+        for (name, _, start, _), parts in ordered_map(job, items, cost=lambda it: self.chunk_cost(it[0], it[3]),
                                                        budget=self.memory):
             yield name, start, (self.assemble(parts, device) if here else parts).reshape(-1)
 
@@ -292,7 +291,7 @@ class Archive(DeprecatedAliases):
             return item, {t: self._assembled_in_worker(p, device) for t, p in job(item).items()}
 
         here = device.type != "cpu"
-        cost = lambda it: self._chunk_cost(it[0], it[4], len(having[it[0]]))  # noqa: E731
+        cost = lambda it: self.chunk_cost(it[0], it[4], len(having[it[0]]))  # noqa: E731
         for (name, _, _, start, _), parts in ordered_map(assembled, items, cost=cost, budget=self.memory):
             yield name, start, {t: (self.assemble(p, device) if here else p).reshape(-1) for t, p in parts.items()}
 
@@ -405,21 +404,28 @@ class Archive(DeprecatedAliases):
 
         def job(item):
             name, index, start, count = item
-            _, tensor, masked = parts = self.chunk_parts(task, name, index)
             out = outputs[name][start:start + count]
-            if masked is not None and tensor.dtype == out.dtype:  # masked: (mtv, bits), rebuilt in its slice
-                rebuild_from_bits(tensor, masked[1], masked[0], torch.device("cpu"), out=out)
-            else:
-                out.copy_(self.assemble(parts, torch.device("cpu")).reshape(-1))
+            made = self.chunk_into(task, name, index, out)
+            if made is not out:
+                out.copy_(made)
             return item
 
         items = [(name, i, start, count) for name in names for i, (start, count) in enumerate(self.plan(task, name))]
         filled = dict.fromkeys(names, 0)
-        for name, _, _, count in ordered_map(job, items, cost=lambda it: self._chunk_cost(it[0], it[3]),
+        for name, _, _, count in ordered_map(job, items, cost=lambda it: self.chunk_cost(it[0], it[3]),
                                              budget=self.memory):
             filled[name] += count
             if filled[name] == math.prod(shapes[name]):  # every chunk job of it is done
                 yield name, outputs.pop(name).reshape(shapes[name])
+
+    def chunk_into(self, task: str, name: str, index: int, out: torch.Tensor) -> torch.Tensor:
+        """One chunk of a task decoded on the CPU, a masked one rebuilt straight into `out` (flat, the task's dtype:
+        no chunk-sized allocation, issue 21); returns `out`, or the decoded chunk itself (flat) where it needs no
+        rebuild (the caller then uses it as it is: no copy)."""
+        _, tensor, masked = parts = self.chunk_parts(task, name, index)
+        if masked is not None and tensor.dtype == out.dtype:  # masked: (mtv, bits)
+            return rebuild_from_bits(tensor, masked[1], masked[0], torch.device("cpu"), out=out)
+        return self.assemble(parts, torch.device("cpu")).reshape(-1)
 
     def load(self, task: str, device="cpu") -> "OrderedDict[str, torch.Tensor]":
         """The task's rebuilt state dict: base + mask * mtv, its own tensors as they were."""
@@ -454,29 +460,6 @@ class Archive(DeprecatedAliases):
         if task is None:
             return extracting.extract_all(self, output, fmt=fmt, force=force, device=device, progress=progress)
         return extracting.extract_task(self, task, output, fmt=fmt, force=force, device=device, progress=progress)
-
-    def extract_together(self, files: dict, device: torch.device, tick=None):
-        """Write several tasks as safetensors files at once, chunk by chunk, so that each base and
-        mtv chunk is read and decoded once for all of them rather than once per task."""
-        tasks = list(files)
-        specs = {t: [(n, d, self.task_shape(t, n)) for n, d in self.task_entry(t)["tensors"]] for t in tasks}
-        streams = {}
-        try:
-            for t in tasks:
-                streams[t] = SafetensorsStream(files[t], specs[t], self.task_entry(t).get("metadata"))
-            for name, start, parts in self.iter_tasks_chunks(tasks, device):
-                done = 0
-                for task, flat in parts.items():
-                    streams[task].write_part(name, start, flat)
-                    done += start + flat.numel() == math.prod(self.task_shape(task, name))
-                if tick and done:
-                    tick(done)
-            for stream in streams.values():
-                stream.close()
-        except BaseException:
-            for stream in streams.values():
-                stream.abort()
-            raise
 
     def close(self):
         self.reader.close()

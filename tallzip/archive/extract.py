@@ -16,14 +16,19 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from tallzip.errors import TallzipError
 from tallzip.formats.checkpoints.folders import SAFETENSORS_EXT, TORCH_EXTS, shard_index
 from tallzip.formats.checkpoints.outputs import SafetensorsStream, atomic_output, save_tensors, write_shard_index
 from tallzip.formats.errors import CorruptArchiveError
 from tallzip.formats.container.constants import ROLE_FILE
+from tallzip.formats.tensors import torch_dtype
+from tallzip.run.chunks import BufferPool, ordered_map
 from tallzip.run.threads import resolve_device
 
 FORMATS = ("safetensors", "pt")
+_SCRATCH = BufferPool()  # per thread: the chunk being rebuilt for writing
 
 
 @dataclass
@@ -164,7 +169,7 @@ def extract_all(archive, folder, *, fmt=None, force=False, device="cpu", progres
             else:
                 _write_file(archive, task, tmp / outputs[task], task_fmt, device, tick)
         if together:
-            archive.extract_together(together, device, tick=tick)
+            extract_together(archive, together, device, tick=tick)
     return _finish(ExtractReport(folder, tasks, [folder / outputs[t] for t in tasks], [folder / f for f in files]),
                    begin)
 
@@ -217,6 +222,11 @@ def _stream(archive, task: str, files: dict, metadata, device, tick):
             stream = SafetensorsStream(path, [(n, dtypes[n], archive.task_shape(task, n)) for n in names], metadata)
             streams.append(stream)
             where.update(dict.fromkeys(names, stream))
+        if device.type == "cpu":
+            _write_chunks_in_place(archive, task, where, tick)
+            for stream in streams:
+                stream.close()
+            return
         # chunk by chunk: each chunk is written in place while the next ones are decoded, so no
         # tensor is ever held whole
         for name, start, flat in archive.iter_task_chunks(task, device):
@@ -230,5 +240,55 @@ def _stream(archive, task: str, files: dict, metadata, device, tick):
             stream.close()
     except BaseException:
         for stream in streams:
+            stream.abort()
+        raise
+
+
+def _write_chunks_in_place(archive, task: str, where: dict, tick):
+    """On a CPU: the pool's threads decode each chunk, rebuild it into a buffer of their own (reused from chunk to
+    chunk: no fresh pages per chunk) and pwrite it at its place in its file, while it is in their caches; this
+    thread only counts finished tensors. The bytes are those of the chunk-by-chunk stream (tested)."""
+    names = [name for name, _ in archive.task_entry(task)["tensors"]]
+    missing = [name for name in names if name not in where]
+    if missing:
+        raise CorruptArchiveError(f"{archive.path}: damaged archive (tensor {missing[0]!r} of task {task!r} "
+                                  "is in none of its shards)")
+    dtypes = {name: torch_dtype(dtype) for name, dtype in archive.task_dtypes(task).items()}
+
+    def job(item):
+        name, index, start, count = item
+        dtype = dtypes[name]
+        size = dtype.itemsize
+        scratch = _SCRATCH.get(dtype, count * size, lambda nbytes: torch.empty(max(nbytes // size, 1), dtype=dtype))
+        where[name].write_part_here(name, start, archive.chunk_into(task, name, index, scratch[:count]))
+        return item
+
+    items = [(name, i, start, count) for name in names for i, (start, count) in enumerate(archive.plan(task, name))]
+    for name, _, start, count in ordered_map(job, items, cost=lambda it: archive.chunk_cost(it[0], it[3]),
+                                             budget=archive.memory):
+        if start + count == math.prod(archive.task_shape(task, name)):
+            tick()
+
+
+def extract_together(archive, files: dict, device, tick=None):
+    """Write several tasks as safetensors files at once, chunk by chunk, so that each base and
+    mtv chunk is read and decoded once for all of them rather than once per task."""
+    tasks = list(files)
+    specs = {t: [(n, d, archive.task_shape(t, n)) for n, d in archive.task_entry(t)["tensors"]] for t in tasks}
+    streams = {}
+    try:
+        for t in tasks:
+            streams[t] = SafetensorsStream(files[t], specs[t], archive.task_entry(t).get("metadata"))
+        for name, start, parts in archive.iter_tasks_chunks(tasks, device):
+            done = 0
+            for task, flat in parts.items():
+                streams[task].write_part(name, start, flat)
+                done += start + flat.numel() == math.prod(archive.task_shape(task, name))
+            if tick and done:
+                tick(done)
+        for stream in streams.values():
+            stream.close()
+    except BaseException:
+        for stream in streams.values():
             stream.abort()
         raise

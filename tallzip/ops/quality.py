@@ -18,6 +18,8 @@ import math
 import numpy as np
 import torch
 
+from tallzip.ops.bits import bit_select
+
 SUMS = 3  # tau_sq, err_sq, dot
 # Calibrated on the vision family (8/14/20 tasks) and two language families (benchmarks/RESULTS.md, "A data-free
 # estimate of rebuild quality"): every (task, representation) measured with a cosine above 0.9839 kept >= 95% of
@@ -76,6 +78,46 @@ def rebuild_sums(base, task, rebuilt) -> np.ndarray:
     err = r - t
     return np.array([_sum_of_products(tau, tau), _sum_of_products(err, err), _sum_of_products(r - b, tau)],
                     dtype=np.float64)
+
+
+# np.sum's pairwise summation (numpy/_core/src/umath/loops_utils.h): a range of more than PAIRWISE_BLOCK elements is
+# the sum of its two halves, the first half rounded down to a multiple of 8; below it, a fixed 8-way loop.
+PAIRWISE_BLOCK = 128
+
+
+def pairwise_total(count: int, leaf: int, piece_sums, start: int = 0):
+    """piece_sums(lo, hi) over pieces of at most `leaf` elements (>= PAIRWISE_BLOCK), added up as np.sum adds a
+    float32 array of `count` elements: each sum bit for bit np.sum of the whole range of products (tested), so a
+    loop over cache-sized pieces gives the same sums as one pass over the whole slice. None from every piece: None."""
+    if count <= leaf:
+        return piece_sums(start, start + count)
+    half = count // 2
+    half -= half % 8
+    left = pairwise_total(half, leaf, piece_sums, start)
+    right = pairwise_total(count - half, leaf, piece_sums, start + half)
+    return None if left is None else left + right
+
+
+def tall_piece_sums(base: np.ndarray, tasks: np.ndarray, abs_taus: np.ndarray, masks: np.ndarray, added: np.ndarray,
+                    work: np.ndarray) -> np.ndarray:
+    """(N, 3) float32: rebuild_sums' three float32 sums, per task, of one piece of tall rebuilds
+    r_t = where(m_t, added, base) (added: base + the stored mtv, in the base's precision), from what the TALL rule
+    has at hand: base (n,), tasks (N, n) and abs_taus = |tasks - base| (N, n, overwritten) in float32, masks (N, n);
+    work (N, n): scratch. The same products as rebuild_sums: |tau|^2 is tau^2; unmasked, r - t = base - task = -tau
+    exactly and r - base = 0. The choices are bit-selects (a masked numpy copy is ~20x slower)."""
+    sums = np.empty((len(tasks), SUMS), dtype=np.float32)
+    np.multiply(abs_taus, abs_taus, out=abs_taus)
+    np.sum(abs_taus, axis=1, out=sums[:, 0])
+    np.subtract(added, tasks, out=work)
+    np.multiply(work, work, out=work)
+    mask = torch.from_numpy(masks)
+    bit_select(mask, torch.from_numpy(work), torch.from_numpy(abs_taus), in_place=True)
+    np.sum(work, axis=1, out=sums[:, 1])
+    np.subtract(tasks, base, out=work)
+    np.multiply(work, added - base, out=work)
+    torch.from_numpy(work.view(np.int32)).mul_(mask)  # unmasked: 0 (its bits cleared: no 0 * inf)
+    np.sum(work, axis=1, out=sums[:, 2])
+    return sums
 
 
 def exact_sums(base, task) -> np.ndarray:
@@ -143,5 +185,5 @@ def auto_representation(estimates: dict, candidates, threshold: float = POOR_COS
     return "exact"
 
 
-__all__ = ["POOR_COSINE", "POOR_COSINE_BY_REPRESENTATION", "LOWRANK_NOTE", "poor_cosine", "notes", "SUMS", "zero_sums", "as_float_array", "round_to_bfloat16", "rebuild_sums", "exact_sums", "estimate", "is_poor", "poor_tasks", "warning_line",
+__all__ = ["POOR_COSINE", "POOR_COSINE_BY_REPRESENTATION", "LOWRANK_NOTE", "poor_cosine", "notes", "SUMS", "PAIRWISE_BLOCK", "pairwise_total", "tall_piece_sums", "zero_sums", "as_float_array", "round_to_bfloat16", "rebuild_sums", "exact_sums", "estimate", "is_poor", "poor_tasks", "warning_line",
            "auto_representation"]

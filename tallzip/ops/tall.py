@@ -4,14 +4,17 @@ three forms side by side, bit for bit the same result:
 - `tall_mask`: the formula on torch tensors (the reference every other form is tested against);
 - `sum_and_masks_into`: the sum merge's mtv and every task's mask of one slice, in numpy, into given outputs;
 - `masked_tensor`: one whole tensor's mtv and bit-packed masks, streamed slice by slice on a CPU (cache-sized
-  slices) or in one pass on a GPU; what pack's chunk jobs call.
+  slices) or in one pass on a GPU; `masked_tensor_and_sums` the same, adding up the data-free estimate of every
+  task's rebuild (ops/quality.py) in the same slices while they are in the caches; what pack's chunk jobs call.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from tallzip.ops import taskvec
+from tallzip.ops import quality, taskvec
 from tallzip.ops.bits import pack_bits
 from tallzip.ops.taskvec import as_compute
 
@@ -52,6 +55,27 @@ def sum_and_masks_into(base, tasks, lambdas, mtv, masks, taus, others):
 # --- one tensor, streamed: mtv, masks and bit-packing ----------------------------------------------
 
 CPU_CHUNK = 1 << 15  # elements: the slices of all inputs stay in the CPU's caches between their uses
+
+
+@dataclass(frozen=True)
+class EstimateRequest:
+    """Ask masked_tensor_and_sums for the rebuild's sums (ops/quality.py) of every task, as an archive storing the
+    mtv at `mtv_dtype` rebuilds it (base + mask * stored mtv, in the base's dtype)."""
+    mtv_dtype: str
+
+
+def masked_tensor_and_sums(merger, base: torch.Tensor, tasks: list, lambdas: list, device: torch.device,
+                           estimate: EstimateRequest | None, mtv_out=None):
+    """masked_tensor's (mtv, packed masks, ones), and an (N, 3) float32 array of every task's tall rebuild sums,
+    each bit for bit quality.rebuild_sums of the whole tensor (np.sum's pairwise order, kept piece by piece).
+    The sums are None where this loop does not compute them (a GPU, TIES, float64 or float16 weights, a float16
+    mtv) and without `estimate`: the caller sums the rebuild itself."""
+    fused = (estimate is not None and device.type == "cpu" and merger.method == "sum" and estimate.mtv_dtype in ("bfloat16", "float32")
+             and base.dtype in (torch.float32, torch.bfloat16)
+             and all(taskvec.compute_dtype(t.dtype) == torch.float32 for t in tasks))
+    if not fused:
+        return (*masked_tensor(merger, base, tasks, lambdas, device, mtv_out), None)
+    return _summed_masks_cpu(base, tasks, lambdas, torch.float32, mtv_out, estimate)
 
 
 def masked_tensor(merger, base: torch.Tensor, tasks: list, lambdas: list, device: torch.device, mtv_out=None):
@@ -116,30 +140,52 @@ def _into(mtv: torch.Tensor, out):
     return out
 
 
-def _summed_masks_cpu(base, tasks, lambdas, compute, mtv_out):
+def _summed_masks_cpu(base, tasks, lambdas, compute, mtv_out, estimate: EstimateRequest | None = None):
     """The sum merge's mtv and masks on a CPU, in numpy (sum_and_masks_into): the inputs
     widened slice by slice into reused scratch, exactly (bfloat16 by shifting its bits, float16 by
-    numpy's conversion), so the loop holds the GIL only for a few numpy calls per slice."""
+    numpy's conversion), so the loop holds the GIL only for a few numpy calls per slice. With `estimate`
+    (float32 compute), also every task's rebuild sums from the same slices, which then follow np.sum's
+    pairwise split (quality.pairwise_total) so the sums are np.sum's of the whole tensor."""
     count, n_tasks = base.numel(), len(tasks)
     mtv = torch.empty(count, dtype=compute) if mtv_out is None else mtv_out.reshape(-1)
     dtype = np.float64 if compute == torch.float64 else np.float32
     masks = np.empty((n_tasks, count), dtype=bool)
-    size = max(1, min(CPU_CHUNK, count))
+    leaf = CPU_CHUNK if estimate is None else max(CPU_CHUNK, quality.PAIRWISE_BLOCK)
+    size = max(1, min(leaf, count))
     wide = np.empty((n_tasks + 1, size), dtype=dtype)  # base, then each task
     taus, others = np.empty((n_tasks, size), dtype=dtype), np.empty((n_tasks + 1, size), dtype=dtype)
     lams = np.array(lambdas, dtype=dtype).reshape(-1, 1)
     sources = [_widenable(t) for t in (base, *tasks)]
     mtv_np = mtv.numpy()
+    rebuilt_bf16 = base.dtype == torch.bfloat16
+
+    def piece(start, stop):
+        n = stop - start
+        for row, (kind, source) in zip(wide, sources):
+            _widen(kind, source[start:stop], row[:n])
+        sum_and_masks_into(wide[0, :n], wide[1:, :n], lams, mtv_np[start:stop], masks[:, start:stop],
+                           taus[:, :n], others[:, :n])
+        if estimate is None:
+            return None
+        stored = mtv_np[start:stop]
+        if estimate.mtv_dtype == "bfloat16":
+            stored = quality.round_to_bfloat16(stored)
+        added = np.add(wide[0, :n], stored, out=others[-1, :n])  # as taskvec.rebuild: in float32, cast to the base
+        if rebuilt_bf16:
+            added = quality.round_to_bfloat16(added)
+        return quality.tall_piece_sums(wide[0, :n], wide[1:, :n], taus[:, :n], masks[:, start:stop], added,
+                                       others[:-1, :n])
+
     with np.errstate(all="ignore"):  # NaN/Inf inputs are refused by the caller (pack_jobs), not warned about
-        for start in range(0, count, size):
-            stop = min(count, start + size)
-            n = stop - start
-            for row, (kind, source) in zip(wide, sources):
-                _widen(kind, source[start:stop], row[:n])
-            sum_and_masks_into(wide[0, :n], wide[1:, :n], lams, mtv_np[start:stop], masks[:, start:stop],
-                                       taus[:, :n], others[:, :n])
+        if estimate is not None:
+            sums = quality.pairwise_total(count, leaf, piece)
+        else:
+            sums = None
+            for start in range(0, count, size):
+                piece(start, min(count, start + size))
     packed = [np.packbits(m, bitorder="little") for m in masks]
-    return mtv.view(base.shape), packed, [int(np.count_nonzero(m)) for m in masks]
+    made = mtv.view(base.shape), packed, [int(np.count_nonzero(m)) for m in masks]
+    return made if estimate is None else (*made, sums)
 
 
 def _widenable(tensor: torch.Tensor):

@@ -20,7 +20,7 @@ from tallzip.formats import codecs as codec_registry
 from tallzip.ops import quality, taskvec
 from tallzip.ops.bits import unpack_bits
 from tallzip.ops.representations import dequantize_chunk, rebuild_quantized, QUANT_GROUP
-from tallzip.ops.tall import masked_tensor
+from tallzip.ops.tall import EstimateRequest, masked_tensor_and_sums
 from tallzip.ops.taskvec import stored_mtv
 
 # Elements of every input read and combined at once inside a chunk: a few MB of scratch per task,
@@ -132,6 +132,7 @@ def _masked_chunk(job: ChunkJob, family, settings: PackSettings) -> ChunkResult:
     ones = [0] * n
     reps = settings.representations or ("tall",) * n
     sums = {t: quality.zero_sums() for t, rep in zip(settings.task_names, reps) if rep == "tall"}
+    request = EstimateRequest(settings.mtv_dtype) if sums else None
     identical = True
     step = SLICE if settings.device.type == "cpu" else max(count, 1)
     labels = [f"task {t!r}" for t in settings.task_names]
@@ -142,8 +143,10 @@ def _masked_chunk(job: ChunkJob, family, settings: PackSettings) -> ChunkResult:
                   for j, ckpt in enumerate(tasks)]
         if identical:
             identical = all(torch.equal(base_s, t) for t in task_s)
-        mtv_s, packed_s, ones_s = masked_tensor(settings.merger, base_s, task_s, settings.lambdas, settings.device,
-                                                mtv_out=mtv[s:s + m] if settings.device.type == "cpu" else None)
+        # The estimate's sums come from the TALL rule's own slice loop where it can (one pass over the inputs)
+        mtv_s, packed_s, ones_s, sums_s = masked_tensor_and_sums(
+            settings.merger, base_s, task_s, settings.lambdas, settings.device, request,
+            mtv_out=mtv[s:s + m] if settings.device.type == "cpu" else None)
         if not settings.allow_nonfinite and not (settings.merger.method == "sum" and taskvec.all_finite(mtv_s)):
             # A sum of task vectors is finite only if the base and every task are (one check instead
             # of N + 1); TIES trims NaNs away, so there each input is checked.
@@ -153,7 +156,11 @@ def _masked_chunk(job: ChunkJob, family, settings: PackSettings) -> ChunkResult:
         for j in range(n):
             packed[j][s // 8:s // 8 + packed_s[j].size] = packed_s[j]
             ones[j] += int(ones_s[j])
-        if sums:
+        if sums and sums_s is not None:
+            for j, task in enumerate(settings.task_names):
+                if task in sums:
+                    sums[task] += sums_s[j].astype(np.float64)
+        elif sums:
             stored_s = taskvec.as_compute(stored_mtv(mtv[s:s + m], settings.mtv_dtype))
             for j, task in enumerate(settings.task_names):
                 if task in sums:

@@ -20,7 +20,7 @@ from tallzip.verification.compare import SLICE, ErrorSums, compare_masked_chunk,
 
 _OVERHEAD = 1 << 20
 # Bytes per element a unit holds besides the tasks' chunks: the base as stored and in float32, the mtv
-# as stored and in float32, and the mask codec's working set (as archive.Archive._chunk_cost)
+# as stored and in float32, and the mask codec's working set (as archive.Archive.chunk_cost)
 _PER_ELEMENT = 4 + 8 + 24
 # The temporaries of one slice of compare_masked_chunk (float32 operands and results of the rule)
 _SLICE_BYTES = SLICE * 4 * 16
