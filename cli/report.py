@@ -91,7 +91,9 @@ def estimate_text(estimate) -> str:
     """A task's data-free rebuild estimate as info and verify print it."""
     if estimate is None:
         return "not recorded"
-    return f"cosine {estimate['cosine']:.3f}, rel error {estimate['rel_error']:.3g}"
+    sampled = estimate.get("sampled")  # pack sums tall tasks on a sample of pieces (ops/quality.py)
+    return (f"cosine {estimate['cosine']:.3f}, rel error {estimate['rel_error']:.3g}"
+            + (f", sampled 1/{sampled['every']}" if sampled else ""))
 
 
 def thresholds_text(min_cosine: float, by_representation: dict | None) -> str:

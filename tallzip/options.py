@@ -22,6 +22,9 @@ DEFAULT_MTV_DTYPE = "bfloat16"
 LAMBDA_CANDIDATES = (0.2, 0.3, 0.4, 0.5, 0.6)
 DEFAULT_LAMBDA = 0.4
 DEFAULT_TIES_DENSITY = 0.2
+# pack's data-free estimate of a tall task (ops/quality.py) on every k-th piece of each tensor (issue 21,
+# benchmarks/RESULTS.md "Session 2: the estimate on a sample"); 1: every element
+DEFAULT_ESTIMATE_EVERY = 8
 # the methods of `merge` (tallzip/merging/merge.py), named here so the command line lists them without torch
 MERGE_VERB_METHODS = ("task-arithmetic", "ties", "consensus-ta", "consensus-ties", "average")
 ENGINES = ("local", "ray")
@@ -131,7 +134,8 @@ class StoreOptions:
     mtv_dtype: the stored mtv's precision ('float32' is lossless). codecs: {'float', 'mask', 'other': codec}
     (missing keys take DEFAULT_CODECS; held here completed). level: zstandard's, 1..22. base_ref: store only
     the base's identity. allow_nonfinite: pack tensors holding NaN or Inf. chunk_elements: the chunk size
-    the archive records (default 2^22). lowrank: how `lowrank` tasks are kept (LowRankOptions)."""
+    the archive records (default 2^22). lowrank: how `lowrank` tasks are kept (LowRankOptions). estimate_every:
+    tall tasks' data-free estimate summed on every k-th piece of each large tensor (1: all of it)."""
     lambdas: object = DEFAULT_LAMBDA
     keep: object = None
     merge: str = "sum"
@@ -143,6 +147,7 @@ class StoreOptions:
     allow_nonfinite: bool = False
     chunk_elements: int | None = None
     lowrank: LowRankOptions = LowRankOptions()
+    estimate_every: int = DEFAULT_ESTIMATE_EVERY
 
     def __post_init__(self):
         checked(self)
@@ -184,6 +189,8 @@ def checked(options):
         checked_chunk_elements(options.chunk_elements)
         if not isinstance(options.lowrank, LowRankOptions):
             raise TallzipError(f"lowrank must be a LowRankOptions, got {options.lowrank!r}")
+        if type(options.estimate_every) is not int or options.estimate_every < 1:
+            raise TallzipError(f"estimate_every must be a whole number >= 1, got {options.estimate_every!r}")
     elif isinstance(options, RunOptions):
         parse_memory(options.memory)
         workers = options.workers

@@ -10,6 +10,13 @@ back: tall's base + m_t * stored mtv, a q* task's dequantized vector, exact's ow
 
 Each chunk gives three sums (pairwise, in the weights' compute precision; float64 across chunks) (||tau||^2, ||error||^2, <rebuilt tau, tau>) that add up over chunks in any
 order of reading, kept in the chunk order for byte-identical manifests.
+
+Sampled (pack's default, issue 21): each tensor's sums over every SAMPLE_EVERY-th piece of SAMPLE_PIECE elements
+(pieces counted from the tensor's first element, the first one taken), each sampled piece summed as np.sum in
+float32 (cut where a chunk of the plan ends), the pieces added up in float64, then multiplied by the tensor's
+sample_weight (its elements over those sampled) so that every tensor weighs what it does in the full sums; tensors
+of at most SAMPLE_FLOOR elements summed whole. Both ratios are ratios of sums, so a sample of the elements
+estimates them; benchmarks/estimate_sample.py measures the difference to the full sums on the benchmark families.
 """
 from __future__ import annotations
 
@@ -19,8 +26,14 @@ import numpy as np
 import torch
 
 from tallzip.ops.bits import bit_select
+from tallzip.options import DEFAULT_ESTIMATE_EVERY
 
 SUMS = 3  # tau_sq, err_sq, dot
+# The sample (benchmarks/RESULTS.md, issue 21 "Session 2: the estimate on a sample"): pieces of the TALL loop's slice
+# size, every SAMPLE_EVERY-th of them; a tensor of at most SAMPLE_FLOOR elements (32 pieces) is summed whole.
+SAMPLE_PIECE = 1 << 15
+SAMPLE_EVERY = DEFAULT_ESTIMATE_EVERY
+SAMPLE_FLOOR = 1 << 20
 # Calibrated on the vision family (8/14/20 tasks) and two language families (benchmarks/RESULTS.md, "A data-free
 # estimate of rebuild quality"): every (task, representation) measured with a cosine above 0.9839 kept >= 95% of
 # its gain or accuracy; at 0.9838 one did not (q3 on a language classification task, 93.5%), and tall (cosines
@@ -120,6 +133,46 @@ def tall_piece_sums(base: np.ndarray, tasks: np.ndarray, abs_taus: np.ndarray, m
     return sums
 
 
+def tensor_sample_every(elements: int, every: int = SAMPLE_EVERY, floor: int | None = None) -> int:
+    """The sampling step for a tensor of `elements`: 1 (summed whole) up to `floor` (SAMPLE_FLOOR) elements."""
+    return every if elements > (SAMPLE_FLOOR if floor is None else floor) else 1
+
+
+def sample_pieces(offset: int, count: int, every: int):
+    """(lo, hi, sampled) over [0, count) of a range starting at element `offset` of its tensor, cut where a
+    SAMPLE_PIECE-element piece of the tensor starts; sampled: the piece is every `every`-th (the first included)."""
+    lo = 0
+    while lo < count:
+        piece = (offset + lo) // SAMPLE_PIECE
+        hi = min(count, (piece + 1) * SAMPLE_PIECE - offset)
+        yield lo, hi, piece % every == 0
+        lo = hi
+
+
+def sampled_elements(elements: int, every: int) -> int:
+    """How many of a tensor's `elements` the sample sums (every: its tensor_sample_every)."""
+    pieces = -(-elements // SAMPLE_PIECE)
+    taken = -(-pieces // every)  # pieces 0, every, 2 every, ...
+    last = (taken - 1) * every
+    return (taken - 1) * SAMPLE_PIECE + min(SAMPLE_PIECE, elements - last * SAMPLE_PIECE) if elements else 0
+
+
+def sample_weight(elements: int, every: int) -> float:
+    """What a tensor's sampled sums are multiplied by to stand for the whole tensor's (elements / sampled
+    elements): without it a sampled tensor would weigh 1/k of one summed whole in the ratios."""
+    return 1.0 if every <= 1 or not elements else elements / sampled_elements(elements, every)
+
+
+def sample_record(every: int, elements, floor: int | None = None) -> dict | None:
+    """The manifest's record of a sampled estimate, {"every": k, "fraction": f} (the share of the masked
+    tensors' elements summed, 6 significant digits), over tensors of `elements`; None when every element is."""
+    total = sum(elements)
+    taken = sum(sampled_elements(n, tensor_sample_every(n, every, floor)) for n in elements)
+    if every <= 1 or taken >= total:
+        return None
+    return {"every": every, "fraction": _rounded(taken / total)}
+
+
 def exact_sums(base, task) -> np.ndarray:
     """The sums of a task kept bit for bit: no error, the rebuilt vector is tau itself."""
     tau = as_float_array(task) - as_float_array(base)
@@ -127,12 +180,18 @@ def exact_sums(base, task) -> np.ndarray:
     return np.array([energy, 0.0, energy], dtype=np.float64)
 
 
-def estimate(sums) -> dict | None:
-    """{"rel_error", "cosine"} from a task's summed [tau_sq, err_sq, dot] (a task equal to its base: 0 and 1);
-    None when a sum is not finite (weights packed with allow_nonfinite): not recorded."""
+def estimate(sums, sample: dict | None = None) -> dict | None:
+    """{"rel_error", "cosine"} from a task's summed [tau_sq, err_sq, dot] (a task equal to its base: 0 and 1),
+    with "sampled": `sample` (sample_record) when the sums are a sample's; None when a sum is not finite
+    (weights packed with allow_nonfinite): not recorded."""
     tau_sq, err_sq, dot = (float(x) for x in sums)
     if not all(math.isfinite(x) for x in (tau_sq, err_sq, dot)):
         return None
+    made = _estimate(tau_sq, err_sq, dot)
+    return made if sample is None else {**made, "sampled": dict(sample)}
+
+
+def _estimate(tau_sq: float, err_sq: float, dot: float) -> dict:
     if tau_sq <= 0.0:
         return {"rel_error": 0.0, "cosine": 1.0}
     rebuilt_sq = max(err_sq + 2.0 * dot - tau_sq, 0.0)  # ||r||^2 = ||r - tau||^2 + 2<r, tau> - ||tau||^2
@@ -185,5 +244,6 @@ def auto_representation(estimates: dict, candidates, threshold: float = POOR_COS
     return "exact"
 
 
-__all__ = ["POOR_COSINE", "POOR_COSINE_BY_REPRESENTATION", "LOWRANK_NOTE", "poor_cosine", "notes", "SUMS", "PAIRWISE_BLOCK", "pairwise_total", "tall_piece_sums", "zero_sums", "as_float_array", "round_to_bfloat16", "rebuild_sums", "exact_sums", "estimate", "is_poor", "poor_tasks", "warning_line",
+__all__ = ["POOR_COSINE", "POOR_COSINE_BY_REPRESENTATION", "LOWRANK_NOTE", "poor_cosine", "notes", "SUMS", "SAMPLE_PIECE", "SAMPLE_EVERY", "SAMPLE_FLOOR",
+           "tensor_sample_every", "sample_pieces", "sampled_elements", "sample_weight", "sample_record", "PAIRWISE_BLOCK", "pairwise_total", "tall_piece_sums", "zero_sums", "as_float_array", "round_to_bfloat16", "rebuild_sums", "exact_sums", "estimate", "is_poor", "poor_tasks", "warning_line",
            "auto_representation"]

@@ -60,14 +60,18 @@ CPU_CHUNK = 1 << 15  # elements: the slices of all inputs stay in the CPU's cach
 @dataclass(frozen=True)
 class EstimateRequest:
     """Ask masked_tensor_and_sums for the rebuild's sums (ops/quality.py) of every task, as an archive storing the
-    mtv at `mtv_dtype` rebuilds it (base + mask * stored mtv, in the base's dtype)."""
+    mtv at `mtv_dtype` rebuilds it (base + mask * stored mtv, in the base's dtype). every > 1: only every
+    `every`-th piece of the tensor (quality.sample_pieces; the slice starts at element `offset` of its tensor)."""
     mtv_dtype: str
+    every: int = 1
+    offset: int = 0
 
 
 def masked_tensor_and_sums(merger, base: torch.Tensor, tasks: list, lambdas: list, device: torch.device,
                            estimate: EstimateRequest | None, mtv_out=None):
     """masked_tensor's (mtv, packed masks, ones), and an (N, 3) float32 array of every task's tall rebuild sums,
-    each bit for bit quality.rebuild_sums of the whole tensor (np.sum's pairwise order, kept piece by piece).
+    each bit for bit quality.rebuild_sums of the whole tensor (np.sum's pairwise order, kept piece by piece);
+    sampled (estimate.every > 1), float64 sums of np.sum's of the sampled pieces (quality.sample_pieces).
     The sums are None where this loop does not compute them (a GPU, TIES, float64 or float16 weights, a float16
     mtv) and without `estimate`: the caller sums the rebuild itself."""
     fused = (estimate is not None and device.type == "cpu" and merger.method == "sum" and estimate.mtv_dtype in ("bfloat16", "float32")
@@ -145,12 +149,13 @@ def _summed_masks_cpu(base, tasks, lambdas, compute, mtv_out, estimate: Estimate
     widened slice by slice into reused scratch, exactly (bfloat16 by shifting its bits, float16 by
     numpy's conversion), so the loop holds the GIL only for a few numpy calls per slice. With `estimate`
     (float32 compute), also every task's rebuild sums from the same slices, which then follow np.sum's
-    pairwise split (quality.pairwise_total) so the sums are np.sum's of the whole tensor."""
+    pairwise split (quality.pairwise_total) so the sums are np.sum's of the whole tensor, or, sampled, are
+    summed on the sampled pieces alone (the others only masked)."""
     count, n_tasks = base.numel(), len(tasks)
     mtv = torch.empty(count, dtype=compute) if mtv_out is None else mtv_out.reshape(-1)
     dtype = np.float64 if compute == torch.float64 else np.float32
     masks = np.empty((n_tasks, count), dtype=bool)
-    leaf = CPU_CHUNK if estimate is None else max(CPU_CHUNK, quality.PAIRWISE_BLOCK)
+    leaf = CPU_CHUNK if estimate is None else max(CPU_CHUNK, quality.PAIRWISE_BLOCK, quality.SAMPLE_PIECE)
     size = max(1, min(leaf, count))
     wide = np.empty((n_tasks + 1, size), dtype=dtype)  # base, then each task
     taus, others = np.empty((n_tasks, size), dtype=dtype), np.empty((n_tasks + 1, size), dtype=dtype)
@@ -159,13 +164,13 @@ def _summed_masks_cpu(base, tasks, lambdas, compute, mtv_out, estimate: Estimate
     mtv_np = mtv.numpy()
     rebuilt_bf16 = base.dtype == torch.bfloat16
 
-    def piece(start, stop):
+    def piece(start, stop, summed=True):
         n = stop - start
         for row, (kind, source) in zip(wide, sources):
             _widen(kind, source[start:stop], row[:n])
         sum_and_masks_into(wide[0, :n], wide[1:, :n], lams, mtv_np[start:stop], masks[:, start:stop],
                            taus[:, :n], others[:, :n])
-        if estimate is None:
+        if estimate is None or not summed:
             return None
         stored = mtv_np[start:stop]
         if estimate.mtv_dtype == "bfloat16":
@@ -177,7 +182,14 @@ def _summed_masks_cpu(base, tasks, lambdas, compute, mtv_out, estimate: Estimate
                                        others[:-1, :n])
 
     with np.errstate(all="ignore"):  # NaN/Inf inputs are refused by the caller (pack_jobs), not warned about
-        if estimate is not None:
+        if estimate is not None and estimate.every > 1:
+            sums = np.zeros((n_tasks, quality.SUMS), dtype=np.float64)
+            for lo, hi, sampled in quality.sample_pieces(estimate.offset, count, estimate.every):
+                if sampled:
+                    sums += piece(lo, hi)
+                else:
+                    piece(lo, hi, summed=False)
+        elif estimate is not None:
             sums = quality.pairwise_total(count, leaf, piece)
         else:
             sums = None

@@ -42,6 +42,7 @@ class PackSettings:
     allow_nonfinite: bool
     base_ref: bool
     representations: tuple = ()  # per task, in task order (representations.py); empty: all tall
+    estimate_every: int = quality.SAMPLE_EVERY  # tall tasks' estimate on every k-th piece (quality.sample_pieces)
 
 
 @dataclass
@@ -132,7 +133,7 @@ def _masked_chunk(job: ChunkJob, family, settings: PackSettings) -> ChunkResult:
     ones = [0] * n
     reps = settings.representations or ("tall",) * n
     sums = {t: quality.zero_sums() for t, rep in zip(settings.task_names, reps) if rep == "tall"}
-    request = EstimateRequest(settings.mtv_dtype) if sums else None
+    every = quality.tensor_sample_every(int(np.prod(job.shape)), settings.estimate_every) if sums else 1
     identical = True
     step = SLICE if settings.device.type == "cpu" else max(count, 1)
     labels = [f"task {t!r}" for t in settings.task_names]
@@ -145,7 +146,8 @@ def _masked_chunk(job: ChunkJob, family, settings: PackSettings) -> ChunkResult:
             identical = all(torch.equal(base_s, t) for t in task_s)
         # The estimate's sums come from the TALL rule's own slice loop where it can (one pass over the inputs)
         mtv_s, packed_s, ones_s, sums_s = masked_tensor_and_sums(
-            settings.merger, base_s, task_s, settings.lambdas, settings.device, request,
+            settings.merger, base_s, task_s, settings.lambdas, settings.device,
+            EstimateRequest(settings.mtv_dtype, every, start + s) if sums else None,
             mtv_out=mtv[s:s + m] if settings.device.type == "cpu" else None)
         if not settings.allow_nonfinite and not (settings.merger.method == "sum" and taskvec.all_finite(mtv_s)):
             # A sum of task vectors is finite only if the base and every task are (one check instead
@@ -164,7 +166,11 @@ def _masked_chunk(job: ChunkJob, family, settings: PackSettings) -> ChunkResult:
             stored_s = taskvec.as_compute(stored_mtv(mtv[s:s + m], settings.mtv_dtype))
             for j, task in enumerate(settings.task_names):
                 if task in sums:
-                    sums[task] += tall_sums(base_s, task_s[j], stored_s, packed_s[j], m)
+                    sums[task] += sampled_tall_sums(base_s, task_s[j], stored_s, packed_s[j], m, every, start + s)
+    if every > 1:  # a sample of the tensor stands for all of it (quality.sample_weight)
+        weight = quality.sample_weight(int(np.prod(job.shape)), every)
+        for task in sums:
+            sums[task] *= weight
     stored = stored_mtv(mtv, settings.mtv_dtype)
     result = ChunkResult(job, identical=identical, mtv_dtype=dtype_name(stored.dtype), quality=sums)
     float_codec = settings.codecs["float"]
@@ -186,6 +192,20 @@ def _masked_chunk(job: ChunkJob, family, settings: PackSettings) -> ChunkResult:
                                                                 settings.level, float_codec)
             result.pieces += [(role, task, coded, ones) for role, _, coded, ones in pieces]
     return result
+
+
+def sampled_tall_sums(base, task, stored_mtv_c, packed_bits, count: int, every: int, offset: int):
+    """tall_sums of a slice starting at element `offset` of its tensor, over its sampled pieces alone
+    (quality.sample_pieces; every 1: the whole slice)."""
+    if every <= 1:
+        return tall_sums(base, task, stored_mtv_c, packed_bits, count)
+    mask = unpack_bits(torch.from_numpy(np.ascontiguousarray(packed_bits)), count).numpy()
+    sums = quality.zero_sums()
+    for lo, hi, sampled in quality.sample_pieces(offset, count, every):
+        if sampled:
+            sums += tall_sums(base[lo:hi], task[lo:hi], stored_mtv_c[lo:hi], np.packbits(mask[lo:hi], bitorder="little"),
+                              hi - lo)
+    return sums
 
 
 def tall_sums(base: torch.Tensor, task: torch.Tensor, stored_mtv_c: torch.Tensor, packed_bits, count: int):

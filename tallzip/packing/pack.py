@@ -20,7 +20,7 @@ from tallzip.family import Family, base_digest
 from tallzip.run.chunks import checked_chunk_elements, chunk_plan, ordered_map, parse_memory
 from tallzip.run.threads import available_cpus, resolve_device, single_torch_thread
 from tallzip.formats.container.constants import (DTYPE_SIZES, FLOAT_DTYPES, FORMAT_VERSION, KIND_MASKED, KIND_PER_TASK,
-                                                 KIND_SHARED, REPRESENTATION_LOWRANK, ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV)
+                                                 KIND_SHARED, REPRESENTATION_LOWRANK, REPRESENTATION_TALL, ROLE_BASE, ROLE_FILE, ROLE_MASK, ROLE_MTV)
 from tallzip.formats.container.reader import is_plain_file_name
 from tallzip.formats.container.writer import ArchiveWriter
 from tallzip.formats.checkpoints.outputs import refuse_inputs_as_output
@@ -90,7 +90,7 @@ def pack(tasks, base, output, store: StoreOptions | None = None, run: RunOptions
         estimates = candidate_estimates(family, merger, lam, mtv_dtype, chunk_elements, device, progress=progress)
         reps = auto_choice(estimates)
     settings = PackSettings(tuple(task_names), tuple(lam[t] for t in task_names), merger, mtv_dtype, codecs, level,
-                            device, allow_nonfinite, base_ref, tuple(reps[t] for t in task_names))
+                            device, allow_nonfinite, base_ref, tuple(reps[t] for t in task_names), store.estimate_every)
 
     kinds = {}
     for name in family.base.names:
@@ -181,7 +181,11 @@ def pack(tasks, base, output, store: StoreOptions | None = None, run: RunOptions
                                     sizes={n: math.prod(family.base.shapes[n]) for n in rebuilt})
         for t, (_, task_sums) in coded.items():  # lowrank tasks: coded whole, after the chunks (lowrank_pack.py)
             sums[t] += task_sums
-        task_entries = [task_entry(t, family.tasks[t], reps[t], lam[t], quality.estimate(sums[t]),
+        # tall tasks' sums are sampled (jobs.py): the estimate records what it was computed on
+        sample = quality.sample_record(store.estimate_every, [math.prod(family.base.shapes[n]) for n in family.base.names
+                                                              if kinds[n] == KIND_MASKED])
+        task_entries = [task_entry(t, family.tasks[t], reps[t], lam[t],
+                                   quality.estimate(sums[t], sample if reps[t] == REPRESENTATION_TALL else None),
                                    coded[t][0] if t in coded else None) for t in task_names]
         manifest = {
             "format": "tallzip", "version": FORMAT_VERSION, "created_by": f"tallzip {__version__}",
