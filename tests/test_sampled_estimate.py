@@ -199,3 +199,21 @@ def test_reports_say_the_estimate_was_sampled():
     recorded = {"rel_error": 1.5, "cosine": 0.5, "sampled": {"every": 8, "fraction": 0.13}}
     assert estimate_text(recorded).endswith(", sampled 1/8")
     assert "sampled" not in estimate_text({"rel_error": 1.5, "cosine": 0.5})  # older archives: every element
+
+
+def test_the_per_task_route_samples_the_same_pieces():
+    """The route for TIES, float16 and GPUs (jobs.sampled_tall_sums) sums exactly the sampled pieces too."""
+    from tallzip.packing.jobs import sampled_tall_sums
+
+    count, offset, every = 4 * PIECE + 99, PIECE // 2, 2
+    rng = np.random.default_rng(5)
+    base = rng.normal(0, 0.05, count).astype(np.float32)
+    task = base + rng.normal(0, 0.01, count).astype(np.float32)
+    mtv = (2.5 * (task - base)).astype(np.float32)
+    mask = rng.random(count) < 0.3
+    got = sampled_tall_sums(torch.from_numpy(base), torch.from_numpy(task), torch.from_numpy(mtv),
+                            np.packbits(mask, bitorder="little"), count, every, offset)
+    r = np.where(mask, base + mtv, base).astype(np.float64)
+    products = [(task.astype(np.float64) - base, r - task, r - base)]
+    selected = ((offset + np.arange(count)) // PIECE) % every == 0
+    np.testing.assert_allclose(got, sums_over(products, selected)[0], rtol=2e-5)
