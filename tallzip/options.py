@@ -82,8 +82,9 @@ class LowRankOptions:
     the q* code (groups of `group` along the matrix's rows) of 1-d tensors and of matrices whose rank would cost
     more; quant_tensors: ((fnmatch pattern, code), ...) tensors always kept as a q* code instead of factors (e.g.
     a patch convolution low rank keeps poorly): code bits b (symmetric, 2**b - 1 levels: 2 is ternary) or the name
-    of a q* task's code (LOWRANK_QUANT_CODES: "q2" asymmetric with an offset per group, as --keep q2); task_energy: ((task, energy), ...) another energy for those tasks
-    (one that evaluation showed needs more, or keeps its accuracy with less); seed: the randomized SVD's (matrices
+    of a q* task's code (LOWRANK_QUANT_CODES: "q2" asymmetric with an offset per group, as --keep q2);
+    task_energy: ((task, energy), ...) another energy for those tasks (one that evaluation showed needs more, or
+    keeps its accuracy with less); seed: the randomized SVD's (matrices
     over memory_bytes as float64); codes_codec: the codec of the task's codes stream (LOWRANK_CODES_CODECS; zstd at
     the archive's level)."""
     energy: float = 0.95
@@ -105,8 +106,8 @@ class LowRankOptions:
         codes = [pair[1] if isinstance(pair, (tuple, list)) and len(pair) == 2 else None for pair in self.quant_tensors]
         if any(b not in LOWRANK_BITS or type(b) is not int for b in (self.factor_bits, self.fallback_bits)) or \
                 any(c not in LOWRANK_QUANT_CODES and (c not in LOWRANK_BITS or type(c) is not int) for c in codes):
-            raise TallzipError(f"lowrank bits must be one of {LOWRANK_BITS} (quant_tensors: (pattern, code) pairs, code "
-                               f"bits or one of {', '.join(LOWRANK_QUANT_CODES)})")
+            raise TallzipError(f"lowrank bits must be one of {LOWRANK_BITS} (quant_tensors: (pattern, code) pairs, "
+                               f"code bits or one of {', '.join(LOWRANK_QUANT_CODES)})")
         if type(self.group) is not int or self.group < 1 or type(self.seed) is not int:
             raise TallzipError(f"lowrank group must be a whole number >= 1 and seed a whole number")
         if type(self.memory_bytes) is not int or self.memory_bytes < 1 << 16:

@@ -2,8 +2,8 @@
 
 The streams of a task are small next to the model (r(m + n) codes per factored matrix, one per weight of a 1-d
 tensor), so they are decoded whole on first use and kept while the archive is open; each tensor's part is
-range-checked (codes within the grid, scales finite and >= 0, offsets finite) the first time it is read. A chunk of a tensor is
-then decoded by ops/lowrank_store.decode_range, the one decode every reader uses.
+range-checked (codes within the grid, scales finite and >= 0, offsets finite) the first time it is read. A chunk
+of a tensor is then decoded by ops/lowrank_store.decode_range, the one decode every reader uses.
 """
 from __future__ import annotations
 
