@@ -43,7 +43,7 @@ def parse_keep(values) -> dict | str | None:
 
 
 def parse_lowrank(energy_values, quant_values, codes_codec: str = "planes+ans"):
-    """LowRankOptions from `--lowrank-energy [TASK=]E`, `--lowrank-quant PATTERN=BITS` and `--lowrank-codes-codec`
+    """LowRankOptions from `--lowrank-energy [TASK=]E`, `--lowrank-quant PATTERN=CODE` and `--lowrank-codes-codec`
     (defaults where not given)."""
     from tallzip.options import LowRankOptions
     energy, per_task = None, []
@@ -59,10 +59,11 @@ def parse_lowrank(energy_values, quant_values, codes_codec: str = "planes+ans"):
             energy = number
     pairs = []
     for value in quant_values:
-        pattern, sep, bits = value.rpartition("=")
-        if not sep or not pattern or bits not in ("2", "3", "4", "8"):
-            raise click.BadParameter(f"{value!r}: expected PATTERN=BITS, BITS one of 2, 3, 4, 8", param_hint="--lowrank-quant")
-        pairs.append((pattern, int(bits)))
+        pattern, sep, code = value.rpartition("=")
+        if not sep or not pattern or code not in ("2", "3", "4", "8", "q2", "q3", "q4", "q8"):
+            raise click.BadParameter(f"{value!r}: expected PATTERN=CODE, CODE one of 2, 3, 4, 8 (symmetric bits) or "
+                                     f"q2, q3, q4, q8 (as --keep)", param_hint="--lowrank-quant")
+        pairs.append((pattern, code if code.startswith("q") else int(code)))
     return LowRankOptions(**({"energy": energy} if energy is not None else {}), quant_tensors=tuple(pairs),
                           task_energy=tuple(per_task), codes_codec=codes_codec)
 
@@ -73,9 +74,11 @@ def lowrank_options(command):
         click.option("--lowrank-energy", "lowrank_energy", multiple=True, metavar="[TASK=]E",
                      help="lowrank tasks: share of each matrix's ||tau||^2 its rank keeps, for all or one task "
                           "(default 0.95)"),
-        click.option("--lowrank-quant", "lowrank_quant", multiple=True, metavar="PATTERN=BITS",
-                     help="lowrank tasks: tensors PATTERN matches (fnmatch) kept q{BITS} (2, 3, 4, 8), e.g. "
-                          "conv1.weight=3"),
+        click.option("--lowrank-quant", "lowrank_quant", multiple=True, metavar="PATTERN=CODE",
+                     help="lowrank tasks: tensors PATTERN matches (fnmatch) kept elementwise: CODE 2, 3, 4 or 8 "
+                          "bits on the symmetric grid (2: three levels -1, 0, +1), or q2, q3, q4, q8 as --keep "
+                          "codes them (q2: four levels, an offset per group), e.g. conv1.weight=3, "
+                          "model.embed_tokens.weight=q2"),
         click.option("--lowrank-codes-codec", "lowrank_codes_codec", type=click.Choice(["planes+ans", "zstd"]),
                      default="planes+ans", show_default=True,
                      help="lowrank tasks: the codec of their codes stream (zstd at --level; at --level 19 it was "

@@ -68,6 +68,10 @@ def checked_codecs(codecs: dict | None) -> dict:
 # the measured point keeping every task of the 20-task family >= 99% (99.91%, with the patch convolution q3); 0.92
 # is 0.3 b/w smaller but let the least low-rank task fall to 98.3%. 1-d tensors q4.
 LOWRANK_BITS = (2, 3, 4, 8)
+# A tensor named by quant_tensors may instead take a q* task's own code by its name, q2 asymmetric (four levels, an
+# offset per group) as `--keep q2`: the language family's token embedding kept >= 99.5% with it where the symmetric
+# 2-bit code (three levels) lost 1.6% (RESULTS.md "Real language archives").
+LOWRANK_QUANT_CODES = ("q8", "q4", "q3", "q2")
 # The codecs a lowrank task's codes stream may be written with: planes+ans (an order-0 coder over the stream's one
 # histogram, fast) or zstd at the archive's level, smaller at level 19 where the stream mixes code widths (the
 # language family with the embedding and head q2/q3: -11.5%; benchmarks/RESULTS.md "Real language archives").
@@ -79,9 +83,11 @@ class LowRankOptions:
     """How `lowrank` tasks are kept. energy: each matrix keeps the smallest rank whose singular values hold this
     fraction of ||tau||^2; factor_bits: its factors' codes (one bfloat16 scale per singular vector); fallback_bits:
     the q* code (groups of `group` along the matrix's rows) of 1-d tensors and of matrices whose rank would cost
-    more; quant_tensors: ((fnmatch pattern, bits), ...) tensors always kept as q{bits} instead of factors (e.g.
-    a patch convolution low rank keeps poorly); task_energy: ((task, energy), ...) another energy for those tasks
-    (one that evaluation showed needs more, or keeps its accuracy with less); seed: the randomized SVD's (matrices
+    more; quant_tensors: ((fnmatch pattern, code), ...) tensors always kept as a q* code instead of factors (e.g.
+    a patch convolution low rank keeps poorly): code bits b (symmetric, 2**b - 1 levels: 2 is ternary) or the name
+    of a q* task's code (LOWRANK_QUANT_CODES: "q2" asymmetric with an offset per group, as --keep q2);
+    task_energy: ((task, energy), ...) another energy for those tasks (one that evaluation showed needs more, or
+    keeps its accuracy with less); seed: the randomized SVD's (matrices
     over memory_bytes as float64); codes_codec: the codec of the task's codes stream (LOWRANK_CODES_CODECS; zstd at
     the archive's level)."""
     energy: float = 0.95
@@ -100,15 +106,16 @@ class LowRankOptions:
             if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
                 raise TallzipError(f"lowrank energy must be in (0, 1], got {energy!r} (task_energy: (task, energy) pairs)")
         object.__setattr__(self, "task_energy", tuple((str(t), float(e)) for t, e in pairs))
-        bits = [self.factor_bits, self.fallback_bits, *(pair[1] if isinstance(pair, (tuple, list)) and len(pair) == 2
-                                                       else None for pair in self.quant_tensors)]
-        if any(b not in LOWRANK_BITS or type(b) is not int for b in bits):
-            raise TallzipError(f"lowrank bits must be one of {LOWRANK_BITS} (quant_tensors: (pattern, bits) pairs)")
+        codes = [pair[1] if isinstance(pair, (tuple, list)) and len(pair) == 2 else None for pair in self.quant_tensors]
+        if any(b not in LOWRANK_BITS or type(b) is not int for b in (self.factor_bits, self.fallback_bits)) or \
+                any(c not in LOWRANK_QUANT_CODES and (c not in LOWRANK_BITS or type(c) is not int) for c in codes):
+            raise TallzipError(f"lowrank bits must be one of {LOWRANK_BITS} (quant_tensors: (pattern, code) pairs, "
+                               f"code bits or one of {', '.join(LOWRANK_QUANT_CODES)})")
         if type(self.group) is not int or self.group < 1 or type(self.seed) is not int:
             raise TallzipError(f"lowrank group must be a whole number >= 1 and seed a whole number")
         if type(self.memory_bytes) is not int or self.memory_bytes < 1 << 16:
             raise TallzipError(f"lowrank memory_bytes must be a whole number >= 65536, got {self.memory_bytes!r}")
-        object.__setattr__(self, "quant_tensors", tuple((str(p), int(b)) for p, b in self.quant_tensors))
+        object.__setattr__(self, "quant_tensors", tuple((str(p), c) for p, c in self.quant_tensors))
         if self.codes_codec not in LOWRANK_CODES_CODECS:
             raise TallzipError(f"lowrank codes_codec must be one of {', '.join(LOWRANK_CODES_CODECS)}, "
                                f"got {self.codes_codec!r}")
@@ -118,10 +125,11 @@ class LowRankOptions:
         energy = dict(self.task_energy).get(task)
         return self if energy is None else replace(self, energy=energy, task_energy=())
 
-    def tensor_bits(self, name: str) -> int | None:
-        """The q* bits `name` is always kept at (quant_tensors), or None: factors when they pay."""
+    def tensor_code(self, name: str) -> int | str | None:
+        """The q* code `name` is always kept as (quant_tensors: bits, or a q* task's code name), or None: factors
+        when they pay."""
         from fnmatch import fnmatchcase
-        return next((bits for pattern, bits in self.quant_tensors if fnmatchcase(name, pattern)), None)
+        return next((code for pattern, code in self.quant_tensors if fnmatchcase(name, pattern)), None)
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,26 @@ def spec_lowrank_values(data, manifest, task) -> dict:
     scales = np.concatenate([bf16_to_f32(np.frombuffer(zstandard.ZstdDecompressor().decompress(p), dtype="<u2"))
                              for _, _, p, _ in section_chunks(data, manifest, "lrscales", "", task)])
     g, at_code, at_scale, out = params["group"], 0, 0, {}
-    for name, r, b, _ in params["tensors"]:
+    for record in params["tensors"]:
+        name, r, b, _ = record[:4]
+        grid = record[4] if len(record) == 5 else "symmetric"
+        assert grid in ("symmetric", "asymmetric") and (grid == "symmetric" or (r == 0 and b in (2, 3, 4)))
         shape = manifest["tensors"][name]["shape"]
         m, n = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, shape[0] if shape else 1)
         q = 2 ** (b - 1) - 1
+        if grid == "asymmetric":  # codes in [0, 2^b - 1]; m*G scales, then m*G offsets
+            groups = -(-n // g)
+            own = codes[at_code:at_code + m * n]
+            assert own.min(initial=0) >= 0 and own.max(initial=0) <= 2 ** b - 1
+            s = scales[at_scale:at_scale + m * groups]
+            o = scales[at_scale + m * groups:at_scale + 2 * m * groups]
+            i = np.arange(m * n)
+            k = (i // n) * groups + (i % n) // g
+            product = own.astype(np.float32) * s[k]  # one float32 multiplication, then one addition
+            value = product + o[k]
+            at_code, at_scale = at_code + m * n, at_scale + 2 * m * groups
+            out[name] = value.reshape(shape).astype(np.float32)
+            continue
         if r:
             own = codes[at_code:at_code + r * (m + n)].astype(np.float32)
             s = scales[at_scale:at_scale + 2 * r]
@@ -328,8 +344,11 @@ def test_lowrank_options_are_checked():
         LowRankOptions(factor_bits=5)
     with pytest.raises(TallzipError, match="bits"):
         LowRankOptions(quant_tensors=(("conv*", 7),))
-    assert LowRankOptions(quant_tensors=(("conv*", 3),)).tensor_bits("conv1.weight") == 3
-    assert LowRankOptions().tensor_bits("conv1.weight") is None
+    with pytest.raises(TallzipError, match="q2"):
+        LowRankOptions(quant_tensors=(("conv*", "q1"),))
+    assert LowRankOptions(quant_tensors=(("conv*", 3),)).tensor_code("conv1.weight") == 3
+    assert LowRankOptions(quant_tensors=(("emb*", "q2"), ("*", 4))).tensor_code("emb.weight") == "q2"
+    assert LowRankOptions().tensor_code("conv1.weight") is None
 
 
 def test_pack_cli_takes_the_lowrank_options(family, tmp_path):
@@ -343,7 +362,7 @@ def test_pack_cli_takes_the_lowrank_options(family, tmp_path):
         assert params["energy"] == 0.8 and ["conv.w", 0, 8] == params["tensors"][0][:3]
     result = CliRunner().invoke(cli, ["pack", str(tasks_path), "--base", str(base_path), "-o", str(tmp_path / "x"),
                                       "--keep", "lowrank", "--lowrank-quant", "conv.*=5"])
-    assert result.exit_code != 0 and "PATTERN=BITS" in result.output
+    assert result.exit_code != 0 and "PATTERN=CODE" in result.output
     result = CliRunner().invoke(cli, ["pack", str(tasks_path), "--base", str(base_path), "-o", str(out), "--force",
                                       "--keep", "lowrank", "--lowrank-energy", "0.8", "--lowrank-energy", "task1=0.99"])
     assert result.exit_code == 0, result.output
@@ -488,3 +507,132 @@ def test_the_codes_stream_in_zstd_decodes_to_the_same_codes(family, tmp_path):
     bad = CliRunner().invoke(cli, ["pack", str(tasks_path), "--base", str(base_path), "-o", str(tmp_path / "x.tallz"),
                                    "--keep", "lowrank", "--lowrank-codes-codec", "lzma"])
     assert bad.exit_code != 0 and "Traceback" not in bad.output and not (tmp_path / "x.tallz").exists()
+
+
+# --- a rank-0 tensor on a q* task's own code: q2 asymmetric (an offset per group) ------------------------------
+
+Q2_NAMED = LowRankOptions(quant_tensors=(("conv.*", "q2"), ("enc.b", "q2")))
+
+
+def _bf16(x: np.ndarray, up: bool) -> np.ndarray:
+    """The nearest bfloat16 value on one side (up: >=, else <=) of each float32, as float32 (numpy only)."""
+    x = np.asarray(x, dtype=np.float32)
+    toward_zero = (x.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+    away = (toward_zero.view(np.uint32) + np.uint32(0x10000)).view(np.float32)
+    exact = toward_zero == x
+    lower = np.where(x > 0, toward_zero, away)
+    upper = np.where(x > 0, away, toward_zero)
+    return np.where(exact, x, upper if up else lower)
+
+
+def np_q2(tau: np.ndarray, group: int = 128):
+    """REPRESENTATIONS/SPEC's asymmetric q2 writer in numpy on the matrix view (m, n), groups of `group` along its
+    rows: offset = bf16 <= min, scale = bf16 >= (max - offset) / 3, code = clip(rint((tau - offset) / scale), 0, 3)
+    (0 where the scale is 0). Returns (codes, scale per weight, offset per weight), flat."""
+    m = tau.shape[0] if tau.ndim >= 2 else 1
+    matrix = tau.reshape(m, -1).astype(np.float32)
+    codes, scales, offsets = [], [], []
+    for row in matrix:
+        for start in range(0, row.size, group):
+            x = row[start:start + group]
+            offset = _bf16(x.min(), up=False)
+            scale = _bf16(np.float32(max(np.float32(0), x.max() - offset)) / np.float32(3), up=True)
+            code = np.clip(np.rint((x - offset) / scale), 0, 3) if scale > 0 else np.zeros(x.size)
+            codes.append(code)
+            scales.append(np.full(x.size, scale, dtype=np.float32))
+            offsets.append(np.full(x.size, offset, dtype=np.float32))
+    return np.concatenate(codes).astype(np.int8), np.concatenate(scales), np.concatenate(offsets)
+
+
+def test_a_tensor_named_q2_takes_the_asymmetric_q2_code(family, tmp_path):
+    """conv.w (8 x 18) and enc.b (1 x 1200: ten groups, the last short, across two chunks) kept as --keep q2 codes
+    them: the record says so, the SPEC decoder reads codes, scales and offsets that numpy's q2 formula gives, and
+    the archive rebuilds base + code * scale + offset bit for bit (elementwise, float32)."""
+    base, tasks, _, _ = family
+    out = _pack(family, tmp_path / "q2.tallz", lowrank=Q2_NAMED)
+    data, manifest = read_archive(out)
+    with tallzip.open(out) as archive:
+        for task in ("task0", "task1"):
+            records = {r[0]: r for r in archive.task_entry(task)["lowrank"]["tensors"]}
+            assert records["conv.w"][1:3] == [0, 2] and records["conv.w"][4:] == ["asymmetric"]
+            assert records["enc.b"][1:3] == [0, 2] and records["enc.b"][4:] == ["asymmetric"]
+            assert len(records["enc.w"]) == 4 and records["enc.w"][1] > 0  # factored, no grid field
+            values = spec_lowrank_values(data, manifest, task)
+            loaded = archive.load(task)
+            for name in ("conv.w", "enc.b"):
+                tau = tasks[task][name] - base[name]
+                codes, scales, offsets = np_q2(tau)
+                want = (codes.astype(np.float32) * scales + offsets).reshape(tau.shape)
+                assert len(np.unique(codes)) == 4, name  # four levels, not the ternary code
+                assert np.array_equal(values[name], want), (task, name)
+                assert np.array_equal(loaded[name].numpy(), base[name] + want), (task, name)
+                assert np.all(np.abs(tau.reshape(-1) - want.reshape(-1)) <= scales / 2 * (1 + 1e-5) + 1e-9), name
+                recorded = records[name][3]
+                assert rel_error(tau, want) <= recorded <= rel_error(tau, want) * (1 + 1e-3), (task, name)
+        symmetric = _pack(family, tmp_path / "sym.tallz", lowrank=LowRankOptions(quant_tensors=(("conv.*", 2),)))
+        with tallzip.open(symmetric) as sym:
+            record = next(r for r in sym.task_entry("task0")["lowrank"]["tensors"] if r[0] == "conv.w")
+            assert record[1:3] == [0, 2] and len(record) == 4  # `2` keeps its meaning: three levels, no field
+            rows = spec_lowrank_values(*read_archive(symmetric), "task0")["conv.w"].reshape(8, 18)  # a group a row
+            levels = rows / np.abs(rows).max(axis=1, keepdims=True)
+            assert set(np.unique(levels).tolist()) == {-1.0, 0.0, 1.0}
+        resident = archive.resident("cpu")
+        for task in archive.tasks * 2:
+            live = resident.state_dict(task)
+            assert all(torch.equal(live[n], t) for n, t in archive.load(task).items()), task
+
+
+def test_verify_says_differs_for_an_edited_q2_named_tensor(family, tmp_path):
+    base, tasks, _, tasks_path = family
+    out = _pack(family, tmp_path / "q2.tallz", lowrank=Q2_NAMED)
+    against = tmp_path / "against"
+    shutil.copytree(tasks_path, against)
+    result = CliRunner().invoke(cli, ["verify", str(out), "--against", str(against), "--json"])
+    assert result.exit_code == 0 and {t["verdict"] for t in json.loads(result.output)["tasks"].values()} == {"matches"}
+    edited = dict(tasks["task0"])
+    edited["enc.b"] = edited["enc.b"].copy()
+    edited["enc.b"][300:310] += 0.01  # ten weights of the 1200 the q2 code keeps
+    np_save(edited, str(against / "task0.safetensors"))
+    result = CliRunner().invoke(cli, ["verify", str(out), "--against", str(against), "--json"])
+    report = json.loads(result.output)["tasks"]
+    assert result.exit_code != 0 and report["task0"]["verdict"] == "differs"
+    assert report["task0"]["tensors_differing"] == ["enc.b"]
+    assert {report[t]["verdict"] for t in ("task1", "task2", "task3")} == {"matches"}
+
+
+def _record(manifest, name, task="task0"):
+    return next(r for r in _task(manifest, task)["lowrank"]["tensors"] if r[0] == name)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: _record(m, "conv.w").__setitem__(4, "ternary"), "unknown grid 'ternary'"),
+    (lambda m: _record(m, "conv.w").append("extra"), "bad lowrank tensor record"),
+    (lambda m: _record(m, "enc.w").append("asymmetric"), "asymmetric grid needs rank 0"),
+    (lambda m: _record(m, "conv.w").__setitem__(2, 8), "asymmetric grid needs rank 0 and bits 2, 3 or 4"),
+    (lambda m: _record(m, "conv.w").pop(), "wrong size"),  # read as symmetric: its offsets left over
+    (lambda m: _record(m, "conv.w").__setitem__(4, "symmetric"), "wrong size"),
+])
+def test_inconsistent_q2_named_records_are_refused(family, tmp_path, change, message):
+    out = _pack(family, tmp_path / "q2.tallz", lowrank=Q2_NAMED)
+    bad = _rewritten(out, tmp_path, change)
+    with pytest.raises(CorruptArchiveError, match=message):
+        tallzip.open(bad)
+    result = CliRunner().invoke(cli, ["extract", str(bad), "--task", "task0", "-o", str(tmp_path / "t.safetensors")])
+    assert result.exit_code != 0 and "Traceback" not in result.output and not (tmp_path / "t.safetensors").exists()
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_pack_cli_takes_a_q_code_name(family, tmp_path):
+    _, _, base_path, tasks_path = family
+    out = tmp_path / "cli.tallz"
+    result = CliRunner().invoke(cli, ["pack", str(tasks_path), "--base", str(base_path), "-o", str(out), "--keep",
+                                      "lowrank", "--lowrank-quant", "conv.*=q2", "--lowrank-quant", "enc.b=q3"])
+    assert result.exit_code == 0, result.output
+    with tallzip.open(out) as archive:
+        records = {r[0]: r for r in archive.task_entry("task0")["lowrank"]["tensors"]}
+        assert records["conv.w"][1:3] == [0, 2] and records["conv.w"][4] == "asymmetric"
+        assert records["enc.b"][1:3] == [0, 3] and len(records["enc.b"]) == 4  # q3: symmetric, as --keep q3
+    result = CliRunner().invoke(cli, ["pack", str(tasks_path), "--base", str(base_path), "-o", str(tmp_path / "x"),
+                                      "--keep", "lowrank", "--lowrank-quant", "conv.*=q1"])
+    assert result.exit_code != 0 and "PATTERN=CODE" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()

@@ -38,7 +38,8 @@ EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 def lowrank_args(energy: float, **quant) -> list[str]:
-    """The pack options of a lowrank setting: energy, and {tensor name: bits} kept as q* instead of factors."""
+    """The pack options of a lowrank setting: energy, and {tensor name: code} kept as q* instead of factors (code:
+    bits on the symmetric grid, 2 = ternary; or "q2", the asymmetric four-level code of --keep q2)."""
     out = ["--keep", "lowrank", "--lowrank-energy", f"{energy:g}"]
     for name, bits in quant.items():
         out += ["--lowrank-quant", f"{name}={bits}"]
@@ -64,6 +65,16 @@ SETTINGS = [
      [*lowrank_args(0.98, **{EMBEDDING: 2, HEAD: 3}), "--float-codec", "planes+ans", "--level", "19",
       "--lowrank-codes-codec", "zstd"], None),
     ("every task q2", "q2", ["--keep", "q2"], "q2 (asym g128, probe count)"),
+    # the simulated best point: the embedding as --keep q2 codes it (asymmetric, four levels, an offset per group)
+    ("lowrank e0.98, 4-bit; embedding q2 (asym, as --keep q2); head q3", "lr98-eq2-h3",
+     lowrank_args(0.98, **{EMBEDDING: "q2", HEAD: 3}), "low-rank energy 0.98, 4-bit; embedding q2; head q3"),
+    ("lowrank e0.97, 4-bit; embedding q2 (asym, as --keep q2); head q3", "lr97-eq2-h3",
+     lowrank_args(0.97, **{EMBEDDING: "q2", HEAD: 3}), "low-rank energy 0.97, 4-bit; embedding q2; head q3"),
+    ("lowrank e0.98, 4-bit; emb q2 (asym); head q3; planes+ans; codes zstd -19", "lr98-eq2-h3-pa-z19",
+     [*lowrank_args(0.98, **{EMBEDDING: "q2", HEAD: 3}), "--float-codec", "planes+ans", "--level", "19",
+      "--lowrank-codes-codec", "zstd"], None),
+    ("lowrank e0.98, 4-bit; emb q2 (asym); head q3; --level 19; codes zstd -19", "lr98-eq2-h3-z19",
+     [*lowrank_args(0.98, **{EMBEDDING: "q2", HEAD: 3}), "--level", "19", "--lowrank-codes-codec", "zstd"], None),
 ]
 
 

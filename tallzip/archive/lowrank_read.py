@@ -2,8 +2,8 @@
 
 The streams of a task are small next to the model (r(m + n) codes per factored matrix, one per weight of a 1-d
 tensor), so they are decoded whole on first use and kept while the archive is open; each tensor's part is
-range-checked (codes within the grid, scales finite and >= 0) the first time it is read. A chunk of a tensor is
-then decoded by ops/lowrank_store.decode_range, the one decode every reader uses.
+range-checked (codes within the grid, scales finite and >= 0, offsets finite) the first time it is read. A chunk
+of a tensor is then decoded by ops/lowrank_store.decode_range, the one decode every reader uses.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from tallzip.formats.container.constants import ROLE_LRCODES, ROLE_LRSCALES
-from tallzip.formats.container.lowrank_layout import stream_spans
+from tallzip.formats.container.lowrank_layout import record_grid, stream_spans
 from tallzip.formats.errors import CorruptArchiveError
 from tallzip.formats.tensors import from_bits
-from tallzip.ops.lowrank_store import check_codes, decode_range
+from tallzip.ops.lowrank_store import TensorCode, check_codes, decode_range
 
 
 class LowRankStreams:
@@ -44,8 +44,8 @@ class LowRankStreams:
             return torch.from_numpy(np.ascontiguousarray(bits).view(np.int8).copy())
         return from_bits(bits, entry["dtype"], entry["shape"]).to(torch.float32)
 
-    def code(self, name: str) -> tuple:
-        """(codes int8, scales float32, rank, bits) of one tensor, checked."""
+    def code(self, name: str) -> TensorCode:
+        """One tensor's code (codes int8, scales float32 (then offsets, asymmetric), rank, bits, grid), checked."""
         if name not in self.records:
             raise CorruptArchiveError(f"{self.archive.path}: damaged archive (no lowrank record of tensor {name!r} "
                                       f"for task {self.task!r})")
@@ -54,19 +54,21 @@ class LowRankStreams:
                 self._streams = (self._read(ROLE_LRCODES), self._read(ROLE_LRSCALES))
         codes, scales = self._streams
         c_start, c_count, s_start, s_count = self.spans[name]
-        _, rank, bits, _ = self.records[name]
+        record = self.records[name]
         own_codes, own_scales = codes[c_start:c_start + c_count], scales[s_start:s_start + s_count]
+        code = TensorCode(tuple(self.archive.tensors[name]["shape"]), record[1], record[2], own_codes, own_scales,
+                          float(record[3]), record_grid(record))
         if name not in self._checked:
-            if not check_codes(own_codes, own_scales, bits):
+            if not check_codes(own_codes, own_scales, code.bits, code.grid):
                 raise CorruptArchiveError(f"{self.archive.path}: damaged archive (codes out of range, or a negative or "
-                                          f"non-finite scale, in task {self.task!r} tensor {name!r})")
+                                          f"non-finite scale or offset, in task {self.task!r} tensor {name!r})")
             self._checked.add(name)
-        return own_codes, own_scales, rank, bits
+        return code
 
     def value(self, name: str, start: int, count: int) -> torch.Tensor:
         """Elements [start, start + count) of the tensor's decoded task vector, float32, flat."""
-        codes, scales, rank, _ = self.code(name)
-        return decode_range(codes, scales, self.archive.tensors[name]["shape"], rank, self.group, start, count)
+        code = self.code(name)
+        return decode_range(code.codes, code.scales, code.shape, code.rank, self.group, start, count, code.grid)
 
     def rel_error(self, name: str) -> float:
         """The relative error ||tau - value|| / ||tau|| the encoder recorded (rounded up)."""

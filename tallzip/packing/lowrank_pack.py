@@ -6,7 +6,7 @@ the others: after the chunk jobs, each of its tensors that the base rebuilds (ki
 a thread pool within the memory budget, and its codes and scales appended, in order, to the task's `lrcodes` and
 `lrscales` streams, which are written in chunks of the archive's plan once the task's last tensor is coded. A
 task's streams stay in memory until written: r(m + n) codes per factored matrix, one per weight of a tensor kept
-as q* (1-d tensors).
+as q* (1-d tensors; an asymmetric q* code's offsets follow its scales in `lrscales`).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 
 from tallzip.formats.container.chunking import chunk_plan
 from tallzip.formats.container.constants import ROLE_LRCODES, ROLE_LRSCALES
+from tallzip.formats.container.lowrank_layout import SYMMETRIC
 from tallzip.formats.container.writer import encode_chunk
 from tallzip.formats.tensors import to_bits
 from tallzip.ops import quality
@@ -50,13 +51,16 @@ def _encoded(task: str, name: str, read_pair, options):
     base, tensor = read_pair(task, name)
     tau = as_compute(tensor) - as_compute(base)
     try:
-        code = encode_tensor(tau, options, options.tensor_bits(name), SCALE_DTYPE)
+        code = encode_tensor(tau, options, options.tensor_code(name), SCALE_DTYPE)
     except ValueError as exc:
         raise TallzipError(f"task {task!r} tensor {name!r}: {exc}; keep such a task as exact or tall") from None
-    value = decode_range(code.codes, code.scales, code.shape, code.rank, options.group, 0, tau.numel())
+    value = decode_range(code.codes, code.scales, code.shape, code.rank, options.group, 0, tau.numel(), code.grid)
     rebuilt = (as_compute(base).reshape(-1) + value.to(as_compute(base).dtype)).to(tensor.dtype)
     sums = quality.rebuild_sums(base.reshape(-1), tensor.reshape(-1), rebuilt)
-    return [name, code.rank, code.bits, _recorded(code.rel_error)], code.codes, code.scales, sums
+    record = [name, code.rank, code.bits, _recorded(code.rel_error)]
+    if code.grid != SYMMETRIC:  # a record without a grid is symmetric: archives before the field read the same
+        record.append(code.grid)
+    return record, code.codes, code.scales, sums
 
 
 def _write_streams(writer, task: str, codes: list, scales: list, level: int, chunk_elements: int, codes_codec: str):

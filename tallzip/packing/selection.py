@@ -116,10 +116,11 @@ def lowrank_state(family, task: str, options, chunk_elements: int) -> dict:
             state[name] = tensor
             continue
         base = family.base.get(name)
-        code = encode_tensor(as_compute(tensor) - as_compute(base), options, options.tensor_bits(name))
+        code = encode_tensor(as_compute(tensor) - as_compute(base), options, options.tensor_code(name))
         flat_base, parts = base.reshape(-1), []
         for start, count in chunk_plan(tuple(base.shape), chunk_elements):
-            value = decode_range(code.codes, code.scales, code.shape, code.rank, options.group, start, count)
+            value = decode_range(code.codes, code.scales, code.shape, code.rank, options.group, start, count,
+                                 code.grid)
             parts.append(rebuild_quantized(flat_base[start:start + count], value).to(tensor.dtype))
         state[name] = torch.cat(parts).reshape(base.shape) if parts else tensor
     return state

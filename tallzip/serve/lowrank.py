@@ -16,24 +16,25 @@ class LowRankTask:
     def __init__(self, archive, task: str, group, names, device: torch.device):
         streams = archive.lowrank(task)
         self.group_size = streams.group
-        self.parts = []  # (offset, shape, chunk plan, codes, scales, rank)
+        self.parts = []  # (offset, shape, chunk plan, codes, scales (then offsets: asymmetric), rank, grid)
         for name in names:
-            codes, scales, rank, _ = streams.code(name)
+            code = streams.code(name)
             offset, _, shape = group.spans[name]
-            self.parts.append((offset, shape, archive.plan(None, name), codes.to(device), scales.to(device), rank))
+            self.parts.append((offset, shape, archive.plan(None, name), code.codes.to(device), code.scales.to(device),
+                               code.rank, code.grid))
 
     def rebuild_into(self, live: torch.Tensor, base: torch.Tensor):
         """live = base, then base + the decoded task vector over every tensor this task rebuilds."""
         live.copy_(base)
-        for offset, shape, plan, codes, scales, rank in self.parts:
+        for offset, shape, plan, codes, scales, rank, grid in self.parts:
             for start, count in plan:
                 piece = slice(offset + start, offset + start + count)
-                value = decode_range(codes, scales, shape, rank, self.group_size, start, count)
+                value = decode_range(codes, scales, shape, rank, self.group_size, start, count, grid)
                 live[piece] = rebuild_quantized(base[piece], value).to(live.dtype)
 
     @property
     def nbytes(self) -> int:
-        return sum(c.numel() * c.element_size() + s.numel() * s.element_size() for _, _, _, c, s, _ in self.parts)
+        return sum(c.numel() * c.element_size() + s.numel() * s.element_size() for _, _, _, c, s, _, _ in self.parts)
 
 
 __all__ = ["LowRankTask"]
