@@ -83,8 +83,10 @@ def tall_state(family, task: str, merger, lam: float, mtv_dtype: str) -> dict:
     return state
 
 
-def quantized_state(family, task: str, rep: str, chunk_elements: int) -> dict:
-    """The task's state dict as a `rep` archive rebuilds it (chunk by chunk, as pack quantizes)."""
+def chunk_rebuilt_state(family, task: str, chunk_elements: int, chunk_values) -> dict:
+    """The task's state dict rebuilt as the archive does, chunk by chunk in its plan: base + the decoded value of
+    each chunk. chunk_values(name, base, tensor) gives the representation's decode of one tensor as a function
+    (start, count) -> the value of those elements; tensors the archive keeps whole come back as they are."""
     ckpt = family.tasks[task]
     state = {}
     for name in ckpt.names:
@@ -93,37 +95,38 @@ def quantized_state(family, task: str, rep: str, chunk_elements: int) -> dict:
             state[name] = tensor
             continue
         base = family.base.get(name)
-        shape = tuple(base.shape)
-        flat_base, flat_task = base.reshape(-1), tensor.reshape(-1)
-        parts = []
-        for start, count in chunk_plan(shape, chunk_elements):
-            b, t = flat_base[start:start + count], flat_task[start:start + count]
-            codes, scales, offsets = quantize_chunk(b, t, chunk_shape(shape, start, count), rep)
-            value = dequantize_chunk(codes, scales, chunk_shape(shape, start, count), QUANT_GROUP, offsets)
-            parts.append(rebuild_quantized(b, value).to(tensor.dtype))
-        state[name] = torch.cat(parts).reshape(shape) if parts else tensor
+        value_of = chunk_values(name, base, tensor)
+        flat_base, parts = base.reshape(-1), []
+        for start, count in chunk_plan(tuple(base.shape), chunk_elements):
+            parts.append(rebuild_quantized(flat_base[start:start + count], value_of(start, count)).to(tensor.dtype))
+        state[name] = torch.cat(parts).reshape(base.shape) if parts else tensor
     return state
+
+
+def quantized_state(family, task: str, rep: str, chunk_elements: int) -> dict:
+    """The task's state dict as a `rep` archive rebuilds it (chunk by chunk, as pack quantizes)."""
+    def chunk_values(name, base, tensor):
+        shape, flat_base, flat_task = tuple(base.shape), base.reshape(-1), tensor.reshape(-1)
+
+        def value(start, count):
+            piece = chunk_shape(shape, start, count)
+            codes, scales, offsets = quantize_chunk(flat_base[start:start + count], flat_task[start:start + count],
+                                                    piece, rep)
+            return dequantize_chunk(codes, scales, piece, QUANT_GROUP, offsets)
+        return value
+    return chunk_rebuilt_state(family, task, chunk_elements, chunk_values)
 
 
 def lowrank_state(family, task: str, options, chunk_elements: int) -> dict:
     """The task's state dict as a `lowrank` archive rebuilds it (options: LowRankOptions; decoded chunk by chunk
     in the archive's plan, as the reader decodes)."""
-    ckpt, options = family.tasks[task], options.for_task(task)
-    state = {}
-    for name in ckpt.names:
-        tensor = ckpt.get(name)
-        if name not in family.base or not family.is_mergeable(name):
-            state[name] = tensor
-            continue
-        base = family.base.get(name)
+    options = options.for_task(task)
+
+    def chunk_values(name, base, tensor):
         code = encode_tensor(as_compute(tensor) - as_compute(base), options, options.tensor_code(name))
-        flat_base, parts = base.reshape(-1), []
-        for start, count in chunk_plan(tuple(base.shape), chunk_elements):
-            value = decode_range(code.codes, code.scales, code.shape, code.rank, options.group, start, count,
-                                 code.grid)
-            parts.append(rebuild_quantized(flat_base[start:start + count], value).to(tensor.dtype))
-        state[name] = torch.cat(parts).reshape(base.shape) if parts else tensor
-    return state
+        return lambda start, count: decode_range(code.codes, code.scales, code.shape, code.rank, options.group,
+                                                 start, count, code.grid)
+    return chunk_rebuilt_state(family, task, chunk_elements, chunk_values)
 
 
 def _score(selector, task, state) -> float:
